@@ -1,0 +1,257 @@
+"""Typed, frozen run configuration loaded from YAML with dotted command-line overrides.
+
+A run is described by one `Config` tree of frozen dataclasses. `load_config` reads a YAML file, applies
+overrides such as `train.lr=1e-5 mesh.fsdp=4`, converts every value to its declared type and validates
+the result, so that an unknown key, a wrong type or an impossible value fails before any work starts,
+with a message that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes. -1 on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Overrides of the logical-axis table in `opsd_jax.sharding.rules`: logical name -> mesh axes.
+    # A value is a mesh axis name, a list of them, or null (replicated).
+    logical_axis_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, num_devices: int | None) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{name}: expected a positive size or -1 (take the rest), got {size}")
+        auto = [name for name, size in sizes.items() if size == -1]
+        if len(auto) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1, got -1 for {', '.join('mesh.' + a for a in auto)}")
+        if num_devices is None:
+            return
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if auto:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh.{auto[0]}: -1 cannot fill the mesh: {num_devices} devices are not divisible by the "
+                    f"product of the other axes ({fixed})"
+                )
+        elif fixed != num_devices:
+            raise ConfigError(
+                f"mesh: data x fsdp x tensor = {self.data} x {self.fsdp} x {self.tensor} = {fixed}, "
+                f"but {num_devices} devices are available"
+            )
+        from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES
+
+        for logical, target in self.logical_axis_rules.items():
+            if logical not in LOGICAL_AXIS_RULES:
+                raise ConfigError(
+                    f"mesh.logical_axis_rules.{logical}: unknown logical axis; known: {sorted(LOGICAL_AXIS_RULES)}"
+                )
+            targets = [] if target is None else [target] if isinstance(target, str) else list(target)
+            for axis in targets:
+                if axis not in MESH_AXES:
+                    raise ConfigError(
+                        f"mesh.logical_axis_rules.{logical}: unknown mesh axis {axis!r}; expected one of {MESH_AXES}"
+                    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and in which precision."""
+
+    checkpoint: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    seed: int = 0
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected a positive learning rate, got {self.lr}")
+        for name in ("total_steps", "batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f"train.warmup_steps: expected 0..train.total_steps ({self.total_steps}), got {self.warmup_steps}"
+            )
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+
+    def validate(self, num_devices: int | None) -> None:
+        for field in dataclasses.fields(self):
+            getattr(self, field.name).validate(num_devices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    num_devices: int | None | Literal["auto"] = "auto",
+) -> Config:
+    """Reads a YAML config, applies `key.sub=value` overrides, converts types and validates.
+
+    Args:
+      path: a YAML file, or None for the defaults.
+      overrides: dotted assignments; values are parsed as YAML scalars (`1e-5`, `true`, `[1, 2]`).
+      num_devices: the device count the mesh must match; "auto" asks JAX, None skips that check.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    config = from_dict(Config, raw)
+    if num_devices == "auto":
+        import jax
+
+        num_devices = jax.device_count()
+    config.validate(num_devices)
+    return config
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping, checking every key and converting every value."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key + ".")
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_hint = args[0] if args else Any
+        return tuple(_convert(item_hint, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        value_hint = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(value_hint, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")

@@ -1,0 +1,143 @@
+"""Building blocks shared by the thinker's text decoder and its two encoders.
+
+Attribute and parameter names follow the PyTorch reference (`weight`, `bias`) except where Flax has its
+own convention for a layout difference: a `kernel` is stored `[in, out]` (the transpose of
+`torch.nn.Linear.weight`) and an `embedding` is stored `[num, dim]`. `opsd_jax.models.weights` maps
+checkpoint tensors onto these names generically, so a module whose attribute path mirrors the
+reference's needs no per-module loading code.
+
+Every parameter carries `logical_axes` metadata (names from `opsd_jax.sharding.rules`); the sharding
+package turns them into mesh placements.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`, kernel `[in, out]`, computed in `dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        axes: tuple[str | None, str | None],
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table `[num_embeddings, features]`; `attend` gives tied-output logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, axes: tuple[str, str], dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), dtype), logical_axes=axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """`[..., features] -> [..., num_embeddings]` with the table as output projection."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale (`weight * x.to(input_dtype)`)."""
+
+    def __init__(self, features: int, *, eps: float, axis: str | None, dtype: jnp.dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((features,), dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with torch's default eps 1e-5 (Flax's default is 1e-6), statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, axis: str | None, dtype: jnp.dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((features,), dtype), logical_axes=(axis,))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU of `torch.nn.functional.gelu`; `jax.nn.gelu` defaults to the tanh form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """`[..., d] -> [..., d]`: (x1, x2) -> (-x2, x1) on the two halves, the reference's rotary convention."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`x [..., seq, heads, head_dim]`, `cos`/`sin` `[..., seq, head_dim]` broadcast over heads."""
+    return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Grouped-query attention with a float32 softmax.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`.
+      key, value: `[batch, kv_len, kv_heads, head_dim]`; `heads` must be a multiple of `kv_heads`.
+      mask: boolean, broadcastable to `[batch, q_len, kv_len]`; True where attention is allowed.
+        A row with no allowed key yields zeros, not NaN.
+      scale: multiplier of `q . k` (usually `head_dim ** -0.5`).
+
+    Returns:
+      `[batch, q_len, heads, head_dim]` in the query's dtype.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = heads // kv_heads
+    # [batch, q_len, kv_heads, groups, head_dim]: query heads h = kv * groups + g, as repeat_kv in the reference.
+    q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, q_len, key.shape[1]))[:, None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(value.dtype), value)
+    return out.reshape(batch, q_len, heads, head_dim)

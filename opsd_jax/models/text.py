@@ -1,0 +1,208 @@
+"""The thinker's text decoder: a Qwen2 decoder with 3-axis multimodal rotary positions (M-RoPE).
+
+Attribute paths mirror the reference checkpoint (`model.layers.{i}.self_attn.q_proj`, ...), so the
+generic loader in `opsd_jax.models.weights` maps every tensor without a per-layer table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opsd_jax.models.layers import Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"text_config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(
+                f"text_config: mrope_section {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> "TextConfig":
+        """From the `text_config` block of a transformers config.json (4.x or 5.x spelling)."""
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        )
+
+
+def mrope_cos_sin(
+    position_ids: jax.Array, *, head_dim: int, theta: float, mrope_section: tuple[int, int, int], dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for 3-axis positions.
+
+    Args:
+      position_ids: `[3, batch, seq]` (temporal, height, width) positions.
+
+    Returns:
+      cos, sin: `[batch, seq, head_dim]` in `dtype`. Frequency slot j takes its angle from axis 0 for
+      the first `mrope_section[0]` slots, axis 1 for the next `mrope_section[1]`, axis 2 for the rest.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [head_dim/2]
+    angles = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, batch, seq, head_dim/2]
+    bounds = [0, mrope_section[0], mrope_section[0] + mrope_section[1], head_dim // 2]
+    angles = jnp.concatenate([angles[axis, ..., bounds[axis] : bounds[axis + 1]] for axis in range(3)], axis=-1)
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+@dataclasses.dataclass
+class LayerCache:
+    """One layer's static-shape KV cache: `key`/`value` `[batch, max_len, kv_heads, head_dim]`."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_out, use_bias=True, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q_out, cfg.hidden_size, use_bias=False, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """`x [batch, seq, hidden]`; `mask` boolean `[batch, seq, kv_len]`.
+
+        With a cache, the new keys and values are written at `cache_index` (a scalar int32) and the
+        queries attend over the whole cache (`kv_len = max_len`), the mask deciding what is visible.
+        """
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = LayerCache(
+                key=jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
+                value=jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
+            )
+            k, v = cache.key, cache.value
+        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers and final norm (the reference's `model.*` tensors)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        mask: jax.Array,
+        cache: list[LayerCache] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """Decoder stack.
+
+        Args:
+          inputs_embeds: `[batch, seq, hidden]`.
+          position_ids: `[3, batch, seq]` M-RoPE positions.
+          mask: boolean `[batch, seq, kv_len]`, True where a query may attend to a key.
+          cache: per-layer KV caches, or None for a cache-free forward.
+          cache_index: int32 scalar, the cache column where this call's first token is written.
+
+        Returns:
+          hidden states after the final norm `[batch, seq, hidden]`, and the updated caches.
+        """
+        cfg = self.config
+        cos, sin = mrope_cos_sin(
+            position_ids, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section, dtype=self.dtype
+        )
+        x = inputs_embeds.astype(self.dtype)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """`[batch, seq]` 0/1 padding mask -> boolean `[batch, seq, seq]` causal mask that hides padded keys.
+
+    Padded query rows keep their own diagonal so that no row is empty; their outputs are ignored.
+    """
+    seq = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    keys = attention_mask.astype(bool)[:, None, :]
+    return (causal[None] & keys) | jnp.eye(seq, dtype=bool)[None]

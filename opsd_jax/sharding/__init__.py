@@ -1,0 +1,15 @@
+"""Device mesh and logical-axis sharding."""
+
+from opsd_jax.sharding.mesh import logical_to_spec, make_mesh, param_shardings, shard_batch, shard_module
+from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, resolve_rules
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "MESH_AXES",
+    "logical_to_spec",
+    "make_mesh",
+    "param_shardings",
+    "resolve_rules",
+    "shard_batch",
+    "shard_module",
+]

@@ -1,0 +1,101 @@
+"""Device mesh from the config and placement of parameter trees and batches with NamedSharding."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from opsd_jax.config import MeshConfig
+from opsd_jax.sharding.rules import MESH_AXES, MeshAxes, resolve_rules
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """`(data, fsdp, tensor)` with the -1 axis filled in; `config.validate` has checked divisibility."""
+    config.validate(num_devices)
+    sizes = [config.data, config.fsdp, config.tensor]
+    if -1 in sizes:
+        fixed = math.prod(size for size in sizes if size != -1)
+        sizes[sizes.index(-1)] = num_devices // fixed
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(config, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes],
+) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` annotated with `logical_axes`.
+
+    A dimension that the mapped mesh axes do not divide is replicated instead (tiny test models and odd
+    head counts, such as 28 heads over 8-way tensor parallelism); a mesh axis is used at most once.
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match an array of shape {tuple(shape)}")
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for name, size in zip(logical_axes, shape):
+        target = None if name is None else rules[name]
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(axis for axis in axes if axis not in used and mesh.shape[axis] > 1)
+        if axes and size % math.prod(mesh.shape[axis] for axis in axes):
+            logger.debug("replicating axis %s of size %d: not divisible over %s", name, size, axes)
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> Any:
+    """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable.
+
+    Variables without `logical_axes` metadata are replicated.
+    """
+    rules = resolve_rules(rule_overrides)
+
+    def sharding_of(variable: nnx.Variable) -> nnx.Variable:
+        axes = getattr(variable, "logical_axes", None)
+        shape = variable.get_value().shape
+        spec = PartitionSpec() if axes is None else logical_to_spec(axes, shape, mesh, rules)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> None:
+    """Places every variable of `module` on `mesh` in place, by its logical axes."""
+    state = nnx.state(module)
+    shardings = param_shardings(state, mesh, rule_overrides)
+    nnx.update(module, jax.device_put(state, shardings))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, Any]:
+    """Puts each array of `batch` on the mesh with its leading axis over the batch mesh axes.
+
+    Arrays whose leading axis the batch axes do not divide are replicated (for example packed media
+    patches, whose leading axis counts patches, not rows).
+    """
+    rules = resolve_rules(rule_overrides)
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if not hasattr(value, "shape") or value.ndim == 0:
+            out[name] = value
+            continue
+        spec = logical_to_spec(("batch",) + (None,) * (value.ndim - 1), value.shape, mesh, rules)
+        out[name] = jax.device_put(value, NamedSharding(mesh, spec))
+    return out

@@ -1,0 +1,44 @@
+"""The one logical-axis table: logical names used by modules -> mesh axes.
+
+Modules annotate parameters with logical axis names only (`logical_axes` metadata); activations and
+batches use the same names. This table decides placement, as MaxText's `logical_axis_rules` do, and a
+config may override single entries (`mesh.logical_axis_rules`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+
+LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
+    # Activations.
+    "batch": ("data", "fsdp"),
+    "length": None,
+    # Text decoder parameters: FSDP over the model width, tensor parallelism over heads, MLP and vocab.
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "norm": None,
+    # Encoders are small (~0.65 B each at 7B): FSDP over their width, no tensor parallelism.
+    "encoder_embed": "fsdp",
+    "encoder_heads": None,
+    "encoder_mlp": None,
+    "encoder_norm": None,
+    "encoder_patch": None,
+    "encoder_kernel": None,
+}
+
+
+def resolve_rules(overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, MeshAxes]:
+    """The default table with `overrides` applied; lists become tuples."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    for name, target in (overrides or {}).items():
+        if name not in rules:
+            raise KeyError(f"unknown logical axis {name!r}; known: {sorted(rules)}")
+        rules[name] = tuple(target) if isinstance(target, (list, tuple)) else target
+    return rules
