@@ -43,21 +43,23 @@ class TextConfig:
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "TextConfig":
         """From the `text_config` block of a transformers config.json (4.x or 5.x spelling)."""
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        )
+        try:
+            rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+            heads = cfg["num_attention_heads"]
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=cfg.get("num_key_value_heads", heads),
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
+                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            )
+        except KeyError as err:
+            raise KeyError(f"text_config.{err.args[0]}") from None
 
 
 def mrope_cos_sin(

@@ -189,6 +189,7 @@ def load_into(
     checkpoint: SafetensorsCheckpoint,
     *,
     place: Callable[[tuple, np.ndarray], object],
+    prefix: str = "",
     unused_ok: Callable[[str], bool] = lambda name: False,
 ) -> dict[tuple, object]:
     """Reads one tensor per Flax parameter and places it.
@@ -197,6 +198,8 @@ def load_into(
       flat_params: Flax parameter path -> abstract parameter (anything with `.shape` and `.dtype`).
       checkpoint: the opened checkpoint.
       place: `(path, host array in the parameter's layout) -> device array` (casts and shards).
+      prefix: checkpoint name prefix of the module being loaded (`"visual."` for the vision encoder
+        alone); only tensors under it are considered.
       unused_ok: names of checkpoint tensors that may be left unread (reported, never silent).
 
     Returns:
@@ -205,7 +208,7 @@ def load_into(
     Raises:
       CheckpointError: a parameter has no tensor, a tensor has no parameter, or shapes disagree.
     """
-    expected = {checkpoint_name(path): path for path in flat_params}
+    expected = {prefix + checkpoint_name(path): path for path in flat_params}
     missing = sorted(name for name in expected if name not in checkpoint)
     if missing:
         shape = tuple(flat_params[expected[missing[0]]].shape)
@@ -213,7 +216,7 @@ def load_into(
             f"checkpoint {checkpoint.directory} lacks {len(missing)} tensor(s) the model needs, first "
             f"{missing[0]} (model shape {shape}); all: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
         )
-    unexpected = [name for name in checkpoint.names() if name not in expected]
+    unexpected = [name for name in checkpoint.names() if name.startswith(prefix) and name not in expected]
     tolerated = [name for name in unexpected if unused_ok(name)]
     unknown = [name for name in unexpected if not unused_ok(name)]
     if unknown:
@@ -231,3 +234,23 @@ def load_into(
         tensor = to_flax_layout(str(path[-1]), checkpoint.read(name), tuple(param.shape), name)
         placed[path] = place(path, tensor)
     return placed
+
+
+def load_module(module, checkpoint: SafetensorsCheckpoint, *, prefix: str = "") -> None:
+    """Fills every parameter of an (eagerly built) NNX `module` in place from `checkpoint[prefix...]`.
+
+    For loading a single part, such as one encoder in its parity test; `from_pretrained` loads the
+    whole thinker without materialising random weights first.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    loaded = load_into(
+        {path: variable.get_value() for path, variable in flat.items()},
+        checkpoint,
+        place=lambda path, tensor: jnp.asarray(np.asarray(tensor), dtype=flat[path].get_value().dtype),
+        prefix=prefix,
+    )
+    for path, variable in flat.items():
+        variable.set_value(loaded[path])

@@ -1,0 +1,65 @@
+"""`opsd-jax`: the command-line entry point.
+
+Each command group lives beside the code it drives and registers itself here with `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Sequence
+
+import yaml
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from opsd_jax.config import load_config
+
+    config = load_config(args.config, args.overrides, num_devices=None if args.no_device_check else "auto")
+    print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
+    return 0
+
+
+def _register_config(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="load, validate and print a run configuration",
+        description="Loads a YAML config, applies key.sub=value overrides, validates it against the "
+        "devices JAX sees, and prints the resolved configuration as YAML.",
+    )
+    parser.add_argument("--config", help="YAML file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5 mesh.fsdp=4")
+    parser.add_argument("--no-device-check", action="store_true", help="skip checking the mesh against the device count")
+    parser.set_defaults(handler=_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opsd-jax",
+        description="OmniOPSD in JAX: rationale-privileged on-policy self-distillation for omni-modal "
+        "(video + audio + text) emotion understanding with the Qwen2.5-Omni thinker.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _register_config(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    from opsd_jax.config import ConfigError
+    from opsd_jax.models.weights import CheckpointError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, CheckpointError) as err:
+        print(f"opsd-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

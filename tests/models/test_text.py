@@ -1,0 +1,85 @@
+"""Text decoder parity with `Qwen2_5OmniThinkerForConditionalGeneration` on text-only input (float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from opsd_jax.models.qwen2_5_omni import from_pretrained
+from opsd_jax.models.text import mrope_cos_sin
+
+# Float32 on the CPU: the two implementations differ only in summation order (observed ~2e-7).
+LOGIT_ATOL = 1e-4
+
+
+def left_padded_batch(vocab_limit: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two rows of 12 tokens; row 1 has 4 pad slots on the left."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_limit, (2, 12)).astype(np.int64)
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    return ids, mask
+
+
+def reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied"])
+def test_logits_match_reference_on_left_padded_batch(fixture, request):
+    reference, checkpoint = request.getfixturevalue(fixture)
+    model = from_pretrained(checkpoint)
+    assert (model.lm_head is None) == (fixture == "tiny_tied")
+    ids, mask = left_padded_batch(vocab_limit=200)
+    expected = reference_logits(reference, ids, mask)
+    got = np.asarray(jax.jit(lambda i, m: model(i, attention_mask=m))(jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)  # padded slots carry no prediction in either implementation
+    assert np.abs(got - expected)[real].max() <= LOGIT_ATOL
+
+
+def test_unpadded_row_is_independent_of_the_padded_neighbour(tiny_untied):
+    """Left padding must not change a row's logits: row 1 alone equals row 1 in the padded batch."""
+    _, checkpoint = tiny_untied
+    model = from_pretrained(checkpoint)
+    ids, mask = left_padded_batch(vocab_limit=200, seed=3)
+    batch = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    alone = np.asarray(model(jnp.asarray(ids[1:, 4:]), attention_mask=jnp.asarray(mask[1:, 4:])))
+    np.testing.assert_allclose(batch[1, 4:], alone[0], atol=1e-5)
+
+
+def test_mrope_reduces_to_plain_rope_for_equal_axes():
+    positions = jnp.arange(7)[None].repeat(2, 0)
+    cos, sin = mrope_cos_sin(
+        jnp.stack([positions] * 3), head_dim=16, theta=1e4, mrope_section=(2, 3, 3), dtype=jnp.float32
+    )
+    inv_freq = 1.0 / (1e4 ** (np.arange(0, 16, 2) / 16))
+    angles = np.arange(7)[:, None] * inv_freq
+    np.testing.assert_allclose(np.asarray(cos[0]), np.cos(np.concatenate([angles, angles], -1)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sin[1]), np.sin(np.concatenate([angles, angles], -1)), atol=1e-6)
+
+
+def test_mrope_takes_each_frequency_slot_from_its_axis():
+    """Slots 0-1 follow axis t, 2-4 axis h, 5-7 axis w (mrope_section (2, 3, 3), head_dim 16)."""
+    t, h, w = (jnp.full((1, 1), v) for v in (1.0, 2.0, 3.0))
+    cos, _ = mrope_cos_sin(jnp.stack([t, h, w]), head_dim=16, theta=1e4, mrope_section=(2, 3, 3), dtype=jnp.float32)
+    inv_freq = 1.0 / (1e4 ** (np.arange(0, 16, 2) / 16))
+    axis_value = np.array([1, 1, 2, 2, 2, 3, 3, 3], np.float64)
+    expected = np.cos(np.tile(axis_value * inv_freq, 2))
+    np.testing.assert_allclose(np.asarray(cos[0, 0]), expected, atol=1e-6)
+
+
+def test_bfloat16_forward_stays_close_to_float32(tiny_untied):
+    _, checkpoint = tiny_untied
+    ids, mask = left_padded_batch(vocab_limit=200)
+    f32 = np.asarray(from_pretrained(checkpoint)(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    model16 = from_pretrained(checkpoint, dtype=jnp.bfloat16)
+    assert model16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    bf16 = np.asarray(model16(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).astype(jnp.float32))
+    real = mask.astype(bool)
+    # bf16 has an 8-bit mantissa; random-init logits are O(1), so a few 1e-2 is the expected error.
+    assert np.abs(bf16 - f32)[real].max() < 5e-2

@@ -1,0 +1,26 @@
+"""The `opsd-jax` entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from opsd_jax.cli import main
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    assert main(["config", "--no-device-check", "train.lr=1e-4", "mesh.tensor=2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 1e-4 and shown["mesh"]["tensor"] == 2
+
+
+def test_config_errors_exit_2_with_the_key(capsys):
+    assert main(["config", "train.nope=1"]) == 2
+    assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "opsd_jax.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "config" in out and "OmniOPSD" in out

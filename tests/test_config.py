@@ -1,0 +1,90 @@
+"""Config loading: YAML + dotted overrides, types, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opsd_jax.config import Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads_and_validates():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files, "configs/ holds no YAML files"
+    for file in files:
+        assert isinstance(load_config(file, num_devices=8), Config)
+
+
+def test_overrides_are_typed(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  lr: 0.1\n"), ["train.lr=1e-5", "mesh.fsdp=4", "mesh.tensor=2"], num_devices=8)
+    assert config.train.lr == pytest.approx(1e-5) and isinstance(config.train.lr, float)
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 4, 2)
+    assert load_config(None, ["train.total_steps=5", "train.warmup_steps=5"], num_devices=None).train.total_steps == 5
+
+
+def test_config_is_frozen():
+    config = load_config(None, num_devices=None)
+    with pytest.raises(Exception):
+        config.train.lr = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train:\n  lrr: 1.0\n", [], r"train\.lrr: unknown key"),
+        ("", ["optim.lr=1"], r"optim: unknown key"),
+        ("train:\n  lr: fast\n", [], r"train\.lr: expected a number, got str 'fast'"),
+        ("train:\n  batch_size: 2.5\n", [], r"train\.batch_size: expected an integer"),
+        ("model:\n  dtype: float16\n", [], r"model\.dtype: expected one of \['float32', 'bfloat16'\]"),
+        ("", ["train.lr=-1"], r"train\.lr: expected a positive learning rate"),
+        ("", ["train.warmup_steps=2000"], r"train\.warmup_steps"),
+        ("train: 3\n", [], r"train: expected a mapping"),
+        ("", ["train.lr"], r"override 'train.lr': expected key.sub=value"),
+        ("", ["train.lr=0.1", "train.lr.x=1"], r"train\.lr is a value, not a section"),
+        ("", ["train.lr.x=1"], r"train\.lr: expected a number, got dict"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), overrides, num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, message",
+    [
+        (["mesh.fsdp=4", "mesh.tensor=1"], 8, r"mesh: data x fsdp x tensor = 1 x 4 x 1 = 4, but 8 devices"),
+        (["mesh.fsdp=-1", "mesh.tensor=3"], 8, r"mesh\.fsdp: -1 cannot fill the mesh"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], 8, r"at most one axis may be -1"),
+        (["mesh.tensor=0"], 8, r"mesh\.tensor: expected a positive size"),
+        (["mesh.logical_axis_rules.embedd=fsdp"], 8, r"mesh\.logical_axis_rules\.embedd: unknown logical axis"),
+        (["mesh.logical_axis_rules.embed=model"], 8, r"mesh\.logical_axis_rules\.embed: unknown mesh axis 'model'"),
+    ],
+)
+def test_impossible_mesh_fails_at_load(overrides, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides, num_devices=devices)
+
+
+def test_mesh_takes_the_device_count_from_jax_by_default():
+    import jax
+
+    config = load_config(None, ["mesh.fsdp=-1", "mesh.tensor=2"])
+    assert config.mesh.tensor == 2 and jax.device_count() == 8
+    with pytest.raises(ConfigError, match="but 8 devices"):
+        load_config(None, ["mesh.fsdp=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [\n"))
