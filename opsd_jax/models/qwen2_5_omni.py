@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 
 from opsd_jax.models import weights
@@ -33,8 +33,8 @@ class ThinkerConfig:
     """The thinker's architecture, read from a transformers config.json."""
 
     text: TextConfig
-    audio: Mapping[str, Any]
-    vision: Mapping[str, Any]
+    audio: Mapping[str, Any] = dataclasses.field(hash=False, compare=False)
+    vision: Mapping[str, Any] = dataclasses.field(hash=False, compare=False)
     tie_word_embeddings: bool
     audio_token_id: int
     image_token_id: int
@@ -71,6 +71,22 @@ class ThinkerConfig:
             raise weights.CheckpointError(f"{source}: missing field {err.args[0]!r} in the thinker config") from err
         except ValueError as err:
             raise weights.CheckpointError(f"{source}: {err}") from err
+
+
+@struct.dataclass
+class ThinkerInputs:
+    """One prepared batch, ready for a jitted forward (every shape static).
+
+    input_ids, attention_mask: `[batch, seq]` int32, left-padded.
+    position_ids: `[3, batch, seq]` int32 TMRoPE positions.
+    rope_deltas: `[batch]` int32; generated token i after a prompt of padded length P sits at
+      `P + i + rope_deltas - n_left_pad` on all three axes.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    position_ids: jax.Array
+    rope_deltas: jax.Array
 
 
 def text_position_ids(attention_mask: jax.Array) -> jax.Array:
@@ -112,7 +128,41 @@ class Qwen2_5OmniThinker(nnx.Module):
         feature_attention_mask: jax.Array | None = None,
         use_audio_in_video: bool = False,
     ) -> jax.Array:
-        """`input_ids [batch, seq]` (left-padded, with `attention_mask [batch, seq]`) -> logits `[batch, seq, vocab]`."""
+        """The processor's arrays -> logits `[batch, seq, vocab]`.
+
+        `input_ids [batch, seq]` are left-padded with `attention_mask [batch, seq]`; media arguments
+        have the transformers processor's names and layouts. Host-side planning happens here, so under
+        `jax.jit` call `prepare_inputs` outside and `forward` inside instead.
+        """
+        inputs = self.prepare_inputs(
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            video_second_per_grid=video_second_per_grid,
+            input_features=input_features,
+            feature_attention_mask=feature_attention_mask,
+            use_audio_in_video=use_audio_in_video,
+        )
+        return self.forward(inputs)
+
+    def prepare_inputs(
+        self,
+        input_ids,
+        *,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        video_second_per_grid=None,
+        input_features=None,
+        feature_attention_mask=None,
+        use_audio_in_video: bool = False,
+    ) -> "ThinkerInputs":
+        """Host-side planning of one batch: positions, and (with media) the encoders' layouts."""
         media = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
@@ -126,9 +176,25 @@ class Qwen2_5OmniThinker(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         position_ids = text_position_ids(attention_mask)
-        embeds = self.model.embed_tokens(input_ids)
-        hidden, _ = self.model(embeds, position_ids, causal_padding_mask(attention_mask))
-        return self.logits(hidden)
+        return ThinkerInputs(
+            input_ids=jnp.asarray(input_ids, jnp.int32),
+            attention_mask=jnp.asarray(attention_mask, jnp.int32),
+            position_ids=jnp.asarray(position_ids, jnp.int32),
+            rope_deltas=jnp.zeros((input_ids.shape[0],), jnp.int32),
+        )
+
+    def embed_inputs(self, inputs: "ThinkerInputs") -> jax.Array:
+        """Token embeddings with the media features merged in: `[batch, seq, hidden]`."""
+        return self.model.embed_tokens(inputs.input_ids)
+
+    def hidden_states(self, inputs: "ThinkerInputs") -> jax.Array:
+        """Final-norm hidden states `[batch, seq, hidden]` of a cache-free forward."""
+        hidden, _ = self.model(self.embed_inputs(inputs), inputs.position_ids, causal_padding_mask(inputs.attention_mask))
+        return hidden
+
+    def forward(self, inputs: "ThinkerInputs") -> jax.Array:
+        """Jittable forward of prepared inputs: logits `[batch, seq, vocab]`."""
+        return self.logits(self.hidden_states(inputs))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`[..., hidden] -> [..., vocab]` through the untied head or the tied embedding."""

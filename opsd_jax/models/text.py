@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from opsd_jax.models.layers import Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
 
@@ -82,7 +82,7 @@ def mrope_cos_sin(
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class LayerCache:
     """One layer's static-shape KV cache: `key`/`value` `[batch, max_len, kv_heads, head_dim]`."""
 

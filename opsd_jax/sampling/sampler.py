@@ -1,0 +1,257 @@
+"""The student's sampler: one multimodal prefill, then a jitted `lax.while_loop` decode over a static KV cache.
+
+Shape of the work (Tunix's sampler is the model): parameters enter the jitted functions as arguments
+(the NNX graph definition is static), the loop state is a struct dataclass, the decode function
+donates it so the cache is updated in place, every counter is int32, rows stop at EOS one by one and
+the loop exits as soon as all have stopped. The prompt is prefilled once per prompt; its cache is then
+repeated for the `num_samples` rollouts of that prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs
+from opsd_jax.models.text import LayerCache
+from opsd_jax.sampling.filters import sample_tokens
+from opsd_jax.sharding import logical_to_spec, resolve_rules, shard_batch
+
+
+@struct.dataclass
+class GenerationOutput:
+    """Rollouts, prompt-major: rows `i * num_samples ... i * num_samples + num_samples - 1` are prompt i's.
+
+    tokens: `[N, max_new_tokens]` int32; the EOS token itself is kept, pad after it.
+    logprobs: `[N, max_new_tokens]` float32 log-probability of each token under the distribution it was
+      actually drawn from (tempered, top-k / top-p filtered and renormalised; 0 under greedy).
+    model_logprobs: `[N, max_new_tokens]` float32 log-probability of each token under the plain model
+      (temperature 1, no filter): the sampler-side term of importance ratios.
+    mask: `[N, max_new_tokens]` bool, True up to and including EOS.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    model_logprobs: jax.Array
+    mask: jax.Array
+
+
+@struct.dataclass
+class _LoopState:
+    step: jax.Array  # int32 scalar: tokens sampled so far
+    last_token: jax.Array  # [N] int32
+    first_position: jax.Array  # [N] int32: position of generated token 0 (same on all three axes)
+    kv_valid: jax.Array  # [N, prompt + max_new] bool: cache columns a query may attend to
+    done: jax.Array  # [N] bool
+    tokens: jax.Array
+    logprobs: jax.Array
+    model_logprobs: jax.Array
+    mask: jax.Array
+    cache: list[LayerCache]
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    """Static sampling settings (hashable: they select a compiled program)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    num_samples: int
+
+
+def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
+    """Batch over (data, fsdp), KV heads over tensor: the model's own logical-axis table."""
+    if mesh is None:
+        return cache
+    rules = resolve_rules()
+
+    def constrain(x: jax.Array) -> jax.Array:
+        spec = logical_to_spec(("batch", None, "kv_heads", None), x.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(constrain, cache)
+
+
+def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: _Sampling) -> _LoopState:
+    """Samples token `step` for every row from `logits [N, vocab]` and records it."""
+    tokens, logprob, model_logprob = sample_tokens(
+        key, logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+    )
+    live = ~state.done
+    tokens = jnp.where(live, tokens, sampling.pad_id)
+    is_eos = jnp.isin(tokens, jnp.asarray(sampling.eos_ids, jnp.int32))
+    return state.replace(
+        step=step + 1,
+        last_token=tokens,
+        done=state.done | (live & is_eos),
+        tokens=state.tokens.at[:, step].set(tokens),
+        logprobs=state.logprobs.at[:, step].set(jnp.where(live, logprob, 0.0)),
+        model_logprobs=state.model_logprobs.at[:, step].set(jnp.where(live, model_logprob, 0.0)),
+        mask=state.mask.at[:, step].set(live),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
+def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: _Sampling, mesh: Mesh | None) -> _LoopState:
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = inputs.input_ids.shape
+    total_len = prompt_len + sampling.max_new_tokens
+    text = model.config.text
+    cache_shape = (batch, total_len, text.num_key_value_heads, text.head_dim)
+    cache = [LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype)) for _ in range(text.num_hidden_layers)]
+    cache = _constrain_cache(cache, mesh)
+
+    prompt_valid = inputs.attention_mask.astype(bool)
+    kv_valid = jnp.concatenate([prompt_valid, jnp.zeros((batch, sampling.max_new_tokens), bool)], axis=1)
+    causal = jnp.arange(total_len)[None, :] <= jnp.arange(prompt_len)[:, None]  # [prompt, total]
+    # Padded query rows see only themselves (never an empty row); their outputs are never read.
+    own = jnp.arange(total_len)[None, :] == jnp.arange(prompt_len)[:, None]
+    mask = (causal[None] & kv_valid[:, None, :]) | own[None]
+    hidden, cache = model.model(model.embed_inputs(inputs), inputs.position_ids, mask, cache, jnp.int32(0))
+    last_logits = model.logits(hidden[:, -1])
+
+    # The rollouts of one prompt share its prefill: repeat rows prompt-major.
+    repeat = functools.partial(jnp.repeat, repeats=sampling.num_samples, axis=0)
+    n_left_pad = prompt_len - jnp.sum(inputs.attention_mask, axis=-1).astype(jnp.int32)
+    first_position = prompt_len + inputs.rope_deltas.astype(jnp.int32) - n_left_pad
+    rows = batch * sampling.num_samples
+    new = sampling.max_new_tokens
+    state = _LoopState(
+        step=jnp.int32(0),
+        last_token=jnp.zeros((rows,), jnp.int32),
+        first_position=repeat(first_position),
+        kv_valid=repeat(kv_valid),
+        done=jnp.zeros((rows,), bool),
+        tokens=jnp.full((rows, new), sampling.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new), jnp.float32),
+        model_logprobs=jnp.zeros((rows, new), jnp.float32),
+        mask=jnp.zeros((rows, new), bool),
+        cache=_constrain_cache(jax.tree.map(repeat, cache), mesh),
+        key=key,
+    )
+    key, first_key = jax.random.split(key)
+    return _emit(state.replace(key=key), jnp.int32(0), repeat(last_logits), first_key, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"), donate_argnames=("state",))
+def _decode(graphdef, params, state: _LoopState, *, sampling: _Sampling, mesh: Mesh | None) -> _LoopState:
+    model = nnx.merge(graphdef, params)
+    prompt_len = state.kv_valid.shape[1] - sampling.max_new_tokens
+
+    def keep_going(state: _LoopState) -> jax.Array:
+        return (state.step < sampling.max_new_tokens) & ~jnp.all(state.done)
+
+    def step_once(state: _LoopState) -> _LoopState:
+        # Feed token step-1 at its cache column and position; its logits give token `step`.
+        column = prompt_len + state.step - 1
+        kv_valid = jax.lax.dynamic_update_slice(state.kv_valid, jnp.ones((state.kv_valid.shape[0], 1), bool), (0, column))
+        position = state.first_position + state.step - 1
+        position_ids = jnp.broadcast_to(position[None, :, None], (3, position.shape[0], 1))
+        embeds = model.model.embed_tokens(state.last_token[:, None])
+        hidden, cache = model.model(embeds, position_ids, kv_valid[:, None, :], state.cache, column)
+        key, step_key = jax.random.split(state.key)
+        state = state.replace(kv_valid=kv_valid, cache=_constrain_cache(cache, mesh), key=key)
+        return _emit(state, state.step, model.logits(hidden[:, 0]), step_key, sampling)
+
+    return jax.lax.while_loop(keep_going, step_once, state)
+
+
+def pad_prompts(inputs: ThinkerInputs, length: int, pad_id: int) -> ThinkerInputs:
+    """Left-pads a prepared batch to the static prompt `length` (a bucket), as the reference pads.
+
+    Padded slots get token `pad_id`, mask 0 and position 1.
+    """
+    current = inputs.input_ids.shape[1]
+    if current > length:
+        raise ValueError(f"prompt length {current} exceeds the prompt bucket {length}")
+    extra = length - current
+    if extra == 0:
+        return inputs
+    return inputs.replace(
+        input_ids=jnp.pad(inputs.input_ids, ((0, 0), (extra, 0)), constant_values=pad_id),
+        attention_mask=jnp.pad(inputs.attention_mask, ((0, 0), (extra, 0))),
+        position_ids=jnp.pad(inputs.position_ids, ((0, 0), (0, 0), (extra, 0)), constant_values=1),
+    )
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length`; an error names both when none does."""
+    fitting = [bucket for bucket in sorted(buckets) if bucket >= length]
+    if not fitting:
+        raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)} (buckets: {sorted(buckets)})")
+    return fitting[0]
+
+
+def generate(
+    model: Qwen2_5OmniThinker,
+    inputs: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    num_samples: int = 1,
+    seed: int = 0,
+    prompt_buckets: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> GenerationOutput:
+    """Samples `num_samples` completions per prompt.
+
+    Args:
+      model: the thinker (its parameters may already be sharded on `mesh`).
+      inputs: the model call's keyword arguments (`input_ids [B, P]`, `attention_mask [B, P]`, the
+        processor's media arrays, `use_audio_in_video`); prompts are left-padded.
+      max_new_tokens: the static generation length.
+      temperature: 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature) after
+        top-k / top-p filtering.
+      eos_token_id: one id or several; a row stops after emitting any of them.
+      pad_token_id: written after a row's EOS.
+      num_samples: rollouts per prompt (rows are prompt-major).
+      seed: the PRNG seed; the same seed gives the same tokens.
+      prompt_buckets: static prompt lengths; the batch is left-padded to the smallest that fits, so
+        prompts of nearby lengths share one compiled program.
+      mesh: when given, prompts are placed with the batch over (data, fsdp) and the KV cache with its
+        heads over tensor.
+
+    Returns:
+      A `GenerationOutput` with `[B * num_samples, max_new_tokens]` arrays.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(int(i) for i in eos_token_id)
+    sampling = _Sampling(max_new_tokens, float(temperature), top_k, top_p, eos_ids, int(pad_token_id), num_samples)
+
+    inputs = dict(inputs)
+    input_ids = inputs.pop("input_ids")
+    prepared = model.prepare_inputs(input_ids, **inputs)
+    if prompt_buckets:
+        prepared = pad_prompts(prepared, bucket_length(prepared.input_ids.shape[1], prompt_buckets), pad_token_id)
+    if mesh is not None:
+        prepared = prepared.replace(**shard_batch(
+            {"input_ids": prepared.input_ids, "attention_mask": prepared.attention_mask, "rope_deltas": prepared.rope_deltas}, mesh
+        ))
+    graphdef, params = nnx.split(model)
+    state = _prefill(graphdef, params, prepared, jax.random.key(seed), sampling=sampling, mesh=mesh)
+    state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh)
+    return GenerationOutput(tokens=state.tokens, logprobs=state.logprobs, model_logprobs=state.model_logprobs, mask=state.mask)
