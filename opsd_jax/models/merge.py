@@ -1,0 +1,43 @@
+"""Placing encoder outputs into the token embeddings at their placeholder tokens.
+
+The reference (`masked_scatter` in `Qwen2_5OmniThinkerModel.forward`) fills the positions holding a
+modality's placeholder id with that modality's features, consumed in row-major (batch, seq) order; the
+placeholder's own embedding is discarded. Here the same as a gather, so it jits with static shapes:
+features arrive padded to a bucket and `num_valid` says how many of them are real.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def merge_modal_embeddings(
+    embeds: jax.Array, input_ids: jax.Array, token_id: int, features: jax.Array, num_valid: jax.Array | int
+) -> jax.Array:
+    """`embeds [batch, seq, hidden]` with placeholder slots replaced by `features [num_padded, hidden]`.
+
+    The k-th placeholder (counting row by row, left to right) of `input_ids [batch, seq]` receives
+    `features[k]` for k < `num_valid`; rows of `features` from `num_valid` on are padding and never read.
+    Call `check_placeholder_count` on the host first: inside jit a mismatch cannot raise, and
+    placeholders beyond `num_valid` would silently keep their token embedding.
+    """
+    mask = input_ids == token_id
+    flat_mask = mask.reshape(-1)
+    feature_index = jnp.cumsum(flat_mask.astype(jnp.int32)) - 1
+    take = flat_mask & (feature_index < num_valid)
+    gathered = jnp.take(features, jnp.clip(feature_index, 0, features.shape[0] - 1), axis=0)
+    flat_embeds = embeds.reshape(-1, embeds.shape[-1])
+    merged = jnp.where(take[:, None], gathered.astype(embeds.dtype), flat_embeds)
+    return merged.reshape(embeds.shape)
+
+
+def check_placeholder_count(input_ids: np.ndarray, token_id: int, num_features: int, modality: str) -> None:
+    """Host-side check that `input_ids` holds exactly one placeholder per feature row of `modality`."""
+    num_placeholders = int(np.sum(np.asarray(input_ids) == token_id))
+    if num_placeholders != num_features:
+        raise ValueError(
+            f"{modality}: input_ids hold {num_placeholders} placeholder tokens (id {token_id}) but the {modality} "
+            f"encoder gave {num_features} features; they must be equal"
+        )
