@@ -1,0 +1,301 @@
+"""Prompts in Qwen2.5-Omni's chat template, with every medium's placeholder tokens expanded, tokenized into
+static left-padded batches.
+
+The text is what the checkpoint's chat template renders followed by the Qwen2.5-Omni processor's
+placeholder expansion:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{parts}<|im_end|>\\n<|im_start|>assistant\\n
+
+image  `<|vision_bos|>` + `<|IMAGE|>` x t*h*w/4 + `<|vision_eos|>`     (grid in 14-pixel patches)
+video  `<|vision_bos|>` + `<|VIDEO|>` x t*h*w/4 + `<|vision_eos|>`
+audio  `<|audio_bos|>` + `<|AUDIO|>` x n + `<|audio_eos|>`             (n from the mel frame count)
+video with its own audio track (`use_audio_in_video`):
+       `<|vision_bos|><|audio_bos|>` V-chunk0 A-chunk0 V-chunk1 A-chunk1 ... `<|audio_eos|><|vision_eos|>`
+       where chunk j holds the tokens whose temporal position id (25 per second) falls in the j-th
+       2-second window, split exactly as the processor's `get_chunked_index` splits them.
+
+Each placeholder receives one encoder output row, so the counts here must equal the encoders' output
+lengths; the model checks the image and video counts, the audio count only this module guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from opsd_jax.models.audio import audio_output_lengths
+
+# The chat template's own default (used when a conversation has no system message).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The system prompt Qwen recommends for Qwen2.5-Omni (required there for speech output).
+QWEN_OMNI_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
+    "and visual inputs, as well as generating text and speech."
+)
+SPATIAL_MERGE_SIZE = 2
+POSITION_ID_PER_SECONDS = 25
+SECONDS_PER_CHUNK = 2.0
+ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The placeholder and delimiter strings (read off the tokenizer, as the processor does)."""
+
+    image: str = "<|IMAGE|>"
+    video: str = "<|VIDEO|>"
+    audio: str = "<|AUDIO|>"
+    vision_bos: str = "<|vision_bos|>"
+    vision_eos: str = "<|vision_eos|>"
+    audio_bos: str = "<|audio_bos|>"
+    audio_eos: str = "<|audio_eos|>"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
+        defaults = cls()
+        names = {field.name: getattr(tokenizer, f"{field.name}_token", None) or getattr(defaults, field.name)
+                 for field in dataclasses.fields(cls)}
+        return cls(**names)
+
+
+def _grid(value: Sequence[int], name: str) -> tuple[int, int, int]:
+    grid = tuple(int(v) for v in np.asarray(value).reshape(-1))
+    if len(grid) != 3 or min(grid) < 1 or grid[1] % SPATIAL_MERGE_SIZE or grid[2] % SPATIAL_MERGE_SIZE:
+        raise ValueError(f"{name} must be (t, h, w) positive with h, w multiples of {SPATIAL_MERGE_SIZE}, "
+                         f"got {tuple(np.asarray(value).reshape(-1).tolist())}")
+    return grid
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePart:
+    """An image of `grid_thw` patches (a row of `image_grid_thw`)."""
+
+    grid_thw: tuple[int, int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid_thw", _grid(self.grid_thw, "ImagePart.grid_thw"))
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPart:
+    """A video of `grid_thw` patches, `second_per_grid` seconds per temporal patch (`2 / sample_fps`; pass the
+    Python float, as the processor does), and optionally the mel frame count of its own audio track, which
+    is then interleaved with the frames (`use_audio_in_video=True`)."""
+
+    grid_thw: tuple[int, int, int]
+    second_per_grid: float = 1.0
+    audio_feature_length: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid_thw", _grid(self.grid_thw, "VideoPart.grid_thw"))
+        if not float(self.second_per_grid) > 0:
+            raise ValueError(f"VideoPart.second_per_grid must be positive, got {self.second_per_grid}")
+        if self.audio_feature_length is not None and int(self.audio_feature_length) < 1:
+            raise ValueError(f"VideoPart.audio_feature_length must be >= 1 mel frame, got {self.audio_feature_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioPart:
+    """An audio of `feature_length` valid mel frames (a row sum of `feature_attention_mask`)."""
+
+    feature_length: int
+
+    def __post_init__(self):
+        if int(self.feature_length) < 1:
+            raise ValueError(f"AudioPart.feature_length must be >= 1 mel frame, got {self.feature_length}")
+
+
+Part = Union[str, ImagePart, VideoPart, AudioPart]
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One chat turn: a role and either plain text or a sequence of parts rendered in order."""
+
+    role: str
+    content: str | Sequence[Part]
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"Message.role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            object.__setattr__(self, "content", tuple(self.content))
+            for index, part in enumerate(self.content):
+                if not isinstance(part, (str, ImagePart, VideoPart, AudioPart)):
+                    raise TypeError(f"Message.content[{index}] must be str, ImagePart, VideoPart or AudioPart, "
+                                    f"got {type(part).__name__}")
+
+
+def vision_token_count(grid_thw: Sequence[int]) -> int:
+    """Placeholders of an image or video: one per 2x2 merge block, `t * h * w / 4`."""
+    t, h, w = grid_thw
+    return t * h * w // SPATIAL_MERGE_SIZE**2
+
+
+def audio_token_count(feature_length: int) -> int:
+    """Placeholders of an audio of `feature_length` mel frames (the audio encoder's output length)."""
+    return int(audio_output_lengths(feature_length))
+
+
+def _chunk_sizes(time_ids: np.ndarray, tokens_per_chunk: int) -> list[int]:
+    """Token counts of the processor's `get_chunked_index` chunks over non-decreasing `time_ids`.
+
+    A chunk ends at the first id reaching the next multiple of `tokens_per_chunk`, and the threshold then
+    moves up by one chunk only: after a gap wider than a chunk the processor starts a new chunk at every
+    following token until the threshold catches up, and this reproduces that.
+    """
+    sizes, start, chunk = [], 0, 1
+    for index, value in enumerate(time_ids.tolist()):
+        if value >= chunk * tokens_per_chunk:
+            sizes.append(index - start)
+            start, chunk = index, chunk + 1
+    sizes.append(len(time_ids) - start)
+    return sizes
+
+
+def audio_in_video_runs(video: VideoPart, *, position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                        seconds_per_chunk: float = SECONDS_PER_CHUNK) -> list[tuple[str, int]]:
+    """The interleaved placeholder runs of a video with its audio: `[("video", n0), ("audio", m0), ...]`.
+
+    Video tokens carry the temporal id `k * second_per_grid * 25` of their temporal patch k, audio token i
+    the id i; both streams are cut into chunks of `25 * 2` ids and chunk j of the video precedes chunk j
+    of the audio. Empty runs are left out.
+    """
+    if video.audio_feature_length is None:
+        raise ValueError("audio_in_video_runs needs a VideoPart with audio_feature_length")
+    t, h, w = video.grid_thw
+    per_frame = (h // SPATIAL_MERGE_SIZE) * (w // SPATIAL_MERGE_SIZE)
+    # Same operation order as the processor (k * seconds * rate) so float rounding lands the same side.
+    video_ids = np.repeat(np.arange(t) * float(video.second_per_grid) * position_id_per_seconds, per_frame)
+    audio_ids = np.arange(audio_token_count(video.audio_feature_length))
+    tokens_per_chunk = int(position_id_per_seconds * seconds_per_chunk)
+    video_chunks = _chunk_sizes(video_ids, tokens_per_chunk)
+    audio_chunks = _chunk_sizes(audio_ids, tokens_per_chunk)
+    runs = []
+    for index in range(max(len(video_chunks), len(audio_chunks))):
+        if index < len(video_chunks) and video_chunks[index]:
+            runs.append(("video", video_chunks[index]))
+        if index < len(audio_chunks) and audio_chunks[index]:
+            runs.append(("audio", audio_chunks[index]))
+    return runs
+
+
+def render_part(part: Part, tokens: SpecialTokens = SpecialTokens(), *,
+                position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+    """One content part as template text with its placeholders expanded."""
+    if isinstance(part, str):
+        return part
+    if isinstance(part, ImagePart):
+        return tokens.vision_bos + tokens.image * vision_token_count(part.grid_thw) + tokens.vision_eos
+    if isinstance(part, AudioPart):
+        return tokens.audio_bos + tokens.audio * audio_token_count(part.feature_length) + tokens.audio_eos
+    if isinstance(part, VideoPart):
+        if part.audio_feature_length is None:
+            return tokens.vision_bos + tokens.video * vision_token_count(part.grid_thw) + tokens.vision_eos
+        runs = audio_in_video_runs(part, position_id_per_seconds=position_id_per_seconds,
+                                   seconds_per_chunk=seconds_per_chunk)
+        body = "".join((tokens.video if kind == "video" else tokens.audio) * count for kind, count in runs)
+        return tokens.vision_bos + tokens.audio_bos + body + tokens.audio_eos + tokens.vision_eos
+    raise TypeError(f"a content part must be str, ImagePart, VideoPart or AudioPart, got {type(part).__name__}")
+
+
+def render_messages(messages: Sequence[Message], *, default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                    add_generation_prompt: bool = True, tokens: SpecialTokens = SpecialTokens(),
+                    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                    seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+    """A conversation as the Qwen2.5-Omni chat template renders it, placeholders expanded.
+
+    As in the template, a conversation that does not open with a system message gets
+    `default_system_prompt`; `add_generation_prompt` appends the open assistant turn.
+    """
+    if not messages:
+        raise ValueError("render_messages needs at least one message")
+    pieces = []
+    if messages[0].role != "system":
+        pieces.append(f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n")
+    for message in messages:
+        parts = (message.content,) if isinstance(message.content, str) else message.content
+        body = "".join(render_part(part, tokens, position_id_per_seconds=position_id_per_seconds,
+                                   seconds_per_chunk=seconds_per_chunk) for part in parts)
+        pieces.append(f"<|im_start|>{message.role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        pieces.append("<|im_start|>assistant\n")
+    return "".join(pieces)
+
+
+def user_prompt(parts: Sequence[Part], *, system_prompt: str | None = None) -> list[Message]:
+    """A one-turn conversation: an optional system message and a user message of `parts`."""
+    system = [Message("system", system_prompt)] if system_prompt is not None else []
+    return [*system, Message("user", tuple(parts))]
+
+
+class PromptBuilder:
+    """Renders conversations and tokenizes them with a checkpoint's tokenizer into static batches."""
+
+    def __init__(self, tokenizer: Any, *, default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                 seconds_per_chunk: float = SECONDS_PER_CHUNK):
+        self.tokenizer = tokenizer
+        self.tokens = SpecialTokens.from_tokenizer(tokenizer)
+        self.default_system_prompt = default_system_prompt
+        self.position_id_per_seconds = position_id_per_seconds
+        self.seconds_per_chunk = seconds_per_chunk
+        self.token_ids = {name: self._single_token_id(text) for name, text in dataclasses.asdict(self.tokens).items()}
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; left padding needs one")
+        self.pad_token_id = int(tokenizer.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> PromptBuilder:
+        """The tokenizer of a checkpoint directory (`AutoTokenizer.from_pretrained`), offline."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        return cls(AutoTokenizer.from_pretrained(directory, local_files_only=True), **kwargs)
+
+    def _single_token_id(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer splits the special token {text!r} into {len(ids)} tokens {ids}; "
+                             f"expected one (is it registered as a special token?)")
+        return int(ids[0])
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        return render_messages(messages, default_system_prompt=self.default_system_prompt,
+                               add_generation_prompt=add_generation_prompt, tokens=self.tokens,
+                               position_id_per_seconds=self.position_id_per_seconds,
+                               seconds_per_chunk=self.seconds_per_chunk)
+
+    def encode(self, texts: Sequence[str], *, length: int) -> dict[str, np.ndarray]:
+        """Rendered texts -> `input_ids [B, length]` int32 (left-padded with the pad id) and
+        `attention_mask [B, length]` int32. A text longer than `length` tokens is an error."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a sequence of texts; wrap a single text in a list")
+        input_ids = np.full((len(texts), length), self.pad_token_id, np.int32)
+        attention_mask = np.zeros((len(texts), length), np.int32)
+        for row, text in enumerate(texts):
+            ids = self.tokenizer(text)["input_ids"]
+            if len(ids) > length:
+                raise ValueError(f"prompt {row} has {len(ids)} tokens, more than the length bucket {length}")
+            for name in ("image", "video", "audio"):
+                expected = text.count(getattr(self.tokens, name))
+                if ids.count(self.token_ids[name]) != expected:
+                    raise ValueError(f"prompt {row}: {ids.count(self.token_ids[name])} {name} token ids for "
+                                     f"{expected} placeholders in the text")
+            if ids:
+                input_ids[row, length - len(ids):] = ids
+                attention_mask[row, length - len(ids):] = 1
+        return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+    def __call__(self, conversations: Sequence[Sequence[Message]], *, length: int,
+                 add_generation_prompt: bool = True) -> dict[str, np.ndarray]:
+        """A batch of conversations -> left-padded `input_ids` / `attention_mask` of `length` columns."""
+        return self.encode([self.render(messages, add_generation_prompt=add_generation_prompt)
+                            for messages in conversations], length=length)
