@@ -1,0 +1,1 @@
+"""Side-by-side measurements against the PyTorch reference (scripts that print a table and write JSON)."""
