@@ -64,8 +64,10 @@ def tiny_thinker_config_dict(
 def build_reference_thinker(config_dict: dict[str, Any], *, seed: int = 0):
     """A `Qwen2_5OmniThinkerForConditionalGeneration` in float32 eval mode with random weights.
 
-    Random init of the reference leaves norms at 1 and biases at 0; they are perturbed here so that
-    parity tests see every parameter.
+    The reference's init (std 0.02, norms at 1, biases at 0) makes attention almost uniform, so a
+    parity test would not notice wrong rotary positions or a missing window mask. Linear and
+    convolution weights are redrawn with std 1/sqrt(fan_in) and norms and biases perturbed, so that
+    every parameter and every position matters.
     """
     import torch
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
@@ -76,6 +78,10 @@ def build_reference_thinker(config_dict: dict[str, Any], *, seed: int = 0):
     model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv3d)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5)
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))

@@ -81,5 +81,7 @@ def test_bfloat16_forward_stays_close_to_float32(tiny_untied):
     assert model16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     bf16 = np.asarray(model16(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).astype(jnp.float32))
     real = mask.astype(bool)
-    # bf16 has an 8-bit mantissa; random-init logits are O(1), so a few 1e-2 is the expected error.
-    assert np.abs(bf16 - f32)[real].max() < 5e-2
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op, compounding over layers): a relative
+    # error of a few percent of the logit scale is expected, a wrong cast would be far larger.
+    scale = np.abs(f32[real]).max()
+    assert np.abs(bf16 - f32)[real].max() < 0.03 * scale
