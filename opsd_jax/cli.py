@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
+    from opsd_jax.eval.cli import register as register_eval
+
+    register_eval(subparsers)
     return parser
 
 

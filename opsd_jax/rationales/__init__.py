@@ -1,0 +1,1 @@
+"""Rationales written once by a frontier model behind an OpenAI-compatible endpoint."""

@@ -1,0 +1,261 @@
+"""A small client for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, ...).
+
+Standard library only: urllib for HTTP, a bounded thread pool for concurrency.
+
+* POST {base_url}/chat/completions with {"model", "messages", **params}.
+* Retries with exponential backoff and jitter on 429, 5xx, timeouts and dropped connections; a
+  Retry-After header is honoured. Other 4xx fail at once with the status and the body's message.
+* Token accounting from each response's `usage` (prompt and completion tokens summed, optional cost).
+* The API key comes from an environment variable (default OPENAI_API_KEY), never from a file; when the
+  variable is unset no Authorization header is sent (local servers need none).
+* `map` runs many requests with at most `max_concurrency` in flight and yields results as they
+  complete, so callers can append each one to a JSONL file; resuming is the caller's job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import email.utils
+import http.client
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from tqdm import tqdm
+
+Message = Mapping[str, Any]
+
+
+class ChatClientError(RuntimeError):
+    """A request failed for good. `status` is the HTTP status, or None for a network failure."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatResponse:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    raw: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    messages: Sequence[Message]
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # temperature, max_tokens, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenUsage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # in the unit of the per-1k rates given to the client
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after_s: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds (fractions accepted) or an HTTP date; None if absent/invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def _error_message(body: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else the body text (truncated)."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()[:500]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return text.strip()[:500]
+
+
+class ChatClient:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        max_concurrency: int = 8,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        cost_per_1k_prompt_tokens: float = 0.0,
+        cost_per_1k_completion_tokens: float = 0.0,
+        default_params: Mapping[str, Any] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected an http(s) URL such as https://api.openai.com/v1, got {base_url!r}")
+        for name, value in (("timeout_s", timeout_s), ("max_concurrency", max_concurrency)):
+            if value <= 0:
+                raise ValueError(f"{name}: expected a positive value, got {value}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0, got {max_retries}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_concurrency = max_concurrency
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.cost_per_1k_prompt_tokens = cost_per_1k_prompt_tokens
+        self.cost_per_1k_completion_tokens = cost_per_1k_completion_tokens
+        self.default_params = dict(default_params or {})
+        self._sleep = sleep
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._usage = TokenUsage()
+
+    @property
+    def usage(self) -> TokenUsage:
+        """Totals over every successful request so far."""
+        with self._lock:
+            return self._usage
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def backoff_delay(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (0-based): Retry-After if given, else
+        exponential backoff with equal jitter, in [d/2, d] for d = min(max, base * 2**attempt)."""
+        if retry_after_s is not None:
+            return retry_after_s
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2.0**attempt)
+        with self._lock:
+            return delay / 2 + self._random.uniform(0.0, delay / 2)
+
+    def _post_once(self, payload: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body = response.read()
+        except urllib.error.HTTPError as err:
+            body = err.read() if err.fp is not None else b""
+            message = f"HTTP {err.code} from {self.url}: {_error_message(body)}"
+            if err.code == 429 or err.code >= 500:
+                raise _Retryable(message, parse_retry_after(err.headers.get("Retry-After")), err.code) from None
+            hint = f" (is ${self.api_key_env} set?)" if err.code in (401, 403) and self.api_key_env else ""
+            raise ChatClientError(message + hint, status=err.code) from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"timed out after {self.timeout_s} s connecting to {self.url}") from None
+            if isinstance(err.reason, ConnectionResetError):
+                raise _Retryable(f"connection to {self.url} dropped: {err.reason}") from None
+            raise ChatClientError(f"cannot reach {self.url}: {err.reason}") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"no response from {self.url} within {self.timeout_s} s") from None
+        except (ConnectionResetError, http.client.RemoteDisconnected, http.client.IncompleteRead) as err:
+            raise _Retryable(f"connection to {self.url} dropped: {err!r}") from None
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError:
+            raise ChatClientError(f"{self.url} returned a body that is not JSON: {body[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise ChatClientError(f"{self.url} returned {type(data).__name__}, expected a JSON object")
+        return data
+
+    def complete(self, messages: Sequence[Message], **params: Any) -> ChatResponse:
+        """One chat completion (with retries). `params` override the client's default_params."""
+        body = {"model": self.model, "messages": list(messages), **self.default_params, **params}
+        payload = json.dumps(body).encode()
+        for attempt in range(self.max_retries + 1):
+            try:
+                data = self._post_once(payload)
+                break
+            except _Retryable as err:
+                if attempt == self.max_retries:
+                    message = f"gave up after {attempt + 1} attempts; last error: {err}"
+                    raise ChatClientError(message, err.status) from None
+                self._sleep(self.backoff_delay(attempt, err.retry_after_s))
+        return self._parse(data)
+
+    def _parse(self, data: dict[str, Any]) -> ChatResponse:
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            body = json.dumps(data)[:300]
+            raise ChatClientError(f"{self.url} returned no choices[0].message.content: {body}") from None
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        cost = (
+            prompt_tokens * self.cost_per_1k_prompt_tokens + completion_tokens * self.cost_per_1k_completion_tokens
+        ) / 1000
+        with self._lock:
+            self._usage = TokenUsage(
+                requests=self._usage.requests + 1,
+                prompt_tokens=self._usage.prompt_tokens + prompt_tokens,
+                completion_tokens=self._usage.completion_tokens + completion_tokens,
+                cost=self._usage.cost + cost,
+            )
+        return ChatResponse(text or "", prompt_tokens, completion_tokens, choice.get("finish_reason"), data)
+
+    def map(
+        self, requests: Iterable[ChatRequest], *, progress: bool = True, description: str = "chat completions"
+    ) -> Iterator[tuple[int, ChatResponse | ChatClientError]]:
+        """Run requests with at most `max_concurrency` in flight; yield (index, response or error) in
+        completion order. A failed request yields its ChatClientError instead of stopping the others.
+        Closing the iterator early cancels the requests not yet started."""
+        requests = list(requests)
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
+            futures = {
+                executor.submit(self.complete, request.messages, **request.params): index
+                for index, request in enumerate(requests)
+            }
+            with tqdm(total=len(requests), desc=description, disable=not progress, unit="req") as bar:
+                for future in concurrent.futures.as_completed(futures):
+                    bar.update(1)
+                    error = future.exception()
+                    if error is not None and not isinstance(error, ChatClientError):
+                        raise error
+                    yield futures[future], error if error is not None else future.result()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
