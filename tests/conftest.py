@@ -36,3 +36,14 @@ def tiny_tied(tmp_path_factory):
     )
     model = build_reference_thinker(config, seed=1)
     return model, save_reference_thinker(model, tmp_path_factory.mktemp("tiny_tied"))
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_builder(tmp_path_factory):
+    """A `PromptBuilder` over the tiny BPE tokenizer whose special ids match the tiny thinkers."""
+    from opsd_jax.data.chat_template import PromptBuilder
+    from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(directory)
+    return PromptBuilder.from_pretrained(directory)

@@ -273,15 +273,18 @@ class PromptBuilder:
                                position_id_per_seconds=self.position_id_per_seconds,
                                seconds_per_chunk=self.seconds_per_chunk)
 
-    def encode(self, texts: Sequence[str], *, length: int) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[str], *, length: int | None) -> dict[str, np.ndarray]:
         """Rendered texts -> `input_ids [B, length]` int32 (left-padded with the pad id) and
-        `attention_mask [B, length]` int32. A text longer than `length` tokens is an error."""
+        `attention_mask [B, length]` int32. A text longer than `length` tokens is an error; `length=None`
+        takes the longest text's length (a dynamic shape: use a bucket for jitted consumers)."""
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of texts; wrap a single text in a list")
+        encoded = [self.tokenizer(text)["input_ids"] for text in texts]
+        if length is None:
+            length = max(len(ids) for ids in encoded)
         input_ids = np.full((len(texts), length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((len(texts), length), np.int32)
-        for row, text in enumerate(texts):
-            ids = self.tokenizer(text)["input_ids"]
+        for row, (text, ids) in enumerate(zip(texts, encoded)):
             if len(ids) > length:
                 raise ValueError(f"prompt {row} has {len(ids)} tokens, more than the length bucket {length}")
             for name in ("image", "video", "audio"):
@@ -294,7 +297,7 @@ class PromptBuilder:
                 attention_mask[row, length - len(ids):] = 1
         return dict(input_ids=input_ids, attention_mask=attention_mask)
 
-    def __call__(self, conversations: Sequence[Sequence[Message]], *, length: int,
+    def __call__(self, conversations: Sequence[Sequence[Message]], *, length: int | None,
                  add_generation_prompt: bool = True) -> dict[str, np.ndarray]:
         """A batch of conversations -> left-padded `input_ids` / `attention_mask` of `length` columns."""
         return self.encode([self.render(messages, add_generation_prompt=add_generation_prompt)

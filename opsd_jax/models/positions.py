@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opsd_jax.models.audio import audio_output_lengths
+
 
 @dataclasses.dataclass(frozen=True)
 class PositionConfig:
@@ -76,13 +78,6 @@ class PositionConfig:
         )
 
 
-# TODO(lead): replace with `from opsd_jax.models.audio import audio_output_lengths` once audio.py lands.
-def _audio_output_lengths(mel_lengths: np.ndarray) -> np.ndarray:
-    """Audio tokens per audio of `mel_lengths` mel frames: conv2 (stride 2), then pooling by 2."""
-    after_conv = (mel_lengths - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
-
-
 def rope_index(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
@@ -123,7 +118,7 @@ def rope_index(
 
     # The reference rounds seconds per grid to float32 before using them; so does the port.
     seconds_per_grid = None if video_second_per_grid is None else np.asarray(video_second_per_grid, np.float32)
-    audio_lengths = None if audio_seqlens is None else _audio_output_lengths(np.asarray(audio_seqlens, np.int64))
+    audio_lengths = None if audio_seqlens is None else audio_output_lengths(np.asarray(audio_seqlens, np.int64))
     media = _MediaQueue(
         images=_as_grids(image_grid_thw, "image_grid_thw"),
         videos=_as_grids(video_grid_thw, "video_grid_thw"),

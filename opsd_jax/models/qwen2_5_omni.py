@@ -1,7 +1,12 @@
 """The Qwen2.5-Omni thinker in Flax NNX and `from_pretrained` for Hugging Face checkpoints.
 
-`Qwen2_5OmniThinker` holds `model` (the text decoder) and `lm_head` (absent when the embeddings are
-tied); its call takes the transformers processor's arrays under their own names and returns logits.
+`Qwen2_5OmniThinker` holds the audio tower, the vision encoder, the text decoder (`model`) and the
+output head (`lm_head`, absent when the embeddings are tied). Its call takes the transformers
+processor's arrays under their own names and returns logits. A call has two halves:
+
+* `prepare_inputs` (host, numpy): everything data-dependent, the encoders' plans, the TMRoPE
+  positions and the placeholder checks, padded to static buckets; returns `ThinkerInputs`;
+* `forward` (jittable): encoders, merge into the token embeddings, decoder, head.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from opsd_jax.models import weights
+from opsd_jax.models.audio import AudioConfig, AudioEncoder, AudioPlan, prepare_audio
 from opsd_jax.models.layers import Linear
+from opsd_jax.models.merge import check_placeholder_count, merge_modal_embeddings
+from opsd_jax.models.positions import PositionConfig, rope_index
 from opsd_jax.models.text import TextConfig, TextModel, causal_padding_mask
+from opsd_jax.models.vision import VisionConfig, VisionEncoder, VisionPlan, pad_patches, vision_plan
 
 logger = logging.getLogger(__name__)
-
-# Checkpoint prefixes of thinker parts this port does not run yet: their tensors are reported, not loaded.
-UNPORTED_PREFIXES: tuple[str, ...] = ("audio_tower.", "visual.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,18 +39,10 @@ class ThinkerConfig:
     """The thinker's architecture, read from a transformers config.json."""
 
     text: TextConfig
-    audio: Mapping[str, Any] = dataclasses.field(hash=False, compare=False)
-    vision: Mapping[str, Any] = dataclasses.field(hash=False, compare=False)
+    audio: AudioConfig
+    vision: VisionConfig
+    positions: PositionConfig
     tie_word_embeddings: bool
-    audio_token_id: int
-    image_token_id: int
-    video_token_id: int
-    audio_start_token_id: int
-    audio_end_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int
-    position_id_per_seconds: int = 25
-    seconds_per_chunk: int = 2
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], source: str = "config") -> "ThinkerConfig":
@@ -54,23 +52,28 @@ class ThinkerConfig:
         try:
             return cls(
                 text=TextConfig.from_hf(cfg["text_config"]),
-                audio=dict(cfg.get("audio_config", {})),
-                vision=dict(cfg.get("vision_config", {})),
+                audio=AudioConfig.from_hf(cfg.get("audio_config", {})),
+                vision=VisionConfig.from_hf(cfg.get("vision_config", {})),
+                positions=PositionConfig.from_hf(cfg),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                audio_token_id=cfg.get("audio_token_index", cfg.get("audio_token_id", 151646)),
-                image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 151655)),
-                video_token_id=cfg.get("video_token_index", cfg.get("video_token_id", 151656)),
-                audio_start_token_id=cfg.get("audio_start_token_id", 151647),
-                audio_end_token_id=cfg.get("audio_end_token_id", 151648),
-                vision_start_token_id=cfg.get("vision_start_token_id", 151652),
-                vision_end_token_id=cfg.get("vision_end_token_id", 151653),
-                position_id_per_seconds=cfg.get("position_id_per_seconds", 25),
-                seconds_per_chunk=cfg.get("seconds_per_chunk", 2),
             )
         except KeyError as err:
             raise weights.CheckpointError(f"{source}: missing field {err.args[0]!r} in the thinker config") from err
         except ValueError as err:
             raise weights.CheckpointError(f"{source}: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaBuckets:
+    """Static sizes the media of a batch are padded to, so that batches share one compiled program.
+
+    None means "exactly what this batch needs" (one compile per distinct size).
+    """
+
+    image_patches: int | None = None
+    video_patches: int | None = None
+    audio_chunks: int | None = None
+    audio_tokens: int | None = None
 
 
 @struct.dataclass
@@ -81,12 +84,20 @@ class ThinkerInputs:
     position_ids: `[3, batch, seq]` int32 TMRoPE positions.
     rope_deltas: `[batch]` int32; generated token i after a prompt of padded length P sits at
       `P + i + rope_deltas - n_left_pad` on all three axes.
+    image_pixels / video_pixels: `[patch_bucket, 1176]` patches, with their `VisionPlan`s; or None.
+    audio_chunks: `[chunk_bucket, mel, 2 * n_window]`, with its `AudioPlan`; or None.
     """
 
     input_ids: jax.Array
     attention_mask: jax.Array
     position_ids: jax.Array
     rope_deltas: jax.Array
+    image_pixels: jax.Array | None = None
+    image_plan: VisionPlan | None = None
+    video_pixels: jax.Array | None = None
+    video_plan: VisionPlan | None = None
+    audio_chunks: jax.Array | None = None
+    audio_plan: AudioPlan | None = None
 
 
 def text_position_ids(attention_mask: jax.Array) -> jax.Array:
@@ -101,12 +112,14 @@ def text_position_ids(attention_mask: jax.Array) -> jax.Array:
 
 
 class Qwen2_5OmniThinker(nnx.Module):
-    """Text decoder + output head of `Qwen2_5OmniThinkerForConditionalGeneration`."""
+    """`Qwen2_5OmniThinkerForConditionalGeneration` in Flax NNX."""
 
     def __init__(self, config: ThinkerConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         text = config.text
+        self.audio_tower = AudioEncoder(config.audio, dtype=dtype, rngs=rngs)
+        self.visual = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
         self.model = TextModel(text, dtype=dtype, rngs=rngs)
         self.lm_head = (
             None
@@ -161,38 +174,97 @@ class Qwen2_5OmniThinker(nnx.Module):
         input_features=None,
         feature_attention_mask=None,
         use_audio_in_video: bool = False,
-    ) -> "ThinkerInputs":
-        """Host-side planning of one batch: positions, and (with media) the encoders' layouts."""
-        media = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-        }
-        given = [name for name, value in media.items() if value is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)}: this build of the thinker runs the text decoder only; the encoders are not ported"
-            )
+        buckets: MediaBuckets = MediaBuckets(),
+    ) -> ThinkerInputs:
+        """Host-side planning of one batch: the encoders' layouts, placeholder checks and positions.
+
+        Text-only batches need no host work and may be traced (so `model(ids, attention_mask=m)` jits).
+        """
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        position_ids = text_position_ids(attention_mask)
+        if all(value is None for value in (pixel_values, pixel_values_videos, input_features)):
+            return ThinkerInputs(
+                input_ids=jnp.asarray(input_ids, jnp.int32),
+                attention_mask=jnp.asarray(attention_mask, jnp.int32),
+                position_ids=text_position_ids(jnp.asarray(attention_mask)),
+                rope_deltas=jnp.zeros((input_ids.shape[0],), jnp.int32),
+            )
+
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        tokens = self.config.positions
+        media: dict[str, Any] = {}
+        for kind, pixels, grid, bucket, token_id in (
+            ("image", pixel_values, image_grid_thw, buckets.image_patches, tokens.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, buckets.video_patches, tokens.video_token_id),
+        ):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind}: pixel values were given without {kind}_grid_thw")
+            plan = vision_plan(grid, self.config.vision, bucket)
+            check_placeholder_count(ids, token_id, int(plan.num_tokens), kind)
+            pixels = np.asarray(pixels, np.float32)
+            media[f"{kind}_pixels"] = jnp.asarray(pad_patches(pixels, bucket) if bucket else pixels)
+            media[f"{kind}_plan"] = plan
+        audio_lengths = None
+        if input_features is not None:
+            if feature_attention_mask is None:
+                raise ValueError("input_features were given without feature_attention_mask")
+            chunks, plan = prepare_audio(
+                input_features, feature_attention_mask, self.config.audio,
+                chunk_bucket=buckets.audio_chunks, token_bucket=buckets.audio_tokens,
+            )
+            check_placeholder_count(ids, tokens.audio_token_id, int(np.count_nonzero(plan.valid_rows)), "audio")
+            media["audio_chunks"], media["audio_plan"] = jnp.asarray(chunks), plan
+            audio_lengths = np.asarray(feature_attention_mask).astype(bool).sum(-1)
+
+        if image_grid_thw is None and video_grid_thw is None:
+            # No grid: the reference's sequential branch (audio positions are sequential anyway).
+            position_ids = np.asarray(text_position_ids(jnp.asarray(mask)))
+        else:
+            position_ids, _ = rope_index(
+                ids, mask, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                video_second_per_grid=video_second_per_grid, audio_seqlens=audio_lengths,
+                use_audio_in_video=use_audio_in_video, config=tokens,
+            )
+        # One convention for every branch: the position after the prompt's last, minus its real length.
+        real = mask.astype(bool)
+        last = np.where(real[None], position_ids, np.iinfo(np.int32).min).max(axis=(0, 2))
+        rope_deltas = last + 1 - real.sum(-1)
         return ThinkerInputs(
-            input_ids=jnp.asarray(input_ids, jnp.int32),
-            attention_mask=jnp.asarray(attention_mask, jnp.int32),
+            input_ids=jnp.asarray(ids, jnp.int32),
+            attention_mask=jnp.asarray(mask, jnp.int32),
             position_ids=jnp.asarray(position_ids, jnp.int32),
-            rope_deltas=jnp.zeros((input_ids.shape[0],), jnp.int32),
+            rope_deltas=jnp.asarray(rope_deltas, jnp.int32),
+            **media,
         )
 
-    def embed_inputs(self, inputs: "ThinkerInputs") -> jax.Array:
-        """Token embeddings with the media features merged in: `[batch, seq, hidden]`."""
-        return self.model.embed_tokens(inputs.input_ids)
+    def embed_inputs(self, inputs: ThinkerInputs) -> jax.Array:
+        """Token embeddings with the media features merged in, `[batch, seq, hidden]`.
 
-    def hidden_states(self, inputs: "ThinkerInputs") -> jax.Array:
+        Audio, then images, then videos, in the order the reference scatters them.
+        """
+        tokens = self.config.positions
+        embeds = self.model.embed_tokens(inputs.input_ids)
+        if inputs.audio_chunks is not None:
+            features = self.audio_tower(inputs.audio_chunks, inputs.audio_plan)
+            count = jnp.sum(inputs.audio_plan.valid_rows)
+            embeds = merge_modal_embeddings(embeds, inputs.input_ids, tokens.audio_token_id, features, count)
+        for pixels, plan, token_id in (
+            (inputs.image_pixels, inputs.image_plan, tokens.image_token_id),
+            (inputs.video_pixels, inputs.video_plan, tokens.video_token_id),
+        ):
+            if pixels is not None:
+                features = self.visual(pixels, plan)
+                embeds = merge_modal_embeddings(embeds, inputs.input_ids, token_id, features, plan.num_tokens)
+        return embeds
+
+    def hidden_states(self, inputs: ThinkerInputs) -> jax.Array:
         """Final-norm hidden states `[batch, seq, hidden]` of a cache-free forward."""
         hidden, _ = self.model(self.embed_inputs(inputs), inputs.position_ids, causal_padding_mask(inputs.attention_mask))
         return hidden
 
-    def forward(self, inputs: "ThinkerInputs") -> jax.Array:
+    def forward(self, inputs: ThinkerInputs) -> jax.Array:
         """Jittable forward of prepared inputs: logits `[batch, seq, vocab]`."""
         return self.logits(self.hidden_states(inputs))
 
@@ -248,7 +320,6 @@ def from_pretrained(path: str | Path, *, dtype: jnp.dtype = jnp.float32, mesh: M
         {p: v.get_value() for p, v in flat.items()},
         checkpoint,
         place=place,
-        unused_ok=lambda name: name.startswith(UNPORTED_PREFIXES),
     )
     for param_path, variable in flat.items():
         variable.set_value(loaded[param_path])

@@ -115,3 +115,96 @@ def test_sharded_forward_on_eight_devices_equals_one_device(fixture, request):
     batch = shard_batch({"ids": jnp.asarray(IDS), "mask": jnp.asarray(MASK)}, mesh)
     sharded = jax.jit(lambda ids, mask: model(ids, attention_mask=mask))(batch["ids"], batch["mask"])
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the multimodal forward
+
+from opsd_jax.data import chat_template as ct  # noqa: E402
+from opsd_jax.data.audio_features import audio_to_inputs  # noqa: E402
+from opsd_jax.data.vision_inputs import image_to_inputs, video_to_inputs  # noqa: E402
+
+
+def multimodal_case(builder, case: str) -> dict[str, np.ndarray]:
+    """The processor's arrays for one test case (tiny media, random content, fixed seeds)."""
+    rng = np.random.default_rng(7)
+    image = image_to_inputs(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    video = video_to_inputs(rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), sample_fps=2.0)
+    audio = audio_to_inputs([0.1 * rng.standard_normal(35000), 0.1 * rng.standard_normal(16000 * 2 + 800)],
+                            max_samples=48000)
+    lengths = audio["feature_attention_mask"].sum(-1).tolist()
+    question = "How does the speaker feel?"
+    image_part = ct.ImagePart(image["image_grid_thw"][0])
+    video_part = ct.VideoPart(video["video_grid_thw"][0], 1.0)
+    video_with_audio = ct.VideoPart(video["video_grid_thw"][0], 1.0, lengths[1])
+    arrays: dict[str, np.ndarray] = {}
+    if case == "image":
+        conversations, arrays = [[image_part, question]], dict(image)
+    elif case == "video":
+        conversations, arrays = [[video_part, question]], dict(video)
+    elif case == "audio":
+        conversations = [[ct.AudioPart(lengths[0]), question]]
+        arrays = {k: v[:1] for k, v in audio.items()}
+    elif case == "video_with_audio":
+        conversations = [[video_with_audio, question]]
+        arrays = {**video, **{k: v[1:] for k, v in audio.items()}, "use_audio_in_video": True}
+    elif case == "mixed_batch":  # row 0: image + audio + video with its track; row 1: text only (left-padded)
+        conversations = [[image_part, ct.AudioPart(lengths[0]), video_with_audio, question], ["Hello there."]]
+        arrays = {**image, **video, **audio, "use_audio_in_video": True}
+    else:
+        raise ValueError(case)
+    batch = builder([ct.user_prompt(parts) for parts in conversations], length=None)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **arrays}
+
+
+def reference_multimodal_logits(reference, inputs: dict) -> np.ndarray:
+    tensors = {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
+        if name in tensors:
+            tensors[name] = tensors[name].long()
+    with torch.no_grad():
+        return reference(**tensors).logits.numpy()
+
+
+import torch  # noqa: E402
+
+CASES = ["image", "video", "audio", "video_with_audio", "mixed_batch"]
+
+
+@pytest.fixture(scope="module")
+def multimodal_model(tiny_untied):
+    return from_pretrained(tiny_untied[1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_multimodal_logits_match_reference(case, tiny_untied, tiny_prompt_builder, multimodal_model):
+    reference, _ = tiny_untied
+    inputs = multimodal_case(tiny_prompt_builder, case)
+    expected = reference_multimodal_logits(reference, inputs)
+    got = np.asarray(multimodal_model(**inputs))
+    real = inputs["attention_mask"].astype(bool)
+    assert np.abs(got - expected)[real].max() <= 1e-4
+
+
+def test_prepared_inputs_jit_with_buckets_and_shard_on_eight_devices(tiny_untied, tiny_prompt_builder, multimodal_model):
+    from opsd_jax.models.qwen2_5_omni import MediaBuckets
+
+    _, checkpoint = tiny_untied
+    inputs = multimodal_case(tiny_prompt_builder, "mixed_batch")
+    single = np.asarray(multimodal_model(**inputs))
+    buckets = MediaBuckets(image_patches=64, video_patches=128, audio_chunks=4, audio_tokens=160)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = from_pretrained(checkpoint, mesh=mesh)
+    ids = inputs.pop("input_ids")
+    prepared = model.prepare_inputs(ids, buckets=buckets, **inputs)
+    assert prepared.video_pixels.shape == (128, 1176) and prepared.audio_chunks.shape[0] == 4
+    sharded = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, prepared))
+    real = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(sharded[real], single[real], atol=1e-5)
+
+
+def test_placeholder_mismatch_names_both_counts(tiny_prompt_builder, multimodal_model):
+    inputs = multimodal_case(tiny_prompt_builder, "image")
+    inputs["input_ids"] = np.where(inputs["input_ids"] == 201, 5, inputs["input_ids"])
+    inputs["input_ids"][0, -3] = 201
+    with pytest.raises(ValueError, match=r"image: input_ids hold 1 placeholder tokens .* gave 6 features"):
+        multimodal_model(**inputs)
