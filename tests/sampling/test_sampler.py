@@ -152,3 +152,41 @@ def test_sharded_sampler_on_eight_devices_equals_one_device(tiny_untied, setup):
     sharded = generate(sharded_model, inputs, mesh=mesh, **kwargs)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), single)
     assert sharded.tokens.shape == (8, 16)
+
+
+def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_prompt_builder, setup):
+    """A left-padded batch of two video + audio-track prompts; TMRoPE deltas carry into decoding."""
+    from opsd_jax.data import chat_template as ct
+    from opsd_jax.data.audio_features import audio_to_inputs
+    from opsd_jax.data.vision_inputs import concatenate_inputs, video_to_inputs
+
+    reference, _ = tiny_untied
+    _, model = setup
+    rng = np.random.default_rng(5)
+    videos = [video_to_inputs(rng.integers(0, 256, (n, 56, 56, 3), dtype=np.uint8), sample_fps=2.0) for n in (4, 2)]
+    video = concatenate_inputs(videos)
+    audio = audio_to_inputs([0.1 * rng.standard_normal(16000 * 2 + 500), 0.1 * rng.standard_normal(16000)],
+                            max_samples=48000)
+    lengths = audio["feature_attention_mask"].sum(-1).tolist()
+    prompts = [ct.user_prompt([ct.VideoPart(v["video_grid_thw"][0], 1.0, n), text])
+               for v, n, text in zip(videos, lengths, ["How does she feel?", "Which emotion?"])]
+    batch = tiny_prompt_builder(prompts, length=None)
+    assert batch["attention_mask"][1, 0] == 0, "the second prompt must be left-padded"
+    inputs = {**batch, **video, **audio, "use_audio_in_video": True}
+
+    tensors = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
+        tensors[name] = tensors[name].long()
+
+    def reference_generate(eos):
+        with torch.no_grad():
+            out = reference.generate(**tensors, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+        new = out[:, batch["input_ids"].shape[1]:].numpy()
+        return np.pad(new, ((0, 0), (0, NEW - new.shape[1])), constant_values=PAD)
+
+    free = reference_generate(None)
+    eos = int(free[1, 9])  # row 1 stops at step 9 at the latest: EOS inside the 20-token window
+    expected = reference_generate(eos)
+    assert (expected[1] == eos).any() and (expected[1, -1] == PAD)
+    out = generate(model, inputs, max_new_tokens=NEW, temperature=0, eos_token_id=eos, pad_token_id=PAD)
+    np.testing.assert_array_equal(np.asarray(out.tokens), expected)
