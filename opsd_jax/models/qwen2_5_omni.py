@@ -12,6 +12,7 @@ processor's arrays under their own names and returns logits. A call has two halv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -61,6 +62,15 @@ class ThinkerConfig:
             raise weights.CheckpointError(f"{source}: missing field {err.args[0]!r} in the thinker config") from err
         except ValueError as err:
             raise weights.CheckpointError(f"{source}: {err}") from err
+
+
+@struct.dataclass
+class MediaFeatures:
+    """Encoder outputs of a prepared batch, `[rows, hidden]` each (padded to the plans' buckets), or None."""
+
+    audio: jax.Array | None = None
+    image: jax.Array | None = None
+    video: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,30 +249,48 @@ class Qwen2_5OmniThinker(nnx.Module):
             **media,
         )
 
-    def embed_inputs(self, inputs: ThinkerInputs) -> jax.Array:
+    def encode_media(self, inputs: ThinkerInputs) -> MediaFeatures:
+        """Runs the encoders on a prepared batch's media (once per prompt, however often it is repeated)."""
+        audio = image = video = None
+        if inputs.audio_chunks is not None:
+            audio = self.audio_tower(inputs.audio_chunks, inputs.audio_plan)
+        if inputs.image_pixels is not None:
+            image = self.visual(inputs.image_pixels, inputs.image_plan)
+        if inputs.video_pixels is not None:
+            video = self.visual(inputs.video_pixels, inputs.video_plan)
+        return MediaFeatures(audio=audio, image=image, video=video)
+
+    def embed_inputs(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
         """Token embeddings with the media features merged in, `[batch, seq, hidden]`.
 
-        Audio, then images, then videos, in the order the reference scatters them.
+        Audio, then images, then videos, in the order the reference scatters them. `features` are
+        encoded here unless given (a live teacher shares the student's). With `repeats > 1` the rows
+        hold each prompt of the media batch `repeats` times (see `append_completion`).
         """
+        if features is None:
+            features = self.encode_media(inputs)
         tokens = self.config.positions
         embeds = self.model.embed_tokens(inputs.input_ids)
-        if inputs.audio_chunks is not None:
-            features = self.audio_tower(inputs.audio_chunks, inputs.audio_plan)
-            count = jnp.sum(inputs.audio_plan.valid_rows)
-            embeds = merge_modal_embeddings(embeds, inputs.input_ids, tokens.audio_token_id, features, count)
-        for pixels, plan, token_id in (
-            (inputs.image_pixels, inputs.image_plan, tokens.image_token_id),
-            (inputs.video_pixels, inputs.video_plan, tokens.video_token_id),
+        for feats, count, token_id in (
+            (features.audio, None if inputs.audio_plan is None else jnp.sum(inputs.audio_plan.valid_rows), tokens.audio_token_id),
+            (features.image, None if inputs.image_plan is None else inputs.image_plan.num_tokens, tokens.image_token_id),
+            (features.video, None if inputs.video_plan is None else inputs.video_plan.num_tokens, tokens.video_token_id),
         ):
-            if pixels is not None:
-                features = self.visual(pixels, plan)
-                embeds = merge_modal_embeddings(embeds, inputs.input_ids, token_id, features, plan.num_tokens)
+            if feats is not None:
+                embeds = merge_modal_embeddings(embeds, inputs.input_ids, token_id, feats, count, repeats=repeats)
         return embeds
 
-    def hidden_states(self, inputs: ThinkerInputs) -> jax.Array:
+    def hidden_states(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
         """Final-norm hidden states `[batch, seq, hidden]` of a cache-free forward."""
-        hidden, _ = self.model(self.embed_inputs(inputs), inputs.position_ids, causal_padding_mask(inputs.attention_mask))
+        embeds = self.embed_inputs(inputs, features, repeats=repeats)
+        hidden, _ = self.model(embeds, inputs.position_ids, causal_padding_mask(inputs.attention_mask))
         return hidden
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection `[hidden, vocab]` (the embedding table, transposed, when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
 
     def forward(self, inputs: ThinkerInputs) -> jax.Array:
         """Jittable forward of prepared inputs: logits `[batch, seq, vocab]`."""
@@ -273,6 +301,37 @@ class Qwen2_5OmniThinker(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+
+def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_mask: jax.Array) -> ThinkerInputs:
+    """`[prompt | completion]` inputs for scoring sampled completions in one forward (jittable).
+
+    Args:
+      prompt: prepared prompts `[B, P]` (left-padded), with their media.
+      completion: `[B * G, C]` sampled tokens, prompt-major (G = rows per prompt).
+      completion_mask: `[B * G, C]`, true up to and including EOS.
+
+    Returns:
+      inputs of `[B * G, P + C]` rows; the media stay those of the B prompts (score them with
+      `repeats=G`). Completion token i of a row sits at column `P + i` with position
+      `P + i + rope_delta - n_left_pad` on all three axes, exactly where decoding put it; logits at
+      column `P - 1 + i` predict it.
+    """
+    batch, prompt_len = prompt.input_ids.shape
+    repeats = completion.shape[0] // batch
+    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0, total_repeat_length=batch * repeats)
+    n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
+    start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)
+    completion_positions = start[:, None] + jnp.arange(completion.shape[1], dtype=jnp.int32)[None]
+    prompt_positions = jnp.repeat(prompt.position_ids, repeats, axis=1, total_repeat_length=batch * repeats)
+    return prompt.replace(
+        input_ids=jnp.concatenate([repeat(prompt.input_ids), completion.astype(jnp.int32)], axis=1),
+        attention_mask=jnp.concatenate([repeat(prompt.attention_mask), completion_mask.astype(jnp.int32)], axis=1),
+        position_ids=jnp.concatenate(
+            [prompt_positions, jnp.broadcast_to(completion_positions[None], (3,) + completion_positions.shape)], axis=2
+        ),
+        rope_deltas=repeat(prompt.rope_deltas),
+    )
 
 
 def read_config(path: str | Path) -> ThinkerConfig:
