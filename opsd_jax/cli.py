@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     from opsd_jax.eval.cli import register as register_eval
+    from opsd_jax.rationales.cli import register as register_rationales
 
+    register_rationales(subparsers)
     register_eval(subparsers)
     return parser
 

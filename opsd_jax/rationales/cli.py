@@ -1,0 +1,217 @@
+"""`opsd-jax rationales ...`: write the frontier model's rationales once, then merge them into a manifest.
+
+    opsd-jax rationales --manifest M.jsonl --out R.jsonl --model NAME --base-url URL [--split train] ...
+    opsd-jax rationales merge --manifest M.jsonl --rationales R.jsonl --out M2.jsonl [--require-split train]
+
+`register(subparsers)` adds the group to the main `opsd-jax` parser; `main(argv)` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DESCRIPTION = """\
+Sends each clip's sampled frames (JPEG data URLs), subtitle and TRUE label to a frontier model behind an
+OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, ...) and writes the evidence-aware rationale it returns
+(the cues from face, voice and words that support the label) as one JSON line per clip. The rationales are
+later shown only to the teacher, as privileged evidence.
+
+The run is resumable: every line is fsync'ed as soon as its clip is done, ids already in --out are skipped,
+and an interrupted last line is dropped, so rerunning the same command continues where it stopped. Clips
+whose media cannot be read, or whose answers fail validation every time, get a "failed" line (retry them
+with --retry-failed); clips that only met endpoint errors (429, 5xx, timeouts) get no line and a rerun
+sends them again. The API key is read from the environment variable named by --api-key-env, never from
+the command line, and is never written anywhere. The prompt is documented in opsd_jax/rationales/prompt.py.
+
+Exit status: 0 when every selected clip has a line, 1 when some clips are still missing (rerun), 2 on an
+error (bad input, unreadable files, a rejected key or model name)."""
+
+MERGE_DESCRIPTION = """\
+Writes a new manifest: MANIFEST with each clip's `rationale` field set from the ok lines of RATIONALES
+(clips without one keep theirs). Media paths are written relative to the new manifest's directory."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _error(message: str) -> int:
+    print(f"opsd-jax rationales: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from opsd_jax.rationales.client import ChatClient
+    from opsd_jax.rationales.generate import DEFAULT_REQUEST_PARAMS, ValidationRules, generate_rationales
+    from opsd_jax.rationales.prompt import PromptOptions
+
+    missing = [flag for flag, value in (("--manifest", args.manifest), ("--out", args.out), ("--model", args.model),
+                                        ("--base-url", args.base_url)) if value is None]
+    if missing:
+        return _error(f"{', '.join(missing)} required (or use `opsd-jax rationales merge ...`); see --help")
+    if not os.environ.get(args.api_key_env):
+        print(f"opsd-jax rationales: ${args.api_key_env} is not set; sending no Authorization header",
+              file=sys.stderr)
+    client = ChatClient(
+        args.base_url,
+        args.model,
+        api_key_env=args.api_key_env,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+        max_concurrency=args.concurrency,
+        backoff_base_s=args.backoff_base,
+        cost_per_1k_prompt_tokens=args.cost_per_1k_input,
+        cost_per_1k_completion_tokens=args.cost_per_1k_output,
+    )
+    params = {**DEFAULT_REQUEST_PARAMS, "temperature": args.temperature, "max_tokens": args.max_tokens,
+              **args.params}
+    options = PromptOptions(max_words=args.max_words, max_side=args.max_side, image_detail=args.image_detail)
+    summary = generate_rationales(
+        args.manifest,
+        args.out,
+        client,
+        frames_per_clip=args.frames,
+        split=args.split,
+        limit=args.limit,
+        prompt_options=options,
+        rules=ValidationRules.for_prompt(args.max_words, min_words=args.min_words),
+        validation_retries=args.validation_retries,
+        request_params=params,
+        include_audio=args.audio,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    print(summary)
+    if summary.unfinished:
+        print(f"opsd-jax rationales: {summary.unfinished} clips met endpoint errors and have no line yet; "
+              "rerun the same command to send them again", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from opsd_jax.rationales.generate import merge_rationales
+
+    summary = merge_rationales(args.merge_manifest, args.merge_rationales, args.merge_out,
+                               require_split=args.require_split)
+    print(f"{summary}; wrote {args.merge_out}")
+    return 0
+
+
+def _guarded(handler):
+    """Expected failures (bad input, missing or malformed files, a rejected request) -> one line, exit 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from opsd_jax.rationales.client import ChatClientError
+
+        try:
+            return handler(args)
+        except (ChatClientError, ValueError, OSError) as err:  # ManifestError, RationaleFileError: ValueErrors
+            return _error(str(err))
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `rationales` command (and its `merge` subcommand) to the `opsd-jax` parser."""
+    parser = subparsers.add_parser(
+        "rationales",
+        help="write evidence-aware rationales with a frontier model; merge them into a manifest",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = parser.add_argument_group("files")
+    io.add_argument("--manifest", type=Path, help="clip manifest JSONL (opsd_jax/data/manifest.py); required")
+    io.add_argument("--out", type=Path, help="rationale JSONL, created or resumed; required")
+    io.add_argument("--split", help="only the clips of this split, e.g. train (default: every clip)")
+    io.add_argument("--limit", type=int, help="attempt at most N clips that still lack a line (a trial, a budget)")
+    io.add_argument("--retry-failed", action="store_true",
+                    help="drop the failed lines of --out and try those clips again")
+
+    endpoint = parser.add_argument_group("endpoint")
+    endpoint.add_argument("--model", help="model name on the endpoint, e.g. gpt-4o; required")
+    endpoint.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
+                          "http://localhost:8000/v1; required")
+    endpoint.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                          help="environment variable holding the API key (default: %(default)s); unset = no key")
+    endpoint.add_argument("--concurrency", type=_positive_int, default=8,
+                          help="requests in flight (default: %(default)s)")
+    endpoint.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    endpoint.add_argument("--max-retries", type=int, default=5,
+                          help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)")
+    endpoint.add_argument("--backoff-base", type=float, default=1.0,
+                          help="first backoff delay in seconds, doubled per retry (default: %(default)s)")
+    endpoint.add_argument("--cost-per-1k-input", type=float, default=0.0,
+                          help="price of 1000 prompt tokens, for the summary")
+    endpoint.add_argument("--cost-per-1k-output", type=float, default=0.0,
+                          help="price of 1000 completion tokens, for the summary")
+
+    request = parser.add_argument_group("prompt and answers")
+    request.add_argument("--frames", type=_positive_int, default=8,
+                         help="frames per clip, evenly spaced (default: %(default)s)")
+    request.add_argument("--max-side", type=_positive_int, default=512,
+                         help="longest side of each JPEG frame in pixels (default: %(default)s)")
+    request.add_argument("--image-detail", choices=("low", "high", "auto"),
+                         help="OpenAI image detail level (default: not sent, the endpoint decides)")
+    request.add_argument("--audio", action="store_true",
+                         help="also send each clip's audio as an input_audio part (audio-capable models only)")
+    request.add_argument("--max-words", type=_positive_int, default=120,
+                         help="length asked for; answers over 1.25x this are rejected (default: %(default)s)")
+    request.add_argument("--min-words", type=_positive_int, default=15,
+                         help="shorter answers are rejected (default: %(default)s)")
+    request.add_argument("--validation-retries", type=int, default=2,
+                         help="times to ask again after an invalid answer before the clip is recorded as failed "
+                         "(default: %(default)s)")
+    request.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (default: %(default)s)")
+    request.add_argument("--max-tokens", type=_positive_int, default=512,
+                         help="completion token limit per answer (default: %(default)s)")
+    request.add_argument("--params", type=_json_object, default={},
+                         help='JSON merged into every request, e.g. \'{"top_p": 0.9}\' (overrides the two above)')
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_guarded(_generate))
+
+    commands = parser.add_subparsers(title="subcommands", metavar="merge")
+    merge = commands.add_parser("merge", help="write a manifest with the rationales merged in",
+                                description=MERGE_DESCRIPTION)
+    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=Path, required=True,
+                       help="the manifest the rationales were written for")
+    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=Path, required=True,
+                       help="the JSONL written by `opsd-jax rationales`")
+    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=Path, required=True,
+                       help="the new manifest (must differ from MANIFEST)")
+    merge.add_argument("--require-split", metavar="SPLIT",
+                       help="fail unless every clip of this split (e.g. train) has a rationale")
+    merge.set_defaults(handler=_guarded(_merge))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `opsd-jax rationales ...` alone: `main(["rationales", "--manifest", ...])`."""
+    parser = argparse.ArgumentParser(prog="opsd-jax")
+    register(parser.add_subparsers(title="commands", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
