@@ -17,6 +17,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from opsd_jax.opsd.losses import LossConfig
+from opsd_jax.opsd.prompts import PromptConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
@@ -88,24 +91,35 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings."""
+    """Optimisation: AdamW with linear warm-up and cosine decay, global-norm clipping, accumulation."""
 
     seed: int = 0
     lr: float = 1e-5
+    min_lr_ratio: float = 0.1
     warmup_steps: int = 0
     total_steps: int = 1000
     batch_size: int = 8
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    train_encoders: bool = False
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected a positive learning rate, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
         for name in ("total_steps", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} prompts do not split into "
+                f"train.grad_accum_steps = {self.grad_accum_steps} equal micro-batches"
+            )
         if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
             raise ConfigError(
                 f"train.warmup_steps: expected 0..train.total_steps ({self.total_steps}), got {self.warmup_steps}"
@@ -114,6 +128,55 @@ class TrainConfig:
             raise ConfigError(f"train.max_grad_norm: expected > 0, got {self.max_grad_norm}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected a value in [0, 1), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The student's rollouts."""
+
+    num_samples: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if self.num_samples < 1:
+            raise ConfigError(f"sampling.num_samples: expected >= 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature: expected >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"sampling.top_k: expected >= 1 or null, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p: expected a value in (0, 1] or null, got {self.top_p}")
+        if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
+            raise ConfigError(f"sampling.prompt_buckets: expected positive lengths, got {list(self.prompt_buckets)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Which parameters score the completions: the live student (stop-gradient), the initial ones, or an EMA."""
+
+    mode: Literal["live", "frozen", "ema"] = "frozen"
+    ema_rate: float = 0.05
+    label_pg_weight: float = 0.0
+    label_ce_weight: float = 0.0
+    distill_weight: float = 1.0
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if not 0 < self.ema_rate <= 1:
+            raise ConfigError(f"teacher.ema_rate: expected a value in (0, 1], got {self.ema_rate}")
+        for name in ("label_pg_weight", "label_ce_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"teacher.{name}: expected >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +186,16 @@ class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    loss: LossConfig = LossConfig()
+    prompt: PromptConfig = PromptConfig()
 
     def validate(self, num_devices: int | None) -> None:
         for field in dataclasses.fields(self):
-            getattr(self, field.name).validate(num_devices)
+            section = getattr(self, field.name)
+            if hasattr(section, "validate"):
+                section.validate(num_devices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +265,11 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        # Sections that validate themselves on construction name fields as `ClassName.field`.
+        raise ConfigError(str(err).replace(f"{cls.__name__}.", prefix)) from err
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:

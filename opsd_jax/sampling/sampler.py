@@ -195,7 +195,7 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 def generate(
     model: Qwen2_5OmniThinker,
-    inputs: Mapping[str, Any],
+    inputs: Mapping[str, Any] | ThinkerInputs,
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -204,7 +204,7 @@ def generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     num_samples: int = 1,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     prompt_buckets: Sequence[int] | None = None,
     mesh: Mesh | None = None,
 ) -> GenerationOutput:
@@ -213,14 +213,15 @@ def generate(
     Args:
       model: the thinker (its parameters may already be sharded on `mesh`).
       inputs: the model call's keyword arguments (`input_ids [B, P]`, `attention_mask [B, P]`, the
-        processor's media arrays, `use_audio_in_video`); prompts are left-padded.
+        processor's media arrays, `use_audio_in_video`), or a batch already prepared with
+        `model.prepare_inputs`; prompts are left-padded.
       max_new_tokens: the static generation length.
       temperature: 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature) after
         top-k / top-p filtering.
       eos_token_id: one id or several; a row stops after emitting any of them.
       pad_token_id: written after a row's EOS.
       num_samples: rollouts per prompt (rows are prompt-major).
-      seed: the PRNG seed; the same seed gives the same tokens.
+      seed: the PRNG seed, or a PRNG key; the same seed gives the same tokens.
       prompt_buckets: static prompt lengths; the batch is left-padded to the smallest that fits, so
         prompts of nearby lengths share one compiled program.
       mesh: when given, prompts are placed with the batch over (data, fsdp) and the KV cache with its
@@ -242,9 +243,11 @@ def generate(
     eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(int(i) for i in eos_token_id)
     sampling = _Sampling(max_new_tokens, float(temperature), top_k, top_p, eos_ids, int(pad_token_id), num_samples)
 
-    inputs = dict(inputs)
-    input_ids = inputs.pop("input_ids")
-    prepared = model.prepare_inputs(input_ids, **inputs)
+    if isinstance(inputs, ThinkerInputs):
+        prepared = inputs
+    else:
+        inputs = dict(inputs)
+        prepared = model.prepare_inputs(inputs.pop("input_ids"), **inputs)
     if prompt_buckets:
         prepared = pad_prompts(prepared, bucket_length(prepared.input_ids.shape[1], prompt_buckets), pad_token_id)
     if mesh is not None:
@@ -252,6 +255,7 @@ def generate(
             {"input_ids": prepared.input_ids, "attention_mask": prepared.attention_mask, "rope_deltas": prepared.rope_deltas}, mesh
         ))
     graphdef, params = nnx.split(model)
-    state = _prefill(graphdef, params, prepared, jax.random.key(seed), sampling=sampling, mesh=mesh)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh)
     state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh)
     return GenerationOutput(tokens=state.tokens, logprobs=state.logprobs, model_logprobs=state.model_logprobs, mask=state.mask)

@@ -1,0 +1,1 @@
+"""On-policy self-distillation: prompts, teacher scoring, divergence losses, the train step and the EMA teacher."""

@@ -1,0 +1,299 @@
+"""One OmniOPSD update: student forward with gradient, teacher forward without, loss, optax update, EMA.
+
+```
+y   ~ pi_theta(. | x)                      rollouts (opsd_jax.sampling), recorded in `StepBatch`
+s_t = log pi_theta(. | x,   y<t)           one forward over [x   | y], with gradient
+q_t = log pi_T    (. | x_r, y<t)           one batched forward over [x_r | y], no gradient
+L   = sum_t w_t * D(s_t, q_t)              D and w from opsd_jax/opsd/losses.py
+```
+`train_step` is one jitted function of the sharded state and batch. Gradient accumulation runs inside
+it: the batch carries a leading micro-batch axis, a `lax.scan` sums the micro-batches' gradients,
+and the token weights divide by the token count of the whole batch, so the update is the gradient of
+the global token mean whatever the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from opsd_jax.config import TeacherConfig, TrainConfig
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, append_completion
+from opsd_jax.opsd import losses
+from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
+from opsd_jax.sharding import logical_to_spec, resolve_rules
+
+ENCODER_PREFIXES = ("audio_tower", "visual")
+
+
+@struct.dataclass
+class StepBatch:
+    """One micro-batch of prompts with their sampled completions (B prompts, G rollouts each).
+
+    student / teacher: prepared prompts `[B, P]` / `[B, P_teacher]` over the same media.
+    completion: `[B * G, C]` int32 sampled tokens, prompt-major; completion_mask `[B * G, C]` bool.
+    sampler_logprobs: `[B * G, C]` the sampler's untempered model logprobs of the tokens (importance ratios).
+    rewards: `[B * G]` label rewards of the rollouts (used by the policy-gradient ablation term only).
+    label_ids / label_mask: `[B, L]` the reference answer's tokens (used by the cross-entropy ablation only).
+    """
+
+    student: ThinkerInputs
+    teacher: ThinkerInputs
+    completion: jax.Array
+    completion_mask: jax.Array
+    sampler_logprobs: jax.Array
+    rewards: jax.Array
+    label_ids: jax.Array
+    label_mask: jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    """Everything an update changes: step, parameters, optimizer state, the teacher's copy (frozen / EMA)."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    teacher_params: nnx.State | None
+
+
+# The batch axis of each prompt field (media arrays are packed across the batch and stay replicated).
+_PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
+
+
+def place_step_batch(batches: StepBatch, mesh: Mesh) -> StepBatch:
+    """Puts stacked micro-batches `[k, ...]` on the mesh: rows over (data, fsdp), media replicated."""
+    rules = resolve_rules()
+
+    def place(x, batch_axis: int | None):
+        axes: list[str | None] = [None] * x.ndim
+        if batch_axis is not None:
+            axes[batch_axis] = "batch"
+        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+    def place_prompt(prompt: ThinkerInputs) -> ThinkerInputs:
+        fields = {name: place(getattr(prompt, name), 1 + axis) for name, axis in _PROMPT_BATCH_AXES.items()}
+        media = jax.tree.map(lambda x: place(x, None), prompt.replace(**{name: None for name in _PROMPT_BATCH_AXES}))
+        return media.replace(**fields)
+
+    rows = {name: place(getattr(batches, name), 1) for name in
+            ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")}
+    return batches.replace(student=place_prompt(batches.student), teacher=place_prompt(batches.teacher), **rows)
+
+
+def is_encoder_path(path: tuple) -> bool:
+    return str(path[0]) in ENCODER_PREFIXES
+
+
+def make_optimizer(config: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`, after global-norm clipping.
+
+    Weight decay skips vectors (norms and biases). With `train_encoders: false` the encoders' updates
+    are zero and they get no optimizer state.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if config.warmup_steps else config.lr,
+        peak_value=config.lr,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.total_steps,
+        end_value=config.lr * config.min_lr_ratio,
+    )
+    # A callable mask sees the parameters this transform is given (the trainable ones under multi_transform).
+    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    if config.train_encoders:
+        return tx
+    labels = nnx.from_flat_state(
+        [(path, "frozen" if is_encoder_path(path) else "train") for path, _ in nnx.to_flat_state(params)]
+    )
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(
+    model: Qwen2_5OmniThinker, tx: optax.GradientTransformation, teacher: TeacherConfig, mesh: Mesh | None = None
+) -> TrainState:
+    """The state of step 0; a frozen or EMA teacher starts as a copy of the initial parameters.
+
+    The state owns copies of the model's parameters (its buffers are donated to every update); keep
+    a model for sampling current with `nnx.update(model, state.params)`. With a `mesh`, optimizer
+    moments follow their parameters' shardings and scalars (step, counts) are replicated over it.
+    """
+    params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    teacher_params = None if teacher.mode == "live" else jax.tree.map(jnp.copy, params)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), teacher_params=teacher_params)
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static half of a step (hashable: it selects a compiled program)."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    loss: losses.LossConfig
+    teacher: TeacherConfig
+    train_encoders: bool
+
+
+def batch_counts(batches: StepBatch) -> dict[str, jax.Array]:
+    """Whole-batch denominators (over all micro-batches, stacked or not): tokens, sequences, label tokens."""
+    return {
+        "tokens": jnp.sum(batches.completion_mask.astype(jnp.float32)),
+        "sequences": jnp.float32(math.prod(batches.completion_mask.shape[:-1])),
+        "label_tokens": jnp.sum(batches.label_mask.astype(jnp.float32)),
+    }
+
+
+def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str, jax.Array], settings: StepSettings):
+    """Scalar loss of one micro-batch (already divided by whole-batch `counts`) and its metrics."""
+    model = nnx.merge(settings.graphdef, params)
+    config = settings.loss
+    features = model.encode_media(batch.student)
+    if not settings.train_encoders:
+        features = jax.lax.stop_gradient(features)
+    student_hidden = completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features)
+    head = model.head_kernel()
+
+    if settings.teacher.mode == "live":
+        teacher_model, teacher_features = model, jax.lax.stop_gradient(features)
+    else:
+        teacher_model, teacher_features = nnx.merge(settings.graphdef, jax.lax.stop_gradient(teacher_params)), None
+    signal = teacher_signal(teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features)
+
+    mask = batch.completion_mask
+    weights = losses.reduction_weights(
+        config, mask, num_tokens_global=counts["tokens"], num_sequences_global=counts["sequences"]
+    )
+    distill, per_token = losses.fused_distillation_loss(
+        config, student_hidden, head, weights, completion_ids=batch.completion,
+        sampler_logprobs=batch.sampler_logprobs, **signal,
+    )
+    loss = settings.teacher.distill_weight * distill
+
+    # Metrics: the sampled tokens under student and teacher, without a [B, C, V] tensor.
+    student_scores = losses.chunked_teacher_scores(
+        jax.lax.stop_gradient(student_hidden), jax.lax.stop_gradient(head), batch.completion,
+        top_k=min(config.top_k, head.shape[-1]), temperature=config.temperature, chunk_size=config.chunk_size,
+    )
+    teacher_token = signal.get("teacher_token_logprobs")
+    if teacher_token is None:
+        teacher_token = losses.chunked_teacher_scores(
+            signal["teacher_hidden"], signal["teacher_head_kernel"], batch.completion, top_k=1,
+            temperature=config.temperature, chunk_size=config.chunk_size,
+        ).token_logprobs
+    advantage = teacher_token - student_scores.token_logprobs
+
+    if settings.teacher.label_pg_weight > 0 or settings.teacher.label_ce_weight > 0:
+        loss = loss + _ablation_terms(model, batch, student_hidden, head, counts, settings)
+
+    def masked_sum(x):
+        return jnp.sum(jnp.where(mask, x, 0.0))
+
+    ratio = per_token.is_ratio
+    clipped = (ratio >= (config.is_clip or jnp.inf)) & mask
+    metrics = {
+        "loss": loss,
+        "divergence_sum": masked_sum(per_token.divergence),
+        "student_logprob_sum": masked_sum(student_scores.token_logprobs),
+        "teacher_logprob_sum": masked_sum(teacher_token),
+        "advantage_sum": masked_sum(advantage),
+        "advantage_positive": masked_sum((advantage > 0).astype(jnp.float32)),
+        "is_ratio_sum": masked_sum(ratio),
+        "is_ratio_max": jnp.max(jnp.where(mask, ratio, 0.0)),
+        "is_clipped": masked_sum(clipped.astype(jnp.float32)),
+        "top_k_mass_sum": masked_sum(jnp.sum(jnp.exp(student_scores.top_k_logprobs), axis=-1)),
+        "tokens": jnp.sum(mask.astype(jnp.float32)),
+        "sequences": jnp.float32(mask.shape[0]),
+    }
+    return loss, metrics
+
+
+def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, settings) -> jax.Array:
+    """Label-reward policy gradient (GRPO-style) and label cross-entropy, for the paper's ablations."""
+    total = jnp.float32(0.0)
+    mask = batch.completion_mask
+    if settings.teacher.label_pg_weight > 0:
+        group = batch.completion.shape[0] // batch.student.input_ids.shape[0]
+        advantages = losses.group_normalized_advantages(batch.rewards, group)
+        logits = jnp.einsum("bch,hv->bcv", student_hidden, head, preferred_element_type=jnp.float32)
+        token_logprobs = losses.token_logprobs(logits, batch.completion)
+        weights = losses.token_mean_weights(mask, counts["tokens"])
+        total += settings.teacher.label_pg_weight * -jnp.sum(weights * advantages[:, None] * token_logprobs)
+    if settings.teacher.label_ce_weight > 0:
+        label_mask = batch.label_mask.astype(bool)
+        label_hidden = completion_hidden(model, batch.student, batch.label_ids, label_mask)
+        logits = jnp.einsum("bch,hv->bcv", label_hidden, head, preferred_element_type=jnp.float32)
+        per_token = losses.label_cross_entropy(logits, batch.label_ids, label_mask)
+        total += settings.teacher.label_ce_weight * jnp.sum(per_token) / jnp.maximum(counts["label_tokens"], 1.0)
+    return total
+
+
+def make_train_step(settings: StepSettings, state: TrainState | None = None):
+    """The jitted update `(state, batches) -> (state, metrics)`; the state is donated.
+
+    With a (sharded) example `state`, its shardings are pinned as the output shardings, so parameters
+    and optimizer state stay where they are (FSDP over the mesh) step after step.
+    """
+    out_shardings = None
+    if state is not None:
+        out_shardings = (jax.tree.map(lambda x: x.sharding, state), None)
+    return jax.jit(
+        functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=out_shardings
+    )
+
+
+def train_step(state: TrainState, batches: StepBatch, *, settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update from `batches`, a `StepBatch` whose every leaf has a leading micro-batch axis.
+
+    Returns the new state and the step's metrics (means over the batch's completion tokens). Pure:
+    jit it with `make_train_step`.
+    """
+    counts = batch_counts(batches)
+    grad_fn = jax.grad(_micro_batch_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, metrics = grad_fn(state.params, state.teacher_params, micro, counts, settings)
+        summed = jax.tree.map(jnp.add, carry[0], grads)
+        return (summed, carry[1] + 1), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, _), metrics = jax.lax.scan(accumulate, (zeros, 0), batches)
+    updates, opt_state = settings.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    teacher_params = state.teacher_params
+    if settings.teacher.mode == "ema":
+        teacher_params = ema_update(teacher_params, params, settings.teacher.ema_rate)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, teacher_params=teacher_params)
+    return new_state, summarize(metrics, grads)
+
+
+def summarize(metrics: dict[str, jax.Array], grads: nnx.State) -> dict[str, jax.Array]:
+    """Per-micro-batch sums -> the step's metrics (token means, maxima, the gradient norm)."""
+    tokens = jnp.maximum(jnp.sum(metrics["tokens"]), 1.0)
+    mean = lambda name: jnp.sum(metrics[name]) / tokens  # noqa: E731
+    return {
+        "loss": jnp.sum(metrics["loss"]),
+        "divergence": mean("divergence_sum"),
+        "student_logprob": mean("student_logprob_sum"),
+        "teacher_logprob": mean("teacher_logprob_sum"),
+        "advantage_mean": mean("advantage_sum"),
+        "advantage_positive_fraction": mean("advantage_positive"),
+        "is_ratio_mean": mean("is_ratio_sum"),
+        "is_ratio_max": jnp.max(metrics["is_ratio_max"]),
+        "is_clip_fraction": mean("is_clipped"),
+        "top_k_mass": mean("top_k_mass_sum"),
+        "completion_length": jnp.sum(metrics["tokens"]) / jnp.sum(metrics["sequences"]),
+        "grad_norm": optax.tree.norm(grads),
+    }
