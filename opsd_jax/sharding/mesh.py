@@ -88,7 +88,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[st
     """Puts each array of `batch` on the mesh with its leading axis over the batch mesh axes.
 
     Arrays whose leading axis the batch axes do not divide are replicated (for example packed media
-    patches, whose leading axis counts patches, not rows).
+    patches, whose leading axis counts patches, not rows). With several processes, each passes its
+    own shard of the batch (its local rows) and gets the global array back.
     """
     rules = resolve_rules(rule_overrides)
     out: dict[str, Any] = {}
@@ -97,5 +98,10 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[st
             out[name] = value
             continue
         spec = logical_to_spec(("batch",) + (None,) * (value.ndim - 1), value.shape, mesh, rules)
-        out[name] = jax.device_put(value, NamedSharding(mesh, spec))
+        sharding = NamedSharding(mesh, spec)
+        if jax.process_count() == 1:
+            out[name] = jax.device_put(value, sharding)
+        else:
+            # Each process holds its own rows: the global batch is their concatenation.
+            out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
     return out
