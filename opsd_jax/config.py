@@ -180,6 +180,59 @@ class TeacherConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where clips come from and the static shapes they are brought to.
+
+    `train_dir` / `eval_dir` are built TFDS dataset directories (`opsd_jax.data.builders`); every clip
+    of a dataset has `num_frames` frames of `frame_size` pixels and up to `max_audio_seconds` of audio,
+    so batches have static shapes. `prompt_length` is the one length bucket both prompts are
+    left-padded to.
+    """
+
+    train_dir: str = ""
+    eval_dir: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_length: int = 1024
+    use_audio_in_video: bool = True
+    worker_count: int = 0
+    eval_clips: int = 64
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if self.prompt_length < 8:
+            raise ConfigError(f"data.prompt_length: expected >= 8 tokens, got {self.prompt_length}")
+        if self.worker_count < 0:
+            raise ConfigError(f"data.worker_count: expected >= 0, got {self.worker_count}")
+        if self.eval_clips < 0:
+            raise ConfigError(f"data.eval_clips: expected >= 0, got {self.eval_clips}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Outputs of a run: checkpoints, logs, evaluation cadence."""
+
+    output_dir: str = "runs/default"
+    save_every: int = 100
+    keep_last: int = 2
+    keep_best: int = 1
+    best_metric: str = "eval/accuracy"
+    eval_every: int = 100
+    log_every: int = 1
+    async_checkpointing: bool = True
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if not self.output_dir:
+            raise ConfigError("run.output_dir: expected a directory for checkpoints and logs")
+        for name in ("save_every", "eval_every", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.keep_best < 0:
+            raise ConfigError(f"run.keep_best: expected >= 0, got {self.keep_best}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -190,6 +243,8 @@ class Config:
     teacher: TeacherConfig = TeacherConfig()
     loss: LossConfig = LossConfig()
     prompt: PromptConfig = PromptConfig()
+    data: DataConfig = DataConfig()
+    run: RunConfig = RunConfig()
 
     def validate(self, num_devices: int | None) -> None:
         for field in dataclasses.fields(self):
