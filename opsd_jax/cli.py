@@ -34,6 +34,35 @@ def _register_config(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_config_show)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from opsd_jax.config import load_config
+    from opsd_jax.train import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume, max_steps=args.max_steps)
+    print(f"trained to step {summary.steps} in {summary.seconds:.1f}s"
+          + (" (stopped by SIGTERM; rerun with --resume)" if summary.preempted else ""))
+    for name, value in sorted(summary.final_metrics.items()):
+        print(f"  {name}: {value:.4g}")
+    return 0
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run OmniOPSD training from a config",
+        description="Trains the thinker with rationale-privileged on-policy self-distillation: rollouts of "
+        "the student, one batched teacher forward over the rationale-prefixed prompts, the configured "
+        "divergence, an optax update. Every host of a pod runs the same command. Checkpoints, logs and "
+        "the summary go to run.output_dir.",
+    )
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--max-steps", type=int, help="stop after this many more steps")
+    parser.set_defaults(handler=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opsd-jax",
@@ -42,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
+    _register_train(subparsers)
     from opsd_jax.eval.cli import register as register_eval
     from opsd_jax.rationales.cli import register as register_rationales
     from opsd_jax.sampling.cli import register as register_generate

@@ -289,7 +289,7 @@ def load_config(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(raw, key.strip(), _Override(value))
     config = from_dict(Config, raw)
     if num_devices == "auto":
         import jax
@@ -297,6 +297,16 @@ def load_config(
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line value: its text, read as YAML unless the field is a string (so `a: {b}` stays text)."""
+
+    text: str
+
+    def parsed(self) -> Any:
+        return yaml.safe_load(self.text) if self.text.strip() else ""
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -328,6 +338,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
+    if isinstance(value, _Override):
+        textual = hint is str or (str in typing.get_args(hint) and value.text.strip() not in ("null", "~", ""))
+        value = value.text if textual else value.parsed()
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):

@@ -88,3 +88,11 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [\n"))
+
+
+def test_string_overrides_are_taken_as_text():
+    config = load_config(None, ["prompt.privileged_template=Evidence: {rationale}", "prompt.system_prompt=Be brief: ok"],
+                         num_devices=None)
+    assert config.prompt.privileged_template == "Evidence: {rationale}"
+    assert config.prompt.system_prompt == "Be brief: ok"
+    assert load_config(None, ["prompt.system_prompt=null"], num_devices=None).prompt.system_prompt is None

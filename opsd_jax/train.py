@@ -1,0 +1,360 @@
+"""The training run: data -> rollouts -> teacher scores -> update, with evaluation, logs and checkpoints.
+
+Every process of a multi-host run executes this same program on its shard of the data. Per step:
+
+1. the next batch of clips from the grain pipeline (this process's shard), its student and teacher
+   prompts tokenized to one length bucket and prepared (`prepare_inputs`) per micro-batch;
+2. `num_samples` rollouts per prompt from the live student (`opsd_jax.sampling.generate`), with a
+   PRNG key folded from the run's key and the step, so a resumed run samples what the uninterrupted
+   one would have;
+3. one jitted update (`opsd_jax.opsd.step`): student forward, teacher forward, loss, optax, EMA.
+
+Checkpoints (`opsd_jax.checkpoint`) hold the state and the iterator position; SIGTERM (TPU
+preemption) saves and exits cleanly; `resume=True` continues from the newest complete checkpoint.
+Only process 0 writes logs (JSONL and TensorBoard) and shows the progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from opsd_jax.checkpoint import RunCheckpointer, abstract_like
+from opsd_jax.config import Config
+from opsd_jax.data.builders import load_split
+from opsd_jax.data.chat_template import PromptBuilder
+from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
+from opsd_jax.opsd import step as opsd_step
+from opsd_jax.opsd.prompts import encode_clip_batch
+from opsd_jax.sampling import generate
+from opsd_jax.sharding import make_mesh
+
+logger = logging.getLogger(__name__)
+
+ANSWER_TEMPLATE = "<answer>{label}</answer>"
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when the environment describes a multi-process run.
+
+    TPU pod workers are detected by JAX itself; elsewhere set `OPSD_COORDINATOR` (host:port),
+    `OPSD_NUM_PROCESSES` and `OPSD_PROCESS_ID` on every process.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if "OPSD_COORDINATOR" in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["OPSD_COORDINATOR"],
+            num_processes=int(os.environ["OPSD_NUM_PROCESSES"]),
+            process_id=int(os.environ["OPSD_PROCESS_ID"]),
+        )
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def predicted_label(text: str, vocabulary: list[str]) -> str | None:
+    """The label of a free-text answer: the `<answer>` part if present, then the first vocabulary word in it."""
+    lowered = text.lower()
+    start, end = lowered.find("<answer>"), lowered.find("</answer>")
+    if start >= 0 and end > start:
+        lowered = lowered[start + len("<answer>") : end]
+    hits = [(lowered.find(word), word) for word in vocabulary if word in lowered]
+    return min(hits)[1] if hits else None
+
+
+def classification_scores(predicted: list[str | None], truth: list[str], vocabulary: list[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 over `vocabulary` (an unparseable answer counts as wrong)."""
+    correct = [p == t for p, t in zip(predicted, truth)]
+    f1s = []
+    for label in vocabulary:
+        tp = sum(p == label and t == label for p, t in zip(predicted, truth))
+        fp = sum(p == label and t != label for p, t in zip(predicted, truth))
+        fn = sum(p != label and t == label for p, t in zip(predicted, truth))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(correct)) if correct else 0.0, "macro_f1": float(np.mean(f1s))}
+
+
+def _clips(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A host batch (arrays stacked on axis 0) -> one dict per clip."""
+    size = len(batch["id"])
+    return [{name: value[i] for name, value in batch.items()} for i in range(size)]
+
+
+class MetricsWriter:
+    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0."""
+
+    def __init__(self, directory: Path):
+        self.enabled = jax.process_index() == 0
+        self.handle = None
+        self.board = None
+        if self.enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.handle = open(directory / "metrics.jsonl", "a")
+            from tensorboardX import SummaryWriter
+
+            self.board = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.handle.flush()
+        for name, value in metrics.items():
+            self.board.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.handle.close()
+            self.board.close()
+
+
+@dataclasses.dataclass
+class TrainingSummary:
+    steps: int
+    losses: list[float]
+    final_metrics: dict[str, float]
+    eval_history: list[dict[str, float]]
+    seconds: float
+    preempted: bool
+
+
+class Trainer:
+    """The stateful shell around the pure step: model, data, checkpoints, logs."""
+
+    def __init__(self, config: Config, *, model: Qwen2_5OmniThinker | None = None):
+        initialize_distributed()
+        self.config = config
+        self.mesh = make_mesh(config.mesh)
+        dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+        self.model = model if model is not None else from_pretrained(config.model.checkpoint, dtype=dtype, mesh=self.mesh)
+        self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
+        self.output_dir = Path(config.run.output_dir)
+        params = nnx.state(self.model, nnx.Param)
+        self.tx = opsd_step.make_optimizer(config.train, params)
+        self.settings = opsd_step.StepSettings(
+            graphdef=nnx.graphdef(self.model), tx=self.tx, loss=config.loss, teacher=config.teacher,
+            train_encoders=config.train.train_encoders,
+        )
+        self.state = opsd_step.init_state(self.model, self.tx, config.teacher, self.mesh)
+        self.step_fn = opsd_step.make_train_step(self.settings, self.state)
+        self.key = jax.random.key(config.train.seed)
+        self.checkpointer = RunCheckpointer(
+            self.output_dir / "checkpoints", keep_last=config.run.keep_last, keep_best=config.run.keep_best,
+            best_metric=config.run.best_metric, async_save=config.run.async_checkpointing,
+        )
+        self.iterator = self._train_iterator()
+        self.vocabulary: list[str] | None = None
+        self._stop = False
+
+    # ---------------------------------------------------------------------------------------- data
+
+    def _train_iterator(self):
+        data = self.config.data
+        local_batch = self.config.train.batch_size // jax.process_count()
+        if local_batch * jax.process_count() != self.config.train.batch_size:
+            raise ValueError(
+                f"train.batch_size: {self.config.train.batch_size} prompts do not split over {jax.process_count()} processes"
+            )
+        source = load_split(data.train_dir, data.train_split)
+        pipeline = PipelineConfig(batch_size=local_batch, seed=self.config.train.seed, worker_count=data.worker_count)
+        return make_iterator(source, pipeline, preprocess=ProcessorInputs())
+
+    def _micro_batches(self, clips: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Splits a batch of clips into `grad_accum_steps` micro-batches of tokenized model inputs."""
+        k = self.config.train.grad_accum_steps
+        size = len(clips) // k
+        out = []
+        for index in range(k):
+            part = clips[index * size : (index + 1) * size]
+            for clip in part:
+                clip.setdefault("rationale", "")
+            inputs = encode_clip_batch(
+                self.builder, part, self.config.prompt, length=self.config.data.prompt_length,
+                use_audio_in_video=self.config.data.use_audio_in_video, with_teacher=True,
+            )
+            out.append((inputs, part))
+        return out
+
+    def _prepare(self, inputs: dict[str, Any]):
+        media = {name: value for name, value in inputs.items() if not name.startswith(("input_ids", "attention_mask", "teacher_"))}
+        student = self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **media)
+        teacher = self.model.prepare_inputs(inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"], **media)
+        return student, teacher
+
+    # -------------------------------------------------------------------------------------- a step
+
+    def _label_ids(self, clips: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """The reference answers `<answer>label</answer><eos>`, right-padded: for the cross-entropy ablation."""
+        tokenizer = self.builder.tokenizer
+        rows = [tokenizer(ANSWER_TEMPLATE.format(label=str(c.get("label", ""))))["input_ids"] + [tokenizer.eos_token_id]
+                for c in clips]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.builder.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), width), bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        return ids, mask
+
+    def _rewards(self, tokens: np.ndarray, mask: np.ndarray, clips: list[dict[str, Any]]) -> np.ndarray:
+        """1 where a rollout's answer names the clip's label (the label-reward ablation)."""
+        vocabulary = self._vocabulary()
+        group = tokens.shape[0] // len(clips)
+        texts = [self.builder.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(tokens, mask)]
+        return np.asarray([float(predicted_label(text, vocabulary) == str(clips[i // group].get("label", "")))
+                           for i, text in enumerate(texts)], np.float32)
+
+    def _vocabulary(self) -> list[str]:
+        if self.vocabulary is None:
+            source = load_split(self.config.data.train_dir, self.config.data.train_split)
+            labels = {str(source[i]["label"].decode() if isinstance(source[i]["label"], bytes) else source[i]["label"])
+                      for i in range(len(source))}
+            self.vocabulary = sorted(label for label in labels if label)
+        return self.vocabulary
+
+    def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
+        sampling = self.config.sampling
+        teacher = self.config.teacher
+        micro = []
+        for index, (inputs, part) in enumerate(self._micro_batches(clips)):
+            student, teacher_inputs = self._prepare(inputs)
+            key = jax.random.fold_in(jax.random.fold_in(self.key, step), index)
+            out = generate(
+                self.model, student, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
+                pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key,
+            )
+            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            rewards = self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
+            label_ids, label_mask = self._label_ids(part)
+            micro.append(opsd_step.StepBatch(
+                student=student, teacher=teacher_inputs, completion=out.tokens, completion_mask=out.mask,
+                sampler_logprobs=out.model_logprobs, rewards=jnp.asarray(rewards), label_ids=jnp.asarray(label_ids),
+                label_mask=jnp.asarray(label_mask),
+            ))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro)
+        return opsd_step.place_step_batch(stacked, self.mesh)
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers of the student (no rationale) on held-out clips: accuracy and macro-F1."""
+        data = self.config.data
+        if not data.eval_dir:
+            return {}
+        source = load_split(data.eval_dir, data.eval_split)
+        count = min(len(source), data.eval_clips) if data.eval_clips else len(source)
+        processor = ProcessorInputs()
+        vocabulary = self._vocabulary()
+        predicted, truth = [], []
+        batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
+        for start in range(0, count, batch_size):
+            clips = [processor(source[i]) for i in range(start, min(count, start + batch_size))]
+            inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
+                                       use_audio_in_video=data.use_audio_in_video)
+            ids = inputs.pop("input_ids")
+            out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.max_new_tokens,
+                           temperature=0.0, eos_token_id=self.builder.tokenizer.eos_token_id,
+                           pad_token_id=self.builder.pad_token_id)
+            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            for clip, row, m in zip(clips, tokens, mask):
+                predicted.append(predicted_label(self.builder.tokenizer.decode(row[m], skip_special_tokens=True), vocabulary))
+                truth.append(str(clip["label"]))
+        scores = classification_scores(predicted, truth, vocabulary)
+        return {f"eval/{name}": value for name, value in scores.items()}
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def restore(self) -> int:
+        """Continues from the newest complete checkpoint; returns the step to run next (0 if none)."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return 0
+        state, meta = self.checkpointer.restore(latest, abstract_like(self.state), data_iterator=self.iterator)
+        self.state = state
+        if meta.get("rng") is not None:
+            self.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+        nnx.update(self.model, self.state.params)
+        return int(latest)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self._stop = True
+
+    def save(self, step: int, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
+        self.checkpointer.save(step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force)
+
+    def run(self, *, resume: bool = False, max_steps: int | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingSummary:
+        """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary."""
+        from tqdm import tqdm
+
+        config = self.config
+        start = self.restore() if resume else 0
+        end = config.train.total_steps if max_steps is None else min(config.train.total_steps, start + max_steps)
+        writer = MetricsWriter(self.output_dir / "logs")
+        if jax.process_index() == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        losses: list[float] = []
+        evals: list[dict[str, float]] = []
+        metrics: dict[str, float] = {}
+        began = time.perf_counter()
+        bar = tqdm(total=end - start, desc="train", unit="step", disable=jax.process_index() != 0)
+        step = start
+        try:
+            while step < end and not self._stop:
+                clips = _clips(next(self.iterator))
+                batch = self.make_step_batch(clips, step)
+                self.state, device_metrics = self.step_fn(self.state, batch)
+                nnx.update(self.model, self.state.params)
+                step += 1
+                metrics = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
+                losses.append(metrics["train/loss"])
+                if step % config.run.eval_every == 0 or step == end:
+                    evaluation = self.evaluate()
+                    if evaluation:
+                        evals.append({"step": step, **evaluation})
+                        metrics.update(evaluation)
+                if step % config.run.log_every == 0 or step == end:
+                    writer.write(step, metrics)
+                if on_step is not None:
+                    on_step(step, metrics)
+                if step % config.run.save_every == 0 or step == end or self._stop:
+                    self.save(step, metrics, force=self._stop)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                bar.update(1)
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+            writer.close()
+            signal.signal(signal.SIGTERM, previous)
+        summary = TrainingSummary(steps=step, losses=losses, final_metrics=metrics, eval_history=evals,
+                                  seconds=time.perf_counter() - began, preempted=self._stop)
+        if jax.process_index() == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+            logger.info("trained to step %d in %.1fs; final %s", step, summary.seconds, metrics)
+        return summary
+
+
+def train(config: Config, *, resume: bool = False, max_steps: int | None = None) -> TrainingSummary:
+    """Runs `opsd-jax train`."""
+    trainer = Trainer(config)
+    try:
+        return trainer.run(resume=resume, max_steps=max_steps)
+    finally:
+        trainer.checkpointer.close()

@@ -1,0 +1,121 @@
+"""The training run: a real run on a tiny generated dataset, exact resume, preemption, safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from opsd_jax.checkpoint import RunCheckpointer, abstract_like
+from opsd_jax.config import load_config
+from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
+from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.train import Trainer, classification_scores, predicted_label
+
+LABELS = ("happy", "sad")
+
+
+def generate_clips(split: str, config: SyntheticAffectConfig):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    for index in range(8 if split == "train" else 4):
+        label = LABELS[index % 2]
+        yield dict(
+            id=f"{split}{index}", frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8), sample_fps=2.0,
+            audio=0.1 * rng.standard_normal(6000).astype(np.float32), task="basic", label=label,
+            subtitle="hi" if label == "happy" else "oh", dataset="toy", rationale=f"it is {label}",
+        )
+
+
+@pytest.fixture(scope="module")
+def run_setup(tiny_untied, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    checkpoint = root / "thinker"
+    shutil.copytree(tiny_untied[1], checkpoint)
+    build_tiny_tokenizer(checkpoint)
+    dataset = build_synthetic_affect(root / "data", SyntheticAffectConfig(
+        name="toy", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generate_clips,
+        splits=("train", "test"),
+    ))
+    return checkpoint, dataset, root
+
+
+def config_for(run_setup, output: str, *extra: str):
+    checkpoint, dataset, root = run_setup
+    return load_config(None, [
+        f"model.checkpoint={checkpoint}", f"data.train_dir={dataset}", f"data.eval_dir={dataset}",
+        "data.prompt_length=160", "data.eval_clips=4", "train.batch_size=2", "train.total_steps=4", "train.lr=1e-3",
+        "sampling.num_samples=2", "sampling.max_new_tokens=4", "run.save_every=2", "run.eval_every=4",
+        f"run.output_dir={root / output}", "prompt.instruction=Which emotion? <answer></answer>",
+        "prompt.privileged_template=Evidence: {rationale}", "mesh.fsdp=-1", *extra,
+    ])
+
+
+def params_of(trainer) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(run_setup):
+    whole = Trainer(config_for(run_setup, "whole"))
+    summary = whole.run()
+    assert summary.steps == 4 and len(summary.losses) == 4 and all(np.isfinite(summary.losses))
+    assert "eval/accuracy" in summary.final_metrics
+
+    first = Trainer(config_for(run_setup, "split"))
+    part = first.run(max_steps=2)
+    first.checkpointer.close()
+    assert part.steps == 2
+    second = Trainer(config_for(run_setup, "split"))
+    rest = second.run(resume=True)
+    assert rest.steps == 4
+    np.testing.assert_array_equal(part.losses + rest.losses, summary.losses)
+    for a, b in zip(params_of(whole), params_of(second)):
+        np.testing.assert_array_equal(a, b)
+
+    logs = [json.loads(line) for line in (run_setup[2] / "whole" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logs] == [1, 2, 3, 4]
+    assert (run_setup[2] / "whole" / "summary.json").is_file()
+    assert list((run_setup[2] / "whole" / "logs" / "tensorboard").iterdir())
+
+
+def test_sigterm_saves_and_stops(run_setup):
+    trainer = Trainer(config_for(run_setup, "preempted", "run.save_every=100"))
+
+    def preempt(step, metrics):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = trainer.run(on_step=preempt)
+    assert summary.preempted and summary.steps == 1
+    assert trainer.checkpointer.latest_step() == 1
+
+
+def test_a_half_written_checkpoint_is_never_loaded(run_setup):
+    trainer = Trainer(config_for(run_setup, "crash", "train.total_steps=2"))
+    trainer.run()
+    directory = run_setup[2] / "crash" / "checkpoints"
+    # What a process killed during an asynchronous save leaves: a temporary directory with part of step 3.
+    partial = directory / "3.orbax-checkpoint-tmp-1234"
+    shutil.copytree(directory / "2", partial)
+    shutil.rmtree(partial / "state")
+    reader = RunCheckpointer(directory)
+    assert reader.latest_step() == 2
+    state, meta = reader.restore(None, abstract_like(trainer.state))
+    assert meta["step"] == 2
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainer.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_label_parsing_and_scores():
+    vocabulary = ["happy", "sad", "angry"]
+    assert predicted_label("I think <answer>Sad</answer>", vocabulary) == "sad"
+    assert predicted_label("happy, then angry", vocabulary) == "happy"
+    assert predicted_label("no idea", vocabulary) is None
+    scores = classification_scores(["happy", None, "sad", "sad"], ["happy", "sad", "sad", "angry"], vocabulary)
+    assert scores["accuracy"] == 0.5
+    assert scores["macro_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # sad: tp 1, fp 1, fn 1
