@@ -17,6 +17,7 @@ Only process 0 writes logs (JSONL and TensorBoard) and shows the progress bar.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.prompts import encode_clip_batch
 from opsd_jax.sampling import generate
-from opsd_jax.sharding import make_mesh
+from opsd_jax.sharding import make_mesh, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,43 @@ def classification_scores(predicted: list[str | None], truth: list[str], vocabul
     return {"accuracy": float(np.mean(correct)) if correct else 0.0, "macro_f1": float(np.mean(f1s))}
 
 
+def _stable_hash(text: str) -> int:
+    """A process-independent 31-bit hash (Python's `hash` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
 def _clips(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """A host batch (arrays stacked on axis 0) -> one dict per clip."""
     size = len(batch["id"])
     return [{name: value[i] for name, value in batch.items()} for i in range(size)]
+
+
+def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Every process's host batch -> the global batch (process-major rows), on every process.
+
+    Each host decodes and preprocesses only its shard; the ready arrays are then all-gathered so that
+    every process plans the same global batch (prompts are sharded over the mesh again at placement;
+    media stay replicated). Text fields travel as UTF-8 bytes padded to the longest.
+    """
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    gathered: dict[str, Any] = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "biuf":
+            stacked = multihost_utils.process_allgather(value)  # [processes, local, ...]
+            gathered[name] = np.asarray(stacked).reshape((-1,) + value.shape[1:])
+            continue
+        encoded = [str(v).encode() for v in value.reshape(-1)]
+        width = int(np.max(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0)))))
+        table = np.zeros((len(encoded), max(width, 1)), np.uint8)
+        for row, data in enumerate(encoded):
+            table[row, : len(data)] = np.frombuffer(data, np.uint8)
+        everything = np.asarray(multihost_utils.process_allgather(table)).reshape(-1, max(width, 1))
+        gathered[name] = np.asarray([bytes(row).rstrip(b"\0").decode() for row in everything], dtype=object)
+    return gathered
 
 
 class MetricsWriter:
@@ -230,13 +264,15 @@ class Trainer:
         micro = []
         for index, (inputs, part) in enumerate(self._micro_batches(clips)):
             student, teacher_inputs = self._prepare(inputs)
-            key = jax.random.fold_in(jax.random.fold_in(self.key, step), index)
+            # One key per clip, from its id: rollouts do not depend on the process layout or batch order.
+            step_key = jax.random.fold_in(self.key, step)
+            key = jnp.stack([jax.random.fold_in(step_key, _stable_hash(str(clip["id"]))) for clip in part])
             out = generate(
                 self.model, student, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
-                pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key,
+                pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key, mesh=self.mesh,
             )
-            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            tokens, mask = to_host(out.tokens), to_host(out.mask)
             rewards = self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
             label_ids, label_mask = self._label_ids(part)
             micro.append(opsd_step.StepBatch(
@@ -267,8 +303,8 @@ class Trainer:
             ids = inputs.pop("input_ids")
             out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.max_new_tokens,
                            temperature=0.0, eos_token_id=self.builder.tokenizer.eos_token_id,
-                           pad_token_id=self.builder.pad_token_id)
-            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+                           pad_token_id=self.builder.pad_token_id, mesh=self.mesh)
+            tokens, mask = to_host(out.tokens), to_host(out.mask)
             for clip, row, m in zip(clips, tokens, mask):
                 predicted.append(predicted_label(self.builder.tokenizer.decode(row[m], skip_special_tokens=True), vocabulary))
                 truth.append(str(clip["label"]))
@@ -318,7 +354,7 @@ class Trainer:
         step = start
         try:
             while step < end and not self._stop:
-                clips = _clips(next(self.iterator))
+                clips = _clips(gather_global_batch(next(self.iterator)))
                 batch = self.make_step_batch(clips, step)
                 self.state, device_metrics = self.step_fn(self.state, batch)
                 nnx.update(self.model, self.state.params)

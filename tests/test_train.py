@@ -119,3 +119,46 @@ def test_label_parsing_and_scores():
     scores = classification_scores(["happy", None, "sad", "sad"], ["happy", "sad", "sad", "angry"], vocabulary)
     assert scores["accuracy"] == 0.5
     assert scores["macro_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # sad: tp 1, fp 1, fn 1
+
+
+def test_two_processes_match_one_process(run_setup):
+    """2 processes x 2 CPU devices (jax.distributed over gloo on 127.0.0.1) against 1 process x 4 devices."""
+    import socket
+    import subprocess
+    import sys
+
+    checkpoint, dataset, root = run_setup
+    overrides = [
+        f"model.checkpoint={checkpoint}", f"data.train_dir={dataset}", "data.prompt_length=160", "train.batch_size=2",
+        "train.total_steps=3", "train.lr=1e-5", "sampling.num_samples=2", "sampling.max_new_tokens=4",
+        "run.eval_every=100", "run.save_every=100", "prompt.instruction=Which emotion? <answer></answer>",
+        "prompt.privileged_template=Evidence: {rationale}", "mesh.data=2", "mesh.fsdp=2",
+    ]
+
+    def launch(devices: int, output: str, env: dict[str, str]):
+        return subprocess.Popen(
+            [sys.executable, "-m", "opsd_jax.testing.multihost_worker", str(devices), *overrides,
+             f"run.output_dir={root / output}"],
+            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def losses(process) -> list[float]:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        line = [row for row in out.splitlines() if row.startswith("LOSSES ")]
+        return json.loads(line[0][len("LOSSES "):]) if line else []
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cluster = {"OPSD_COORDINATOR": f"127.0.0.1:{port}", "OPSD_NUM_PROCESSES": "2"}
+    workers = [launch(2, "two_processes", {**cluster, "OPSD_PROCESS_ID": str(i)}) for i in range(2)]
+    single = launch(4, "one_process", {})
+    two = [losses(worker) for worker in workers][0]
+    one = losses(single)
+    assert len(one) == 3
+    # Three steps of 2 clips stay within the first epoch of the 8 training clips, so both layouts see the
+    # same clips each step (later epochs reshuffle within each process's shard). Same rollouts (keyed by
+    # clip id), reduced in another order: equal up to float rounding. A small learning rate keeps Adam's
+    # first steps (~lr * g / |g|) from amplifying that rounding into different sampled tokens.
+    np.testing.assert_allclose(two, one, rtol=1e-5)

@@ -1,5 +1,7 @@
-"""`opsd-jax eval ...`: score saved predictions on MER-UniBench and fetch the emotion-wheel files.
+"""`opsd-jax eval ...`: run a checkpoint on MER-UniBench, score saved predictions, fetch the wheel files.
 
+    opsd-jax eval --checkpoint DIR --data MANIFEST_OR_TFDS_DIR [...] --wheel-dir DIR [--datasets mer2023,meld]
+                  [--out DIR] [--batch-size N] [--max-new-tokens N] [--extractor builtin|llm] [--limit N]
     opsd-jax eval score --predictions P.jsonl --wheel-dir DIR [--out DIR] [--extractor auto|saved|builtin|llm]
     opsd-jax eval fetch-wheels --dest DIR [--base-url URL] [--no-verify]
 
@@ -29,7 +31,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _make_llm_extractor(args: argparse.Namespace):
+def _make_llm_extractor(args: argparse.Namespace, cache_dir: Path):
     from opsd_jax.eval.extract import BENCHMARK_SAMPLING, LLMExtractor
     from opsd_jax.rationales.client import ChatClient
 
@@ -43,15 +45,43 @@ def _make_llm_extractor(args: argparse.Namespace):
         max_retries=args.llm_max_retries,
         max_concurrency=args.llm_max_concurrency,
     )
-    cache = args.llm_cache or (Path(args.out) if args.out else Path(args.predictions).parent) / CACHE_FILE
+    cache = args.llm_cache or Path(cache_dir) / CACHE_FILE
     return LLMExtractor(client, cache, {**BENCHMARK_SAMPLING, **args.llm_params}, progress=not args.no_progress)
+
+
+def _extract_score_report(records, wheels, extractor, out: Path | None, metadata: dict[str, object]) -> int:
+    """Fill in labels with `extractor` (None: use the saved ones), score, print the table; with `out`,
+    write scores.json, report.md and (when extracted here) the predictions with their labels."""
+    from opsd_jax.eval.extract import LLMExtractor, check_saved_extractions
+    from opsd_jax.eval.predictions import write_predictions
+    from opsd_jax.eval.report import markdown_report, write_report
+    from opsd_jax.eval.scoring import score_records
+
+    if extractor is None:
+        extractor_name = check_saved_extractions(records)
+    else:
+        records = extractor.extract(records)
+        extractor_name = extractor.name
+        if isinstance(extractor, LLMExtractor):
+            metadata["extractor_requests_sent"] = extractor.requests_sent
+            metadata["extractor_cache"] = str(extractor.cache.path)
+            metadata["extractor_usage"] = dataclasses.asdict(extractor.client.usage)
+            metadata["extractor_sampling"] = extractor.sampling
+    scores = score_records(records, wheels, extractor_name)
+    print(markdown_report(scores), end="")
+    if out:
+        json_path, markdown_path = write_report(scores, out, metadata)
+        written = [json_path, markdown_path]
+        if extractor is not None:
+            write_predictions(Path(out) / EXTRACTED_PREDICTIONS_FILE, records)
+            written.append(Path(out) / EXTRACTED_PREDICTIONS_FILE)
+        print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
     from opsd_jax.eval.extract import BuiltinExtractor, check_saved_extractions
-    from opsd_jax.eval.predictions import read_predictions, write_predictions
-    from opsd_jax.eval.report import markdown_report, write_report
-    from opsd_jax.eval.scoring import score_records
+    from opsd_jax.eval.predictions import read_predictions
     from opsd_jax.eval.wheels import load_emotion_wheels
 
     wheels = load_emotion_wheels(args.wheel_dir)
@@ -65,26 +95,70 @@ def _score(args: argparse.Namespace) -> int:
             mode = "builtin"
     metadata: dict[str, object] = {"predictions": str(args.predictions), "wheel_dir": str(args.wheel_dir)}
     if mode == "saved":
-        extractor_name = check_saved_extractions(records)
+        extractor = None
+    elif mode == "builtin":
+        extractor = BuiltinExtractor(wheels)
     else:
-        extractor = BuiltinExtractor(wheels) if mode == "builtin" else _make_llm_extractor(args)
-        records = extractor.extract(records)
-        extractor_name = extractor.name
-        if mode == "llm":
-            metadata["extractor_requests_sent"] = extractor.requests_sent
-            metadata["extractor_cache"] = str(extractor.cache.path)
-            metadata["extractor_usage"] = dataclasses.asdict(extractor.client.usage)
-            metadata["extractor_sampling"] = extractor.sampling
-    scores = score_records(records, wheels, extractor_name)
-    print(markdown_report(scores), end="")
-    if args.out:
-        json_path, markdown_path = write_report(scores, args.out, metadata)
-        written = [json_path, markdown_path]
-        if mode != "saved":
-            write_predictions(Path(args.out) / EXTRACTED_PREDICTIONS_FILE, records)
-            written.append(Path(args.out) / EXTRACTED_PREDICTIONS_FILE)
-        print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
-    return 0
+        extractor = _make_llm_extractor(args, Path(args.out) if args.out else Path(args.predictions).parent)
+    return _extract_score_report(records, wheels, extractor, args.out, metadata)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Generate answers for the benchmark clips (resuming), then extract, score and report them."""
+    from opsd_jax.eval.datasets import DATASET_NAMES
+    from opsd_jax.eval.extract import BuiltinExtractor
+    from opsd_jax.eval.runner import (
+        PREDICTIONS_FILE,
+        GenerationSettings,
+        check_generation_settings,
+        collect_clips,
+        generate_predictions,
+        parse_dataset_names,
+    )
+    from opsd_jax.eval.wheels import load_emotion_wheels
+
+    missing = [flag for flag, value in (("--data", args.data), ("--wheel-dir", args.wheel_dir)) if not value]
+    if missing:
+        raise ValueError(f"opsd-jax eval --checkpoint also needs {' and '.join(missing)}")
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint: checkpoint directory {args.checkpoint} does not exist")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
+    settings = GenerationSettings(
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+        no_audio=args.no_audio, separate_audio=args.separate_audio,
+    )
+    out = args.out or Path("eval_results") / args.checkpoint.resolve().name
+    # Everything that can fail is checked before the first answer is generated.
+    wheels = load_emotion_wheels(args.wheel_dir)
+    extractor = BuiltinExtractor(wheels) if args.extractor == "builtin" else _make_llm_extractor(args, out)
+    clips = collect_clips(args.data, datasets, args.split, settings, requested=args.datasets is not None,
+                          limit=args.limit)
+    generation = {"checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype, "split": args.split,
+                  **dataclasses.asdict(settings)}
+    check_generation_settings(out, generation)
+
+    def load_model():
+        import jax.numpy as jnp
+
+        from opsd_jax.data.chat_template import PromptBuilder
+        from opsd_jax.models.qwen2_5_omni import from_pretrained
+
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        return from_pretrained(args.checkpoint, dtype=dtype), PromptBuilder.from_pretrained(args.checkpoint)
+
+    summary = generate_predictions(load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
+    print(f"{summary.generated} clip(s) generated, {summary.reused} already in {out / PREDICTIONS_FILE}",
+          file=sys.stderr)
+    metadata: dict[str, object] = {
+        "predictions": str(out / PREDICTIONS_FILE), "wheel_dir": str(args.wheel_dir),
+        "data": [str(path) for path in args.data], "datasets": sorted({clip.dataset for clip in clips}),
+        "limit": args.limit, "generation": generation, "generated": summary.generated, "reused": summary.reused,
+    }
+    return _extract_score_report(summary.records, wheels, extractor, out, metadata)
 
 
 def _fetch_wheels(args: argparse.Namespace) -> int:
@@ -106,11 +180,62 @@ def _guarded(handler):
 
         try:
             return handler(args)
-        except (WheelFilesError, FetchError, ExtractionError, ChatClientError, ValueError) as err:
+        except (WheelFilesError, FetchError, ExtractionError, ChatClientError, FileNotFoundError, ValueError) as err:
             print(f"opsd-jax: error: {err}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    llm = parser.add_argument_group("LLM extractor (--extractor llm)")
+    llm.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    llm.add_argument("--llm-model", help="model name on that endpoint (the benchmark uses Qwen2.5-7B-Instruct)")
+    llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    llm.add_argument("--llm-cache", type=Path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
+    llm.add_argument("--llm-params", type=_json_object, default={}, help="JSON merged into the sampling parameters, "
+                     'e.g. \'{"repetition_penalty": 1.05}\' for vLLM')
+    llm.add_argument("--llm-max-concurrency", type=int, default=8)
+    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
+    llm.add_argument("--llm-max-retries", type=int, default=6)
+
+
+def _add_run_arguments(group: argparse.ArgumentParser) -> None:
+    """`opsd-jax eval --checkpoint ...` (no COMMAND): generate, extract, score."""
+    run = group.add_argument_group("run a checkpoint (no COMMAND)")
+    run.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    run.add_argument("--data", nargs="+", type=Path, metavar="MANIFEST_OR_TFDS_DIR",
+                     help="clip manifests (JSONL) and/or built TFDS `mer` dataset directories; a clip's `dataset` "
+                     "field names its benchmark dataset")
+    run.add_argument("--datasets", help="comma-separated benchmark datasets (mer2023, mer2024, meld, iemocapfour, "
+                     "cmumosi, cmumosei, sims, simsv2, ovmerdplus, or all); each must have clips "
+                     "(default: every one present in the data)")
+    run.add_argument("--split", default="test", help="the clips' split (default: %(default)s)")
+    run.add_argument("--wheel-dir", type=Path, help="directory with the 7 emotion-wheel files")
+    run.add_argument("--out", type=Path, help="directory for predictions.jsonl (resumable), generation.json, "
+                     "scores.json, report.md (default: eval_results/<checkpoint name>)")
+    run.add_argument("--limit", type=int, help="at most this many clips per dataset (a quick partial run)")
+    run.add_argument("--batch-size", type=int, default=4)
+    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int)
+    run.add_argument("--top-p", type=float)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--prompt", help="the instruction (default: the training instruction); AffectGPT's zero-shot "
+                     "one is 'Please recognize all possible emotional states of the character.'")
+    run.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    run.add_argument("--fps", type=float, default=2.0, help="manifest clips: video frames sampled per second")
+    run.add_argument("--max-frames", type=int, default=32, help="manifest clips: at most this many frames")
+    run.add_argument("--max-pixels", type=int, default=224 * 224, help="manifest clips: at most this many pixels "
+                     "per frame")
+    run.add_argument("--no-audio", action="store_true", help="use the frames only")
+    run.add_argument("--separate-audio", action="store_true",
+                     help="give the audio as its own part instead of interleaving it with the video")
+    run.add_argument("--extractor", choices=("builtin", "llm"), default="builtin",
+                     help="builtin (default): lexicon matching, no model; llm: the benchmark's extractor prompts "
+                     "on an OpenAI-compatible endpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_llm_arguments(group)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,10 +243,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from opsd_jax.eval.fetch import DEFAULT_BASE_URL
 
     group = subparsers.add_parser(
-        "eval", help="MER-UniBench evaluation", description="Score predictions on MER-UniBench, fetch its files."
+        "eval",
+        help="MER-UniBench evaluation",
+        description="With --checkpoint: answer every clip of the requested MER-UniBench datasets with the jitted "
+        "sampler (batched, greedy by default, the student prompt), extract emotion labels, score them with the "
+        "benchmark's metrics and write predictions.jsonl, scores.json and report.md; a rerun resumes. With a "
+        "COMMAND: score saved predictions, or fetch the emotion-wheel files.",
     )
+    _add_run_arguments(group)
     commands = group.add_subparsers(title="eval commands", metavar="COMMAND")
-    group.set_defaults(handler=lambda args: group.print_help() or 2)
+
+    def evaluate_or_help(args: argparse.Namespace) -> int:
+        if args.checkpoint is None:
+            group.print_help()
+            return 2
+        return _evaluate(args)
+
+    group.set_defaults(handler=_guarded(evaluate_or_help))
 
     score = commands.add_parser(
         "score",
@@ -142,16 +280,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extractor prompts on an OpenAI-compatible endpoint; auto (default): saved if every line has them, "
         "else builtin",
     )
-    llm = score.add_argument_group("LLM extractor (--extractor llm)")
-    llm.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    llm.add_argument("--llm-model", help="model name on that endpoint (the benchmark uses Qwen2.5-7B-Instruct)")
-    llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    llm.add_argument("--llm-cache", type=Path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
-    llm.add_argument("--llm-params", type=_json_object, default={}, help="JSON merged into the sampling parameters, "
-                     'e.g. \'{"repetition_penalty": 1.05}\' for vLLM')
-    llm.add_argument("--llm-max-concurrency", type=int, default=8)
-    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
-    llm.add_argument("--llm-max-retries", type=int, default=6)
+    _add_llm_arguments(score)
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(handler=_guarded(_score))
 

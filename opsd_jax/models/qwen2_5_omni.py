@@ -303,6 +303,33 @@ class Qwen2_5OmniThinker(nnx.Module):
         return self.lm_head(hidden)
 
 
+# The batch axis of each prompt field; media arrays are packed across the batch and stay replicated.
+PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
+
+
+def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+    """Puts prepared inputs on the mesh: prompt rows over the batch mesh axes, media replicated.
+
+    `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches). Every
+    process passes the same global inputs.
+    """
+    from jax.sharding import NamedSharding
+
+    from opsd_jax.sharding import logical_to_spec, resolve_rules
+
+    rules = resolve_rules()
+
+    def place(x, batch_axis: int | None):
+        axes: list[str | None] = [None] * x.ndim
+        if batch_axis is not None:
+            axes[batch_axis] = "batch"
+        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+    rows = {name: place(getattr(inputs, name), leading_axes + axis) for name, axis in PROMPT_BATCH_AXES.items()}
+    media = jax.tree.map(lambda x: place(x, None), inputs.replace(**{name: None for name in PROMPT_BATCH_AXES}))
+    return media.replace(**rows)
+
+
 def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_mask: jax.Array) -> ThinkerInputs:
     """`[prompt | completion]` inputs for scoring sampled completions in one forward (jittable).
 

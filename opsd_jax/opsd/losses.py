@@ -113,8 +113,8 @@ def top_k_mass(logits: jax.Array, k: int, *, temperature: float = 1.0) -> jax.Ar
 def generalized_jsd_from_logprobs(student_logprobs: jax.Array, teacher_logprobs: jax.Array, beta: float) -> jax.Array:
     """GJSD_beta between two normalised distributions given as log-probs `[..., N]`, summed over N: `[...]`.
 
-    The mixture is formed in log space. Each side's terms are summed over the categories before anything else
-    touches them, because the individual terms can be negative and cancel (reference §4.1).
+    The mixture is formed in log space. The terms are summed over the categories before any per-token clip,
+    because individual terms can be negative and cancel (reference §4.1).
     """
     _check_beta(beta)
     s = student_logprobs.astype(jnp.float32)

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.config import TeacherConfig, TrainConfig
-from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, append_completion
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
 from opsd_jax.sharding import logical_to_spec, resolve_rules
@@ -65,28 +65,21 @@ class TrainState:
     teacher_params: nnx.State | None
 
 
-# The batch axis of each prompt field (media arrays are packed across the batch and stay replicated).
-_PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
-
-
 def place_step_batch(batches: StepBatch, mesh: Mesh) -> StepBatch:
     """Puts stacked micro-batches `[k, ...]` on the mesh: rows over (data, fsdp), media replicated."""
     rules = resolve_rules()
 
-    def place(x, batch_axis: int | None):
-        axes: list[str | None] = [None] * x.ndim
-        if batch_axis is not None:
-            axes[batch_axis] = "batch"
+    def place(x):
+        axes = [None, "batch"] + [None] * (x.ndim - 2)
         return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
-    def place_prompt(prompt: ThinkerInputs) -> ThinkerInputs:
-        fields = {name: place(getattr(prompt, name), 1 + axis) for name, axis in _PROMPT_BATCH_AXES.items()}
-        media = jax.tree.map(lambda x: place(x, None), prompt.replace(**{name: None for name in _PROMPT_BATCH_AXES}))
-        return media.replace(**fields)
-
-    rows = {name: place(getattr(batches, name), 1) for name in
+    rows = {name: place(getattr(batches, name)) for name in
             ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")}
-    return batches.replace(student=place_prompt(batches.student), teacher=place_prompt(batches.teacher), **rows)
+    return batches.replace(
+        student=place_inputs(batches.student, mesh, leading_axes=1),
+        teacher=place_inputs(batches.teacher, mesh, leading_axes=1),
+        **rows,
+    )
 
 
 def is_encoder_path(path: tuple) -> bool:

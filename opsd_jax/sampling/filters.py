@@ -58,7 +58,7 @@ def sample_tokens(
     """Draws one token per row.
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key, or one per row (`[batch]`).
       logits: `[batch, vocab]` raw model logits.
       temperature: 0 means greedy (argmax).
 
@@ -75,7 +75,10 @@ def sample_tokens(
         sampled = jnp.zeros(tokens.shape, jnp.float32)
     else:
         filtered = sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        if key.ndim:  # a key per row
+            tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, filtered).astype(jnp.int32)
+        else:
+            tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
         sampled = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
     model = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, sampled, model

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.models.text import LayerCache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import logical_to_spec, resolve_rules, shard_batch
+from opsd_jax.sharding import logical_to_spec, resolve_rules
 
 
 @struct.dataclass
@@ -102,6 +102,14 @@ def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array,
     )
 
 
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Splits one key, or each of a batch of per-row keys `[N]`."""
+    if key.ndim == 0:
+        return tuple(jax.random.split(key))
+    pairs = jax.vmap(jax.random.split)(key)
+    return pairs[:, 0], pairs[:, 1]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
 def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: _Sampling, mesh: Mesh | None) -> _LoopState:
     model = nnx.merge(graphdef, params)
@@ -140,7 +148,9 @@ def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, samplin
         cache=_constrain_cache(jax.tree.map(repeat, cache), mesh),
         key=key,
     )
-    key, first_key = jax.random.split(key)
+    if key.ndim:  # one key per prompt: each rollout gets its own stream, whatever its row
+        key = jax.vmap(lambda k: jax.random.split(k, sampling.num_samples))(key).reshape(rows)
+    key, first_key = _split(key)
     return _emit(state.replace(key=key), jnp.int32(0), repeat(last_logits), first_key, sampling)
 
 
@@ -160,7 +170,7 @@ def _decode(graphdef, params, state: _LoopState, *, sampling: _Sampling, mesh: M
         position_ids = jnp.broadcast_to(position[None, :, None], (3, position.shape[0], 1))
         embeds = model.model.embed_tokens(state.last_token[:, None])
         hidden, cache = model.model(embeds, position_ids, kv_valid[:, None, :], state.cache, column)
-        key, step_key = jax.random.split(state.key)
+        key, step_key = _split(state.key)
         state = state.replace(kv_valid=kv_valid, cache=_constrain_cache(cache, mesh), key=key)
         return _emit(state, state.step, model.logits(hidden[:, 0]), step_key, sampling)
 
@@ -221,7 +231,9 @@ def generate(
       eos_token_id: one id or several; a row stops after emitting any of them.
       pad_token_id: written after a row's EOS.
       num_samples: rollouts per prompt (rows are prompt-major).
-      seed: the PRNG seed, or a PRNG key; the same seed gives the same tokens.
+      seed: the PRNG seed, a PRNG key, or one key per prompt (`[B]`): then the rollouts of a prompt
+        depend only on its key, not on its row, so a batch split or ordered differently (another
+        process layout) samples the same tokens. The same seed gives the same tokens.
       prompt_buckets: static prompt lengths; the batch is left-padded to the smallest that fits, so
         prompts of nearby lengths share one compiled program.
       mesh: when given, prompts are placed with the batch over (data, fsdp) and the KV cache with its
@@ -251,9 +263,7 @@ def generate(
     if prompt_buckets:
         prepared = pad_prompts(prepared, bucket_length(prepared.input_ids.shape[1], prompt_buckets), pad_token_id)
     if mesh is not None:
-        prepared = prepared.replace(**shard_batch(
-            {"input_ids": prepared.input_ids, "attention_mask": prepared.attention_mask, "rope_deltas": prepared.rope_deltas}, mesh
-        ))
+        prepared = place_inputs(prepared, mesh)
     graphdef, params = nnx.split(model)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh)

@@ -1,6 +1,6 @@
 """Device mesh and logical-axis sharding."""
 
-from opsd_jax.sharding.mesh import logical_to_spec, make_mesh, param_shardings, shard_batch, shard_module
+from opsd_jax.sharding.mesh import logical_to_spec, make_mesh, param_shardings, shard_batch, shard_module, to_host
 from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, resolve_rules
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "resolve_rules",
     "shard_batch",
     "shard_module",
+    "to_host",
 ]

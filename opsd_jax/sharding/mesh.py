@@ -88,8 +88,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[st
     """Puts each array of `batch` on the mesh with its leading axis over the batch mesh axes.
 
     Arrays whose leading axis the batch axes do not divide are replicated (for example packed media
-    patches, whose leading axis counts patches, not rows). With several processes, each passes its
-    own shard of the batch (its local rows) and gets the global array back.
+    patches, whose leading axis counts patches, not rows). With several processes, every process
+    passes the same global batch (see `opsd_jax.train.gather_global_batch`).
     """
     rules = resolve_rules(rule_overrides)
     out: dict[str, Any] = {}
@@ -98,10 +98,14 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[st
             out[name] = value
             continue
         spec = logical_to_spec(("batch",) + (None,) * (value.ndim - 1), value.shape, mesh, rules)
-        sharding = NamedSharding(mesh, spec)
-        if jax.process_count() == 1:
-            out[name] = jax.device_put(value, sharding)
-        else:
-            # Each process holds its own rows: the global batch is their concatenation.
-            out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        out[name] = jax.device_put(value, NamedSharding(mesh, spec))
     return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

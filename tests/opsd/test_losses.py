@@ -270,7 +270,7 @@ def test_per_token_clip_caps_value_and_stops_gradient(data):
     def clipped_sum(logits):
         return jnp.sum(losses.clip_per_token(losses.generalized_jsd(logits, t, beta=0.5), clip))
 
-    per_token_grad_norm = np.abs(np.asarray(jax.grad(clipped_sum)(s))).sum(-1)
+    per_token_grad_norm = np.abs(np.asarray(jax.jit(jax.grad(clipped_sum))(s))).sum(-1)
     over = np.asarray(raw) > clip
     assert over.any() and (~over).any()
     assert np.all(per_token_grad_norm[over] == 0) and np.all(per_token_grad_norm[~over] > 0)
@@ -313,10 +313,11 @@ def test_teacher_gets_no_gradient_and_self_distance_is_zero(data, config):
         out = losses.per_token_divergence(config, student_logits, completion_ids=ids, teacher_logits=teacher_logits)
         return jnp.sum(out.loss)
 
-    _, teacher_grad = jax.grad(total, argnums=(0, 1))(s, t)
+    value_and_grad = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+    _, (_, teacher_grad) = value_and_grad(s, t)
     assert np.all(np.asarray(teacher_grad) == 0)
 
-    value, (student_grad, _) = jax.value_and_grad(total, argnums=(0, 1))(s, s)
+    value, (student_grad, _) = value_and_grad(s, s)
     assert abs(float(value)) < 1e-5
     assert float(jnp.max(jnp.abs(student_grad))) < 1e-6
 
@@ -535,7 +536,7 @@ def test_fused_and_chunked_losses_match_naive(data, config):
         return jnp.sum(weights * out.loss), out
 
     grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)  # noqa: E731
-    (expected, expected_out), expected_grads = grad(naive)(hs, w, ht)
+    (expected, expected_out), expected_grads = jax.jit(grad(naive))(hs, w, ht)
     for form in (fused, chunked):
         (value, out), grads = jax.jit(grad(form))(hs, w, ht)
         assert_close(value, expected, PARITY_TOL)
@@ -550,15 +551,18 @@ def test_fused_loss_accumulates_over_micro_batches(data):
     hs, ht, w, ids, mask = (data[k] for k in ("student_hidden", "teacher_hidden", "kernel", "completion_ids", "mask"))
     config = losses.LossConfig(is_clip=None, positive_evidence=True, chunk_size=4)
 
-    def step_loss(kernel, rows, num_tokens_global):
-        weights = losses.reduction_weights(config, mask[rows], num_tokens_global=num_tokens_global)
+    @jax.jit
+    @jax.value_and_grad
+    def step_loss(kernel, student_hidden, teacher_hidden, completion_ids, step_mask, num_tokens_global):
+        weights = losses.reduction_weights(config, step_mask, num_tokens_global=num_tokens_global)
         return losses.fused_distillation_loss(
-            config, hs[rows], kernel, weights, teacher_hidden=ht[rows], completion_ids=ids[rows]
+            config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden, completion_ids=completion_ids
         )[0]
 
-    full, full_grad = jax.value_and_grad(step_loss)(w, slice(None), None)
     total_tokens = jnp.sum(mask)  # counted once over the whole optimizer step
-    parts = [jax.value_and_grad(step_loss)(w, rows, total_tokens) for rows in (slice(0, 1), slice(1, 2))]
+    full, full_grad = step_loss(w, hs, ht, ids, mask, total_tokens)
+    halves = (slice(0, 1), slice(1, 2))
+    parts = [step_loss(w, hs[rows], ht[rows], ids[rows], mask[rows], total_tokens) for rows in halves]
     assert_close(parts[0][0] + parts[1][0], full, PARITY_TOL)
     assert_close(parts[0][1] + parts[1][1], full_grad, PARITY_TOL)
 

@@ -190,3 +190,14 @@ def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_pr
     assert (expected[1] == eos).any() and (expected[1, -1] == PAD)
     out = generate(model, inputs, max_new_tokens=NEW, temperature=0, eos_token_id=eos, pad_token_id=PAD)
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def test_per_prompt_keys_make_rollouts_independent_of_row_order(setup):
+    _, model = setup
+    keys = jnp.stack([jax.random.key(7), jax.random.key(8)])
+    kwargs = dict(max_new_tokens=6, temperature=1.0, eos_token_id=255, pad_token_id=PAD, num_samples=3)
+    forward = generate(model, {"input_ids": IDS, "attention_mask": MASK}, seed=keys, **kwargs)
+    swapped = generate(model, {"input_ids": IDS[::-1], "attention_mask": MASK[::-1]}, seed=keys[::-1], **kwargs)
+    np.testing.assert_array_equal(np.asarray(forward.tokens[:3]), np.asarray(swapped.tokens[3:]))
+    np.testing.assert_array_equal(np.asarray(forward.tokens[3:]), np.asarray(swapped.tokens[:3]))
+    assert (np.asarray(forward.tokens[0]) != np.asarray(forward.tokens[1])).any()
