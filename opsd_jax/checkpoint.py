@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
@@ -37,7 +38,9 @@ class RunCheckpointer:
         best_metric: str = "eval/accuracy",
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = epath.Path(directory)
+        if not str(directory).startswith(("gs://", "s3://")):
+            self.directory = epath.Path(Path(directory).absolute())
         self.best_metric = best_metric
         keep: list[policies.PreservationPolicy] = [policies.LatestN(n=keep_last)]
         if keep_best:

@@ -36,8 +36,9 @@ def _register_config(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from opsd_jax.config import load_config
-    from opsd_jax.train import train
+    from opsd_jax.train import initialize_distributed, train
 
+    initialize_distributed()  # before the config asks JAX for the device count
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, max_steps=args.max_steps)
     print(f"trained to step {summary.steps} in {summary.seconds:.1f}s"

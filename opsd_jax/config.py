@@ -120,9 +120,9 @@ class TrainConfig:
                 f"train.batch_size: {self.batch_size} prompts do not split into "
                 f"train.grad_accum_steps = {self.grad_accum_steps} equal micro-batches"
             )
-        if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
+        if self.warmup_steps < 0 or self.warmup_steps >= self.total_steps:
             raise ConfigError(
-                f"train.warmup_steps: expected 0..train.total_steps ({self.total_steps}), got {self.warmup_steps}"
+                f"train.warmup_steps: expected 0..train.total_steps - 1 ({self.total_steps - 1}), got {self.warmup_steps}"
             )
         if self.max_grad_norm <= 0:
             raise ConfigError(f"train.max_grad_norm: expected > 0, got {self.max_grad_norm}")
@@ -166,9 +166,17 @@ class TeacherConfig:
 
     mode: Literal["live", "frozen", "ema"] = "frozen"
     ema_rate: float = 0.05
+    # False gives the teacher the student's own prompt (the "teacher without rationale" ablation).
+    use_rationale: bool = True
+    distill_weight: float = 1.0
+    # Ablation terms, 0 by default: a label-reward policy gradient (GRPO-style) and a cross-entropy term
+    # on reference answers (`label_ce_target`: the label, or the rationale followed by the label) given
+    # the student's or the teacher's prompt (`label_ce_prompt`; "teacher" is the warm start's reading
+    # of written evidence).
     label_pg_weight: float = 0.0
     label_ce_weight: float = 0.0
-    distill_weight: float = 1.0
+    label_ce_target: Literal["label", "rationale"] = "label"
+    label_ce_prompt: Literal["student", "teacher"] = "student"
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

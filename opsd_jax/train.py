@@ -23,13 +23,13 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
@@ -40,19 +40,18 @@ from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterato
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.prompts import encode_clip_batch
-from opsd_jax.sampling import generate
+from opsd_jax.sampling import GenerationOutput, generate
 from opsd_jax.sharding import make_mesh, to_host
 
 logger = logging.getLogger(__name__)
-
-ANSWER_TEMPLATE = "<answer>{label}</answer>"
 
 
 def initialize_distributed() -> None:
     """`jax.distributed.initialize()` when the environment describes a multi-process run.
 
-    TPU pod workers are detected by JAX itself; elsewhere set `OPSD_COORDINATOR` (host:port),
-    `OPSD_NUM_PROCESSES` and `OPSD_PROCESS_ID` on every process.
+    On Cloud TPU VMs (`TPU_WORKER_ID` is set) JAX finds its peers itself; elsewhere set
+    `OPSD_COORDINATOR` (host:port), `OPSD_NUM_PROCESSES` and `OPSD_PROCESS_ID` on every process.
+    Must run before anything asks JAX about devices.
     """
     if jax.distributed.is_initialized():
         return
@@ -62,7 +61,7 @@ def initialize_distributed() -> None:
             num_processes=int(os.environ["OPSD_NUM_PROCESSES"]),
             process_id=int(os.environ["OPSD_PROCESS_ID"]),
         )
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    elif "TPU_WORKER_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
         jax.distributed.initialize()
 
 
@@ -130,13 +129,13 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
 class MetricsWriter:
     """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: epath.Path):
         self.enabled = jax.process_index() == 0
         self.handle = None
         self.board = None
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
-            self.handle = open(directory / "metrics.jsonl", "a")
+            self.handle = (directory / "metrics.jsonl").open("a")
             from tensorboardX import SummaryWriter
 
             self.board = SummaryWriter(str(directory / "tensorboard"))
@@ -175,7 +174,7 @@ class Trainer:
         dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
         self.model = model if model is not None else from_pretrained(config.model.checkpoint, dtype=dtype, mesh=self.mesh)
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
-        self.output_dir = Path(config.run.output_dir)
+        self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
         params = nnx.state(self.model, nnx.Param)
         self.tx = opsd_step.make_optimizer(config.train, params)
         self.settings = opsd_step.StepSettings(
@@ -219,6 +218,9 @@ class Trainer:
                 self.builder, part, self.config.prompt, length=self.config.data.prompt_length,
                 use_audio_in_video=self.config.data.use_audio_in_video, with_teacher=True,
             )
+            if not self.config.teacher.use_rationale:
+                inputs["teacher_input_ids"] = inputs["input_ids"]
+                inputs["teacher_attention_mask"] = inputs["attention_mask"]
             out.append((inputs, part))
         return out
 
@@ -231,10 +233,14 @@ class Trainer:
     # -------------------------------------------------------------------------------------- a step
 
     def _label_ids(self, clips: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        """The reference answers `<answer>label</answer><eos>`, right-padded: for the cross-entropy ablation."""
+        """The reference answers (`prompt.answer_template`, then EOS), right-padded: for the cross-entropy terms."""
         tokenizer = self.builder.tokenizer
-        rows = [tokenizer(ANSWER_TEMPLATE.format(label=str(c.get("label", ""))))["input_ids"] + [tokenizer.eos_token_id]
-                for c in clips]
+
+        def target(clip: dict[str, Any]) -> str:
+            answer = self.config.prompt.answer_template.format(label=str(clip.get("label", "")))
+            return f"{clip.get('rationale', '')} {answer}" if self.config.teacher.label_ce_target == "rationale" else answer
+
+        rows = [tokenizer(target(c))["input_ids"] + [tokenizer.eos_token_id] for c in clips]
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.builder.pad_token_id, np.int32)
         mask = np.zeros((len(rows), width), bool)
@@ -258,6 +264,13 @@ class Trainer:
             self.vocabulary = sorted(label for label in labels if label)
         return self.vocabulary
 
+    def _no_rollouts(self, prompts: int) -> GenerationOutput:
+        """Empty completions for objectives that need none (pure cross-entropy): no sampling cost."""
+        rows, new = prompts * self.config.sampling.num_samples, self.config.sampling.max_new_tokens
+        zeros = jnp.zeros((rows, new), jnp.float32)
+        return GenerationOutput(tokens=jnp.full((rows, new), self.builder.pad_token_id, jnp.int32), logprobs=zeros,
+                                model_logprobs=zeros, mask=jnp.zeros((rows, new), bool))
+
     def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
         sampling = self.config.sampling
         teacher = self.config.teacher
@@ -267,11 +280,14 @@ class Trainer:
             # One key per clip, from its id: rollouts do not depend on the process layout or batch order.
             step_key = jax.random.fold_in(self.key, step)
             key = jnp.stack([jax.random.fold_in(step_key, _stable_hash(str(clip["id"]))) for clip in part])
-            out = generate(
-                self.model, student, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
-                pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key, mesh=self.mesh,
-            )
+            if teacher.distill_weight == 0 and teacher.label_pg_weight == 0:
+                out = self._no_rollouts(len(part))
+            else:
+                out = generate(
+                    self.model, student, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
+                    pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key, mesh=self.mesh,
+                )
             tokens, mask = to_host(out.tokens), to_host(out.mask)
             rewards = self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
             label_ids, label_mask = self._label_ids(part)
@@ -285,8 +301,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy answers of the student (no rationale) on held-out clips: accuracy and macro-F1."""
+    def evaluate(self, *, with_rationale: bool = False) -> dict[str, float]:
+        """Greedy answers on held-out clips: accuracy and macro-F1.
+
+        The student's prompt (no rationale) by default: what inference sees. `with_rationale=True` scores
+        the teacher's prompt instead (the clips' `rationale` field), to measure what the teacher knows.
+        """
         data = self.config.data
         if not data.eval_dir:
             return {}
@@ -299,7 +319,10 @@ class Trainer:
         for start in range(0, count, batch_size):
             clips = [processor(source[i]) for i in range(start, min(count, start + batch_size))]
             inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
-                                       use_audio_in_video=data.use_audio_in_video)
+                                       use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale)
+            if with_rationale:
+                inputs["input_ids"] = inputs.pop("teacher_input_ids")
+                inputs["attention_mask"] = inputs.pop("teacher_attention_mask")
             ids = inputs.pop("input_ids")
             out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.max_new_tokens,
                            temperature=0.0, eos_token_id=self.builder.tokenizer.eos_token_id,

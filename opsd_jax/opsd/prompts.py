@@ -45,6 +45,8 @@ class PromptConfig:
     privileged_template: str = DEFAULT_PRIVILEGED_TEMPLATE
     privileged_position: Literal["before_instruction", "after_instruction", "system"] = "before_instruction"
     system_prompt: str | None = None
+    # The reference answer of the supervised ablations and the warm start (`{label}` is the label).
+    answer_template: str = "<answer>{label}</answer>"
 
     def validate(self, num_devices: int | None = None) -> None:
         from opsd_jax.config import ConfigError
@@ -54,6 +56,8 @@ class PromptConfig:
             raise ConfigError("prompt.privileged_template: must contain the field {rationale}")
         if "{subtitle}" not in self.subtitle_template:
             raise ConfigError("prompt.subtitle_template: must contain the field {subtitle}")
+        if "{label}" not in self.answer_template:
+            raise ConfigError("prompt.answer_template: must contain the field {label}")
         if self.privileged_position not in ("before_instruction", "after_instruction", "system"):
             raise ConfigError(
                 "prompt.privileged_position: expected before_instruction, after_instruction or system, "

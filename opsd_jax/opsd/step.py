@@ -226,7 +226,8 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, setti
         total += settings.teacher.label_pg_weight * -jnp.sum(weights * advantages[:, None] * token_logprobs)
     if settings.teacher.label_ce_weight > 0:
         label_mask = batch.label_mask.astype(bool)
-        label_hidden = completion_hidden(model, batch.student, batch.label_ids, label_mask)
+        prompt = batch.teacher if settings.teacher.label_ce_prompt == "teacher" else batch.student
+        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask)
         logits = jnp.einsum("bch,hv->bcv", label_hidden, head, preferred_element_type=jnp.float32)
         per_token = losses.label_cross_entropy(logits, batch.label_ids, label_mask)
         total += settings.teacher.label_ce_weight * jnp.sum(per_token) / jnp.maximum(counts["label_tokens"], 1.0)
