@@ -106,6 +106,19 @@ class RunCheckpointer:
         logger.info("restored step %d from %s", step, self.directory)
         return restored["state"], restored["meta"]
 
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Only the trained parameters of a checkpoint (no optimizer state, teacher or iterator): for export
+        and evaluation. `abstract_params` gives their shapes, dtypes and shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        target = {"params": abstract_params}
+        restore = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
+        return restored["state"]["params"]
+
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is complete."""
         self.manager.wait_until_finished()

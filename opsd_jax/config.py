@@ -139,6 +139,7 @@ class SamplingConfig:
 
     num_samples: int = 4
     max_new_tokens: int = 64
+    eval_max_new_tokens: int = 64  # greedy answers of the held-out evaluation
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -202,6 +203,8 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     prompt_length: int = 1024
+    teacher_prompt_length: int | None = None  # default: prompt_length (one bucket for both)
+    answer_length: int = 32  # static width of reference answers (cross-entropy terms); longer ones are cut
     use_audio_in_video: bool = True
     worker_count: int = 0
     eval_clips: int = 64
@@ -210,6 +213,11 @@ class DataConfig:
         del num_devices
         if self.prompt_length < 8:
             raise ConfigError(f"data.prompt_length: expected >= 8 tokens, got {self.prompt_length}")
+        if self.teacher_prompt_length is not None and self.teacher_prompt_length < self.prompt_length:
+            raise ConfigError(
+                f"data.teacher_prompt_length: expected >= data.prompt_length ({self.prompt_length}): the teacher's "
+                f"prompt holds the student's plus the rationale; got {self.teacher_prompt_length}"
+            )
         if self.worker_count < 0:
             raise ConfigError(f"data.worker_count: expected >= 0, got {self.worker_count}")
         if self.eval_clips < 0:

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -36,9 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory appears only once it is complete.",
     )
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="the trained parameters: a Hugging Face checkpoint directory (orbax training "
-                        "checkpoints: not yet)")
+                        help="the trained parameters: a training run directory (run.output_dir of `opsd-jax "
+                        "train`) or a Hugging Face checkpoint directory")
     parser.add_argument("--out", required=True, type=Path, help="the directory to create")
+    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="tensor dtype of the export (default: the parameters' own)")
     parser.add_argument("--tokenizer-dir", type=Path,
@@ -62,10 +66,12 @@ class TrainedParams:
     base_dir: Path
 
 
-def load_trained_params(path: str | Path) -> TrainedParams:
+def load_trained_params(path: str | Path, step: int | None = None) -> TrainedParams:
     """The parameters stored at `path`, placed over all devices (fsdp) so none holds the whole model.
 
-    Accepts a Hugging Face checkpoint directory (config.json + safetensors).
+    Accepts a Hugging Face checkpoint directory (config.json + safetensors), or a training run
+    directory (`run.output_dir` of `opsd-jax train`: its `config.yaml` names the base checkpoint, and
+    `checkpoints/` holds the trained parameters; `step` picks one, default the newest).
 
     Raises:
       CheckpointError: `path` is missing or is not a Hugging Face checkpoint directory.
@@ -81,16 +87,45 @@ def load_trained_params(path: str | Path) -> TrainedParams:
     has_weights = (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
     if path.is_dir() and (path / "config.json").is_file() and has_weights:
         return TrainedParams(from_pretrained(path, mesh=make_mesh(MeshConfig())), path)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return _load_run(path, step)
     raise CheckpointError(
-        f"--checkpoint {path}: not a Hugging Face checkpoint directory (expected config.json and *.safetensors "
-        "files); exporting orbax training checkpoints is not supported yet"
+        f"--checkpoint {path}: neither a Hugging Face checkpoint directory (config.json and *.safetensors) nor a "
+        "training run directory (config.yaml and checkpoints/, as `opsd-jax train` writes under run.output_dir)"
     )
+
+
+def _load_run(run_dir: Path, step: int | None) -> TrainedParams:
+    """The parameters of a training run's checkpoint (the newest complete one unless `step`), restored
+    straight onto an FSDP mesh over all devices, on top of the run's base checkpoint's architecture."""
+    from flax import nnx
+
+    from opsd_jax.checkpoint import RunCheckpointer
+    from opsd_jax.config import MeshConfig, load_config
+    from opsd_jax.models.qwen2_5_omni import from_pretrained
+    from opsd_jax.models.weights import CheckpointError
+    from opsd_jax.sharding import make_mesh
+
+    config = load_config(run_dir / "config.yaml", num_devices=None)
+    base = Path(config.model.checkpoint)
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{run_dir / 'config.yaml'}: model.checkpoint {base} (the run's base checkpoint) is missing")
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model, nnx.Param))
+    checkpointer = RunCheckpointer(run_dir / "checkpoints")
+    try:
+        params = checkpointer.restore_params(step, abstract)
+    finally:
+        checkpointer.close()
+    nnx.update(model, params)
+    return TrainedParams(model, base)
 
 
 def run(args: argparse.Namespace) -> int:
     from opsd_jax.models.export import TOKENIZER_FILES, export_thinker
 
-    trained = load_trained_params(args.checkpoint)
+    trained = load_trained_params(args.checkpoint, args.step)
     tokenizer_dir = args.tokenizer_dir
     if tokenizer_dir is None and any((trained.base_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         tokenizer_dir = trained.base_dir

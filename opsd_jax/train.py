@@ -66,13 +66,14 @@ def initialize_distributed() -> None:
 
 
 def predicted_label(text: str, vocabulary: list[str]) -> str | None:
-    """The label of a free-text answer: the `<answer>` part if present, then the first vocabulary word in it."""
+    """The label of a free-text answer: within the `<answer>` part if present, the vocabulary word that
+    comes last (an explanation names its conclusion last, after any cue it weighs against)."""
     lowered = text.lower()
     start, end = lowered.find("<answer>"), lowered.find("</answer>")
     if start >= 0 and end > start:
         lowered = lowered[start + len("<answer>") : end]
-    hits = [(lowered.find(word), word) for word in vocabulary if word in lowered]
-    return min(hits)[1] if hits else None
+    hits = [(lowered.rfind(word), word) for word in vocabulary if word in lowered]
+    return max(hits)[1] if hits else None
 
 
 def classification_scores(predicted: list[str | None], truth: list[str], vocabulary: list[str]) -> dict[str, float]:
@@ -217,6 +218,7 @@ class Trainer:
             inputs = encode_clip_batch(
                 self.builder, part, self.config.prompt, length=self.config.data.prompt_length,
                 use_audio_in_video=self.config.data.use_audio_in_video, with_teacher=True,
+                teacher_length=self.config.data.teacher_prompt_length,
             )
             if not self.config.teacher.use_rationale:
                 inputs["teacher_input_ids"] = inputs["input_ids"]
@@ -240,8 +242,8 @@ class Trainer:
             answer = self.config.prompt.answer_template.format(label=str(clip.get("label", "")))
             return f"{clip.get('rationale', '')} {answer}" if self.config.teacher.label_ce_target == "rationale" else answer
 
-        rows = [tokenizer(target(c))["input_ids"] + [tokenizer.eos_token_id] for c in clips]
-        width = max(len(r) for r in rows)
+        width = self.config.data.answer_length  # static: one compiled step for every batch
+        rows = [(tokenizer(target(c))["input_ids"] + [tokenizer.eos_token_id])[-width:] for c in clips]
         ids = np.full((len(rows), width), self.builder.pad_token_id, np.int32)
         mask = np.zeros((len(rows), width), bool)
         for i, row in enumerate(rows):
@@ -319,12 +321,13 @@ class Trainer:
         for start in range(0, count, batch_size):
             clips = [processor(source[i]) for i in range(start, min(count, start + batch_size))]
             inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
-                                       use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale)
+                                       use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale,
+                                       teacher_length=data.teacher_prompt_length)
             if with_rationale:
                 inputs["input_ids"] = inputs.pop("teacher_input_ids")
                 inputs["attention_mask"] = inputs.pop("teacher_attention_mask")
             ids = inputs.pop("input_ids")
-            out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.max_new_tokens,
+            out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.eval_max_new_tokens,
                            temperature=0.0, eos_token_id=self.builder.tokenizer.eos_token_id,
                            pad_token_id=self.builder.pad_token_id, mesh=self.mesh)
             tokens, mask = to_host(out.tokens), to_host(out.mask)

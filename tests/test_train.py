@@ -77,6 +77,13 @@ def test_resumed_run_reproduces_the_uninterrupted_one(run_setup):
     for a, b in zip(params_of(whole), params_of(second)):
         np.testing.assert_array_equal(a, b)
 
+    # `opsd-jax export` reads the trained parameters back from the run directory.
+    from opsd_jax.export_cli import load_trained_params
+
+    exported = load_trained_params(run_setup[2] / "whole")
+    for a, b in zip(jax.tree.leaves(nnx.state(exported.params, nnx.Param)), params_of(whole)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
     logs = [json.loads(line) for line in (run_setup[2] / "whole" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logs] == [1, 2, 3, 4]
     assert (run_setup[2] / "whole" / "summary.json").is_file()
@@ -114,7 +121,7 @@ def test_a_half_written_checkpoint_is_never_loaded(run_setup):
 def test_label_parsing_and_scores():
     vocabulary = ["happy", "sad", "angry"]
     assert predicted_label("I think <answer>Sad</answer>", vocabulary) == "sad"
-    assert predicted_label("happy, then angry", vocabulary) == "happy"
+    assert predicted_label("the words sound angry, but the face says happy", vocabulary) == "happy"
     assert predicted_label("no idea", vocabulary) is None
     scores = classification_scores(["happy", None, "sad", "sad"], ["happy", "sad", "sad", "angry"], vocabulary)
     assert scores["accuracy"] == 0.5

@@ -825,6 +825,7 @@ class TeacherScores(NamedTuple):
     token_logprobs: jax.Array  # [B, T] the sampled tokens' teacher logprobs
     top_k_logprobs: jax.Array  # [B, T, K] normalised over the full vocabulary
     top_k_indices: jax.Array  # [B, T, K] int32
+    entropy: jax.Array  # [B, T] of the (tempered) distribution, in nats
 
 
 def chunked_teacher_scores(
@@ -836,7 +837,8 @@ def chunked_teacher_scores(
     temperature: float = 1.0,
     chunk_size: int = 128,
 ) -> TeacherScores:
-    """Teacher logprobs of the sampled tokens and its top-K, from hidden states `[B, T, H]` and `[H, V]`, by chunks.
+    """Logprobs of the sampled tokens, the top-K and the entropy, from hidden states `[B, T, H]` and `[H, V]`, by
+    chunks (the teacher's scores; on the student's states, its metrics).
 
     No gradient flows; memory ~ one `[B, chunk_size, V]` float32 buffer.
     """
@@ -851,6 +853,8 @@ def chunked_teacher_scores(
         hidden, ids = hidden_and_ids
         logits = _head_logits(hidden, head_kernel)
         values, indices = top_k_logprobs(logits, top_k, temperature=temperature)
-        return TeacherScores(token_logprobs(logits, ids, temperature=temperature), values, indices)
+        return TeacherScores(
+            token_logprobs(logits, ids, temperature=temperature), values, indices, entropy(logits, temperature=temperature)
+        )
 
     return jax.tree.map(lambda x: _from_chunks(x, length), jax.lax.map(one_chunk, chunks))

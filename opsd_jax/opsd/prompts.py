@@ -98,12 +98,17 @@ def encode_prompt_pairs(
     config: PromptConfig,
     *,
     length: int,
+    teacher_length: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Student and teacher prompts of a batch, both left-padded to `length` tokens.
+    """Student and teacher prompts of a batch, left-padded to `length` / `teacher_length` tokens.
+
+    With one length (the default) a completion appended to either prompt sits at the same columns;
+    a shorter student bucket saves the student's forward and the sampler's prefill the teacher's
+    extra context (the scorer slices each side at its own prompt length).
 
     Returns:
-      `student_input_ids`, `student_attention_mask`, `teacher_input_ids`, `teacher_attention_mask`,
-      each `[batch, length]` int32. An error names the clip whose teacher prompt does not fit.
+      `student_input_ids`, `student_attention_mask` `[batch, length]` and `teacher_input_ids`,
+      `teacher_attention_mask` `[batch, teacher_length]`, int32. An error names the clip that does not fit.
     """
     if not len(media) == len(subtitles) == len(rationales):
         raise ValueError(
@@ -112,7 +117,8 @@ def encode_prompt_pairs(
         )
     student = builder([conversation(m, s, config) for m, s in zip(media, subtitles)], length=length)
     teacher = builder(
-        [conversation(m, s, config, rationale=r) for m, s, r in zip(media, subtitles, rationales)], length=length
+        [conversation(m, s, config, rationale=r) for m, s, r in zip(media, subtitles, rationales)],
+        length=length if teacher_length is None else teacher_length,
     )
     return {
         "student_input_ids": student["input_ids"],
@@ -141,6 +147,7 @@ def encode_clip_batch(
     length: int | None,
     use_audio_in_video: bool = True,
     with_teacher: bool = False,
+    teacher_length: int | None = None,
 ) -> dict[str, np.ndarray | bool]:
     """Clips (each a dict of `data.pipeline.ProcessorInputs` arrays plus `subtitle` and, for the
     teacher, `rationale`; the audio arrays are optional) -> the model call's keyword arguments for the
@@ -162,7 +169,7 @@ def encode_clip_batch(
     subtitles = [str(c.get("subtitle", "")) for c in clips]
     if with_teacher:
         text = encode_prompt_pairs(builder, media, subtitles, [str(c["rationale"]) for c in clips], config,
-                                   length=length)
+                                   length=length, teacher_length=teacher_length)
         inputs: dict[str, np.ndarray | bool] = {
             "input_ids": text["student_input_ids"], "attention_mask": text["student_attention_mask"],
             "teacher_input_ids": text["teacher_input_ids"], "teacher_attention_mask": text["teacher_attention_mask"],

@@ -207,6 +207,7 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
         "is_ratio_max": jnp.max(jnp.where(mask, ratio, 0.0)),
         "is_clipped": masked_sum(clipped.astype(jnp.float32)),
         "top_k_mass_sum": masked_sum(jnp.sum(jnp.exp(student_scores.top_k_logprobs), axis=-1)),
+        "entropy_sum": masked_sum(student_scores.entropy),
         "tokens": jnp.sum(mask.astype(jnp.float32)),
         "sequences": jnp.float32(mask.shape[0]),
     }
@@ -288,6 +289,7 @@ def summarize(metrics: dict[str, jax.Array], grads: nnx.State) -> dict[str, jax.
         "is_ratio_max": jnp.max(metrics["is_ratio_max"]),
         "is_clip_fraction": mean("is_clipped"),
         "top_k_mass": mean("top_k_mass_sum"),
+        "entropy": mean("entropy_sum"),
         "completion_length": jnp.sum(metrics["tokens"]) / jnp.sum(metrics["sequences"]),
         "grad_norm": optax.tree.norm(grads),
     }

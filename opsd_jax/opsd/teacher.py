@@ -13,12 +13,15 @@ into it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from opsd_jax.models.qwen2_5_omni import MediaFeatures, Qwen2_5OmniThinker, ThinkerInputs, append_completion
+from opsd_jax.models.qwen2_5_omni import MediaFeatures, Qwen2_5OmniThinker, ThinkerInputs
+from opsd_jax.models.text import LayerCache, causal_padding_mask
 from opsd_jax.opsd.losses import LossConfig, chunked_teacher_scores
 
 TEACHER_MODES = ("live", "frozen", "ema")
@@ -33,13 +36,33 @@ def completion_hidden(
 ) -> jax.Array:
     """Hidden states that predict each completion token: `[B * G, C, hidden]`.
 
-    One forward over `[prompt | completion]`; the state at column `P - 1 + i` predicts token i.
+    Equal to one forward over `[prompt | completion]` sliced at columns `P - 1 ... P + C - 2`, but
+    the G rollouts of a prompt share its prefix: the prompt runs once per prompt (B rows) into a KV
+    cache, which is repeated for the completions (B * G rows of C tokens). For a long multimodal
+    prompt and short answers this divides the forward (and, for the student, the backward) by ~G.
     """
-    prompt_len = prompt.input_ids.shape[1]
-    repeats = completion.shape[0] // prompt.input_ids.shape[0]
-    inputs = append_completion(prompt, completion, completion_mask)
-    hidden = model.hidden_states(inputs, features, repeats=repeats)
-    return hidden[:, prompt_len - 1 : prompt_len - 1 + completion.shape[1]]
+    batch, prompt_len = prompt.input_ids.shape
+    rows, length = completion.shape
+    repeats = rows // batch
+    text = model.config.text
+    shape = (batch, prompt_len + length, text.num_key_value_heads, text.head_dim)
+    cache = [LayerCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(text.num_hidden_layers)]
+    prompt_mask = jnp.pad(causal_padding_mask(prompt.attention_mask), ((0, 0), (0, 0), (0, length)))
+    prefix, cache = model.model(model.embed_inputs(prompt, features), prompt.position_ids, prompt_mask, cache, jnp.int32(0))
+
+    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0, total_repeat_length=rows)
+    cache = jax.tree.map(repeat, cache)
+    n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
+    start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)
+    positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+    positions = jnp.broadcast_to(positions[None], (3, rows, length))
+    # Completion token i sees the prompt's real tokens and completion tokens 0..i.
+    sees_prompt = jnp.broadcast_to(repeat(prompt.attention_mask.astype(bool))[:, None, :], (rows, length, prompt_len))
+    sees_completion = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (rows, length, length))
+    mask = jnp.concatenate([sees_prompt, sees_completion], axis=2)
+    del completion_mask  # tokens after EOS only feed predictions that are masked out of every loss
+    hidden, _ = model.model(model.model.embed_tokens(completion), positions, mask, cache, jnp.int32(prompt_len))
+    return jnp.concatenate([repeat(prefix[:, -1:]), hidden[:, :-1]], axis=1)
 
 
 def teacher_signal(

@@ -595,6 +595,9 @@ def test_chunked_teacher_scores_match_logits(data):
     np.testing.assert_array_equal(np.asarray(scores.top_k_indices), np.asarray(indices))
     assert_close(scores.top_k_logprobs, values, PARITY_TOL)
     assert_close(scores.token_logprobs, np_token_logprobs(logits, np.asarray(ids), 2.0), REF_TOL)
+    tempered = np.asarray(logits, np.float64) / 2.0
+    logp = tempered - np.logaddexp.reduce(tempered, axis=-1, keepdims=True)
+    assert_close(scores.entropy, -(np.exp(logp) * logp).sum(-1), REF_TOL)
 
 
 def test_hidden_state_forms_reject_bad_shapes(data):

@@ -110,9 +110,9 @@ def test_gradient_accumulation_equals_the_full_batch(model):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
     # Adam's first step is ~lr * g / |g| per entry: summation-order noise in near-zero gradient entries
-    # shows up at ~lr * 1e-2, hence 1e-5 here (lr 1e-3), far below a wrong weighting (~lr).
+    # shows up at ~lr * 1e-2, hence 3e-5 here (lr 1e-3), far below a wrong weighting (~lr).
     for a, b in zip(flat_leaves(one.params), flat_leaves(two.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=3e-5)
 
 
 def test_frozen_encoders_do_not_move_and_the_decoder_does(model):
