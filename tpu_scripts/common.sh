@@ -137,10 +137,10 @@ check_accelerator_type() {
 # A path on a worker: absolute as given, relative to the worker's home directory otherwise. The result is
 # a shell fragment for the worker's shell ("$HOME" expands there, not here).
 remote_path() {
+  # "$HOME" must expand on the worker, not here: hence the single quotes.
+  # shellcheck disable=SC2016
   case $1 in
     /*) shell_quote "$1" ;;
-    # "$HOME" expands on the worker.
-    # shellcheck disable=SC2016
     *) printf '"$HOME"/%s' "$(shell_quote "$1")" ;;
   esac
 }
