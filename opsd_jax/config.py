@@ -83,7 +83,9 @@ class ModelConfig:
     """Which checkpoint to load and in which precision."""
 
     checkpoint: str = ""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights (float32: master weights)
+    remat: bool = False  # recompute decoder-layer activations in the backward pass
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

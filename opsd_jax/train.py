@@ -173,7 +173,10 @@ class Trainer:
         self.config = config
         self.mesh = make_mesh(config.mesh)
         dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-        self.model = model if model is not None else from_pretrained(config.model.checkpoint, dtype=dtype, mesh=self.mesh)
+        param_dtype = jnp.bfloat16 if config.model.param_dtype == "bfloat16" else jnp.float32
+        self.model = model if model is not None else from_pretrained(
+            config.model.checkpoint, dtype=dtype, mesh=self.mesh, param_dtype=param_dtype, remat=config.model.remat
+        )
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
         self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
         params = nnx.state(self.model, nnx.Param)

@@ -72,7 +72,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        # The weight may be kept in float32 (master weights) while activations run in bfloat16.
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -124,13 +124,13 @@ def text_position_ids(attention_mask: jax.Array) -> jax.Array:
 class Qwen2_5OmniThinker(nnx.Module):
     """`Qwen2_5OmniThinkerForConditionalGeneration` in Flax NNX."""
 
-    def __init__(self, config: ThinkerConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ThinkerConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs, remat: bool = False):
         self.config = config
         self.dtype = dtype
         text = config.text
         self.audio_tower = AudioEncoder(config.audio, dtype=dtype, rngs=rngs)
         self.visual = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
-        self.model = TextModel(text, dtype=dtype, rngs=rngs)
+        self.model = TextModel(text, dtype=dtype, rngs=rngs, remat=remat)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -372,13 +372,22 @@ def read_config(path: str | Path) -> ThinkerConfig:
     return ThinkerConfig.from_hf(raw, source=str(config_file))
 
 
-def from_pretrained(path: str | Path, *, dtype: jnp.dtype = jnp.float32, mesh: Mesh | None = None) -> Qwen2_5OmniThinker:
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    mesh: Mesh | None = None,
+    param_dtype: jnp.dtype | None = None,
+    remat: bool = False,
+) -> Qwen2_5OmniThinker:
     """Loads a Hugging Face Qwen2.5-Omni (thinker) checkpoint directory into the Flax thinker.
 
     Accepts full Omni checkpoints (`thinker.*` names; talker and token2wav tensors are skipped and
     counted) and thinker-only ones. A checkpoint without `lm_head.weight` has tied embeddings. With a
     `mesh`, every parameter is placed by the logical-axis rules as it is read, so a model larger than
-    one device's memory never sits whole on one device.
+    one device's memory never sits whole on one device. `dtype` is the compute dtype; `param_dtype`
+    (default: the same) is the stored one, e.g. float32 master weights for bfloat16 training.
+    `remat` recomputes decoder-layer activations in the backward pass.
     """
     path = Path(path)
     config = read_config(path)
@@ -387,7 +396,7 @@ def from_pretrained(path: str | Path, *, dtype: jnp.dtype = jnp.float32, mesh: M
         logger.info("checkpoint %s has no lm_head.weight: using tied embeddings", path)
         config = dataclasses.replace(config, tie_word_embeddings=True)
 
-    abstract = nnx.eval_shape(lambda: Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
 
@@ -397,7 +406,7 @@ def from_pretrained(path: str | Path, *, dtype: jnp.dtype = jnp.float32, mesh: M
         shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
 
     def place(param_path: tuple, tensor: np.ndarray) -> jax.Array:
-        array = np.asarray(tensor).astype(flat[param_path].get_value().dtype)
+        array = np.asarray(tensor).astype(param_dtype or flat[param_path].get_value().dtype)
         if mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, shardings[param_path].get_value())

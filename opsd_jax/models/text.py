@@ -159,9 +159,12 @@ class Qwen2DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embedding, decoder layers and final norm (the reference's `model.*` tensors)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, remat: bool = False):
         self.config = cfg
         self.dtype = dtype
+        # Recompute each layer's activations in the backward pass instead of keeping them (only the
+        # layer inputs stay alive): what long multimodal sequences need on an accelerator.
+        self.remat = remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
@@ -192,11 +195,16 @@ class TextModel(nnx.Module):
         )
         x = inputs_embeds.astype(self.dtype)
         new_cache = [] if cache is not None else None
+        run = nnx.remat(_run_layer) if self.remat else _run_layer
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            x, layer_cache = run(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
+
+
+def _run_layer(layer, x, cos, sin, mask, cache, cache_index):
+    return layer(x, cos, sin, mask, cache, cache_index)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
