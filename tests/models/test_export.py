@@ -290,7 +290,7 @@ def test_cli_rejects_what_it_cannot_load(tmp_path, capsys):
     assert "--checkpoint " + str(tmp_path / "nope") + ": does not exist" in capsys.readouterr().err
     (tmp_path / "orbax" / "100").mkdir(parents=True)
     assert export_cli.main(["--checkpoint", str(tmp_path / "orbax"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert "neither a Hugging Face checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

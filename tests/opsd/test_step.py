@@ -146,12 +146,15 @@ def test_ablation_terms_add_to_the_loss(model):
 
 def test_sharded_step_on_eight_devices_equals_one_device(tiny_untied, model):
     batch = stack(make_batch(model, seed=2))
-    settings, state = settings_for(model, "ema")
+    # A small learning rate: Adam's first step is ~lr * g / |g|, which turns summation-order rounding in
+    # near-zero gradient entries into differences of up to ~lr * 1e-2.
+    train = TrainConfig(lr=1e-4, total_steps=100)
+    settings, state = settings_for(model, "ema", train=train)
     single, _ = S.make_train_step(settings)(state, batch)
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded_model = from_pretrained(tiny_untied[1], mesh=mesh)
-    settings, state = settings_for(sharded_model, "ema", mesh=mesh)
+    settings, state = settings_for(sharded_model, "ema", train=train, mesh=mesh)
     kernel = state.params["model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]
     assert len(kernel.sharding.device_set) == 8
     placed = S.place_step_batch(batch, mesh)
