@@ -204,13 +204,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `opsd-jax rationales ...` alone: `main(["rationales", "--manifest", ...])`."""
-    parser = argparse.ArgumentParser(prog="opsd-jax")
-    register(parser.add_subparsers(title="commands", metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    if not hasattr(args, "handler"):
-        parser.print_help()
-        return 2
-    return int(args.handler(args) or 0)
+    from opsd_jax.cli import main as cli_main  # the one parser; importing it at the top would be circular
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
