@@ -183,7 +183,7 @@ class Trainer:
         self.tx = opsd_step.make_optimizer(config.train, params)
         self.settings = opsd_step.StepSettings(
             graphdef=nnx.graphdef(self.model), tx=self.tx, loss=config.loss, teacher=config.teacher,
-            train_encoders=config.train.train_encoders,
+            train_encoders=config.train.train_encoders, mesh=self.mesh,
         )
         self.state = opsd_step.init_state(self.model, self.tx, config.teacher, self.mesh)
         self.step_fn = opsd_step.make_train_step(self.settings, self.state)

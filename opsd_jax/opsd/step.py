@@ -29,7 +29,7 @@ from opsd_jax.config import TeacherConfig, TrainConfig
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
-from opsd_jax.sharding import logical_to_spec, resolve_rules
+from opsd_jax.sharding import constrain, logical_to_spec, resolve_rules
 
 ENCODER_PREFIXES = ("audio_tower", "visual")
 
@@ -138,6 +138,7 @@ class StepSettings:
     loss: losses.LossConfig
     teacher: TeacherConfig
     train_encoders: bool
+    mesh: Mesh | None = None  # pins the loss's layouts (rows sharded, output head gathered) under a mesh
 
 
 def batch_counts(batches: StepBatch) -> dict[str, jax.Array]:
@@ -156,14 +157,22 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     features = model.encode_media(batch.student)
     if not settings.train_encoders:
         features = jax.lax.stop_gradient(features)
-    student_hidden = completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features)
-    head = model.head_kernel()
+    # Under FSDP the head kernel is sharded over `hidden`; left alone, XLA contracts the sharded hidden
+    # dimension locally and all-reduces partial `[rows, C, vocab]` logits, far more bytes than gathering
+    # the kernel. Rows stay sharded, the kernel is gathered (vocab keeps its tensor sharding).
+    gather_rows = functools.partial(constrain, logical_axes=("batch", None, None), mesh=settings.mesh)
+    gather_kernel = functools.partial(constrain, logical_axes=(None, "vocab"), mesh=settings.mesh)
+    student_hidden = gather_rows(completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features))
+    head = gather_kernel(model.head_kernel())
 
     if settings.teacher.mode == "live":
         teacher_model, teacher_features = model, jax.lax.stop_gradient(features)
     else:
         teacher_model, teacher_features = nnx.merge(settings.graphdef, jax.lax.stop_gradient(teacher_params)), None
     signal = teacher_signal(teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features)
+    if "teacher_hidden" in signal:
+        signal.update(teacher_hidden=gather_rows(signal["teacher_hidden"]),
+                      teacher_head_kernel=gather_kernel(signal["teacher_head_kernel"]))
 
     mask = batch.completion_mask
     weights = losses.reduction_weights(

@@ -16,12 +16,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.models.text import LayerCache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import logical_to_spec, resolve_rules
+from opsd_jax.sharding import constrain
 
 
 @struct.dataclass
@@ -72,15 +72,7 @@ class _Sampling:
 
 def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
     """Batch over (data, fsdp), KV heads over tensor: the model's own logical-axis table."""
-    if mesh is None:
-        return cache
-    rules = resolve_rules()
-
-    def constrain(x: jax.Array) -> jax.Array:
-        spec = logical_to_spec(("batch", None, "kv_heads", None), x.shape, mesh, rules)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    return jax.tree.map(constrain, cache)
+    return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh), cache)
 
 
 def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: _Sampling) -> _LoopState:

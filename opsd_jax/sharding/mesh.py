@@ -61,6 +61,17 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None,
+              rules: Mapping[str, MeshAxes] | None = None) -> jax.Array:
+    """Pins the sharding of an intermediate array inside a jitted function by its logical axes (unchanged
+    without a mesh). Where XLA's propagation would otherwise pick a costly layout, e.g. reducing partial
+    `[rows, C, vocab]` logits instead of gathering a `[hidden, vocab]` kernel."""
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, resolve_rules() if rules is None else rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> Any:
     """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable.
 

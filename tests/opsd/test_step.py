@@ -53,7 +53,7 @@ def settings_for(model, teacher_mode: str = "frozen", *, loss: LossConfig = Loss
     params = nnx.state(model, nnx.Param)
     tx = S.make_optimizer(train, params)
     settings = S.StepSettings(graphdef=nnx.graphdef(model), tx=tx, loss=loss, teacher=teacher,
-                              train_encoders=train.train_encoders)
+                              train_encoders=train.train_encoders, mesh=mesh)
     return settings, S.init_state(model, tx, teacher, mesh)
 
 
