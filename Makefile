@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m opsd_jax.demo
+
+# Every benchmark at its reported sizes (~30-40 minutes on 2 cores); each prints its table and writes
+# benchmarks/results/NAME.json. benchmarks/README.md says how to read them.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.step
+	$(BIN)/python -m benchmarks.projection
+	$(BIN)/python -m benchmarks.forward
+	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.loss_memory --runs 0
+	$(BIN)/python -m benchmarks.loss_memory --batch 1 --completion 512 --out benchmarks/results/loss_memory_b1_t512.json
+	$(BIN)/python -m benchmarks.data
+	$(BIN)/python -m benchmarks.data --num-frames 4 --size 56 --audio-seconds 1.0 --step-rate 3.7 \
+		--out benchmarks/results/data_demo.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,9 +14,16 @@ from typing import Any, Callable, Sequence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def with_host_device_count(xla_flags: str, count: int) -> str:
+    """`xla_flags` with its forced CPU device count (if any) replaced by `count`, other flags kept."""
+    flags = [f for f in xla_flags.split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def force_host_devices(count: int = 8) -> None:
-    """Forced CPU devices for mesh runs; must run before JAX initialises its backends."""
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={count}")
+    """`count` forced CPU devices for this process, replacing any count inherited in XLA_FLAGS (the Makefile
+    exports 8). Takes effect only before JAX initialises its backends: call it from a script's entry point."""
+    os.environ["XLA_FLAGS"] = with_host_device_count(os.environ.get("XLA_FLAGS", ""), count)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from benchmarks.common import force_host_devices, format_table, median_seconds, write_results
 
-force_host_devices(1)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256,
@@ -102,4 +101,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    force_host_devices(1)  # before JAX starts; in-process callers (the tests) keep their devices
     main()

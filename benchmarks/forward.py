@@ -19,7 +19,6 @@ from typing import Any
 
 from benchmarks.common import force_host_devices, format_table, median_seconds, write_results
 
-force_host_devices(1)
 
 
 def small_config(hidden: int, layers: int) -> dict[str, Any]:
@@ -120,4 +119,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    force_host_devices(1)  # before JAX starts; in-process callers (the tests) keep their devices
     main()

@@ -8,20 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from opsd_jax.config import Config, ConfigError, load_config
+from benchmarks.costs import MODELS, memory_budget, mesh_sizes
+from opsd_jax.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # Configs written before the `# devices: N` convention (the demo runs on conftest's 8 host devices).
 DEVICES_WITHOUT_HEADER = {"demo_tiny.yaml": 8}
-
-# Reference §8.1 of Qwen2.5-Omni: trainable = text decoder + lm_head (budgeted untied), frozen = encoders.
-MODELS = {
-    "3b": dict(trainable=3_085.9e6 + 311.2e6, encoders=637.7e6 + 668.7e6, layers=36, hidden=2048, heads=16,
-               kv_heads=2, head_dim=128, vocab=151_936),
-    "7b": dict(trainable=7_070.6e6 + 545.0e6, encoders=639.6e6 + 676.6e6, layers=28, hidden=3584, heads=28,
-               kv_heads=4, head_dim=128, vocab=152_064),
-}
-TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
 
 
 def header(path: Path, key: str) -> str | None:
@@ -35,44 +27,6 @@ def declared_devices(path: Path) -> int:
         assert path.name in DEVICES_WITHOUT_HEADER, f"{path.name}: add a '# devices: N' line (jax.device_count())"
         return DEVICES_WITHOUT_HEADER[path.name]
     return int(value)
-
-
-def mesh_sizes(config: Config, devices: int) -> dict[str, int]:
-    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
-    fixed = 1
-    for size in sizes.values():
-        fixed *= size if size != -1 else 1
-    return {name: devices // fixed if size == -1 else size for name, size in sizes.items()}
-
-
-def memory_budget(config: Config, model: dict, mesh: dict[str, int]) -> tuple[float, float]:
-    """(state, activations) in GB per device, the arithmetic written out in the configs' comments.
-
-    State: trainable x 16 B (bf16 param + fp32 master + fp32 Adam m, v + bf16 grad) + frozen encoders x 2 B
-    + the teacher's copy, sharded over fsdp x tensor. Activations of one micro-step, rows sharded over
-    data x fsdp: remat-kept layer inputs (2h B per token and layer), one recomputed layer (34h B per
-    token), float32 attention scores and probabilities of one layer, three vocab chunks of float32
-    logits (student, teacher, gradient) and the rollouts' KV cache.
-    """
-    trainable, frozen = model["trainable"], model["encoders"]
-    if config.train.train_encoders:
-        trainable, frozen = trainable + frozen, 0.0
-    state = trainable * 16 + frozen * 2 + model["trainable"] * TEACHER_BYTES[config.teacher.mode]
-    state /= mesh["fsdp"] * mesh["tensor"]
-
-    prompts = config.train.batch_size // config.train.grad_accum_steps
-    rows = prompts * config.sampling.num_samples // (mesh["data"] * mesh["fsdp"])
-    length = config.data.prompt_length + config.sampling.max_new_tokens
-    tokens = rows * length
-    kv_bytes_per_token = model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2
-    activations = (
-        tokens * model["layers"] * 2 * model["hidden"]
-        + tokens * 34 * model["hidden"]
-        + 2 * rows * model["heads"] // mesh["tensor"] * length**2 * 4
-        + 3 * rows * config.loss.chunk_size * model["vocab"] * 4
-        + rows * length * kv_bytes_per_token
-    )
-    return state / 1e9, activations / 1e9
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[path.name for path in CONFIGS])

@@ -1,0 +1,167 @@
+"""What a step costs, counted from shapes: matmul FLOPs per phase and memory per device.
+
+The FLOP counts follow what the implementation computes, so that XLA's own count of the compiled step
+can check them (`benchmarks/step.py` does): dense attention over the whole KV cache (padding and
+causal masks are applied to scores, not skipped), the prompt run once per prompt and its cache shared
+by the prompt's G rollouts (`opsd_jax/opsd/teacher.py`, `opsd_jax/sampling/sampler.py`), the output
+head only on completion positions. A multiply-add is 2 FLOPs; norms, rotary, softmax and other
+element-wise work are left out (a few percent at the sizes measured, less at 7B).
+
+The memory budget is the arithmetic written out in the run configs' comments (`configs/*.yaml`);
+`tests/test_configs.py` recomputes each config's budget line with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# Reference §8.1 of Qwen2.5-Omni: trainable = text decoder + lm_head (budgeted untied), frozen = encoders.
+MODELS: dict[str, dict[str, Any]] = {
+    "3b": dict(trainable=3_085.9e6 + 311.2e6, encoders=637.7e6 + 668.7e6, layers=36, hidden=2048, heads=16,
+               kv_heads=2, head_dim=128, intermediate=11_008, vocab=151_936),
+    "7b": dict(trainable=7_070.6e6 + 545.0e6, encoders=639.6e6 + 676.6e6, layers=28, hidden=3584, heads=28,
+               kv_heads=4, head_dim=128, intermediate=18_944, vocab=152_064),
+}
+TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The text decoder's sizes that set its matmul FLOPs."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_text_config(cls, text: Any) -> "DecoderShape":
+        """From `opsd_jax.models.text.TextConfig` (a loaded checkpoint's decoder)."""
+        return cls(layers=text.num_hidden_layers, hidden=text.hidden_size, heads=text.num_attention_heads,
+                   kv_heads=text.num_key_value_heads, head_dim=text.head_dim,
+                   intermediate=text.intermediate_size, vocab=text.vocab_size)
+
+    @classmethod
+    def from_model(cls, name: str) -> "DecoderShape":
+        """A row of `MODELS` ("3b", "7b")."""
+        model = MODELS[name]
+        return cls(**{field.name: model[field.name] for field in dataclasses.fields(cls)})
+
+    @property
+    def layer_weights(self) -> int:
+        """Matmul weights of one layer: q, k, v, o projections and the gated MLP."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return attention + 3 * self.hidden * self.intermediate
+
+    @property
+    def decoder_weights(self) -> int:
+        """Matmul weights of all layers plus the output head."""
+        return self.layers * self.layer_weights + self.hidden * self.vocab
+
+
+def forward_flops(shape: DecoderShape, tokens: float, keys: float, head_tokens: float) -> float:
+    """FLOPs of one decoder forward: `tokens` query tokens, each scoring `keys` cached keys in every layer
+    (scores and the weighted sum of values: 2 matmuls of `heads * head_dim`), and the output head on
+    `head_tokens` of them."""
+    per_token = 2 * shape.layers * (shape.layer_weights + 2 * shape.heads * shape.head_dim * keys)
+    return tokens * per_token + 2 * head_tokens * shape.hidden * shape.vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """One optimizer step's work: `prompts` prompts of `prompt_len` tokens (the teacher's: `teacher_len`),
+    `samples` rollouts each of `completion_len` tokens."""
+
+    prompts: int
+    samples: int
+    prompt_len: int
+    teacher_len: int
+    completion_len: int
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.rows * self.completion_len
+
+
+def scoring_flops(shape: DecoderShape, step: StepShape, prompt_len: int) -> float:
+    """One forward of `[prompt | completion]` as the trainer runs it (`completion_hidden`): the prompt once
+    per prompt into a cache of `prompt_len + C`, the completions of all rollouts against it, the head on
+    the completion positions."""
+    cache = prompt_len + step.completion_len
+    prompt = forward_flops(shape, step.prompts * prompt_len, cache, head_tokens=0)
+    completion = forward_flops(shape, step.completion_tokens, cache, head_tokens=step.completion_tokens)
+    return prompt + completion
+
+
+def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2) -> dict[str, float]:
+    """Matmul FLOPs of one OmniOPSD step by phase.
+
+    rollout: the prefill (each prompt once, cache `P + C`) and `C - 1` decode steps of every row.
+    teacher: the teacher's scoring forward over `[teacher prompt | completion]`.
+    student: the student's forward and backward (backward = 2 x forward) over `[prompt | completion]`.
+    metrics: `metric_heads` extra output-head products that the step spends on its logged metrics
+    (the sampled tokens' logprobs under student and teacher); not model FLOPs.
+    model_train: teacher + student, the useful work of the jitted update (utilisation counts these).
+    """
+    cache = step.prompt_len + step.completion_len
+    prefill = forward_flops(shape, step.prompts * step.prompt_len, cache, head_tokens=step.prompts)
+    decode = forward_flops(shape, step.rows * (step.completion_len - 1), cache, head_tokens=step.rows * (step.completion_len - 1))
+    teacher = scoring_flops(shape, step, step.teacher_len)
+    student = 3 * scoring_flops(shape, step, step.prompt_len)
+    metrics = metric_heads * 2 * step.completion_tokens * shape.hidden * shape.vocab
+    return {
+        "rollout": prefill + decode,
+        "teacher": teacher,
+        "student": student,
+        "metrics": metrics,
+        "model_train": teacher + student,
+        "total": prefill + decode + teacher + student + metrics,
+    }
+
+
+def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, int]) -> tuple[float, float]:
+    """(state, activations) in GB per device for an `opsd_jax.config.Config` on a mesh of `mesh` sizes,
+    the arithmetic written out in the configs' comments.
+
+    State: trainable x 16 B (bf16 param + fp32 master + fp32 Adam m, v + bf16 grad) + frozen encoders x 2 B
+    + the teacher's copy, sharded over fsdp x tensor. Activations of one micro-step, rows sharded over
+    data x fsdp: remat-kept layer inputs (2h B per token and layer), one recomputed layer (34h B per
+    token), float32 attention scores and probabilities of one layer, three vocab chunks of float32
+    logits (student, teacher, gradient) and the rollouts' KV cache.
+    """
+    trainable, frozen = model["trainable"], model["encoders"]
+    if config.train.train_encoders:
+        trainable, frozen = trainable + frozen, 0.0
+    state = trainable * 16 + frozen * 2 + model["trainable"] * TEACHER_BYTES[config.teacher.mode]
+    state /= mesh["fsdp"] * mesh["tensor"]
+
+    prompts = config.train.batch_size // config.train.grad_accum_steps
+    rows = prompts * config.sampling.num_samples // (mesh["data"] * mesh["fsdp"])
+    length = config.data.prompt_length + config.sampling.max_new_tokens
+    tokens = rows * length
+    kv_bytes_per_token = model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2
+    activations = (
+        tokens * model["layers"] * 2 * model["hidden"]
+        + tokens * 34 * model["hidden"]
+        + 2 * rows * model["heads"] // mesh["tensor"] * length**2 * 4
+        + 3 * rows * config.loss.chunk_size * model["vocab"] * 4
+        + rows * length * kv_bytes_per_token
+    )
+    return state / 1e9, activations / 1e9
+
+
+def mesh_sizes(config: Any, devices: int) -> dict[str, int]:
+    """The mesh axis sizes a config resolves to on `devices` devices (-1 takes the rest)."""
+    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size != -1 else 1
+    return {name: devices // fixed if size == -1 else size for name, size in sizes.items()}
