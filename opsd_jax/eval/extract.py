@@ -24,10 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from opsd_jax.data.jsonl import read_complete
 from opsd_jax.eval.datasets import get_dataset
 from opsd_jax.eval.predictions import PredictionRecord
 from opsd_jax.eval.wheels import EmotionWheels, split_label_string
@@ -202,13 +202,7 @@ class ResponseCache:
         self._responses: dict[tuple[str, str], str] = {}
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        complete_end = data.rfind(b"\n") + 1
-        if complete_end < len(data):
-            warnings.warn(f"{self.path}: discarding an incomplete last line (interrupted write)", stacklevel=2)
-            with self.path.open("r+b") as handle:
-                handle.truncate(complete_end)
-        for line_number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), start=1):
+        for line_number, line in enumerate(read_complete(self.path).decode("utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -18,10 +18,10 @@ import dataclasses
 import functools
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from opsd_jax.data.jsonl import read_complete
 from opsd_jax.data.manifest import Clip
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
@@ -258,14 +258,8 @@ def read_done(path: Path) -> dict[tuple[str, str], PredictionRecord]:
     path = Path(path)
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    complete_end = data.rfind(b"\n") + 1
-    if complete_end < len(data):
-        warnings.warn(f"{path}: discarding an incomplete last line (interrupted write)", stacklevel=2)
-        with path.open("r+b") as handle:
-            handle.truncate(complete_end)
     done: dict[tuple[str, str], PredictionRecord] = {}
-    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_complete(path).decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

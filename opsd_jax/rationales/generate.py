@@ -39,13 +39,13 @@ import math
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from opsd_jax.data.jsonl import complete_length
 from opsd_jax.data.manifest import Clip, read_manifest, write_manifest
 from opsd_jax.data.media import read_audio, read_video
 from opsd_jax.data.vision_inputs import IMAGE_FACTOR
@@ -159,11 +159,8 @@ def read_rationales(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rationale file {path} does not exist")
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        warnings.warn(f"{path}: ignoring an incomplete last line (an interrupted write)", stacklevel=2)
-    return _parse_lines(data[:complete], path)
+    data = path.read_bytes()  # read-only: a running generation may still complete that line
+    return _parse_lines(data[:complete_length(data, path)], path)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -206,9 +203,8 @@ class RationaleFile:
                 _fsync_directory(self.path.parent)
             handle.seek(0)
             data = handle.read()
-            complete = data.rfind(b"\n") + 1
+            complete = complete_length(data, self.path)
             if complete < len(data):
-                warnings.warn(f"{self.path}: dropping an incomplete last line (an interrupted write)", stacklevel=3)
                 handle.truncate(complete)
                 os.fsync(handle.fileno())
             self.records = _parse_lines(data[:complete], self.path)
