@@ -265,10 +265,12 @@ def phase_times(runner: JaxStep | TorchStep, repeats: int) -> dict[str, float]:
             times["rollout"].append(middle - start)
             times["teacher"].append(after_scoring - middle)
             times["update"].append(end - after_scoring)
-    seconds = {phase: statistics.median(values) for phase, values in times.items()}
+    seconds: dict[str, Any] = {phase: statistics.median(values) for phase, values in times.items()}
+    seconds["runs"] = {phase: sorted(values) for phase, values in times.items()}  # the spread behind each median
     if isinstance(runner, JaxStep):
         # The jitted train step runs the teacher too: its update is the train step less the scoring.
         seconds["train_step"] = seconds["update"]
+        seconds["runs"]["train_step"] = seconds["runs"].pop("update")
         seconds["update"] = max(seconds["train_step"] - seconds["teacher"], 0.0)
     else:
         seconds["train_step"] = seconds["teacher"] + seconds["update"]
@@ -378,9 +380,14 @@ def scaling(name: str, step_fields: dict[str, int], device_counts: list[int], pr
 
 
 def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], peak: dict[str, Any]) -> str:
+    def spread(times: dict[str, Any], phase: str) -> str:
+        runs = times["runs"].get(phase)
+        return f"{runs[0]:.3g}-{runs[-1]:.3g}" if runs else ""
+
     phases = format_table(
-        ["config", "phase", "opsd-jax (s)", "PyTorch (s)", "PyTorch / opsd-jax"],
-        [(r["config"], phase, r["jax_s"][phase], r["torch_s"][phase], f"{r['speedup'][phase]:.2f}x")
+        ["config", "phase", "opsd-jax (s)", "PyTorch (s)", "PyTorch / opsd-jax", "opsd-jax runs (s)", "PyTorch runs (s)"],
+        [(r["config"], phase, r["jax_s"][phase], r["torch_s"][phase], f"{r['speedup'][phase]:.2f}x",
+          spread(r["jax_s"], "train_step" if phase == "update" else phase), spread(r["torch_s"], phase))
          for r in rows for phase in ("rollout", "teacher", "update", "total")],
     )
     work = format_table(
@@ -406,7 +413,7 @@ def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], peak: dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="tiny,small", help="comma-separated subset of: " + ", ".join(SIZES))
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (the median is reported)")
     parser.add_argument("--scaling", default="1,2,4,8", help="device counts for the scaling run ('' to skip)")
     parser.add_argument("--scaling-config", default="small", choices=sorted(SIZES))
     parser.add_argument("--prompts-per-device", type=int, default=1)

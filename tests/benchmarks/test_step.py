@@ -23,7 +23,7 @@ def test_step_benchmark_runs(tmp_path, capsys):
     assert payload["scaling"][0]["sharded_over_one_device"] == 1.0  # one device is its own control
     assert payload["scaling"][1]["one_device_same_prompts_s"] > 0
     for times in (row["jax_s"], row["torch_s"]):
-        assert times["total"] > 0 and set(times) == {"rollout", "teacher", "update", "train_step", "total"}
+        assert times["total"] > 0 and set(times) == {"rollout", "teacher", "update", "train_step", "total", "runs"}
     assert 0 < payload["matmul_peak"]["flops_per_s"]
     assert json.loads((tmp_path / "step.json").read_text())["rows"][0]["config"] == "tiny"
     assert "PyTorch / opsd-jax" in capsys.readouterr().out
