@@ -153,6 +153,7 @@ class JaxStep:
                                           top_k=1, temperature=1.0, chunk_size=loss_config.chunk_size).token_logprobs
 
         self.score = jax.jit(score)
+        self._executables: dict[str, Any] = {}
 
     def rollout(self):
         """Samples the rollouts and places them as the trainer's `StepBatch` (one micro-batch: `[1, ...]`)."""
@@ -171,10 +172,18 @@ class JaxStep:
             label_ids=jnp.zeros((step.prompts, 1), jnp.int32), label_mask=jnp.zeros((step.prompts, 1), bool))
         return jax.block_until_ready(opsd_step.place_step_batch(jax.tree.map(lambda x: x[None], micro), self.mesh))
 
+    def _compiled(self, name: str, function, *args):
+        """`function` compiled ahead of time for `args` once and kept: the timed calls and XLA's cost
+        analysis then use one executable (a second `lower().compile()` would compile it again)."""
+        if name not in self._executables:
+            self._executables[name] = function.lower(*args).compile()
+        return self._executables[name]
+
     def scoring(self, batch):
         import jax
 
-        return jax.block_until_ready(self.score(self.state.teacher_params, jax.tree.map(lambda x: x[0], batch)))
+        args = (self.state.teacher_params, jax.tree.map(lambda x: x[0], batch))
+        return jax.block_until_ready(self._compiled("teacher", self.score, *args)(*args))
 
     def update(self, batch, scored=None) -> dict[str, Any]:
         """The trainer's jitted step (teacher scoring included: `scored` is not used), then the sampling
@@ -183,16 +192,17 @@ class JaxStep:
         from flax import nnx
 
         del scored
-        self.state, metrics = self.train_step(self.state, batch)
+        self.state, metrics = self._compiled("train_step", self.train_step, self.state, batch)(self.state, batch)
         nnx.update(self.model, self.state.params)
         return jax.block_until_ready(metrics)
 
     def xla_flops(self, batch) -> dict[str, float]:
+        """XLA's FLOP count of the train step and of teacher scoring, as compiled for `batch`."""
         import jax
 
         micro = jax.tree.map(lambda x: x[0], batch)
-        return {"train_step": xla_flops(self.train_step.lower(self.state, batch).compile()),
-                "teacher": xla_flops(self.score.lower(self.state.teacher_params, micro).compile())}
+        return {"train_step": xla_flops(self._compiled("train_step", self.train_step, self.state, batch)),
+                "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro))}
 
 
 class TorchStep:
@@ -366,6 +376,7 @@ def scaling(name: str, step_fields: dict[str, int], device_counts: list[int], pr
         row = _run_worker(name, step_fields, devices, prompts_per_device, repeats, workdir)
         control = row if devices == 1 else _run_worker(name, step_fields, 1, prompts_per_device * devices, repeats, workdir)
         row["one_device_same_prompts_s"] = control["seconds"]["total"]
+        row["one_device_same_prompts_phases_s"] = {k: v for k, v in control["seconds"].items() if k != "runs"}
         row["sharded_over_one_device"] = row["seconds"]["total"] / control["seconds"]["total"]
         rows.append(row)
         print(f"  scaling: {devices} device(s), {row['prompts']} prompts: {row['seconds']['total']:.3f} s "
