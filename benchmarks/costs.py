@@ -16,11 +16,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-# Reference §8.1 of Qwen2.5-Omni: trainable = text decoder + lm_head (budgeted untied), frozen = encoders.
+def _model(**fields: float) -> dict[str, Any]:
+    return {**fields, "encoders": fields["audio"] + fields["vision"]}
+
+
+# Reference §8.1 of Qwen2.5-Omni: trainable = text decoder + lm_head (budgeted untied), frozen = the audio and
+# vision encoders.
 MODELS: dict[str, dict[str, Any]] = {
-    "3b": dict(trainable=3_085.9e6 + 311.2e6, encoders=637.7e6 + 668.7e6, layers=36, hidden=2048, heads=16,
+    "3b": _model(trainable=3_085.9e6 + 311.2e6, audio=637.7e6, vision=668.7e6, layers=36, hidden=2048, heads=16,
                kv_heads=2, head_dim=128, intermediate=11_008, vocab=151_936),
-    "7b": dict(trainable=7_070.6e6 + 545.0e6, encoders=639.6e6 + 676.6e6, layers=28, hidden=3584, heads=28,
+    "7b": _model(trainable=7_070.6e6 + 545.0e6, audio=639.6e6, vision=676.6e6, layers=28, hidden=3584, heads=28,
                kv_heads=4, head_dim=128, intermediate=18_944, vocab=152_064),
 }
 TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
@@ -127,6 +132,11 @@ def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2) -
     }
 
 
+def kv_bytes_per_token(model: Mapping[str, float]) -> int:
+    """Bytes of bf16 KV cache per token: keys and values of every layer's KV heads."""
+    return int(model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2)
+
+
 def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, int]) -> tuple[float, float]:
     """(state, activations) in GB per device for an `opsd_jax.config.Config` on a mesh of `mesh` sizes,
     the arithmetic written out in the configs' comments.
@@ -147,13 +157,12 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     rows = prompts * config.sampling.num_samples // (mesh["data"] * mesh["fsdp"])
     length = config.data.prompt_length + config.sampling.max_new_tokens
     tokens = rows * length
-    kv_bytes_per_token = model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2
     activations = (
         tokens * model["layers"] * 2 * model["hidden"]
         + tokens * 34 * model["hidden"]
         + 2 * rows * model["heads"] // mesh["tensor"] * length**2 * 4
         + 3 * rows * config.loss.chunk_size * model["vocab"] * 4
-        + rows * length * kv_bytes_per_token
+        + rows * length * kv_bytes_per_token(model)
     )
     return state / 1e9, activations / 1e9
 

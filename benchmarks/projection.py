@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import format_table, write_results
-from benchmarks.costs import MODELS, DecoderShape, StepShape, memory_budget, mesh_sizes, step_flops
+from benchmarks.costs import MODELS, DecoderShape, StepShape, kv_bytes_per_token, memory_budget, mesh_sizes, step_flops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,8 +70,7 @@ def project(slice_name: str, chip: Chip, devices: int, config_file: str, overrid
     flops = step_flops(shape, step)
     # Per-layer remat runs the student's forward a second time in the backward.
     remat = flops["student"] / 3 if config.model.remat else 0.0
-    vision_params, audio_params = 676.6e6, 639.6e6
-    encoders = 3 * step.prompts * 2 * (vision_params * VISION_TOKENS + audio_params * AUDIO_TOKENS)
+    encoders = 3 * step.prompts * 2 * (model["vision"] * VISION_TOKENS + model["audio"] * AUDIO_TOKENS)
     phases = {"rollout": flops["rollout"], "teacher": flops["teacher"], "student": flops["student"] + remat,
               "metrics": flops["metrics"], "encoders": encoders}
     total = sum(phases.values())
@@ -84,8 +83,7 @@ def project(slice_name: str, chip: Chip, devices: int, config_file: str, overrid
     weights = 2 * shape.decoder_weights
     micro_steps = config.train.grad_accum_steps
     rows_per_chip = step.rows // micro_steps // (mesh["data"] * mesh["fsdp"])
-    kv_bytes_per_token = model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2
-    kv = rows_per_chip * (prompt_len + step.completion_len) * kv_bytes_per_token
+    kv = rows_per_chip * (prompt_len + step.completion_len) * kv_bytes_per_token(model)
     decode_steps = micro_steps * (step.completion_len - 1)
     hbm_floor = decode_steps * (weights + kv) / chip.hbm_bandwidth
     gathered = weights * (mesh["fsdp"] - 1) / mesh["fsdp"]

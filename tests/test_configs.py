@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.costs import MODELS, memory_budget, mesh_sizes
+from benchmarks.costs import MODELS, kv_bytes_per_token, memory_budget, mesh_sizes
 from opsd_jax.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -98,5 +98,4 @@ def test_memory_budget_arithmetic_against_reference_figures():
     state, _ = memory_budget(config, MODELS["7b"], {"data": 1, "fsdp": 1, "tensor": 1})
     assert state == pytest.approx(121.85 + 2.63, abs=0.01)
     for model, kib in (("7b", 56), ("3b", 36)):
-        dims = MODELS[model]
-        assert dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"] * 2 == kib * 1024
+        assert kv_bytes_per_token(MODELS[model]) == kib * 1024
