@@ -165,10 +165,14 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     student_hidden = gather_rows(completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features))
     head = gather_kernel(model.head_kernel())
 
-    if settings.teacher.mode == "live":
-        teacher_model, teacher_features = model, jax.lax.stop_gradient(features)
-    else:
-        teacher_model, teacher_features = nnx.merge(settings.graphdef, jax.lax.stop_gradient(teacher_params)), None
+    teacher_model = model
+    if settings.teacher.mode != "live":
+        teacher_model = nnx.merge(settings.graphdef, jax.lax.stop_gradient(teacher_params))
+    # The teacher sees the student's media. Its encoders are the student's when they are shared (live)
+    # or never trained (a frozen or EMA copy of untouched weights is bit-identical: EMA of equal values
+    # is exact), so the features encoded above serve both and the encoders run once per micro-batch.
+    shared_encoders = settings.teacher.mode == "live" or not settings.train_encoders
+    teacher_features = jax.lax.stop_gradient(features) if shared_encoders else None
     signal = teacher_signal(teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features)
     if "teacher_hidden" in signal:
         signal.update(teacher_hidden=gather_rows(signal["teacher_hidden"]),

@@ -183,3 +183,54 @@ def test_training_against_a_fixed_different_teacher_halves_the_divergence(model,
         divergences.append(float(metrics["divergence"]))
     first, last = np.mean(divergences[:10]), np.mean(divergences[-10:])
     assert last <= 0.5 * first, (first, last)
+
+
+def media_step_batch(model, builder) -> S.StepBatch:
+    """Two video + audio-track clips; the teacher's prompts add a rationale over the same media."""
+    from opsd_jax.data.audio_features import audio_to_inputs
+    from opsd_jax.data.vision_inputs import video_to_inputs
+    from opsd_jax.opsd.prompts import PromptConfig, encode_clip_batch
+
+    rng = np.random.default_rng(3)
+    clips = []
+    for index in range(2):
+        video = video_to_inputs(rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8), sample_fps=2.0)
+        audio = audio_to_inputs(0.1 * rng.standard_normal(16000 - 3000 * index), max_samples=16000)
+        clips.append({"pixel_values_videos": video["pixel_values_videos"], "video_grid_thw": video["video_grid_thw"][0],
+                      "video_second_per_grid": video["video_second_per_grid"][0],
+                      "input_features": audio["input_features"][0], "feature_attention_mask": audio["feature_attention_mask"][0],
+                      "subtitle": "fine" * (index + 1), "rationale": "A tense face and a loud voice."})
+    inputs = encode_clip_batch(builder, clips, PromptConfig(), length=None, with_teacher=True)
+    teacher_text = {"input_ids": inputs.pop("teacher_input_ids"), "attention_mask": inputs.pop("teacher_attention_mask")}
+    student, teacher = model.prepare_inputs(**inputs), model.prepare_inputs(**{**inputs, **teacher_text})
+    out = generate(model, student, max_new_tokens=NEW, temperature=1.0, eos_token_id=150, pad_token_id=PAD,
+                   num_samples=G, seed=4)
+    return S.StepBatch(
+        student=student, teacher=teacher, completion=out.tokens, completion_mask=out.mask,
+        sampler_logprobs=out.model_logprobs, rewards=jnp.zeros(out.tokens.shape[0], jnp.float32),
+        label_ids=jnp.full((2, 3), 7, jnp.int32), label_mask=jnp.ones((2, 3), bool),
+    )
+
+
+@pytest.mark.parametrize("mode", ["frozen", "ema"])
+def test_teacher_reuses_the_students_media_features_when_encoders_are_not_trained(model, tiny_prompt_builder, mode,
+                                                                                 monkeypatch):
+    """A frozen or EMA copy of never-trained encoders equals the student's: the encoders run once per
+    micro-batch, and the loss is the one of a teacher that encodes the media itself."""
+    batch = media_step_batch(model, tiny_prompt_builder)
+    counts = S.batch_counts(stack(batch))
+    calls = []
+    encode_media = type(model).encode_media
+    monkeypatch.setattr(type(model), "encode_media", lambda self, inputs: calls.append(1) or encode_media(self, inputs))
+
+    def loss_and_encoder_calls(train_encoders: bool):
+        calls.clear()
+        settings, state = settings_for(model, mode, train=TrainConfig(lr=1e-3, total_steps=100,
+                                                                       train_encoders=train_encoders))
+        loss, _ = jax.jit(S._micro_batch_loss, static_argnums=4)(state.params, state.teacher_params, batch, counts, settings)
+        return float(loss), len(calls)
+
+    shared_loss, shared_calls = loss_and_encoder_calls(train_encoders=False)
+    own_loss, own_calls = loss_and_encoder_calls(train_encoders=True)  # trained encoders: the teacher encodes itself
+    assert (shared_calls, own_calls) == (1, 2)
+    assert shared_loss > 0 and shared_loss == pytest.approx(own_loss, rel=1e-6, abs=1e-7)
