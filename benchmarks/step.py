@@ -14,11 +14,13 @@ the same prompts and the same lengths, in this process, on this CPU:
   TRL's `generalized_jsd_loss` on the completion logits, clipping and `torch.optim.AdamW`.
 
 Both compute the same loss (full-vocabulary generalized JSD, beta 0.5, token mean, no importance
-clipping); the script checks it on the same tokens and prints the difference. Text prompts only: the
-media encoders' cost is measured by `benchmarks/forward.py`.
+clipping); the script checks it on the same tokens and prints the difference. The `tiny` and `small`
+configs prompt with text (random token ids); `omni` is the small decoder with video and audio encoders
+prompted with `synthetic_affect` clips (video with its audio track, subtitle, instruction; the
+teacher's prompt adds the clip's rationale), the encoders frozen on both sides.
 
 FLOPs: counted from the model's shapes (`benchmarks/costs.py`) and cross-checked against XLA's cost
-analysis of the compiled programs. Utilisation: the train step's model FLOPs (teacher forward, student
+analysis of the compiled programs (for `omni` the encoders' share is XLA's count of the encoders alone). Utilisation: the train step's model FLOPs (teacher forward, student
 forward and backward) per second over this machine's matrix-multiply peak, measured in the same run
 (the best of float32 `jnp.dot` at a few sizes).
 
@@ -26,7 +28,7 @@ Scaling (`--scaling`): the opsd-jax step on 1, 2, 4 and 8 forced host devices, F
 prompts scaled with the devices; each count runs in its own process (the device count is fixed when
 JAX starts).
 
-    python -m benchmarks.step              # tiny and small configs + scaling; writes benchmarks/results/step.json
+    python -m benchmarks.step              # tiny, small and omni configs + scaling; writes benchmarks/results/step.json
     python -m benchmarks.step --quick      # tiny sizes, one repeat (the smoke test)
 """
 
@@ -47,16 +49,29 @@ from typing import Any
 from benchmarks.common import force_host_devices, format_table, median_seconds, with_host_device_count, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
-    # model: keyword arguments of `tiny_thinker_config_dict`; step: `StepShape` fields.
+    # model: keyword arguments of `tiny_thinker_config_dict` (text) or of `forward.small_config` (with
+    # `media`: the encoders widened); step: `StepShape` fields (with media, the prompt lengths follow
+    # from the clips); media: keyword arguments of `forward.synthetic_clips`.
     "tiny": dict(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                             vocab_size=256, mrope_section=(2, 3, 3)),
                  step=dict(prompts=2, samples=4, prompt_len=32, teacher_len=64, completion_len=16)),
     "small": dict(model=dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
                              vocab_size=32768, mrope_section=(8, 12, 12)),
                   step=dict(prompts=4, samples=4, prompt_len=96, teacher_len=160, completion_len=32)),
+    # The small decoder (same shapes as "small") with video and audio encoders; 4 s clips of 8 frames of 112^2.
+    "omni": dict(model=dict(hidden=512, layers=8, vocab_size=32768),
+                 media=dict(frames=8, fps=2, size=112),
+                 step=dict(prompts=4, samples=4, completion_len=32)),
 }
-QUICK_STEP = dict(prompts=2, samples=2, prompt_len=8, teacher_len=12, completion_len=4)
+QUICK: dict[str, dict[str, Any]] = {  # the smoke test's sizes
+    "tiny": dict(SIZES["tiny"], step=dict(prompts=2, samples=2, prompt_len=8, teacher_len=12, completion_len=4)),
+    "omni": dict(model=dict(hidden=64, layers=1), media=dict(frames=2, fps=2, size=56),
+                 step=dict(prompts=2, samples=2, completion_len=4)),
+}
 NEVER = -1  # an end-of-sequence id no row emits: every rollout runs the full length
+PLAIN_TOKEN = 1  # what a sampled media placeholder becomes (see `media_token_ids`)
+MEDIA_TOKENS = ("audio_token_index", "image_token_index", "video_token_index", "audio_start_token_id",
+                "audio_end_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> dict[str, Any]:
@@ -83,29 +98,76 @@ def xla_flops(compiled: Any) -> float:
 
 @dataclasses.dataclass
 class Workload:
-    """The weights on disk and the prompts of one benchmark cell."""
+    """The weights on disk and the prompts of one benchmark cell, as the model call's arguments."""
 
     checkpoint: Path
     step: Any  # costs.StepShape
-    student_ids: Any  # [B, P] int32
-    teacher_ids: Any  # [B, P_teacher] int32
+    student: dict[str, Any]  # input_ids / attention_mask [B, P] int32, and the media arrays (omni)
+    teacher: dict[str, Any]  # the teacher's prompts [B, P_teacher] over the same media
+
+    @property
+    def has_media(self) -> bool:
+        return "pixel_values_videos" in self.student
 
 
-def make_workload(name: str, step_fields: dict[str, int], workdir: Path) -> Workload:
+def make_workload(name: str, size: dict[str, Any], workdir: Path) -> Workload:
+    """Saves the config's weights under `workdir` (once) and builds its prompts (seeded)."""
     import numpy as np
 
     from benchmarks.costs import StepShape
+    from benchmarks.forward import build_batch, small_config, synthetic_clips
+    from opsd_jax.data.chat_template import PromptBuilder
     from opsd_jax.testing.reference import build_reference_thinker, save_reference_thinker, tiny_thinker_config_dict
+    from opsd_jax.testing.tokenizer import build_tiny_tokenizer
 
-    step = StepShape(**step_fields)
     checkpoint = workdir / name
+    media = size.get("media")
     if not (checkpoint / "config.json").is_file():
-        save_reference_thinker(build_reference_thinker(tiny_thinker_config_dict(**SIZES[name]["model"])), checkpoint)
+        config = small_config(**size["model"]) if media else tiny_thinker_config_dict(**size["model"])
+        save_reference_thinker(build_reference_thinker(config), checkpoint)
+    if media:
+        if not (workdir / "tokenizer").is_dir():
+            build_tiny_tokenizer(workdir / "tokenizer")
+        clips = synthetic_clips(size["step"]["prompts"], **media)
+        student = build_batch(PromptBuilder.from_pretrained(workdir / "tokenizer"), clips, with_teacher=True)
+        teacher_text = {"input_ids": student.pop("teacher_input_ids"), "attention_mask": student.pop("teacher_attention_mask")}
+        teacher = {**student, **teacher_text}
+        step = StepShape(**size["step"], prompt_len=student["input_ids"].shape[1], teacher_len=teacher["input_ids"].shape[1])
+        return Workload(checkpoint, step, student, teacher)
+    step = StepShape(**size["step"])
     rng = np.random.default_rng(0)
     # Ids below the tiny configs' media placeholders (200...): plain text prompts.
-    student = rng.integers(0, 200, (step.prompts, step.prompt_len)).astype(np.int32)
-    teacher = rng.integers(0, 200, (step.prompts, step.teacher_len)).astype(np.int32)
-    return Workload(checkpoint, step, student, teacher)
+    ids = {"student": (step.prompts, step.prompt_len), "teacher": (step.prompts, step.teacher_len)}
+    prompts = {who: rng.integers(0, 200, shape).astype(np.int32) for who, shape in ids.items()}
+    return Workload(checkpoint, step, *({"input_ids": x, "attention_mask": np.ones_like(x)} for x in prompts.values()))
+
+
+def media_token_ids(workload: Workload) -> list[int]:
+    """The placeholder and boundary ids of the media, when the prompts have media (else none).
+
+    Random weights sample them now and then; transformers' forward then scatters media features into
+    every placeholder of `[prompt | completion]` and fails on the count, and its positions miscount
+    media. Both sides replace them in the completions by `PLAIN_TOKEN` before scoring (a trained model
+    does not emit them; the opsd-jax step itself embeds any sampled id as text)."""
+    if not workload.has_media:
+        return []
+    config = json.loads((workload.checkpoint / "config.json").read_text())
+    return [int(config[name]) for name in MEDIA_TOKENS]
+
+
+def repeat_prompts(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """The model call's arguments with every prompt (and its media) repeated `repeats` times in a row,
+    prompt-major: what a PyTorch trainer feeds `generate` and the scoring forwards for G rollouts."""
+    import numpy as np
+
+    rows = {name: np.repeat(value, repeats, axis=0) for name, value in inputs.items()
+            if name in ("input_ids", "attention_mask", "input_features", "feature_attention_mask",
+                        "video_grid_thw", "video_second_per_grid")}
+    if "pixel_values_videos" in inputs:  # patches are concatenated per video: repeat each video's block
+        sizes = np.prod(inputs["video_grid_thw"], axis=-1)
+        videos = np.split(inputs["pixel_values_videos"], np.cumsum(sizes)[:-1])
+        rows["pixel_values_videos"] = np.concatenate([video for video in videos for _ in range(repeats)])
+    return {**inputs, **rows}
 
 
 class JaxStep:
@@ -113,7 +175,7 @@ class JaxStep:
 
     def __init__(self, workload: Workload, devices: int):
         import jax
-        import numpy as np
+        import jax.numpy as jnp
         from flax import nnx
 
         from opsd_jax.config import load_config
@@ -124,7 +186,8 @@ class JaxStep:
         from opsd_jax.sharding import make_mesh
 
         step = workload.step
-        self.step = step
+        self.step, self.has_media = step, workload.has_media
+        self.media_token_ids = jnp.asarray(media_token_ids(workload), jnp.int32)
         self.config = load_config(None, [
             "train.lr=1e-5", "train.warmup_steps=0", "teacher.mode=frozen", "loss.divergence=gjsd", "loss.beta=0.5",
             "loss.is_clip=null", f"loss.chunk_size={step.completion_len}", f"train.batch_size={step.prompts}",
@@ -139,9 +202,9 @@ class JaxStep:
                                           teacher=self.config.teacher, train_encoders=False, mesh=self.mesh)
         self.state = opsd_step.init_state(self.model, tx, self.config.teacher, self.mesh)
         self.train_step = opsd_step.make_train_step(settings, self.state)
-        ones = np.ones_like
-        self.student = self.model.prepare_inputs(workload.student_ids, attention_mask=ones(workload.student_ids))
-        self.teacher = self.model.prepare_inputs(workload.teacher_ids, attention_mask=ones(workload.teacher_ids))
+        # Host-side planning once (the trainer's data loader does it per batch, off the step's path).
+        self.student = self.model.prepare_inputs(**workload.student)
+        self.teacher = self.model.prepare_inputs(**workload.teacher)
         self.keys = jax.random.split(jax.random.key(0), step.prompts)
         loss_config, graphdef = self.config.loss, settings.graphdef
 
@@ -166,8 +229,9 @@ class JaxStep:
         step = self.step
         out = generate(self.model, self.student, max_new_tokens=step.completion_len, temperature=1.0,
                        eos_token_id=NEVER, pad_token_id=0, num_samples=step.samples, seed=self.keys, mesh=self.mesh)
+        completion = jnp.where(jnp.isin(out.tokens, self.media_token_ids), PLAIN_TOKEN, out.tokens)
         micro = opsd_step.StepBatch(
-            student=self.student, teacher=self.teacher, completion=out.tokens, completion_mask=out.mask,
+            student=self.student, teacher=self.teacher, completion=completion, completion_mask=out.mask,
             sampler_logprobs=out.model_logprobs, rewards=jnp.zeros(step.rows, jnp.float32),
             label_ids=jnp.zeros((step.prompts, 1), jnp.int32), label_mask=jnp.zeros((step.prompts, 1), bool))
         return jax.block_until_ready(opsd_step.place_step_batch(jax.tree.map(lambda x: x[None], micro), self.mesh))
@@ -197,20 +261,25 @@ class JaxStep:
         return jax.block_until_ready(metrics)
 
     def xla_flops(self, batch) -> dict[str, float]:
-        """XLA's FLOP count of the train step and of teacher scoring, as compiled for `batch`."""
+        """XLA's FLOP count of the train step, of teacher scoring and of the media encoders alone (one
+        call over the batch's clips; 0 for text prompts), as compiled for `batch`."""
         import jax
 
         micro = jax.tree.map(lambda x: x[0], batch)
+        encode = jax.jit(lambda model, inputs: model.encode_media(inputs))
         return {"train_step": xla_flops(self._compiled("train_step", self.train_step, self.state, batch)),
-                "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro))}
+                "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro)),
+                "encoders": xla_flops(encode.lower(self.model, self.student).compile()) if self.has_media else 0.0}
 
 
 class TorchStep:
-    """The PyTorch peer: transformers generate, a no-grad teacher forward, TRL's GJSD, AdamW."""
+    """The PyTorch peer: transformers generate, a no-grad teacher forward, TRL's GJSD, AdamW; the media
+    encoders frozen, as in the opsd-jax step (`train.train_encoders: false`)."""
 
     def __init__(self, workload: Workload, lr: float = 1e-5):
         import copy
 
+        import numpy as np
         import torch
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         from trl.experimental.gkd import GKDTrainer
@@ -218,35 +287,50 @@ class TorchStep:
         self.torch, self.step = torch, workload.step
         self.student = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(workload.checkpoint, dtype=torch.float32)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)  # frozen copy of the start
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=0.0)
+        for name, parameter in self.student.named_parameters():
+            if ".audio_tower." in f".{name}" or ".visual." in f".{name}":
+                parameter.requires_grad_(False)
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
         self.loss_fn = GKDTrainer.generalized_jsd_loss
-        self.student_ids = torch.from_numpy(workload.student_ids).long()
-        self.teacher_ids = torch.from_numpy(workload.teacher_ids).long()
+
+        def tensors(inputs):  # every prompt repeated for its G rollouts, as torch tensors
+            out = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v
+                   for k, v in repeat_prompts(inputs, workload.step.samples).items()}
+            for name in ("input_ids", "attention_mask", "feature_attention_mask"):
+                if name in out:
+                    out[name] = out[name].long()
+            return out
+
+        self.student_rows, self.teacher_rows = tensors(workload.student), tensors(workload.teacher)
+        self.media_token_ids = torch.tensor(media_token_ids(workload), dtype=torch.long)
         torch.manual_seed(0)
 
     def rollout(self):
-        """`[B * G, C]` sampled completion tokens (prompt-major, as `num_return_sequences` orders them)."""
+        """`[B * G, C]` sampled completion tokens (prompt-major)."""
         torch, step = self.torch, self.step
         self.student.eval()
         with torch.no_grad():
             out = self.student.generate(
-                input_ids=self.student_ids, attention_mask=torch.ones_like(self.student_ids), do_sample=True,
-                temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=step.samples,
+                **self.student_rows, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                 max_new_tokens=step.completion_len, min_new_tokens=step.completion_len, eos_token_id=None, pad_token_id=0)
-        return out[:, step.prompt_len:]
+        completion = out[:, self.student_rows["input_ids"].shape[1]:]
+        return torch.where(torch.isin(completion, self.media_token_ids), PLAIN_TOKEN, completion)
 
     def _completion_logits(self, model, prompt, completion):
         """Logits predicting each completion token: `[B * G, C, V]` from one forward over [prompt | completion]."""
-        ids = self.torch.cat([prompt.repeat_interleave(self.step.samples, dim=0), completion], dim=1)
-        logits = model(input_ids=ids, attention_mask=self.torch.ones_like(ids)).logits
-        return logits[:, prompt.shape[1] - 1 : -1]
+        torch = self.torch
+        ids = torch.cat([prompt["input_ids"], completion], dim=1)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(completion)], dim=1)
+        logits = model(**{**prompt, "input_ids": ids, "attention_mask": mask}).logits
+        return logits[:, prompt["input_ids"].shape[1] - 1 : -1]
 
     def scoring(self, completion):
         with self.torch.no_grad():
-            return self._completion_logits(self.teacher, self.teacher_ids, completion)
+            return self._completion_logits(self.teacher, self.teacher_rows, completion)
 
     def loss(self, completion, teacher_logits):
-        student_logits = self._completion_logits(self.student, self.student_ids, completion)
+        student_logits = self._completion_logits(self.student, self.student_rows, completion)
         return self.loss_fn(student_logits, teacher_logits, labels=completion, beta=0.5, temperature=1.0)
 
     def update(self, completion, teacher_logits) -> float:
@@ -300,10 +384,10 @@ def loss_agreement(jax_runner: JaxStep, torch_runner: TorchStep) -> tuple[dict[s
     return {"jax_loss": jax_loss, "torch_loss": torch_loss, "abs_diff": abs(jax_loss - torch_loss)}, batch
 
 
-def measure(name: str, step_fields: dict[str, int], repeats: int, workdir: Path, peak: float) -> dict[str, Any]:
+def measure(name: str, size: dict[str, Any], repeats: int, workdir: Path, peak: float) -> dict[str, Any]:
     from benchmarks.costs import DecoderShape, step_flops
 
-    workload = make_workload(name, step_fields, workdir)
+    workload = make_workload(name, size, workdir)
     step = workload.step
     jax_runner, torch_runner = JaxStep(workload, devices=1), TorchStep(workload)
     agreement, batch = loss_agreement(jax_runner, torch_runner)
@@ -313,12 +397,18 @@ def measure(name: str, step_fields: dict[str, int], repeats: int, workdir: Path,
 
     shape = DecoderShape.from_text_config(jax_runner.model.config.text)
     flops = step_flops(shape, step)
+    # The media encoders' share (XLA's count of one call over the batch's clips; opsd-jax runs them once
+    # per prompt: once in the rollout's prefill, once in the train step, whose teacher shares the
+    # student's features, and once in the teacher program timed alone).
+    encoders = measured_xla["encoders"]
+    flops.update(encoders=encoders, rollout=flops["rollout"] + encoders, teacher=flops["teacher"] + encoders,
+                 model_train=flops["model_train"] + encoders, total=flops["total"] + 2 * encoders)
     # What each compiled program computes. The train step's two metric head products (the sampled tokens'
     # logprobs) repeat the loss's own products when the loss runs in one chunk, as here, and XLA computes
     # them once: its count is the model FLOPs. With several chunks (the real configs) they cost extra.
     counted = {"train_step": flops["model_train"], "teacher": flops["teacher"]}
     return {
-        "config": name, "step": dataclasses.asdict(step), "shape": dataclasses.asdict(shape),
+        "config": name, "media": size.get("media"), "step": dataclasses.asdict(step), "shape": dataclasses.asdict(shape),
         "jax_s": jax_times, "torch_s": torch_times,
         "speedup": {phase: torch_times[phase] / max(jax_times[phase], 1e-9)
                     for phase in ("rollout", "teacher", "update", "train_step", "total")},
@@ -340,41 +430,41 @@ def measure(name: str, step_fields: dict[str, int], repeats: int, workdir: Path,
 # ------------------------------------------------------------------------------------------ scaling
 
 
-def scaling_worker(devices: int, name: str, step_fields: dict[str, int], prompts_per_device: int, repeats: int,
+def scaling_worker(devices: int, name: str, size: dict[str, Any], prompts_per_device: int, repeats: int,
                    workdir: Path) -> dict[str, Any]:
     """Runs in a child process started with `devices` forced host devices: the opsd-jax step only."""
     import jax
 
     if jax.device_count() != devices:
         raise RuntimeError(f"expected {devices} host devices, JAX sees {jax.device_count()}")
-    fields = dict(step_fields, prompts=prompts_per_device * devices)
-    workload = make_workload(name, fields, workdir)
+    size = dict(size, step=dict(size["step"], prompts=prompts_per_device * devices))
+    workload = make_workload(name, size, workdir)
     times = phase_times(JaxStep(workload, devices=devices), repeats)
-    return {"devices": devices, "prompts": fields["prompts"], "seconds": times,
+    return {"devices": devices, "prompts": workload.step.prompts, "seconds": times,
             "completion_tokens_per_s": workload.step.completion_tokens / times["total"]}
 
 
-def _run_worker(name: str, step_fields: dict[str, int], devices: int, prompts_per_device: int, repeats: int,
+def _run_worker(name: str, size: dict[str, Any], devices: int, prompts_per_device: int, repeats: int,
                 workdir: Path) -> dict[str, Any]:
     """One `scaling_worker` in its own process (the device count is fixed when JAX starts)."""
     env = {**os.environ, "XLA_FLAGS": with_host_device_count(os.environ.get("XLA_FLAGS", ""), devices)}
     command = [sys.executable, "-m", "benchmarks.step", "--scaling-worker", str(devices), "--configs", name,
                "--prompts-per-device", str(prompts_per_device), "--repeats", str(repeats), "--workdir", str(workdir),
-               "--step-fields", json.dumps(step_fields)]
+               "--size", json.dumps(size)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"scaling worker on {devices} devices failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def scaling(name: str, step_fields: dict[str, int], device_counts: list[int], prompts_per_device: int, repeats: int,
+def scaling(name: str, size: dict[str, Any], device_counts: list[int], prompts_per_device: int, repeats: int,
             workdir: Path) -> list[dict[str, Any]]:
     """The opsd-jax step with `prompts_per_device x devices` prompts on each device count (FSDP over all of
     them), and as the control the same prompts on one device: their ratio is what sharding costs here."""
     rows = []
     for devices in device_counts:
-        row = _run_worker(name, step_fields, devices, prompts_per_device, repeats, workdir)
-        control = row if devices == 1 else _run_worker(name, step_fields, 1, prompts_per_device * devices, repeats, workdir)
+        row = _run_worker(name, size, devices, prompts_per_device, repeats, workdir)
+        control = row if devices == 1 else _run_worker(name, size, 1, prompts_per_device * devices, repeats, workdir)
         row["one_device_same_prompts_s"] = control["seconds"]["total"]
         row["one_device_same_prompts_phases_s"] = {k: v for k, v in control["seconds"].items() if k != "runs"}
         row["sharded_over_one_device"] = row["seconds"]["total"] / control["seconds"]["total"]
@@ -423,42 +513,46 @@ def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], peak: dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny,small", help="comma-separated subset of: " + ", ".join(SIZES))
+    parser.add_argument("--configs", default="tiny,small,omni", help="comma-separated subset of: " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (the median is reported)")
     parser.add_argument("--scaling", default="1,2,4,8", help="device counts for the scaling run ('' to skip)")
     parser.add_argument("--scaling-config", default="small", choices=sorted(SIZES))
     parser.add_argument("--prompts-per-device", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="tiny config at tiny lengths, one repeat, scaling on 1 and 2 devices")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny and omni at tiny sizes, one repeat, scaling of tiny on 1 and 2 devices (the smoke test)")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/step.json)")
     parser.add_argument("--workdir", type=Path, help="where the saved weights go (default: a temporary directory)")
     parser.add_argument("--scaling-worker", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--step-fields", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.scaling_worker:  # started by `scaling` with XLA_FLAGS set for its device count
-        row = scaling_worker(args.scaling_worker, args.configs, json.loads(args.step_fields), args.prompts_per_device,
+        row = scaling_worker(args.scaling_worker, args.configs, json.loads(args.size), args.prompts_per_device,
                              args.repeats, args.workdir)
         print(json.dumps(row))
         return row
 
-    steps = {name: dict(size["step"]) for name, size in SIZES.items()}
+    sizes = dict(SIZES)
     if args.quick:
-        args.configs, args.repeats, args.scaling, args.scaling_config = "tiny", 1, "1,2", "tiny"
-        steps["tiny"] = QUICK_STEP
+        args.configs, args.repeats, args.scaling, args.scaling_config = "tiny,omni", 1, "1,2", "tiny"
+        sizes.update(QUICK)
+    names = args.configs.split(",")
+    if unknown := [name for name in names if name not in sizes]:
+        parser.error(f"--configs: unknown {', '.join(unknown)}; expected a comma-separated subset of {', '.join(SIZES)}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         peak = matmul_peak(sizes=(256,) if args.quick else (1024, 2048, 3072))
         rows = []
-        for name in args.configs.split(","):
-            rows.append(measure(name, steps[name], args.repeats, workdir, peak["flops_per_s"]))
+        for name in names:
+            rows.append(measure(name, sizes[name], args.repeats, workdir, peak["flops_per_s"]))
             print(f"  measured {name}: PyTorch / opsd-jax {rows[-1]['speedup']['total']:.2f}x", flush=True)
         counts = [int(n) for n in args.scaling.split(",") if n]
-        scaled = (scaling(args.scaling_config, steps[args.scaling_config], counts, args.prompts_per_device, args.repeats,
+        scaled = (scaling(args.scaling_config, sizes[args.scaling_config], counts, args.prompts_per_device, args.repeats,
                           workdir) if counts else [])
     text = tables(rows, scaled, peak)
     print(text)
-    payload = {"settings": vars(args) | {"models": {n: s["model"] for n, s in SIZES.items()}, "steps": steps}, "matmul_peak": peak, "rows": rows, "scaling": scaled,
-               "table": text}
+    payload = {"settings": vars(args) | {"sizes": {name: sizes[name] for name in names}}, "matmul_peak": peak,
+               "rows": rows, "scaling": scaled, "table": text}
     path = write_results("step", payload, args.out)
     print(f"wrote {path}")
     return payload
