@@ -8,7 +8,8 @@ configs carry, and the chips' published figures (Cloud TPU documentation: v5e 19
 Per step (one optimizer update of `train.batch_size` prompts, G rollouts each):
 * decoder FLOPs by phase (rollout, teacher scoring, student forward + backward, and the recomputed
   forward that per-layer remat adds), plus the frozen encoders' forwards (2 x parameters x tokens per
-  pass; each clip is encoded three times: rollout prefill, student, teacher);
+  pass; each clip is encoded twice: in the rollout's prefill and once in the train step, where the
+  teacher shares the student's features);
 * time of each phase at an assumed 40% of peak;
 * the rollout's floor set by memory traffic, which FLOPs ignore: every decode step reads the full bf16
   decoder weights from HBM, and under FSDP (as the configs shard it) first all-gathers them over ICI
@@ -70,7 +71,10 @@ def project(slice_name: str, chip: Chip, devices: int, config_file: str, overrid
     flops = step_flops(shape, step)
     # Per-layer remat runs the student's forward a second time in the backward.
     remat = flops["student"] / 3 if config.model.remat else 0.0
-    encoders = 3 * step.prompts * 2 * (model["vision"] * VISION_TOKENS + model["audio"] * AUDIO_TOKENS)
+    # Each clip is encoded in the rollout's prefill and in the train step; the teacher shares the student's
+    # features unless its encoders can differ (trained encoders and a frozen / EMA copy): `opsd/step.py`.
+    passes = 2 if config.teacher.mode == "live" or not config.train.train_encoders else 3
+    encoders = passes * step.prompts * 2 * (model["vision"] * VISION_TOKENS + model["audio"] * AUDIO_TOKENS)
     phases = {"rollout": flops["rollout"], "teacher": flops["teacher"], "student": flops["student"] + remat,
               "metrics": flops["metrics"], "encoders": encoders}
     total = sum(phases.values())
