@@ -8,7 +8,9 @@ The encoder splits in two halves:
   bucket, so one compiled encoder serves every grid of that bucket.
 * `VisionEncoder.__call__` (jittable) runs patch embedding, the blocks and the merger on static shapes.
   Block-diagonal attention (one segment per frame pair in the full-attention blocks, one per window
-  elsewhere) is a segment-id equality mask.
+  elsewhere) is a segment-id equality mask. Segments are contiguous runs in window order, so when the
+  plan's static bound on their length is short next to the bucket, each block of queries only looks at
+  a band of nearby keys (`banded_segment_attention`); otherwise attention is dense over the bucket.
 
 Attribute paths mirror the checkpoint (`visual.blocks.0.attn.q.weight` <-> `blocks.0.attn.q.kernel`),
 so `opsd_jax.models.weights` loads every tensor, the Conv3d patch embedding folded into a dense kernel.
@@ -31,6 +33,12 @@ from opsd_jax.models.layers import Linear, RMSNorm, apply_rotary, dot_product_at
 _NORM_EPS = 1e-6
 # Segment id of bucket padding: no real patch carries it, so padding only ever attends to padding.
 PAD_SEGMENT = -1
+# Segment id of the rows `banded_segment_attention` adds past either end of the patches: no patch carries it.
+_OUTSIDE_SEGMENT = PAD_SEGMENT - 1
+# Shortest band the plan asks for, in patches (16 merged tokens, one full 112-pixel window): shorter
+# query blocks make matmuls too small to pay for the band's copies, and a floor keeps small grids of one
+# bucket on one program.
+_MIN_SPAN = 64
 
 # `Qwen2_5OmniVisionEncoderConfig` defaults, used for keys a config.json leaves out (as transformers does).
 _HF_DEFAULTS: dict[str, Any] = dict(
@@ -149,6 +157,13 @@ class VisionPlan:
       window_segments: `[P]` int32 segment ids of the windowed blocks (one per window), window order.
       num_tokens: `[]` int32, the number of real output tokens (`total_patches / 4`): the valid rows of
         the encoder's output are the first `num_tokens`.
+      max_full_segment, max_window_segment: static ints (pytree metadata, so part of a jitted call's
+        cache key), an upper bound in patches on the length of every real (non-padding) segment of
+        `full_segments` / `window_segments`: the longest rounded up to a power of two of at least 64, so
+        that batches of same-sized clips share one program; or `P` itself where a band of three times
+        that bound would not be shorter than `P` (dense attention is then the cheaper path, and every such
+        plan of a bucket compiles once). See `attention_span`. Plans stacked into one pytree (say,
+        micro-batches) must agree on them.
     """
 
     patch_order: np.ndarray
@@ -157,6 +172,27 @@ class VisionPlan:
     full_segments: np.ndarray
     window_segments: np.ndarray
     num_tokens: np.ndarray
+    max_full_segment: int = flax.struct.field(pytree_node=False)
+    max_window_segment: int = flax.struct.field(pytree_node=False)
+
+
+def uses_band(span: int, patches: int) -> bool:
+    """Whether `patches` rows whose segments are at most `span` long attend through a band.
+
+    With query blocks of `span` rows, the band costs `3 * span` scores per query against `patches`
+    for dense attention.
+    """
+    return 3 * span < patches
+
+
+def attention_span(longest: int, patches: int) -> int:
+    """The plan's static bound for segments of at most `longest` patches in a bucket of `patches`.
+
+    `longest` rounded up to a power of two of at least `_MIN_SPAN`, or `patches` when that band would not
+    pay (`uses_band`): every bound past the break-even point means "dense", so it collapses to one value.
+    """
+    span = max(_MIN_SPAN, 1 << (int(longest) - 1).bit_length())
+    return span if uses_band(span, patches) else int(patches)
 
 
 def _check_grid(grid_thw: Any, config: VisionConfig) -> np.ndarray:
@@ -231,6 +267,9 @@ def vision_plan(grid_thw: Any, config: VisionConfig, patch_bucket: int | None = 
     window_segments = np.repeat(window_ids[window_index], unit)
 
     pad = bucket - num_patches
+    # Only real segments bound the band: the padding tail may be longer, but its rows are dropped and no
+    # real row attends to it (see `banded_segment_attention`).
+    longest_frame, longest_window = np.bincount(full_segments).max(), np.bincount(window_segments).max()
     return VisionPlan(
         patch_order=np.concatenate([patch_order, np.arange(num_patches, bucket)]).astype(np.int32),
         token_restore=np.concatenate(
@@ -240,6 +279,8 @@ def vision_plan(grid_thw: Any, config: VisionConfig, patch_bucket: int | None = 
         full_segments=np.pad(full_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
         window_segments=np.pad(window_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
         num_tokens=np.asarray(num_tokens, dtype=np.int32),
+        max_full_segment=attention_span(longest_frame, bucket),
+        max_window_segment=attention_span(longest_window, bucket),
     )
 
 
@@ -281,6 +322,65 @@ def segment_mask(segments: jax.Array) -> jax.Array:
     return (segments[:, None] == segments[None, :])[None]
 
 
+def banded_segment_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segments: jax.Array,
+    *,
+    max_segment: int,
+    block: int,
+    scale: float,
+) -> jax.Array:
+    """Attention within contiguous segments, in `O(P * (block + 2 * max_segment))` instead of `O(P^2)`.
+
+    A query in a segment of at most `max_segment` rows only sees keys less than `max_segment` rows
+    away. The queries are cut into blocks of `block` rows (the last one padded), and block `b` attends to
+    the key rows `[(b - r) * block, (b + 1 + r) * block)`, `r = ceil(max_segment / block)`, with the
+    segment-id equality mask restricted to that band: a superset of the keys its queries need, gathered
+    as `2r + 1` shifted views of the keys cut into chunks of `block` rows (no index arrays). Rows of the
+    band outside `[0, P)` carry a segment id no row has.
+
+    Args:
+      q: `[P, heads, head_dim]`.
+      k, v: `[P, kv_heads, head_dim]`, `heads` a multiple of `kv_heads`.
+      segments: `[P]` int32 ids; a query attends to the keys with its id. Every segment whose rows are
+        used must be one contiguous run of at most `max_segment` rows. A longer run (bucket padding)
+        gives finite rows that saw only part of their segment: fine for rows that are dropped.
+      max_segment: static bound on the segments' lengths.
+      block: static number of query rows per block (`max_segment` makes the band `3 * max_segment` keys).
+      scale: multiplier of `q . k`.
+
+    Returns:
+      `[P, heads, head_dim]` in the query's dtype: on the rows of segments of at most `max_segment`
+      rows, the result of `dot_product_attention` with `segment_mask(segments)` (a float32 softmax over
+      the same keys, summed in another order).
+    """
+    patches = q.shape[0]
+    blocks = -(-patches // block)
+    reach = -(-max_segment // block)
+    tail = blocks * block - patches
+
+    def chunked(x: jax.Array, fill: int, side: int) -> jax.Array:
+        """`[P, ...]` -> `[blocks + 2 * side, block, ...]`, `side` chunks of `fill` before and after."""
+        widths = [(side * block, side * block + tail)] + [(0, 0)] * (x.ndim - 1)
+        x = jnp.pad(x, widths, constant_values=fill)
+        return x.reshape(-1, block, *x.shape[1:])
+
+    def band(chunks: jax.Array) -> jax.Array:
+        """`[blocks + 2r, block, ...]` -> `[blocks, (2r + 1) * block, ...]`: chunks b .. b + 2r for block b."""
+        views = [chunks[offset : offset + blocks] for offset in range(2 * reach + 1)]
+        return jnp.concatenate(views, axis=1)
+
+    q_segments = chunked(segments, _OUTSIDE_SEGMENT, 0)  # [blocks, block]
+    k_segments = band(chunked(segments, _OUTSIDE_SEGMENT, reach))  # [blocks, band]
+    mask = q_segments[:, :, None] == k_segments[:, None, :]  # [blocks, block, band]
+    out = dot_product_attention(
+        chunked(q, 0, 0), band(chunked(k, 0, reach)), band(chunked(v, 0, reach)), mask, scale=scale
+    )  # [blocks, block, heads, head_dim]
+    return out.reshape(blocks * block, *q.shape[1:])[:patches]
+
+
 # --------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------
@@ -307,15 +407,23 @@ class VisionAttention(nnx.Module):
         self.v = Linear(dim, dim, axes=("encoder_embed", "encoder_heads"), **kw)
         self.proj = Linear(dim, dim, axes=("encoder_heads", "encoder_embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """`x [P, hidden]`, float32 `cos`/`sin` `[P, head_dim]`, `mask` `[1, P, P]` -> `[P, hidden]`."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int) -> jax.Array:
+        """`x [P, hidden]`, float32 `cos`/`sin` `[P, head_dim]`, `segments [P]` -> `[P, hidden]`.
+
+        `span` (static) bounds the real segments' lengths, as the plan's `max_*_segment`: a band of keys
+        around each block of `span` queries where that is cheaper (`uses_band`), else a dense `[P, P]` mask.
+        """
         patches = x.shape[0]
         split = lambda y: y.reshape(patches, self.num_heads, self.head_dim)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         # The reference rotates in float32 whatever the compute dtype, then casts back.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(q.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(k.dtype)
-        out = dot_product_attention(q[None], k[None], v[None], mask, scale=self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if uses_band(span, patches):
+            out = banded_segment_attention(q, k, v, segments, max_segment=span, block=span, scale=scale)
+        else:
+            out = dot_product_attention(q[None], k[None], v[None], segment_mask(segments), scale=scale)[0]
         return self.proj(out.reshape(patches, self.num_heads * self.head_dim))
 
 
@@ -339,8 +447,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segments, span)
         return x + self.mlp(self.norm2(x))
 
 
@@ -372,8 +480,12 @@ class PatchMerger(nnx.Module):
 class VisionEncoder(nnx.Module):
     """Patch embedding, `depth` blocks of full or windowed attention, and the 2x2 merger.
 
-    The attention masks are dense `[P, P]`, so memory grows with the square of the patch bucket: fine for
-    frames of a few thousand patches; longer packed inputs want a segment-aware (splash) kernel.
+    Attention is segment-local. Where the plan's static bound `L` on a kind of segment (frame pairs for
+    the full-attention blocks, windows for the others) is short next to the bucket (`3 L < P`), the
+    queries go in blocks of `L` rows, each against a band of `3 L` keys: `[P / L, heads, L, 3 L]` float32
+    scores, work and memory `O(P * L)`, so a micro-batch of many clips costs in proportion to its patches.
+    Otherwise (one long frame, small buckets) the mask is a dense `[P, P]` one, `O(P^2)`. Either way the
+    real rows equal the reference's per-segment (`cu_seqlens`) attention.
     """
 
     def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -405,9 +517,10 @@ class VisionEncoder(nnx.Module):
             )
         x = jnp.take(self.patch_embed(pixel_values), plan.patch_order, axis=0)  # window order
         cos, sin = vision_rotary(plan.positions, head_dim=cfg.head_dim, theta=cfg.rope_theta)
-        full_mask, window_mask = segment_mask(plan.full_segments), segment_mask(plan.window_segments)
+        full = (plan.full_segments, plan.max_full_segment)
+        window = (plan.window_segments, plan.max_window_segment)
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if index in cfg.fullatt_block_indexes else window_mask)
+            x = block(x, cos, sin, *(full if index in cfg.fullatt_block_indexes else window))
         return jnp.take(self.merger(x), plan.token_restore, axis=0)
 
     def encode(self, pixel_values: Any, grid_thw: Any) -> jax.Array:

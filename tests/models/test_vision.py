@@ -1,7 +1,8 @@
 """Parity of the Flax vision encoder with `model.model.visual` of the transformers reference (float32).
 
 Tolerance: max |difference| <= 1e-4 against the reference (measured ~5e-6 on outputs of magnitude ~2);
-<= 1e-5 between layouts of the same JAX computation (bucket padding, mesh placement).
+<= 1e-5 between layouts of the same JAX computation (bucket padding, mesh placement, banded vs dense
+attention).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from transformers import vision_utils
 
 from opsd_jax.config import MeshConfig
 from opsd_jax.models import weights
-from opsd_jax.models.vision import PAD_SEGMENT, VisionConfig, VisionEncoder, pad_patches, vision_plan
+from opsd_jax.models.layers import dot_product_attention
+from opsd_jax.models.vision import (
+    PAD_SEGMENT,
+    VisionConfig,
+    VisionEncoder,
+    banded_segment_attention,
+    pad_patches,
+    segment_mask,
+    uses_band,
+    vision_plan,
+)
 from opsd_jax.sharding import make_mesh, shard_module
 from opsd_jax.testing.reference import save_reference_thinker
 
@@ -155,6 +166,38 @@ def test_plan_pads_to_bucket_with_an_isolated_segment(setup):
         assert (segments[120:] == PAD_SEGMENT).all() and (segments[:120] != PAD_SEGMENT).all()
 
 
+# (grid, bucket) -> (max_full_segment, max_window_segment). Bounds are the longest real segment rounded
+# up to a power of two of at least 64, or the bucket P itself where 3 x bound >= P (dense attention).
+@pytest.mark.parametrize(
+    "grid, bucket, spans",
+    [
+        # 16 patches; 64 x 3 >= 16: dense.
+        ([[1, 4, 4]], None, (16, 16)),
+        # The two grids of one bucket in the compile-once test: frames of 120 and 16 patches, windows of
+        # <= 64 and 16; all bounds x 3 >= 128, so both plans say (128, 128) and share a program.
+        ([[1, 10, 12]], 128, (128, 128)),
+        ([[2, 4, 4]], 128, (128, 128)),
+        # Frame of 120 -> 128 (x 3 >= 256: dense); windows of <= 64 (x 3 < 256: banded).
+        ([[1, 10, 12], [2, 6, 8]], 256, (256, 64)),
+        # 504 patches: frames of 120 and 64 -> 128 (384 < 504), windows <= 64.
+        ([[1, 10, 12], [6, 8, 8]], None, (128, 64)),
+        # Frames of 468 -> 512 (1536 >= 1404: dense); windows of 4 x 4 merged tokens = 64 patches.
+        ([[3, 18, 26]], None, (1404, 64)),
+        # Frames of 16 patches: the floor of 64.
+        ([[40, 4, 4]], None, (64, 64)),
+        # The forward benchmark's 4 clips of 8 frames at 112 px: one 64-patch window per frame pair.
+        ([[4, 8, 8]] * 4, None, (64, 64)),
+        # Two clips of 448 px frames: 1024-patch frame pairs, 8192 patches.
+        ([[4, 32, 32]] * 2, None, (1024, 64)),
+    ],
+)
+def test_plan_static_segment_bounds(setup, grid, bucket, spans):
+    _, config, _ = setup
+    plan = vision_plan(np.array(grid), config, patch_bucket=bucket)
+    assert (plan.max_full_segment, plan.max_window_segment) == spans
+    assert all(type(span) is int for span in spans)
+
+
 @pytest.mark.parametrize(
     "grid, bucket, message",
     [
@@ -182,6 +225,38 @@ def test_call_rejects_pixel_values_not_matching_the_plan(setup):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Banded attention
+# ----------------------------------------------------------------------------------------------------
+
+
+# Uneven segments (longest 17), then a padding tail of 37 rows, longer than the band's bound:
+# P = 79 + 37 = 116, not a multiple of any block below.
+_SEGMENT_LENGTHS = (3, 17, 1, 16, 9, 17, 4, 12)
+_PAD_ROWS = 37
+
+
+@pytest.mark.parametrize(
+    "max_segment, block",
+    [(17, 17), (17, 8), (17, 32), (32, 16)],
+    ids=["block=bound", "block<bound", "block>bound", "loose_bound"],
+)
+def test_banded_attention_matches_dense_segment_mask(max_segment, block):
+    """Real rows equal dense attention under the `[1, P, P]` segment mask (float32, <= 1e-5); padding rows,
+    whose segment is longer than the bound, stay finite (they are dropped)."""
+    segments = np.concatenate([np.repeat(np.arange(len(_SEGMENT_LENGTHS)), _SEGMENT_LENGTHS),
+                               np.full(_PAD_ROWS, PAD_SEGMENT)]).astype(np.int32)
+    patches, real = len(segments), sum(_SEGMENT_LENGTHS)
+    rng = np.random.default_rng(max_segment * block)
+    # 4 query heads over 2 key/value heads, as `dot_product_attention` allows.
+    q, k, v = (rng.standard_normal((patches, heads, 8), dtype=np.float32) for heads in (4, 2, 2))
+    dense = dot_product_attention(q[None], k[None], v[None], segment_mask(segments), scale=8**-0.5)[0]
+    banded = banded_segment_attention(q, k, v, segments, max_segment=max_segment, block=block, scale=8**-0.5)
+    assert banded.shape == dense.shape == (patches, 4, 8)
+    assert np.abs(np.asarray(banded)[:real] - np.asarray(dense)[:real]).max() <= LAYOUT_ATOL
+    assert np.isfinite(np.asarray(banded)).all()
+
+
+# ----------------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------------
 
@@ -195,6 +270,27 @@ def test_encoder_matches_reference(setup, name):
     got = np.asarray(encoder.encode(pixel_values, np.array(grid)))
     assert got.shape == expected.shape == (sum(t * h * w for t, h, w in grid) // 4, 64)
     assert np.abs(got - expected).max() <= REFERENCE_ATOL
+
+
+def test_banded_encoder_matches_reference_and_dense(setup):
+    """A bucket where both kinds of block take the band (frames of 120 and 64 patches, bound 128; windows
+    of <= 64), padded by a garbage tail longer than either bound: the real tokens equal the reference,
+    and the same plan forced dense."""
+    model, config, encoder = setup
+    grid, bucket = [[1, 10, 12], [6, 8, 8]], 640
+    pixel_values = _patches(grid, seed=11)
+    padded = pad_patches(pixel_values, bucket)
+    padded[len(pixel_values):] = 1e3 * np.random.default_rng(2).standard_normal(padded[len(pixel_values):].shape)
+    plan = vision_plan(np.array(grid), config, patch_bucket=bucket)
+    assert (plan.max_full_segment, plan.max_window_segment) == (128, 64)
+    assert uses_band(plan.max_full_segment, bucket) and uses_band(plan.max_window_segment, bucket)
+    run, traces = _counting_jit()
+    num_tokens = int(plan.num_tokens)
+    banded = np.asarray(run(encoder, padded, plan))[:num_tokens]
+    dense = np.asarray(run(encoder, padded, plan.replace(max_full_segment=bucket, max_window_segment=bucket)))
+    assert traces == [(bucket, 1176)] * 2  # the static bounds are part of the program
+    assert np.abs(banded - dense[:num_tokens]).max() <= LAYOUT_ATOL
+    assert np.abs(banded - _reference_tokens(model, pixel_values, grid)).max() <= REFERENCE_ATOL
 
 
 def test_bucket_padding_keeps_valid_rows_and_compiles_once_per_bucket(setup):
