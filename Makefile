@@ -25,7 +25,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m opsd_jax.demo
 
-# Every benchmark at its reported sizes (tens of minutes on 2 cores; step.py alone ~11); each prints its table and writes
+# Every benchmark at its reported sizes (25 minutes on 2 cores; step.py alone ~13); each prints its table and writes
 # benchmarks/results/NAME.json. benchmarks/README.md says how to read them.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step
