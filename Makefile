@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Devices: the tests force 8 host devices themselves (tests/conftest.py), so that the CPU stands in for a
 # TPU slice; the demo runs on one (two cores run one program ~2.5x faster than eight virtual devices
-# time-sharing them; its sharded path is covered by tests/test_demo.py); each benchmark picks its own.
+# time-sharing them; tests/test_demo.py runs it the same way, the trainer's sharded paths are covered by
+# tests/test_train.py); each benchmark picks its own.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

@@ -61,6 +61,11 @@ def flat_leaves(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def loss_grad(argnums: int = 0):
+    """Jitted gradient of `S._micro_batch_loss` (settings static): one compile instead of op-by-op dispatch."""
+    return jax.jit(jax.grad(S._micro_batch_loss, argnums=argnums, has_aux=True), static_argnums=4)
+
+
 @pytest.mark.parametrize("mode", ["frozen", "ema", "live"])
 def test_gradients_reach_only_the_student(model, mode):
     batch = make_batch(model)
@@ -69,14 +74,14 @@ def test_gradients_reach_only_the_student(model, mode):
     teacher_params = jax.tree.map(lambda x: x + 0.01, params) if mode != "live" else None
     counts = S.batch_counts(batch)
     if mode != "live":
-        teacher_grads = jax.grad(S._micro_batch_loss, argnums=1, has_aux=True)(params, teacher_params, batch, counts, settings)[0]
+        teacher_grads = loss_grad(argnums=1)(params, teacher_params, batch, counts, settings)[0]
         assert all((g == 0).all() for g in flat_leaves(teacher_grads))
     else:
         # A live teacher is the student under stop_gradient: its gradient must equal that of a frozen
         # teacher holding the same values, i.e. nothing flows through the teacher's forward.
-        live = jax.grad(S._micro_batch_loss, has_aux=True)(params, None, batch, counts, settings)[0]
+        live = loss_grad()(params, None, batch, counts, settings)[0]
         frozen_settings, _ = settings_for(model, "frozen")
-        frozen = jax.grad(S._micro_batch_loss, has_aux=True)(params, params, batch, counts, frozen_settings)[0]
+        frozen = loss_grad()(params, params, batch, counts, frozen_settings)[0]
         for a, b in zip(flat_leaves(live), flat_leaves(frozen)):
             np.testing.assert_allclose(a, b, atol=1e-7)
         assert any(np.abs(g).max() > 0 for g in flat_leaves(live))
@@ -85,7 +90,7 @@ def test_gradients_reach_only_the_student(model, mode):
 def test_a_live_teacher_with_the_students_prompt_gives_zero_loss_and_gradient(model):
     batch = make_batch(model, teacher_is_student=True)
     settings, state = settings_for(model, "live")
-    grads, metrics = jax.grad(S._micro_batch_loss, has_aux=True)(state.params, None, batch, S.batch_counts(batch), settings)
+    grads, metrics = loss_grad()(state.params, None, batch, S.batch_counts(batch), settings)
     assert abs(float(metrics["loss"])) < 1e-6
     assert max(np.abs(g).max() for g in flat_leaves(grads)) < 1e-6
 

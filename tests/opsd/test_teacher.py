@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,24 +21,27 @@ def test_prefix_shared_forward_equals_the_full_forward(tiny_untied, tiny_prompt_
     model = from_pretrained(tiny_untied[1])
     prompt = model.prepare_inputs(IDS, attention_mask=MASK)
     out = generate(model, prompt, max_new_tokens=6, temperature=1.0, eos_token_id=150, pad_token_id=0, num_samples=3, seed=2)
-    shared = completion_hidden(model, prompt, out.tokens, out.mask)
-    full = model.hidden_states(append_completion(prompt, out.tokens, out.mask), repeats=3)[:, 7:13]
-    mask = np.asarray(out.mask)
-    np.testing.assert_allclose(np.asarray(shared)[mask], np.asarray(full)[mask], atol=1e-5)
-    # And its gradient: the prompt's activations receive the sum over the rollouts that share them.
     params = nnx.state(model, nnx.Param)
     graphdef = nnx.graphdef(model)
 
-    def loss(p, shared_prefix: bool):
+    # Jitted (one compile each, not op-by-op dispatch); `shared_prefix` is static.
+    @functools.partial(jax.jit, static_argnums=1)
+    def hidden(p, shared_prefix: bool):
         m = nnx.merge(graphdef, p)
         if shared_prefix:
-            h = completion_hidden(m, prompt, out.tokens, out.mask)
-        else:
-            h = m.hidden_states(append_completion(prompt, out.tokens, out.mask), repeats=3)[:, 7:13]
-        return jnp.sum(jnp.where(out.mask[..., None], h, 0.0) ** 2)
+            return completion_hidden(m, prompt, out.tokens, out.mask)
+        return m.hidden_states(append_completion(prompt, out.tokens, out.mask), repeats=3)[:, 7:13]
 
-    g1 = jax.grad(loss)(params, True)
-    g2 = jax.grad(loss)(params, False)
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(np.asarray(hidden(params, True))[mask], np.asarray(hidden(params, False))[mask], atol=1e-5)
+
+    # And its gradient: the prompt's activations receive the sum over the rollouts that share them.
+    @functools.partial(jax.jit, static_argnums=1)
+    @jax.grad
+    def loss(p, shared_prefix: bool):
+        return jnp.sum(jnp.where(out.mask[..., None], hidden(p, shared_prefix), 0.0) ** 2)
+
+    g1, g2 = loss(params, True), loss(params, False)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         a, b = np.asarray(a), np.asarray(b)
         # Summation order differs (the prefix's gradient is summed over rollouts in one place, not G):
