@@ -83,7 +83,7 @@ def measure(batch: int, frames: int, fps: int, hidden: int, layers: int, repeats
 
     from opsd_jax.data.chat_template import PromptBuilder
     from opsd_jax.models.qwen2_5_omni import from_pretrained
-    from opsd_jax.testing.reference import build_reference_thinker, save_reference_thinker
+    from opsd_jax.testing.reference import build_reference_thinker, save_reference_thinker, torch_inputs
     from opsd_jax.testing.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(workdir / "tokenizer")
@@ -92,9 +92,7 @@ def measure(batch: int, frames: int, fps: int, hidden: int, layers: int, repeats
     model = from_pretrained(save_reference_thinker(reference, workdir / "thinker"))
     inputs = build_batch(builder, synthetic_clips(batch, frames, fps=fps))
 
-    tensors = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
-    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
-        tensors[name] = tensors[name].long()
+    tensors = torch_inputs(inputs)
 
     def torch_forward():
         with torch.no_grad():

@@ -70,8 +70,6 @@ QUICK: dict[str, dict[str, Any]] = {  # the smoke test's sizes
 }
 NEVER = -1  # an end-of-sequence id no row emits: every rollout runs the full length
 PLAIN_TOKEN = 1  # what a sampled media placeholder becomes (see `media_token_ids`)
-MEDIA_TOKENS = ("audio_token_index", "image_token_index", "video_token_index", "audio_start_token_id",
-                "audio_end_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> dict[str, Any]:
@@ -149,10 +147,12 @@ def media_token_ids(workload: Workload) -> list[int]:
     every placeholder of `[prompt | completion]` and fails on the count, and its positions miscount
     media. Both sides replace them in the completions by `PLAIN_TOKEN` before scoring (a trained model
     does not emit them; the opsd-jax step itself embeds any sampled id as text)."""
+    from opsd_jax.models.positions import PositionConfig
+
     if not workload.has_media:
         return []
-    config = json.loads((workload.checkpoint / "config.json").read_text())
-    return [int(config[name]) for name in MEDIA_TOKENS]
+    ids = PositionConfig.from_hf(json.loads((workload.checkpoint / "config.json").read_text()))
+    return [getattr(ids, field.name) for field in dataclasses.fields(ids) if field.name.endswith("_token_id")]
 
 
 def repeat_prompts(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -279,10 +279,11 @@ class TorchStep:
     def __init__(self, workload: Workload, lr: float = 1e-5):
         import copy
 
-        import numpy as np
         import torch
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         from trl.experimental.gkd import GKDTrainer
+
+        from opsd_jax.testing.reference import torch_inputs
 
         self.torch, self.step = torch, workload.step
         self.student = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(workload.checkpoint, dtype=torch.float32)
@@ -293,16 +294,9 @@ class TorchStep:
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
         self.loss_fn = GKDTrainer.generalized_jsd_loss
-
-        def tensors(inputs):  # every prompt repeated for its G rollouts, as torch tensors
-            out = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v
-                   for k, v in repeat_prompts(inputs, workload.step.samples).items()}
-            for name in ("input_ids", "attention_mask", "feature_attention_mask"):
-                if name in out:
-                    out[name] = out[name].long()
-            return out
-
-        self.student_rows, self.teacher_rows = tensors(workload.student), tensors(workload.teacher)
+        # Every prompt repeated for its G rollouts.
+        self.student_rows, self.teacher_rows = (torch_inputs(repeat_prompts(inputs, workload.step.samples))
+                                                for inputs in (workload.student, workload.teacher))
         self.media_token_ids = torch.tensor(media_token_ids(workload), dtype=torch.long)
         torch.manual_seed(0)
 

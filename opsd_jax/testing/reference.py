@@ -88,6 +88,18 @@ def build_reference_thinker(config_dict: dict[str, Any], *, seed: int = 0):
     return model
 
 
+def torch_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The model call's numpy arguments as torch tensors for the reference (ids and masks int64, as the
+    transformers processor returns them); other values (`use_audio_in_video`) as they are."""
+    import torch
+
+    tensors = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
+        if name in tensors:
+            tensors[name] = tensors[name].long()
+    return tensors
+
+
 def save_reference_thinker(model, directory: str | Path) -> Path:
     """`save_pretrained` into `directory` (file names as real checkpoints write them)."""
     directory = Path(directory)

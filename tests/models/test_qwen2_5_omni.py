@@ -13,7 +13,7 @@ from opsd_jax.config import MeshConfig
 from opsd_jax.models.qwen2_5_omni import from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.sharding import make_mesh, shard_batch
-from opsd_jax.testing.reference import rewrite_checkpoint
+from opsd_jax.testing.reference import rewrite_checkpoint, torch_inputs
 
 IDS = np.array([[5, 17, 99, 3, 42, 7, 150, 8], [0, 0, 0, 61, 62, 63, 64, 65]], np.int32)
 MASK = np.array([[1] * 8, [0, 0, 0] + [1] * 5], np.int32)
@@ -157,12 +157,8 @@ def multimodal_case(builder, case: str) -> dict[str, np.ndarray]:
 
 
 def reference_multimodal_logits(reference, inputs: dict) -> np.ndarray:
-    tensors = {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
-    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
-        if name in tensors:
-            tensors[name] = tensors[name].long()
     with torch.no_grad():
-        return reference(**tensors).logits.numpy()
+        return reference(**torch_inputs(inputs)).logits.numpy()
 
 
 import torch  # noqa: E402

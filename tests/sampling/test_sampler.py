@@ -16,6 +16,7 @@ from opsd_jax.sampling import generate
 from opsd_jax.sampling import sampler as sampler_module
 from opsd_jax.sampling.filters import sampling_logits
 from opsd_jax.sharding import make_mesh
+from opsd_jax.testing.reference import torch_inputs
 
 PAD = 0
 IDS = np.array([[5, 17, 99, 3, 42, 7, 150, 8], [PAD, PAD, PAD, 61, 62, 63, 64, 65]], np.int32)
@@ -174,9 +175,7 @@ def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_pr
     assert batch["attention_mask"][1, 0] == 0, "the second prompt must be left-padded"
     inputs = {**batch, **video, **audio, "use_audio_in_video": True}
 
-    tensors = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
-    for name in ("input_ids", "attention_mask", "feature_attention_mask"):
-        tensors[name] = tensors[name].long()
+    tensors = torch_inputs(inputs)
 
     def reference_generate(eos):
         with torch.no_grad():
