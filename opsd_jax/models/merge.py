@@ -36,7 +36,7 @@ def merge_modal_embeddings(
     per_row = jnp.sum(mask, axis=1, dtype=jnp.int32)
     per_prompt = per_row[::repeats]
     # Index of each row's first feature: the placeholders of all earlier prompts.
-    first = jnp.repeat(jnp.cumsum(per_prompt) - per_prompt, repeats, total_repeat_length=per_row.shape[0])
+    first = jnp.repeat(jnp.cumsum(per_prompt) - per_prompt, repeats)  # static count: a broadcast, not a gather
     feature_index = first[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
     take = mask & (feature_index < num_valid)
     gathered = jnp.take(features, jnp.clip(feature_index, 0, features.shape[0] - 1), axis=0)

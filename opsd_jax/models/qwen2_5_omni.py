@@ -346,11 +346,11 @@ def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_m
     """
     batch, prompt_len = prompt.input_ids.shape
     repeats = completion.shape[0] // batch
-    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0, total_repeat_length=batch * repeats)
+    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)  # static: a broadcast, not a gather
     n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
     start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)
     completion_positions = start[:, None] + jnp.arange(completion.shape[1], dtype=jnp.int32)[None]
-    prompt_positions = jnp.repeat(prompt.position_ids, repeats, axis=1, total_repeat_length=batch * repeats)
+    prompt_positions = jnp.repeat(prompt.position_ids, repeats, axis=1)
     return prompt.replace(
         input_ids=jnp.concatenate([repeat(prompt.input_ids), completion.astype(jnp.int32)], axis=1),
         attention_mask=jnp.concatenate([repeat(prompt.attention_mask), completion_mask.astype(jnp.int32)], axis=1),

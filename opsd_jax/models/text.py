@@ -7,6 +7,7 @@ generic loader in `opsd_jax.models.weights` maps every tensor without a per-laye
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -195,16 +196,27 @@ class TextModel(nnx.Module):
         )
         x = inputs_embeds.astype(self.dtype)
         new_cache = [] if cache is not None else None
-        run = nnx.remat(_run_layer) if self.remat else _run_layer
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            layer_cache = None if cache is None else cache[i]
+            if self.remat:
+                graphdef, state = nnx.split(layer)
+                x, layer_cache = _remat_layer(graphdef, state, x, cos, sin, mask, layer_cache, cache_index)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
 
-def _run_layer(layer, x, cos, sin, mask, cache, cache_index):
-    return layer(x, cos, sin, mask, cache, cache_index)
+@functools.partial(jax.checkpoint, static_argnums=(0,))
+def _remat_layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
+    """One decoder layer as a pure function of its parameters, rematerialised in the backward pass.
+
+    Pure (split / merge inside) rather than `nnx.remat` on the module: a module merged outside a
+    `lax.while_loop` (the sampler's decode loop) cannot be mutated by `nnx.remat` inside the loop body,
+    which lives at another trace level. Only the layer's inputs are saved for the backward.
+    """
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

@@ -50,7 +50,9 @@ def completion_hidden(
     prompt_mask = jnp.pad(causal_padding_mask(prompt.attention_mask), ((0, 0), (0, 0), (0, length)))
     prefix, cache = model.model(model.embed_inputs(prompt, features), prompt.position_ids, prompt_mask, cache, jnp.int32(0))
 
-    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0, total_repeat_length=rows)
+    # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
+    # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
+    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
     cache = jax.tree.map(repeat, cache)
     n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
     start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)

@@ -54,6 +54,18 @@ def test_greedy_equals_transformers_generate_with_eos_inside_the_window(setup):
     assert np.asarray(out.tokens[0, first_eos + 1:] == PAD).all()
 
 
+def test_rematerialised_model_samples_what_the_plain_one_does(tiny_untied, setup):
+    """`model.remat` (every shipped slice config sets it) must not break the decode loop: its layers are
+    checkpointed functions of their parameters, so they trace inside `lax.while_loop` like plain ones."""
+    _, model = setup
+    remat = from_pretrained(tiny_untied[1], remat=True)
+    kwargs = dict(max_new_tokens=6, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=3)
+    plain = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
+    checkpointed = generate(remat, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
+    np.testing.assert_array_equal(np.asarray(checkpointed.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(np.asarray(checkpointed.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+
+
 def test_logprobs_equal_a_teacher_forced_forward(setup):
     """The cached decode must see exactly what one forward over [prompt | completion] sees."""
     _, model = setup
