@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     _register_train(subparsers)
+    from opsd_jax.compile_check.cli import register as register_compile_check
     from opsd_jax.eval.cli import register as register_eval
     from opsd_jax.export_cli import register as register_export
     from opsd_jax.rationales.cli import register as register_rationales
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_rationales(subparsers)
     register_eval(subparsers)
     register_export(subparsers)
+    register_compile_check(subparsers)
     return parser
 
 

@@ -40,6 +40,9 @@ class MeshConfig:
     # Overrides of the logical-axis table in `opsd_jax.sharding.rules`: logical name -> mesh axes.
     # A value is a mesh axis name, a list of them, or null (replicated).
     logical_axis_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The TPU slice the config is written for, as GENERATION:CHIPGRID (e.g. v5p:4x4x2): `opsd-jax
+    # compile-check` compiles for it, and training on a TPU refuses a slice of another size.
+    topology: str | None = None
 
     def validate(self, num_devices: int | None) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -49,6 +52,13 @@ class MeshConfig:
         auto = [name for name, size in sizes.items() if size == -1]
         if len(auto) > 1:
             raise ConfigError(f"mesh: at most one axis may be -1, got -1 for {', '.join('mesh.' + a for a in auto)}")
+        if self.topology is not None:
+            from opsd_jax.sharding.topology import TopologyError, parse_topology
+
+            try:
+                parse_topology(self.topology)
+            except TopologyError as err:
+                raise ConfigError(f"mesh.topology: {err}") from None
         if num_devices is None:
             return
         fixed = math.prod(size for size in sizes.values() if size != -1)

@@ -33,7 +33,7 @@ from etils import epath
 from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
-from opsd_jax.config import Config
+from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.builders import load_split
 from opsd_jax.data.chat_template import PromptBuilder
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
@@ -42,6 +42,7 @@ from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.prompts import encode_clip_batch
 from opsd_jax.sampling import GenerationOutput, generate
 from opsd_jax.sharding import make_mesh, to_host
+from opsd_jax.sharding.topology import topology_chips
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ def initialize_distributed() -> None:
         )
     elif "TPU_WORKER_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
         jax.distributed.initialize()
+
+
+def check_slice(config: Config) -> None:
+    """On a TPU, the slice must be the one `mesh.topology` names (its memory budget and compile check are)."""
+    topology = config.mesh.topology
+    if topology and jax.default_backend() == "tpu" and jax.device_count() != topology_chips(topology):
+        raise ConfigError(f"mesh.topology: the config is written for {topology} ({topology_chips(topology)} chips) but "
+                          f"this slice has {jax.device_count()} devices; use a config for this slice or set mesh.topology")
 
 
 def predicted_label(text: str, vocabulary: list[str]) -> str | None:
@@ -171,6 +180,7 @@ class Trainer:
     def __init__(self, config: Config, *, model: Qwen2_5OmniThinker | None = None):
         initialize_distributed()
         self.config = config
+        check_slice(config)
         self.mesh = make_mesh(config.mesh)
         dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
         param_dtype = jnp.bfloat16 if config.model.param_dtype == "bfloat16" else jnp.float32

@@ -307,11 +307,11 @@ class Qwen2_5OmniThinker(nnx.Module):
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
 
 
-def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
-    """Puts prepared inputs on the mesh: prompt rows over the batch mesh axes, media replicated.
+def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+    """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, media replicated.
 
-    `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches). Every
-    process passes the same global inputs.
+    A tree like `inputs` of `NamedSharding`s (for `jax.device_put`, or abstract inputs of an ahead-of-time
+    compile). `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches).
     """
     from jax.sharding import NamedSharding
 
@@ -319,15 +319,20 @@ def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) ->
 
     rules = resolve_rules()
 
-    def place(x, batch_axis: int | None):
+    def sharding(x, batch_axis: int | None):
         axes: list[str | None] = [None] * x.ndim
         if batch_axis is not None:
             axes[batch_axis] = "batch"
-        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+        return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
 
-    rows = {name: place(getattr(inputs, name), leading_axes + axis) for name, axis in PROMPT_BATCH_AXES.items()}
-    media = jax.tree.map(lambda x: place(x, None), inputs.replace(**{name: None for name in PROMPT_BATCH_AXES}))
+    rows = {name: sharding(getattr(inputs, name), leading_axes + axis) for name, axis in PROMPT_BATCH_AXES.items()}
+    media = jax.tree.map(lambda x: sharding(x, None), inputs.replace(**{name: None for name in PROMPT_BATCH_AXES}))
     return media.replace(**rows)
+
+
+def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+    """Puts prepared inputs on the mesh (`input_shardings`). Every process passes the same global inputs."""
+    return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes))
 
 
 def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_mask: jax.Array) -> ThinkerInputs:

@@ -15,6 +15,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from opsd_jax.models.layers import Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
+from opsd_jax.sharding import constrain_activation
+
+# Layer-boundary activation layouts (logical axes; see `opsd_jax.sharding.activation_sharding`).
+HIDDEN_AXES = ("batch", "length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +121,11 @@ class Qwen2Attention(nnx.Module):
         queries attend over the whole cache (`kv_len = max_len`), the mask deciding what is visible.
         """
         batch, seq, _ = x.shape
-        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        heads = functools.partial(constrain_activation, logical_axes=("batch", "length", "activation_heads", None))
+        kv_heads = functools.partial(constrain_activation, logical_axes=("batch", "length", "activation_kv_heads", None))
+        q = heads(self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim))
+        k = kv_heads(self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
+        v = kv_heads(self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -140,7 +146,8 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain_activation(hidden, ("batch", "length", "activation_mlp")))
 
 
 class Qwen2DecoderLayer(nnx.Module):
@@ -152,9 +159,9 @@ class Qwen2DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        x = x + attn_out
+        x = constrain_activation(x + attn_out, HIDDEN_AXES)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        return constrain_activation(x, HIDDEN_AXES), cache
 
 
 class TextModel(nnx.Module):
@@ -194,7 +201,7 @@ class TextModel(nnx.Module):
         cos, sin = mrope_cos_sin(
             position_ids, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section, dtype=self.dtype
         )
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain_activation(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]

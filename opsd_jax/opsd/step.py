@@ -26,10 +26,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.config import TeacherConfig, TrainConfig
-from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
-from opsd_jax.sharding import constrain, logical_to_spec, resolve_rules
+from opsd_jax.sharding import activation_sharding, constrain, logical_to_spec, resolve_rules
 
 ENCODER_PREFIXES = ("audio_tower", "visual")
 
@@ -65,21 +65,29 @@ class TrainState:
     teacher_params: nnx.State | None
 
 
-def place_step_batch(batches: StepBatch, mesh: Mesh) -> StepBatch:
-    """Puts stacked micro-batches `[k, ...]` on the mesh: rows over (data, fsdp), media replicated."""
+def step_batch_shardings(batches: StepBatch, mesh: Mesh) -> StepBatch:
+    """The placement of stacked micro-batches `[k, ...]`: rows over (data, fsdp), media replicated.
+
+    A tree like `batches` of `NamedSharding`s (for `jax.device_put`, or an ahead-of-time compile).
+    """
     rules = resolve_rules()
 
-    def place(x):
+    def sharding(x):
         axes = [None, "batch"] + [None] * (x.ndim - 2)
-        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+        return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
 
-    rows = {name: place(getattr(batches, name)) for name in
+    rows = {name: sharding(getattr(batches, name)) for name in
             ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")}
     return batches.replace(
-        student=place_inputs(batches.student, mesh, leading_axes=1),
-        teacher=place_inputs(batches.teacher, mesh, leading_axes=1),
+        student=input_shardings(batches.student, mesh, leading_axes=1),
+        teacher=input_shardings(batches.teacher, mesh, leading_axes=1),
         **rows,
     )
+
+
+def place_step_batch(batches: StepBatch, mesh: Mesh) -> StepBatch:
+    """Puts stacked micro-batches `[k, ...]` on the mesh (`step_batch_shardings`)."""
+    return jax.device_put(batches, step_batch_shardings(batches, mesh))
 
 
 def is_encoder_path(path: tuple) -> bool:
@@ -268,6 +276,11 @@ def train_step(state: TrainState, batches: StepBatch, *, settings: StepSettings)
     Returns the new state and the step's metrics (means over the batch's completion tokens). Pure:
     jit it with `make_train_step`.
     """
+    with activation_sharding(settings.mesh):  # rows sharded at every layer boundary (FSDP gathers weights)
+        return _train_step(state, batches, settings)
+
+
+def _train_step(state: TrainState, batches: StepBatch, settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
     counts = batch_counts(batches)
     grad_fn = jax.grad(_micro_batch_loss, has_aux=True)
 

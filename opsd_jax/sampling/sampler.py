@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.models.text import LayerCache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import constrain
+from opsd_jax.sharding import activation_sharding, constrain
 
 
 @struct.dataclass
@@ -58,8 +58,8 @@ class _LoopState:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Sampling:
-    """Static sampling settings (hashable: they select a compiled program)."""
+class SamplingSettings:
+    """Static sampling settings (hashable: they select a compiled program); build with `sampling_settings`."""
 
     max_new_tokens: int
     temperature: float
@@ -75,7 +75,7 @@ def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCa
     return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh), cache)
 
 
-def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: _Sampling) -> _LoopState:
+def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: SamplingSettings) -> _LoopState:
     """Samples token `step` for every row from `logits [N, vocab]` and records it."""
     tokens, logprob, model_logprob = sample_tokens(
         key, logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
@@ -103,7 +103,15 @@ def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
-def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: _Sampling, mesh: Mesh | None) -> _LoopState:
+def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: SamplingSettings, mesh: Mesh | None) -> _LoopState:
+    # Many tokens per row: rows sharded at layer boundaries, FSDP gathers the weights (the decode loop,
+    # one token per row, leaves the weights in place instead).
+    with activation_sharding(mesh):
+        return _prefill_traced(graphdef, params, inputs, key, sampling, mesh)
+
+
+def _prefill_traced(graphdef, params, inputs: ThinkerInputs, key: jax.Array, sampling: SamplingSettings,
+                    mesh: Mesh | None) -> _LoopState:
     model = nnx.merge(graphdef, params)
     batch, prompt_len = inputs.input_ids.shape
     total_len = prompt_len + sampling.max_new_tokens
@@ -147,7 +155,7 @@ def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, samplin
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"), donate_argnames=("state",))
-def _decode(graphdef, params, state: _LoopState, *, sampling: _Sampling, mesh: Mesh | None) -> _LoopState:
+def _decode(graphdef, params, state: _LoopState, *, sampling: SamplingSettings, mesh: Mesh | None) -> _LoopState:
     model = nnx.merge(graphdef, params)
     prompt_len = state.kv_valid.shape[1] - sampling.max_new_tokens
 
@@ -195,6 +203,49 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     return fitting[0]
 
 
+def sampling_settings(
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    num_samples: int = 1,
+) -> SamplingSettings:
+    """Checked static settings of `generate` (its arguments of the same names)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+
+    eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(int(i) for i in eos_token_id)
+    return SamplingSettings(max_new_tokens, float(temperature), top_k, top_p, eos_ids, int(pad_token_id), num_samples)
+
+
+def compile_generation(
+    graphdef: nnx.GraphDef, params: nnx.State, inputs: ThinkerInputs, key: jax.Array, *,
+    settings: SamplingSettings, mesh: Mesh | None,
+) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+    """Ahead-of-time compiles the two programs `generate` runs: the prefill and the decode loop.
+
+    The arguments may be abstract (`jax.ShapeDtypeStruct`s with shardings, e.g. on the devices of a TPU
+    topology that this machine does not have); the decode loop is compiled for the state the prefill
+    returns, with the shardings the compiled prefill gives it.
+    """
+    prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh).compile()
+    state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+                         prefill.out_info, prefill.output_shardings)
+    decode = _decode.lower(graphdef, params, state, sampling=settings, mesh=mesh).compile()
+    return prefill, decode
+
+
 def generate(
     model: Qwen2_5OmniThinker,
     inputs: Mapping[str, Any] | ThinkerInputs,
@@ -234,18 +285,8 @@ def generate(
     Returns:
       A `GenerationOutput` with `[B * num_samples, max_new_tokens]` arrays.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1, got {top_k}")
-    eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(int(i) for i in eos_token_id)
-    sampling = _Sampling(max_new_tokens, float(temperature), top_k, top_p, eos_ids, int(pad_token_id), num_samples)
+    sampling = sampling_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=num_samples)
 
     if isinstance(inputs, ThinkerInputs):
         prepared = inputs

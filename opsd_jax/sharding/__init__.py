@@ -1,12 +1,24 @@
 """Device mesh and logical-axis sharding."""
 
-from opsd_jax.sharding.mesh import constrain, logical_to_spec, make_mesh, param_shardings, shard_batch, shard_module, to_host
+from opsd_jax.sharding.mesh import (
+    activation_sharding,
+    constrain,
+    constrain_activation,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+    shard_batch,
+    shard_module,
+    to_host,
+)
 from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, resolve_rules
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "activation_sharding",
     "constrain",
+    "constrain_activation",
     "logical_to_spec",
     "make_mesh",
     "param_shardings",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -70,6 +72,37 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, resolve_rules() if rules is None else rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# The mesh and rules that `constrain_activation` pins activations to while a program is traced (set by
+# `activation_sharding`). A context rather than an argument: the model's layers constrain their outputs
+# without every caller threading a mesh through the model's call.
+_ACTIVATION_MESH: contextvars.ContextVar[tuple[Mesh, Mapping[str, MeshAxes]] | None] = contextvars.ContextVar(
+    "opsd_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Mapping[str, MeshAxes] | None = None) -> Iterator[None]:
+    """While tracing inside this context, `constrain_activation` pins activations on `mesh` (no-op for None).
+
+    Programs that process many tokens per row (the train step, the prefill) trace their model under it,
+    so that rows stay sharded over the batch axes at every layer boundary and FSDP gathers the weights;
+    the decode loop does not (one token per row: there the weights stay put and activations move).
+    """
+    token = _ACTIVATION_MESH.set(None if mesh is None else (mesh, resolve_rules() if rules is None else rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`constrain` on the mesh of the enclosing `activation_sharding` context; unchanged outside one."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return constrain(x, logical_axes, mesh, rules)
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> Any:

@@ -14,9 +14,14 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 
 LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
-    # Activations.
+    # Activations. Rows over every batch-carrying axis; within a row, the model width whole (FSDP gathers
+    # the weights instead of splitting activations into partial sums), heads and MLP over tensor.
     "batch": ("data", "fsdp"),
     "length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_mlp": "tensor",
     # Text decoder parameters: FSDP over the model width, tensor parallelism over heads, MLP and vocab.
     "embed": "fsdp",
     "heads": "tensor",

@@ -1,0 +1,216 @@
+"""What a compiled program's HLO text says: its collectives and matmul FLOPs, loop bodies scaled by trip counts.
+
+XLA's own `cost_analysis()` counts a `while` body once. Here every computation gets the number of times
+one run of the program executes it: the sum over its call sites of the caller's count times the trip
+count of the calling `while` (`known_trip_count` in its backend config; a loop without one, such as the
+decode loop that stops at EOS, counts once, as one iteration). A collective's bytes are those of its
+largest buffer (the gathered result of an all-gather, the full operand of a reduce-scatter or an
+all-reduce): the data volume it spreads over the chips.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
+_DTYPE_BYTES = {
+    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "f8e4m3": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+    "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}
+_SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_CALLEE = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_CALLEE_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=([\w]+)_([\w]+)->([\w]+)")
+
+
+def shape_bytes(dtype: str, dims: str) -> float:
+    return _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # one of COLLECTIVES ("-start" / "-done" halves are counted once, as their kind)
+    bytes: float  # the largest buffer of the instruction
+    executions: int  # per run of the program (trip counts applied)
+    in_loop: bool  # inside a while body
+
+
+@dataclasses.dataclass(frozen=True)
+class HloSummary:
+    collectives: list[Collective]
+    # Matmul FLOPs that XLA's cost analysis leaves out because it counts a loop body once: for each loop of
+    # known trip count n, (n - 1) x its body's dots and convolutions (nested loops included).
+    uncounted_loop_flops: float
+    loops: list[tuple[str, int | None]]  # (body computation, known trip count or None)
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per kind: count and bytes per run, and the share of each inside loops."""
+        table: dict[str, dict[str, float]] = {}
+        for c in self.collectives:
+            row = table.setdefault(c.kind, {"count": 0, "bytes": 0.0, "loop_count": 0, "loop_bytes": 0.0})
+            row["count"] += c.executions
+            row["bytes"] += c.bytes * c.executions
+            if c.in_loop:
+                row["loop_count"] += c.executions
+                row["loop_bytes"] += c.bytes * c.executions
+        return table
+
+    def largest(self, *, in_loop: bool | None = None) -> float:
+        """The largest single collective's bytes (inside loops only, outside only, or anywhere)."""
+        sizes = [c.bytes for c in self.collectives if in_loop is None or c.in_loop == in_loop]
+        return max(sizes, default=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    opcode: str
+    result: str  # the result's type text
+    operands: list[str]  # operand names
+    line: str
+
+
+def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
+    computations: dict[str, list[_Instruction]] = collections.defaultdict(list)
+    entry = current = None
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(2)
+            entry = current if header.group(1) else entry
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if current is None or not instruction:
+            continue
+        rest = " " + instruction.group(2)
+        opcode = _OPCODE.search(rest)
+        if not opcode:
+            continue
+        result = rest[: opcode.start()].strip()
+        depth, end, arguments_start = 0, len(rest), opcode.end() - 1  # at the opening parenthesis
+        for index in range(arguments_start, len(rest)):
+            depth += {"(": 1, ")": -1}.get(rest[index], 0)
+            if depth == 0:
+                end = index
+                break
+        operands = re.findall(r"%([\w.\-]+)", rest[arguments_start:end])
+        computations[current].append(_Instruction(instruction.group(1), opcode.group(1), result, operands, line))
+    return computations, entry
+
+
+def _trip_count(condition: list[_Instruction]) -> int | None:
+    """The trip count of a `while` whose condition is `counter < constant` (a scan, `fori_loop`); None for
+    any other condition (the decode loop also stops when every row has emitted EOS)."""
+    compares = [i for i in condition if i.opcode == "compare"]
+    logic = [i for i in condition if i.opcode in ("and", "or", "not", "reduce", "all-reduce")]
+    constants = [i for i in condition if i.opcode == "constant" and re.search(r"\bs32\[\]", i.result)]
+    if len(compares) != 1 or logic or len(constants) != 1 or "direction=LT" not in compares[0].line:
+        return None
+    value = re.search(r"constant\((-?\d+)\)", constants[0].line)
+    return int(value.group(1)) if value else None
+
+
+def _dims(text: str) -> list[list[int]]:
+    return [[int(d) for d in dims.split(",") if d] for _, dims in _SHAPE.findall(text)]
+
+
+def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
+    result = _dims(instruction.result)
+    operands = [_dims(shapes.get(name, "")) for name in instruction.operands[:2]]
+    if not result or len(operands) < 2 or not operands[0] or not operands[1]:
+        return 0.0
+    result, lhs, rhs = result[0], operands[0][0], operands[1][0]
+    if instruction.opcode == "dot":
+        match = _CONTRACTING.search(instruction.line)
+        contracting = [int(i) for i in match.group(1).split(",") if i] if match else []
+        return 2.0 * math.prod(result) * math.prod(lhs[i] for i in contracting)
+    labels = _DIM_LABELS.search(instruction.line)
+    if not labels or len(labels.group(2)) != len(rhs) or "i" not in labels.group(2):
+        return 0.0
+    # TPU HLO writes batched matmuls as convolutions whose batch dimensions are spatial dimensions with
+    # a window of 1: each output element costs (window elements) x (input features of the kernel) MACs.
+    window = re.search(r"window=\{size=([\dx]+)", instruction.line)
+    window_elements = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+    return 2.0 * math.prod(result) * window_elements * rhs[labels.group(2).index("i")]
+
+
+def summarize(text: str) -> HloSummary:
+    """Collectives and matmul FLOPs of an HLO module's text (`compiled.as_text()`)."""
+    computations, entry = _parse(text)
+    shapes = {i.name: i.result for instructions in computations.values() for i in instructions}
+    calls: dict[str, list[tuple[str, int, bool]]] = collections.defaultdict(list)  # caller -> [(callee, times, loop)]
+    loops: list[tuple[str, int | None]] = []
+    for name, instructions in computations.items():
+        for i in instructions:
+            callees = _CALLEE.findall(i.line)
+            for group in _CALLEE_LIST.findall(i.line):
+                callees += [callee.strip().lstrip("%") for callee in group.split(",") if callee.strip()]
+            if i.opcode == "while":
+                body = re.search(r"\bbody=%?([\w.\-]+)", i.line)
+                condition = re.search(r"\bcondition=%?([\w.\-]+)", i.line)
+                trip = _TRIP.search(i.line)
+                count = int(trip.group(1)) if trip else (
+                    _trip_count(computations.get(condition.group(1), [])) if condition else None)
+                if body:
+                    loops.append((body.group(1), count))
+                calls[name] += [(callee, count or 1, True) for callee in callees]
+            else:
+                calls[name] += [(callee, 1, False) for callee in callees]
+
+    executions: dict[str, int] = collections.defaultdict(int)
+    in_loop: dict[str, bool] = {}
+
+    def visit(name: str, times: int, looped: bool, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        executions[name] += times
+        in_loop[name] = in_loop.get(name, False) or looped
+        for callee, factor, is_loop in calls.get(name, ()):
+            visit(callee, times * factor, looped or is_loop, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1, False)
+    collectives: list[Collective] = []
+    for name, instructions in computations.items():
+        times = executions.get(name, 0)
+        for i in instructions if times else ():
+            kind = i.opcode[: -len("-start")] if i.opcode.endswith("-start") else i.opcode
+            if kind in COLLECTIVES:
+                buffers = [i.result] + [shapes.get(operand, "") for operand in i.operands]
+                size = max((shape_bytes(dtype, dims) for text in buffers for dtype, dims in _SHAPE.findall(text)),
+                           default=0.0)
+                collectives.append(Collective(kind, size, times, in_loop.get(name, False)))
+
+    def body_flops(name: str, depth: int = 0) -> float:
+        """Matmul FLOPs of one execution of computation `name`, its callees included."""
+        if depth > 64:
+            return 0.0
+        own = sum(_matmul_flops(i, shapes) for i in computations.get(name, ()) if i.opcode in ("dot", "convolution"))
+        return own + sum(factor * body_flops(callee, depth + 1) for callee, factor, _ in calls.get(name, ()))
+
+    # Only innermost loops (the loss's vocabulary chunks): their bodies hold plain matmuls, which the
+    # parse counts exactly; an outer loop (gradient accumulation) is scaled by compiling its body alone.
+    uncounted = 0.0
+    for body, count in loops:
+        nested = any(is_loop for _, _, is_loop in _reachable_calls(body, calls))
+        if count and count > 1 and executions.get(body, 0) and not nested:
+            uncounted += executions[body] // count * (count - 1) * body_flops(body)
+    return HloSummary(collectives=collectives, uncounted_loop_flops=uncounted, loops=loops)
+
+
+def _reachable_calls(name: str, calls, depth: int = 0):
+    for edge in calls.get(name, ()):
+        yield edge
+        if depth < 64:
+            yield from _reachable_calls(edge[0], calls, depth + 1)
+
+

@@ -1,0 +1,127 @@
+"""`opsd-jax compile-check` on a small TPU topology (v5e:2x2), without a TPU: the tiny thinker's train step,
+rollout and evaluation programs compile, the report is filled, no parameter-sized gather sits inside the
+decode loop, and a config too large for the slice exits non-zero naming the program."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from opsd_jax.cli import main
+from opsd_jax.compile_check.hlo import summarize
+from opsd_jax.config import ConfigError, load_config
+from opsd_jax.sharding.topology import TopologyError, parse_topology, topology_devices
+
+pytest.importorskip("libtpu", reason="compile-check needs libtpu (the [tpu] extra; the test extra installs it)")
+
+TOPOLOGY = "v5e:2x2"
+CLIP = ["--frames", "4", "--frame-size", "56x56", "--audio-seconds", "2", "--text-tokens", "40", "--rationale-tokens", "60"]
+CONFIG = """
+model: {{checkpoint: "{checkpoint}", dtype: bfloat16, param_dtype: float32, remat: true}}
+mesh: {{data: 1, fsdp: -1, tensor: 1, topology: "v5e:2x2"}}
+train: {{batch_size: 8, grad_accum_steps: 2, lr: 1.0e-5, total_steps: 10}}
+sampling: {{num_samples: 2, max_new_tokens: 8, eval_max_new_tokens: 4}}
+teacher: {{mode: ema}}
+loss: {{divergence: gjsd, beta: 0.5, chunk_size: 4}}
+data: {{prompt_length: 256, answer_length: 4}}
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tiny_untied, tmp_path_factory):
+    """One compile-check of the tiny thinker's config (every program): exit code and JSON report."""
+    root = tmp_path_factory.mktemp("compile_check")
+    config = root / "tiny.yaml"
+    config.write_text(CONFIG.format(checkpoint=tiny_untied[1]))
+    out = root / "report.json"
+    code = main(["compile-check", "--config", str(config), "--out", str(out), *CLIP])
+    return code, json.loads(out.read_text()), tiny_untied[1]
+
+
+def test_every_program_compiles_and_the_report_is_filled(report):
+    code, result, _ = report
+    assert code == 0
+    programs = {p["name"]: p for p in result["programs"]}
+    assert set(programs) == {"train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill",
+                             "eval_decode"}
+    for program in programs.values():
+        assert program["compiled"], program["error"]
+        assert program["memory"]["arguments"] > 0 and program["peak"] > 0
+        assert program["xla_flops"] > 0 and program["flops"] >= program["xla_flops"]
+        assert 0 < program["spare"] < 1
+    # The update over two micro-batches counts the micro-step's FLOPs twice (the accumulation loop's trips).
+    assert programs["train_step"]["flops"] == pytest.approx(2 * programs["train_micro_step"]["flops"])
+    # FSDP over 4 chips: the train step gathers weights and reduces gradients.
+    assert programs["train_step"]["collectives"]["all-gather"]["count"] > 0
+    assert programs["train_micro_step"]["cost_model_seconds"] > 0
+    # Generation runs beside the optimizer moments and the EMA teacher, which stay in HBM.
+    assert programs["rollout_decode"]["memory"]["resident"] > 0
+    decode = programs["rollout_decode"]["per_token"]
+    assert decode["bytes_accessed"] > 0 and decode["floor_seconds"] > 0 and decode["ratio_to_floor"] > 0
+
+
+def test_no_parameter_sized_gather_inside_the_decode_loop(report):
+    _, result, checkpoint = report
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    text = config.get("text_config", config.get("thinker_config", {}).get("text_config"))
+    # A gathered weight's buffer is the whole kernel: q_proj [hidden, hidden], even if gathered in bfloat16.
+    smallest_kernel = 2 * text["hidden_size"] * text["hidden_size"]
+    for name in ("rollout_decode", "eval_decode"):
+        program = next(p for p in result["programs"] if p["name"] == name)
+        gathers = program["collectives"].get("all-gather", {"loop_count": 0})
+        assert gathers["loop_count"] == 0, f"{name} gathers inside the decode loop: {gathers}"
+        assert program["per_token"]["largest_collective"] < smallest_kernel
+
+
+def test_a_config_too_large_for_the_slice_exits_non_zero_naming_the_program(report, tmp_path, capsys):
+    _, _, checkpoint = report
+    config = tmp_path / "huge.yaml"
+    config.write_text(CONFIG.format(checkpoint=checkpoint))
+    # 64k-token prompts: the prefill's attention scores alone are 64k x 64k per head.
+    code = main(["compile-check", "--config", str(config), "--programs", "eval_prefill", *CLIP,
+                 "data.prompt_length=65536", "train.batch_size=16"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "eval_prefill" in err and ("does not fit" in err or "does not compile" in err)
+
+
+def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count():
+    _, devices = topology_devices(TOPOLOGY)
+    mesh = Mesh(np.asarray(devices).reshape(4), ("x",))
+    sharded = NamedSharding(mesh, PartitionSpec("x"))
+
+    def body(_, carry):
+        # A shift along the sharded axis moves rows between chips: a collective every iteration.
+        return jax.lax.with_sharding_constraint(jnp.roll(jnp.sin(carry), 1, axis=0), sharded)
+
+    fn = jax.jit(lambda x: jax.lax.fori_loop(0, 5, body, x), in_shardings=sharded, out_shardings=sharded)
+    compiled = fn.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=sharded)).compile()
+    summary = summarize(compiled.as_text())
+    assert [count for _, count in summary.loops] == [5]
+    assert summary.collectives and all(c.in_loop and c.executions == 5 for c in summary.collectives)
+    totals = summary.by_kind()
+    assert sum(row["count"] for row in totals.values()) == 5 * len(summary.collectives)
+    assert all(row["loop_bytes"] == row["bytes"] > 0 for row in totals.values())
+
+
+def test_topology_names_are_checked():
+    assert parse_topology("v5p:4x4x2")[1] == (4, 4, 2)
+    for bad in ("v5p", "v9:2x2", "v5e:2xq", "v5e:0x2"):
+        with pytest.raises(TopologyError):
+            parse_topology(bad)
+    with pytest.raises(ConfigError, match="mesh.topology"):
+        load_config(None, ["mesh.topology=v7:2x2"], num_devices=None)
+
+
+def test_a_mesh_that_does_not_fill_the_slice_is_a_one_line_error(report, tmp_path, capsys):
+    _, _, checkpoint = report
+    config = tmp_path / "bad.yaml"
+    config.write_text(CONFIG.format(checkpoint=checkpoint))
+    assert main(["compile-check", "--config", str(config), "mesh.fsdp=8"]) == 2
+    assert "mesh" in capsys.readouterr().err
