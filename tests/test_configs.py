@@ -99,3 +99,15 @@ def test_memory_budget_arithmetic_against_reference_figures():
     assert state == pytest.approx(121.85 + 2.63, abs=0.01)
     for model, kib in (("7b", 56), ("3b", 36)):
         assert kv_bytes_per_token(MODELS[model]) == kib * 1024
+
+
+def test_tpu_configs_name_their_slice(loaded):
+    """A TPU config names its topology (compile-check compiles for it); its chips are the config's devices."""
+    from opsd_jax.sharding.topology import topology_chips
+
+    path, devices, config = loaded
+    if header(path, "hbm_gb") is None or "gpu" in path.name or "demo" in path.name:
+        assert config.mesh.topology is None
+        return
+    assert config.mesh.topology is not None, f"{path.name}: set mesh.topology (e.g. v5p:4x4x2)"
+    assert topology_chips(config.mesh.topology) == devices

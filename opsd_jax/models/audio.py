@@ -19,6 +19,7 @@ ordinary batched attention with a per-chunk key mask, with no `[tokens, tokens]`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx, struct
 
 from opsd_jax.models.layers import Embed, LayerNorm, Linear, dot_product_attention, gelu
+from opsd_jax.sharding import constrain_activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,8 +367,10 @@ class AudioEncoder(nnx.Module):
         x = x + jnp.asarray(sinusoid_positions(cfg.tokens_per_chunk, cfg.d_model), self.dtype)
 
         key_valid = token_valid[:, None, :]
+        rows = functools.partial(constrain_activation, logical_axes=("media", None, None))  # chunks over the chips
+        x = rows(x)
         for layer in self.layers:
-            x = layer(x, key_valid)
+            x = rows(layer(x, key_valid))
 
         slots = x.reshape(-1, cfg.d_model)  # [chunk_bucket * tokens, d_model]
         pooled = (slots[plan.pool_index] + slots[plan.pool_index + 1]) / 2

@@ -19,6 +19,7 @@ so `opsd_jax.models.weights` loads every tensor, the Conv3d patch embedding fold
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.struct
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from opsd_jax.models.layers import Linear, RMSNorm, apply_rotary, dot_product_attention, gelu
+from opsd_jax.sharding import constrain_activation
 
 # Hard-coded in the reference (`Qwen2_5OmniVisionBlock`, `Qwen2_5OmniPatchMerger`), not read from the config.
 _NORM_EPS = 1e-6
@@ -515,13 +517,16 @@ class VisionEncoder(nnx.Module):
                 f"pixel_values: expected shape ({bucket}, {cfg.patch_dim}) for the plan's patch bucket, "
                 f"got {tuple(pixel_values.shape)}"
             )
-        x = jnp.take(self.patch_embed(pixel_values), plan.patch_order, axis=0)  # window order
+        # Patch rows over the chips (segments are contiguous in window order: the band attention's shifted
+        # views only reach neighbours), so each chip encodes its share of the clips.
+        rows = functools.partial(constrain_activation, logical_axes=("media", None))
+        x = rows(jnp.take(self.patch_embed(pixel_values), plan.patch_order, axis=0))  # window order
         cos, sin = vision_rotary(plan.positions, head_dim=cfg.head_dim, theta=cfg.rope_theta)
         full = (plan.full_segments, plan.max_full_segment)
         window = (plan.window_segments, plan.max_window_segment)
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, *(full if index in cfg.fullatt_block_indexes else window))
-        return jnp.take(self.merger(x), plan.token_restore, axis=0)
+            x = rows(block(x, cos, sin, *(full if index in cfg.fullatt_block_indexes else window)))
+        return jnp.take(rows(self.merger(x)), plan.token_restore, axis=0)
 
     def encode(self, pixel_values: Any, grid_thw: Any) -> jax.Array:
         """Plans without a bucket and runs: `[num_patches, patch_dim]`, `[n, 3]` -> `[num_patches / 4, out_hidden]`.

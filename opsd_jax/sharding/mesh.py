@@ -6,15 +6,17 @@ import contextlib
 import contextvars
 import logging
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opsd_jax.config import MeshConfig
 from opsd_jax.sharding.rules import MESH_AXES, MeshAxes, resolve_rules
+
+if TYPE_CHECKING:  # the config layer sits above this one: no run-time import
+    from opsd_jax.config import MeshConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,9 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "activation_heads": "tensor",
     "activation_kv_heads": "tensor",
     "activation_mlp": "tensor",
+    # The encoders' rows (vision patches, audio chunks): spread over the same axes, so that each chip
+    # encodes its share of a micro-batch's clips instead of every chip all of them.
+    "media": ("data", "fsdp"),
     # Text decoder parameters: FSDP over the model width, tensor parallelism over heads, MLP and vocab.
     "embed": "fsdp",
     "heads": "tensor",

@@ -18,7 +18,6 @@ from opsd_jax.compile_check.hlo import summarize
 from opsd_jax.config import ConfigError, load_config
 from opsd_jax.sharding.topology import TopologyError, parse_topology, topology_devices
 
-pytest.importorskip("libtpu", reason="compile-check needs libtpu (the [tpu] extra; the test extra installs it)")
 
 TOPOLOGY = "v5e:2x2"
 CLIP = ["--frames", "4", "--frame-size", "56x56", "--audio-seconds", "2", "--text-tokens", "40", "--rationale-tokens", "60"]
