@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from opsd_jax.config import Config
+from opsd_jax.config import Config, ConfigError
 
 LABELS = ("happy", "sad")
 # Prompt buckets are rounded up to this multiple, so that configs with the same prompt wording (and so
@@ -151,8 +151,6 @@ def shrink_config(
       * `sampling.max_new_tokens` / `eval_max_new_tokens`: `TINY_NEW_TOKENS`;
       * `data.eval_clips`: one evaluation batch (the step's prompts per micro-batch).
     """
-    from opsd_jax.config import ConfigError
-
     student, teacher = prompt_lengths
     data, fsdp, tensor = shrink_mesh_axes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
     batch_devices = data * fsdp
