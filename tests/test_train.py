@@ -14,35 +14,14 @@ from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import load_config
-from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.testing.tiny_run import build_tiny_run_files
 from opsd_jax.train import Trainer, classification_scores, predicted_label
-
-LABELS = ("happy", "sad")
-
-
-def generate_clips(split: str, config: SyntheticAffectConfig):
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    for index in range(8 if split == "train" else 4):
-        label = LABELS[index % 2]
-        yield dict(
-            id=f"{split}{index}", frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8), sample_fps=2.0,
-            audio=0.1 * rng.standard_normal(6000).astype(np.float32), task="basic", label=label,
-            subtitle="hi" if label == "happy" else "oh", dataset="toy", rationale=f"it is {label}",
-        )
-
 
 @pytest.fixture(scope="module")
 def run_setup(tiny_untied, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    checkpoint = root / "thinker"
-    shutil.copytree(tiny_untied[1], checkpoint)
-    build_tiny_tokenizer(checkpoint)
-    dataset = build_synthetic_affect(root / "data", SyntheticAffectConfig(
-        name="toy", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generate_clips,
-        splits=("train", "test"),
-    ))
-    return checkpoint, dataset, root
+    files = build_tiny_run_files(root, tiny_untied[1])  # 8 training clips, 4 test clips
+    return files.checkpoint, files.dataset, root
 
 
 def config_for(run_setup, output: str, *extra: str):
