@@ -517,10 +517,12 @@ def measure(name: str, size: dict[str, Any], steps: int, workdir: Path, peak: fl
 
 def run_worker(names: list[str], sizes: dict[str, Any], steps: int, workdir: Path, count_torch: bool,
                peak_sizes: tuple[int, ...]) -> dict[str, Any]:
-    """One independent run (a process of its own): this machine's matmul peak, then every config."""
+    """One independent run (a process of its own): this machine's matmul peak, then every config. The
+    load average before and after (1, 5, 15 minutes) records whether other work shared the cores."""
+    load_before = os.getloadavg()
     peak = matmul_peak(sizes=peak_sizes)
     rows = [measure(name, sizes[name], steps, workdir, peak["flops_per_s"], count_torch) for name in names]
-    return {"matmul_peak": peak, "rows": rows}
+    return {"matmul_peak": peak, "rows": rows, "load_average": {"before": load_before, "after": os.getloadavg()}}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -605,8 +607,9 @@ def scaling(name: str, size: dict[str, Any], device_counts: list[int], prompts_p
 # ------------------------------------------------------------------------------------------- report
 
 
-def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], peaks: list[dict[str, Any]]) -> str:
-    """The phase table, the work table and (when run) the scaling table, from `summarise`'s rows."""
+def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """The phase table, the work table, the checks and (when run) the scaling table, from `summarise`'s
+    rows and the runs' own records (matmul peak, load average)."""
 
     def ranged(value: dict[str, float], scale: float = 1.0, unit: str = "", digits: str = ".3g") -> str:
         text = f"{scale * value['median']:{digits}}{unit}"
@@ -642,10 +645,12 @@ def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], peaks: list
           ", ".join(measured(r["flops_check"], "torch", phase) for phase in ("rollout", "teacher", "student")),
           f"{r['loss_abs_diff_max']:.1e}") for r in rows],
     )
+    peaks = [run["matmul_peak"] for run in runs]
     rates = [peak["flops_per_s"] / 1e9 for peak in peaks]
+    loads = ", ".join(f"{run['load_average']['before'][0]:.1f}/{run['load_average']['after'][0]:.1f}" for run in runs)
     text = (f"{phases}\n\n{work}\n\n{checks}\n\n{len(peaks)} independent run(s): medians over runs (min-max in "
             f"brackets) of each run's median step; matmul peak (float32 jnp.dot, per run): "
-            + ", ".join(f"{rate:.1f}" for rate in rates) + " GFLOP/s")
+            + ", ".join(f"{rate:.1f}" for rate in rates) + f" GFLOP/s; load average before/after each run: {loads}")
     if scaled:
         text += "\n\n" + format_table(
             ["devices", "prompts", "rollout (s)", "train step (s)", "completion tok/s", "throughput vs 1 device",
@@ -715,7 +720,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           workdir) if counts else [])
     rows = summarise(runs)
     peaks = [run["matmul_peak"] for run in runs]
-    text = tables(rows, scaled, peaks)
+    text = tables(rows, scaled, runs)
     print(text)
     payload = {"settings": vars(args) | {"sizes": chosen}, "matmul_peak": peaks, "rows": rows,
                "runs": runs, "scaling": scaled, "table": text}
