@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import force_host_devices, format_table, median_seconds, with_host_device_count, write_results
+from benchmarks.common import RESULTS, force_host_devices, format_table, median_seconds, with_host_device_count, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
     # model: keyword arguments of `tiny_thinker_config_dict` (text) or of `forward.small_config` (with
@@ -705,6 +705,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats and --steps: expected at least 1, got {args.repeats} and {args.steps}")
     chosen = {name: sizes[name] for name in names}
+
+    def report(runs: list[dict[str, Any]], scaled: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        """Writes what is measured so far (after every run, so that a long job stopped early keeps its
+        finished runs; `complete` says whether all of them and the scaling ran)."""
+        rows = summarise(runs)
+        payload = {"settings": vars(args) | {"sizes": chosen}, "complete": complete,
+                   "matmul_peak": [run["matmul_peak"] for run in runs], "rows": rows, "runs": runs,
+                   "scaling": scaled, "table": tables(rows, scaled, runs)}
+        write_results("step", payload, args.out)
+        return payload
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         runs = []
@@ -715,17 +726,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(_child(arguments, devices=1))
             print(f"  run {index + 1}/{args.repeats}: PyTorch / opsd-jax "
                   + ", ".join(f"{r['config']} {r['speedup']['total']:.2f}x" for r in runs[-1]["rows"]), flush=True)
+            report(runs, [], complete=False)
         counts = [int(n) for n in args.scaling.split(",") if n]
         scaled = (scaling(args.scaling_config, sizes[args.scaling_config], counts, args.prompts_per_device, args.steps,
                           workdir) if counts else [])
-    rows = summarise(runs)
-    peaks = [run["matmul_peak"] for run in runs]
-    text = tables(rows, scaled, runs)
-    print(text)
-    payload = {"settings": vars(args) | {"sizes": chosen}, "matmul_peak": peaks, "rows": rows,
-               "runs": runs, "scaling": scaled, "table": text}
-    path = write_results("step", payload, args.out)
-    print(f"wrote {path}")
+    payload = report(runs, scaled, complete=True)
+    print(payload["table"])
+    print(f"wrote {args.out or RESULTS / 'step.json'}")
     return payload
 
 

@@ -22,7 +22,7 @@ def test_step_benchmark_runs(tmp_path, capsys):
     assert omni["step"]["teacher_len"] > omni["step"]["prompt_len"] > 50
     for side in ("jax", "torch"):
         assert omni["flops"][side]["encoders"] > 0 and tiny["flops"][side]["encoders"] == 0
-    assert len(payload["runs"]) == 2 and len(payload["matmul_peak"]) == 2
+    assert payload["complete"] is True and len(payload["runs"]) == 2 and len(payload["matmul_peak"]) == 2
     for index, row in enumerate((tiny, omni)):
         assert row["runs"] == 2
         # Same weights, same rollouts: TRL's GJSD and the fused loss agree.
