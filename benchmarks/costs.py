@@ -4,8 +4,11 @@ The FLOP counts follow what the implementation computes, so that XLA's own count
 can check them (`benchmarks/step.py` does): dense attention over the whole KV cache (padding and
 causal masks are applied to scores, not skipped), the prompt run once per prompt and its cache shared
 by the prompt's G rollouts (`opsd_jax/opsd/teacher.py`, `opsd_jax/sampling/sampler.py`), the output
-head only on completion positions. A multiply-add is 2 FLOPs; norms, rotary, softmax and other
-element-wise work are left out (a few percent at the sizes measured, less at 7B).
+head only on completion positions. `repeated_step_flops` counts the same step as TRL-style PyTorch
+trainers run it (each prompt repeated for its G rollouts, the head over every position), the peer that
+`benchmarks/step.py` times, checked there against PyTorch's own FLOP counter. A multiply-add is 2
+FLOPs; norms, rotary, softmax and other element-wise work are left out (a few percent at the sizes
+measured, less at 7B).
 
 The memory budget is the arithmetic written out in the run configs' comments (`configs/*.yaml`);
 `tests/test_configs.py` recomputes each config's budget line with it.
@@ -106,8 +109,8 @@ def scoring_flops(shape: DecoderShape, step: StepShape, prompt_len: int) -> floa
     return prompt + completion
 
 
-def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2) -> dict[str, float]:
-    """Matmul FLOPs of one OmniOPSD step by phase.
+def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2, encoders: float = 0.0) -> dict[str, float]:
+    """Matmul FLOPs of one OmniOPSD step by phase, as opsd-jax runs it.
 
     rollout: the prefill (each prompt once, cache `P + C`) and `C - 1` decode steps of every row.
     teacher: the teacher's scoring forward over `[teacher prompt | completion]`.
@@ -115,20 +118,63 @@ def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2) -
     metrics: `metric_heads` extra output-head products that the step spends on its logged metrics
     (the sampled tokens' logprobs under student and teacher); not model FLOPs.
     model_train: teacher + student, the useful work of the jitted update (utilisation counts these).
+    encoders: FLOPs of encoding the step's media once (one pass over the `prompts` prompts' clips; 0 for
+    text). opsd-jax encodes each clip once in the rollout's prefill and once in the train step, where the
+    teacher shares the student's features (frozen encoders); both rollout and teacher carry one pass
+    (the teacher's program run alone encodes), model_train one.
     """
     cache = step.prompt_len + step.completion_len
     prefill = forward_flops(shape, step.prompts * step.prompt_len, cache, head_tokens=step.prompts)
     decode = forward_flops(shape, step.rows * (step.completion_len - 1), cache, head_tokens=step.rows * (step.completion_len - 1))
-    teacher = scoring_flops(shape, step, step.teacher_len)
+    rollout = prefill + decode + encoders
+    teacher = scoring_flops(shape, step, step.teacher_len) + encoders
     student = 3 * scoring_flops(shape, step, step.prompt_len)
     metrics = metric_heads * 2 * step.completion_tokens * shape.hidden * shape.vocab
     return {
-        "rollout": prefill + decode,
+        "rollout": rollout,
         "teacher": teacher,
         "student": student,
         "metrics": metrics,
+        "encoders": 2 * encoders,  # the share of `total`
         "model_train": teacher + student,
-        "total": prefill + decode + teacher + student + metrics,
+        "total": rollout + teacher + student + metrics,
+    }
+
+
+def repeated_step_flops(shape: DecoderShape, step: StepShape, *, encoders: float = 0.0) -> dict[str, float]:
+    """Matmul FLOPs of the same step as TRL-style PyTorch trainers run it (transformers `generate` with
+    `num_return_sequences=G`, full forwards for teacher and student): every prompt, with its media,
+    repeated for each of its G rollouts, and the output head over every position of every forward (the
+    thinker's forward has no `logits_to_keep`). Attention is dense over the keys present, as PyTorch's
+    FLOP counter counts it.
+
+    rollout: the prefill of all `rows x P` tokens (keys `P`, head everywhere) and `C - 1` decode steps
+    of every row against its growing cache (`P + t` keys at step t: `P + C / 2` on average).
+    teacher: one forward over the `rows x (P_teacher + C)` tokens. student: its forward and backward
+    (3 x) over `rows x (P + C)`; the backward of the head runs over every position too.
+    encoders: as in `step_flops` (one pass over the prompts' clips); every row's copy is encoded in
+    each of the three forwards (G passes each), forward only in the student (frozen encoders).
+    """
+    rows, completion = step.rows, step.completion_len
+    prefill = forward_flops(shape, rows * step.prompt_len, step.prompt_len, head_tokens=rows * step.prompt_len)
+    decode_tokens = rows * (completion - 1)
+    decode = forward_flops(shape, decode_tokens, step.prompt_len + completion / 2, head_tokens=decode_tokens)
+
+    def full_forward(prompt_len: int) -> float:
+        tokens = rows * (prompt_len + completion)
+        return forward_flops(shape, tokens, prompt_len + completion, head_tokens=tokens)
+
+    repeated_encoders = step.samples * encoders
+    rollout = prefill + decode + repeated_encoders
+    teacher = full_forward(step.teacher_len) + repeated_encoders
+    student = 3 * full_forward(step.prompt_len) + repeated_encoders
+    return {
+        "rollout": rollout,
+        "teacher": teacher,
+        "student": student,
+        "encoders": 3 * repeated_encoders,  # the share of `total`
+        "model_train": teacher + student,
+        "total": rollout + teacher + student,
     }
 
 

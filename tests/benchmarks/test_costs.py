@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.costs import MODELS, DecoderShape, StepShape, forward_flops, step_flops
+from benchmarks.costs import MODELS, DecoderShape, StepShape, forward_flops, repeated_step_flops, step_flops
 
 
 def test_decoder_weights_match_the_reference_parameter_count():
@@ -38,3 +38,31 @@ def test_step_flops_phases_add_up_and_scale():
     doubled = step_flops(shape, StepShape(8, 2, 64, 96, 16))
     assert doubled["model_train"] == pytest.approx(2 * flops["model_train"])
     assert set(MODELS) == {"3b", "7b"}
+
+
+def test_repeated_step_flops_count_each_rollouts_prompt_and_every_positions_head():
+    shape = DecoderShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32)
+    step = StepShape(prompts=3, samples=4, prompt_len=10, teacher_len=14, completion_len=5)
+    ours, theirs = step_flops(shape, step, encoders=100.0), repeated_step_flops(shape, step, encoders=100.0)
+    rows, per_key = step.rows, 2 * shape.layers * 2 * shape.heads * shape.head_dim
+
+    def dense(tokens: int, keys: float) -> float:  # weights and head over every token, attention over `keys`
+        return tokens * (2 * shape.layers * shape.layer_weights + per_key * keys + 2 * shape.hidden * shape.vocab)
+
+    # Prefill: every row's copy of its prompt; decode step t of C - 1 attends over P + t keys.
+    decode = sum(dense(rows, step.prompt_len + t) for t in range(1, step.completion_len))
+    assert theirs["rollout"] == pytest.approx(dense(rows * 10, 10) + decode + 4 * 100.0)
+    assert theirs["teacher"] == pytest.approx(dense(rows * 19, 19) + 4 * 100.0)
+    assert theirs["student"] == pytest.approx(3 * dense(rows * 15, 15) + 4 * 100.0)  # the frozen encoders: forward only
+    assert theirs["encoders"] == 3 * 4 * 100.0 and ours["encoders"] == 2 * 100.0
+    assert theirs["model_train"] == theirs["teacher"] + theirs["student"]
+    assert theirs["total"] == pytest.approx(theirs["rollout"] + theirs["model_train"])
+    # opsd-jax's count with the encoders: one pass in the rollout, one in the train step.
+    assert ours["total"] == pytest.approx(step_flops(shape, step)["total"] + 200.0)
+    assert ours["model_train"] == pytest.approx(step_flops(shape, step)["model_train"] + 100.0)
+    # With one rollout per prompt the work differs only by the head over the prompt positions (and the
+    # rollout's attention over its growing cache instead of the whole one).
+    single = StepShape(prompts=3, samples=1, prompt_len=10, teacher_len=14, completion_len=5)
+    head_on_prompts = 2 * shape.hidden * shape.vocab * 3 * (14 + 3 * 10)
+    assert repeated_step_flops(shape, single)["model_train"] - step_flops(shape, single)["model_train"] == pytest.approx(
+        head_on_prompts)

@@ -1,10 +1,14 @@
 """Smoke test of the step benchmark at tiny sizes (text and multimodal prompts): it runs both
-implementations and the scaling processes, agrees on the loss, and its FLOP count agrees with XLA's (no timing assertions: the figures
+implementations in two independent runs and the scaling processes, agrees on the loss, counts each
+side's own work and checks each count against its framework's own (no timing assertions: the figures
 live in benchmarks/results/step.json)."""
 
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
 
 from benchmarks import step
 
@@ -16,22 +20,42 @@ def test_step_benchmark_runs(tmp_path, capsys):
     # The multimodal cell: prompts of video + audio clips, the teacher's longer by the rationale.
     assert omni["config"] == "omni" and omni["media"] == step.QUICK["omni"]["media"]
     assert omni["step"]["teacher_len"] > omni["step"]["prompt_len"] > 50
-    assert omni["flops"]["encoders"] > 0 and tiny["flops"]["encoders"] == 0
-    for row in (tiny, omni):
+    for side in ("jax", "torch"):
+        assert omni["flops"][side]["encoders"] > 0 and tiny["flops"][side]["encoders"] == 0
+    assert payload["complete"] is True and len(payload["runs"]) == 2 and len(payload["matmul_peak"]) == 2
+    for index, row in enumerate((tiny, omni)):
+        assert row["runs"] == 2
         # Same weights, same rollouts: TRL's GJSD and the fused loss agree.
         assert row["loss_agreement"]["abs_diff"] < 1e-5, (row["config"], row["loss_agreement"])
-        # The shape-counted FLOPs describe what XLA compiled (element-wise work makes XLA's count larger).
-        for phase, check in row["flops_check"].items():
-            assert 0.8 < check["xla_over_counted"] < 1.3, (row["config"], phase, check)
-        for times in (row["jax_s"], row["torch_s"]):
-            assert times["total"] > 0 and set(times) == {"rollout", "teacher", "update", "train_step", "total", "runs"}
+        # The shape-counted FLOPs describe what each side runs: XLA's count of the compiled opsd-jax programs
+        # (element-wise work makes it larger) and PyTorch's flop counter over one PyTorch step.
+        for phase, check in row["flops_check"]["jax"].items():
+            assert 0.8 < check["measured_over_counted"] < 1.3, (row["config"], phase, check)
+        assert set(row["flops_check"]["torch"]) == {"rollout", "teacher", "student"}
+        for phase, check in row["flops_check"]["torch"].items():
+            assert 0.95 < check["measured_over_counted"] < 1.1, (row["config"], phase, check)
+        # The PyTorch loop repeats each prompt for its G = 2 rollouts and runs the head over every position.
+        for phase, key in (("rollout", "rollout"), ("train_step", "model_train"), ("total", "total")):
+            assert row["work_ratio"][phase] == row["flops"]["torch"][key] / row["flops"]["jax"][key] > 1.2
+        for run, peak in zip(payload["runs"], payload["matmul_peak"]):
+            measured = run["rows"][index]
+            for side in ("jax", "torch"):
+                times = measured[f"{side}_s"]
+                assert set(times) == {"prepare", "rollout", "teacher", "update", "train_step", "total", "runs"}
+                assert times["prepare"] > 0
+                assert times["total"] == pytest.approx(times["prepare"] + times["rollout"] + times["train_step"])
+                # Each side's utilisation is its own work over its own time.
+                assert measured["utilisation"][side]["train_step"] == pytest.approx(
+                    row["flops"][side]["model_train"] / times["train_step"] / peak["flops_per_s"])
+        ratios = [run["rows"][index]["speedup"]["total"] for run in payload["runs"]]
+        assert row["speedup"]["total"] == {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     assert [s["devices"] for s in payload["scaling"]] == [1, 2]
     assert [s["prompts"] for s in payload["scaling"]] == [1, 2]
     assert payload["scaling"][0]["sharded_over_one_device"] == 1.0  # one device is its own control
     assert payload["scaling"][1]["one_device_same_prompts_s"] > 0
-    assert 0 < payload["matmul_peak"]["flops_per_s"]
     assert [r["config"] for r in json.loads((tmp_path / "step.json").read_text())["rows"]] == ["tiny", "omni"]
-    assert "PyTorch / opsd-jax" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "work PyTorch / opsd-jax" in out and "2 independent run(s)" in out
 
 
 def test_repeat_prompts_repeats_each_prompt_with_its_media():
