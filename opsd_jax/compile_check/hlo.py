@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 
@@ -74,36 +75,40 @@ class HloSummary:
 class _Instruction:
     name: str
     opcode: str
-    result: str  # the result's type text
-    operands: list[str]  # operand names
-    line: str
+    shapes: tuple[tuple[str, str], ...]  # the result's arrays, (dtype, dims)
+    operands: tuple[str, ...]  # operand names
+    line: str  # kept only where attributes matter (loops, calls, matmuls, collectives); else ""
+
+
+_KEEP_LINE = ("while", "dot", "convolution", "fusion", "call", "conditional", "compare", "constant", "custom-call",
+              "reduce", "map", "sort", "scatter", "select-and-scatter", "reduce-window", "all-reduce")
 
 
 def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
+    """Computations -> their instructions. Linear in the text: an HLO module of a 7B step is ~100 MB."""
     computations: dict[str, list[_Instruction]] = collections.defaultdict(list)
     entry = current = None
     for line in text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            current = header.group(2)
-            entry = current if header.group(1) else entry
+        if line and not line[0].isspace():  # computation headers start in column 0, instructions are indented
+            header = _COMPUTATION.match(line)
+            if header:
+                current = header.group(2)
+                entry = current if header.group(1) else entry
             continue
-        instruction = _INSTRUCTION.match(line)
-        if current is None or not instruction:
+        instruction = _INSTRUCTION.match(line) if current is not None else None
+        if not instruction:
             continue
         rest = " " + instruction.group(2)
         opcode = _OPCODE.search(rest)
         if not opcode:
             continue
-        result = rest[: opcode.start()].strip()
-        depth, end, arguments_start = 0, len(rest), opcode.end() - 1  # at the opening parenthesis
-        for index in range(arguments_start, len(rest)):
-            depth += {"(": 1, ")": -1}.get(rest[index], 0)
-            if depth == 0:
-                end = index
-                break
-        operands = re.findall(r"%([\w.\-]+)", rest[arguments_start:end])
-        computations[current].append(_Instruction(instruction.group(1), opcode.group(1), result, operands, line))
+        kind = opcode.group(1)
+        arguments_end = rest.find(")", opcode.end())
+        operands = tuple(re.findall(r"%([\w.\-]+)", rest[opcode.end(): arguments_end if arguments_end >= 0 else None]))
+        base = kind[: -len("-start")] if kind.endswith("-start") else kind
+        keep = kind in _KEEP_LINE or base in COLLECTIVES or "calls=" in rest or "to_apply=" in rest
+        computations[current].append(_Instruction(
+            instruction.group(1), kind, tuple(_SHAPE.findall(rest[: opcode.start()])), operands, line if keep else ""))
     return computations, entry
 
 
@@ -112,20 +117,20 @@ def _trip_count(condition: list[_Instruction]) -> int | None:
     any other condition (the decode loop also stops when every row has emitted EOS)."""
     compares = [i for i in condition if i.opcode == "compare"]
     logic = [i for i in condition if i.opcode in ("and", "or", "not", "reduce", "all-reduce")]
-    constants = [i for i in condition if i.opcode == "constant" and re.search(r"\bs32\[\]", i.result)]
+    constants = [i for i in condition if i.opcode == "constant" and i.shapes == (("s32", ""),)]
     if len(compares) != 1 or logic or len(constants) != 1 or "direction=LT" not in compares[0].line:
         return None
     value = re.search(r"constant\((-?\d+)\)", constants[0].line)
     return int(value.group(1)) if value else None
 
 
-def _dims(text: str) -> list[list[int]]:
-    return [[int(d) for d in dims.split(",") if d] for _, dims in _SHAPE.findall(text)]
+def _dims(shapes: tuple[tuple[str, str], ...]) -> list[list[int]]:
+    return [[int(d) for d in dims.split(",") if d] for _, dims in shapes]
 
 
-def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
-    result = _dims(instruction.result)
-    operands = [_dims(shapes.get(name, "")) for name in instruction.operands[:2]]
+def _matmul_flops(instruction: _Instruction, shapes: dict[str, tuple[tuple[str, str], ...]]) -> float:
+    result = _dims(instruction.shapes)
+    operands = [_dims(shapes.get(name, ())) for name in instruction.operands[:2]]
     if not result or len(operands) < 2 or not operands[0] or not operands[1]:
         return 0.0
     result, lhs, rhs = result[0], operands[0][0], operands[1][0]
@@ -146,7 +151,7 @@ def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
 def summarize(text: str) -> HloSummary:
     """Collectives and matmul FLOPs of an HLO module's text (`compiled.as_text()`)."""
     computations, entry = _parse(text)
-    shapes = {i.name: i.result for instructions in computations.values() for i in instructions}
+    shapes = {i.name: i.shapes for instructions in computations.values() for i in instructions}
     calls: dict[str, list[tuple[str, int, bool]]] = collections.defaultdict(list)  # caller -> [(callee, times, loop)]
     loops: list[tuple[str, int | None]] = []
     for name, instructions in computations.items():
@@ -185,11 +190,11 @@ def summarize(text: str) -> HloSummary:
         for i in instructions if times else ():
             kind = i.opcode[: -len("-start")] if i.opcode.endswith("-start") else i.opcode
             if kind in COLLECTIVES:
-                buffers = [i.result] + [shapes.get(operand, "") for operand in i.operands]
-                size = max((shape_bytes(dtype, dims) for text in buffers for dtype, dims in _SHAPE.findall(text)),
-                           default=0.0)
+                buffers = [i.shapes] + [shapes.get(operand, ()) for operand in i.operands]
+                size = max((shape_bytes(dtype, dims) for arrays in buffers for dtype, dims in arrays), default=0.0)
                 collectives.append(Collective(kind, size, times, in_loop.get(name, False)))
 
+    @functools.cache
     def body_flops(name: str, depth: int = 0) -> float:
         """Matmul FLOPs of one execution of computation `name`, its callees included."""
         if depth > 64:
