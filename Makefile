@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+# The shipped TPU configs, each compiled for its slice by `make bench` (libtpu, no TPU; 5-20 minutes each).
+TPU_CONFIGS := qwen2_5_omni_3b_v5e16 qwen2_5_omni_7b_v5p64 qwen2_5_omni_7b_v4_32
+
 .PHONY: test demo bench venv clean
 
 venv: $(STAMP)
@@ -26,11 +29,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m opsd_jax.demo
 
-# Every benchmark at its reported sizes (25 minutes on 2 cores; step.py alone ~13); each prints its table and writes
+# Every benchmark at its reported sizes (step.py ~25 minutes on 2 cores idle, each TPU compile-check 5-20); each prints its table and writes
 # benchmarks/results/NAME.json. benchmarks/README.md says how to read them.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step
-	$(BIN)/python -m benchmarks.projection
 	$(BIN)/python -m benchmarks.forward
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.loss_memory --runs 0
@@ -38,6 +40,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.data
 	$(BIN)/python -m benchmarks.data --num-frames 4 --size 56 --audio-seconds 1.0 --step-rate 3.7 \
 		--out benchmarks/results/data_demo.json
+	failed=""; for config in $(TPU_CONFIGS); do \
+		$(BIN)/opsd-jax compile-check --config configs/$$config.yaml --out benchmarks/results/compile_$$config.json \
+			|| failed="$$failed $$config"; \
+	done; test -z "$$failed" || { echo "compile-check failed:$$failed" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache
