@@ -403,11 +403,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; accept what Python reads as a number.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # a NaN passes every `<` / `>` check below it, silently
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

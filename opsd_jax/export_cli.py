@@ -110,12 +110,18 @@ def _load_run(run_dir: Path, step: int | None) -> TrainedParams:
     base = Path(config.model.checkpoint)
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{run_dir / 'config.yaml'}: model.checkpoint {base} (the run's base checkpoint) is missing")
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model, nnx.Param))
-    checkpointer = RunCheckpointer(run_dir / "checkpoints")
+    checkpointer = RunCheckpointer(run_dir / "checkpoints", read_only=True)  # the run may still be training
     try:
-        params = checkpointer.restore_params(step, abstract)
+        steps = checkpointer.all_steps()
+        if (step is not None and step not in steps) or not steps:  # before the model loads
+            wanted = "no checkpoint" if step is None else f"no checkpoint at step {step}"
+            raise CheckpointError(f"--checkpoint {run_dir}: {wanted}; saved steps: "
+                                  f"{', '.join(map(str, sorted(steps))) or 'none'}")
+        dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+        model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                nnx.state(model, nnx.Param))
+        _, params = checkpointer.restore_params(step, abstract)
     finally:
         checkpointer.close()
     nnx.update(model, params)

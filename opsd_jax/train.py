@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -33,11 +34,12 @@ from etils import epath
 from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
-from opsd_jax.config import Config
+from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.builders import load_split
 from opsd_jax.data.chat_template import PromptBuilder
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
+from opsd_jax.models.weights import CheckpointError
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.prompts import encode_clip_batch
 from opsd_jax.sampling import GenerationOutput, generate
@@ -342,33 +344,62 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- the loop
 
-    def restore(self) -> int:
-        """Continues from the newest complete checkpoint; returns the step to run next (0 if none)."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+    def restore(self, step: int | None = None, *, required: bool = False) -> int:
+        """Continues from checkpoint `step`, or the newest one that restores (skipping, with a warning, those
+        that do not); returns the step to run next. With no checkpoint at all: 0, said in one line, or with
+        `required` a `CheckpointError` (a mistyped run.output_dir must not restart a run unnoticed)."""
+        if step is None and not self.checkpointer.all_steps():
+            message = f"no checkpoint in {self.checkpointer.directory} to resume from"
+            if required:
+                raise CheckpointError(f"{message} (--require-checkpoint); check run.output_dir")
+            logger.warning("%s: starting at step 0", message)
             return 0
-        state, meta = self.checkpointer.restore(latest, abstract_like(self.state), data_iterator=self.iterator)
+        state, meta = self.checkpointer.restore(step, abstract_like(self.state), data_iterator=self.iterator)
         self.state = state
         if meta.get("rng") is not None:
             self.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
         nnx.update(self.model, self.state.params)
-        return int(latest)
+        return int(meta["step"])
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
         logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self._stop = True
 
+    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        """Stops the run (`TrainingDiverged`, before anything of this step is logged or saved) when the loss or
+        the gradient norm of `step` is NaN or infinite."""
+        bad = [f"{name} = {metrics[name]}" for name in ("train/loss", "train/grad_norm")
+               if name in metrics and not math.isfinite(metrics[name])]
+        if bad:
+            raise TrainingDiverged(step, ", ".join(bad), self.checkpointer.latest_step())
+
     def save(self, step: int, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
+        """Starts a checkpoint of the current state; refuses (`TrainingDiverged`) parameters that are not all
+        finite, so a diverged step never rotates a good checkpoint out of `run.keep_last`."""
+        if not bool(_all_finite(self.state.params)):
+            self.checkpointer.wait()
+            raise TrainingDiverged(step, "parameters hold NaN or inf", self.checkpointer.latest_step())
         self.checkpointer.save(step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force)
 
     def run(self, *, resume: bool = False, max_steps: int | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingSummary:
-        """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary."""
+            on_step: Callable[[int, dict[str, float]], None] | None = None, resume_step: int | None = None,
+            require_checkpoint: bool = False) -> TrainingSummary:
+        """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary.
+
+        `resume` continues from checkpoint `resume_step` (default: the newest that restores); without it the
+        output directory must not hold another run (`RunDirectoryError`; `clear_run_directory` empties it).
+        """
         from tqdm import tqdm
 
         config = self.config
-        start = self.restore() if resume else 0
+        if resume or resume_step is not None or require_checkpoint:
+            start = self.restore(resume_step, required=require_checkpoint)
+        else:
+            existing = existing_run_files(self.output_dir, self.checkpointer.all_steps())
+            if existing:
+                raise RunDirectoryError(self.output_dir, existing)
+            start = 0
         end = config.train.total_steps if max_steps is None else min(config.train.total_steps, start + max_steps)
         writer = MetricsWriter(self.output_dir / "logs")
         if jax.process_index() == 0:
@@ -389,6 +420,7 @@ class Trainer:
                 nnx.update(self.model, self.state.params)
                 step += 1
                 metrics = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
+                self._check_finite(step, metrics)
                 losses.append(metrics["train/loss"])
                 if step % config.run.eval_every == 0 or step == end:
                     evaluation = self.evaluate()
@@ -416,10 +448,80 @@ class Trainer:
         return summary
 
 
-def train(config: Config, *, resume: bool = False, max_steps: int | None = None) -> TrainingSummary:
-    """Runs `opsd-jax train`."""
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss, gradient norm or parameters; the run stops without saving it."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: int | None):
+        kept = "no checkpoint was saved" if last_checkpoint is None else f"the last checkpoint is step {last_checkpoint}"
+        super().__init__(f"step {step}: {what}; stopped without saving this step ({kept}); lower train.lr or "
+                         "train.max_grad_norm, or check the data of this step")
+        self.step = step
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every float array of `tree` holds only finite values (one fused reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class RunDirectoryError(ConfigError):
+    """`run.output_dir` already holds a run and neither resuming nor overwriting it was asked for."""
+
+    def __init__(self, directory: epath.Path, existing: list[str]):
+        super().__init__(
+            f"run.output_dir {directory} already holds a run ({', '.join(existing)}); continue it with --resume, "
+            "pick a new run.output_dir, or replace it with --overwrite"
+        )
+
+
+RUN_FILES = ("config.yaml", "summary.json", "logs", "checkpoints")  # what a run writes under its output_dir
+
+
+def existing_run_files(directory: epath.Path, steps: list[int] | None = None) -> list[str]:
+    """What of a previous run `directory` holds: its files, and its checkpoints (`steps`, when a checkpoint
+    manager already listed them; else any entry of checkpoints/)."""
+    found = [name for name in ("config.yaml", "summary.json", "logs/metrics.jsonl") if (directory / name).exists()]
+    checkpoints = directory / "checkpoints"
+    if steps:
+        found.append(f"checkpoints of steps {', '.join(map(str, sorted(steps)))}")
+    elif steps is None and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def clear_run_directory(directory: str | os.PathLike) -> None:
+    """Removes what a run wrote under `directory` (`RUN_FILES`), nothing else; on process 0, the others wait."""
+    directory = epath.Path(directory)
+    if jax.process_index() == 0:
+        for name in RUN_FILES:
+            path = directory / name
+            if path.is_dir():
+                path.rmtree()
+            elif path.exists():
+                path.unlink()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("opsd_jax.train.clear_run_directory")
+
+
+def train(config: Config, *, resume: bool = False, max_steps: int | None = None, resume_step: int | None = None,
+          require_checkpoint: bool = False, overwrite: bool = False) -> TrainingSummary:
+    """Runs `opsd-jax train`. A run directory that already holds a run is refused before the model loads,
+    unless `resume` (continue it) or `overwrite` (clear it first)."""
+    initialize_distributed()
+    output_dir = epath.Path(config.run.output_dir)
+    resuming = resume or resume_step is not None or require_checkpoint
+    if overwrite and resuming:
+        raise ConfigError("--overwrite and --resume / --step / --require-checkpoint exclude each other")
+    if overwrite:
+        clear_run_directory(output_dir)
+    elif not resuming and (existing := existing_run_files(output_dir)):
+        raise RunDirectoryError(output_dir, existing)
     trainer = Trainer(config)
     try:
-        return trainer.run(resume=resume, max_steps=max_steps)
+        return trainer.run(resume=resume, max_steps=max_steps, resume_step=resume_step,
+                           require_checkpoint=require_checkpoint)
     finally:
         trainer.checkpointer.close()
