@@ -294,10 +294,11 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        text = read_text_file(path, ConfigError)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -315,6 +316,34 @@ def load_config(
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config
+
+
+def read_text_file(path: Path, error: type[Exception]) -> str:
+    """The UTF-8 text of `path` (a leading byte-order mark dropped); bytes that are not UTF-8 raise `error`
+    naming the file, the line and the offending byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                    "save the file as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {line} (first on line {seen[key]})", None
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclasses.dataclass(frozen=True)
