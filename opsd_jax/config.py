@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
 
@@ -294,7 +295,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = read_text_file(path, ConfigError)
+        text = decode_utf8(path.read_bytes(), path, ConfigError)
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as err:
@@ -316,18 +317,6 @@ def load_config(
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config
-
-
-def read_text_file(path: Path, error: type[Exception]) -> str:
-    """The UTF-8 text of `path` (a leading byte-order mark dropped); bytes that are not UTF-8 raise `error`
-    naming the file, the line and the offending byte."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                    "save the file as UTF-8") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -151,5 +151,7 @@ def load_split(dataset_dir: str | Path, split: str):
                                 f"that `prepare` returned")
     builder = tfds.builder_from_directory(str(dataset_dir))
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in {dataset_dir}; it has {', '.join(builder.info.splits)}")
+        has = f"it has {', '.join(builder.info.splits)}" if builder.info.splits else \
+            "it has no split at all (was it built from an empty manifest?)"
+        raise ValueError(f"split {split!r} is not in {dataset_dir}; {has}")
     return builder.as_data_source(split=split)
