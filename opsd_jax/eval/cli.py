@@ -147,7 +147,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         from opsd_jax.models.qwen2_5_omni import from_pretrained
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        return from_pretrained(args.checkpoint, dtype=dtype), PromptBuilder.from_pretrained(args.checkpoint)
+        builder = PromptBuilder.from_pretrained(args.checkpoint)  # first: a missing tokenizer is named before the model loads
+        return from_pretrained(args.checkpoint, dtype=dtype), builder
 
     summary = generate_predictions(load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size,
                                    progress=not args.no_progress)

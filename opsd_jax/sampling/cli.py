@@ -18,9 +18,6 @@ import numpy as np
 from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
-# Any of these makes a directory's tokenizer loadable (`AutoTokenizer.from_pretrained`).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -140,11 +137,9 @@ def check_checkpoint(directory: Path) -> int | None:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise GenerateError(f"--checkpoint {directory}: no config.json; expected a Hugging Face checkpoint directory")
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise GenerateError(
-            f"--checkpoint {directory}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy them from the base "
-            "model, or export with `opsd-jax export --tokenizer-dir`"
-        )
+    from opsd_jax.data.chat_template import check_tokenizer_directory  # imports JAX: not at CLI start-up
+
+    check_tokenizer_directory(directory)
     try:
         config = json.loads(decode_utf8(config_file.read_bytes(), config_file, GenerateError))
     except json.JSONDecodeError as err:

@@ -218,6 +218,16 @@ def test_bad_requests_fail_before_generating(checkpoint, manifest, tiny_wheel_di
 
     assert main(["eval", "--checkpoint", str(checkpoint), "--wheel-dir", str(tiny_wheel_dir)]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+    weights_only = tmp_path / "weights_only"  # an export made without --tokenizer-dir
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, weights_only / name)
+    assert _eval(weights_only, manifest, tiny_wheel_dir, tmp_path / "d", "--datasets", "mer2023") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"opsd-jax: error: checkpoint directory {weights_only} has no tokenizer files "
+                                    "(tokenizer.json or vocab.json or tokenizer.model); copy them from the base model, "
+                                    "or export with `opsd-jax export --tokenizer-dir`")
     assert generate_calls == []
 
 

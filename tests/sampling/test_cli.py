@@ -139,7 +139,7 @@ def no_model_load(monkeypatch):
     ("latin-1 manifest", r"clips\.jsonl:1: not UTF-8 text \(byte 0xe9"),
     ("empty manifest", r"--manifest .*clips\.jsonl: no clip; the file is empty"),
     ("no such split", r"no clip of split 'dev'; it has test"),
-    ("no tokenizer", r"no tokenizer files \(tokenizer\.json or vocab\.json or tokenizer\.model\)"),
+    ("no tokenizer", r"has no tokenizer files \(tokenizer\.json or vocab\.json or tokenizer\.model\)"),
     ("--max-new-tokens 0", r"--max-new-tokens: expected >= 1, got 0"),
     ("--temperature -1", r"--temperature: expected a finite value >= 0"),
     ("--top-p 0", r"--top-p: expected a value in \(0, 1\], got 0\.0"),
