@@ -211,6 +211,9 @@ class DataConfig:
     use_audio_in_video: bool = True
     worker_count: int = 0
     eval_clips: int = 64
+    # Clips whose prompts exceed the buckets (checked for every clip when training starts): false = refuse to
+    # start, naming them; true = leave them out of training and evaluation, counted in the log.
+    skip_long_prompts: bool = False
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

@@ -37,11 +37,13 @@ from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.builders import load_split
 from opsd_jax.data.chat_template import PromptBuilder
+from opsd_jax.data.audio_features import feature_frames
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
+from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.opsd import step as opsd_step
-from opsd_jax.opsd.prompts import encode_clip_batch
+from opsd_jax.opsd.prompts import encode_clip_batch, prompt_lengths
 from opsd_jax.sampling import GenerationOutput, generate
 from opsd_jax.sharding import make_mesh, to_host
 
@@ -195,6 +197,12 @@ class Trainer:
             best_metric=config.run.best_metric, async_save=config.run.async_checkpointing,
         )
         self.iterator = self._train_iterator()
+        self.eval_indices: list[int] | None = None  # the held-out clips whose prompts fit (all of them by default)
+        if config.data.eval_dir:
+            source = load_split(config.data.eval_dir, config.data.eval_split)
+            fitting = clips_that_fit(self.builder, config, config.data.eval_dir, config.data.eval_split, source,
+                                     teacher=False)
+            self.eval_indices = list(range(len(source))) if fitting is None else fitting
         self.vocabulary: list[str] | None = None
         self._stop = False
 
@@ -208,6 +216,8 @@ class Trainer:
                 f"train.batch_size: {self.config.train.batch_size} prompts do not split over {jax.process_count()} processes"
             )
         source = load_split(data.train_dir, data.train_split)
+        fitting = clips_that_fit(self.builder, self.config, data.train_dir, data.train_split, source, teacher=True)
+        source = source if fitting is None else Subset(source, fitting)
         pipeline = PipelineConfig(batch_size=local_batch, seed=self.config.train.seed, worker_count=data.worker_count)
         return make_iterator(source, pipeline, preprocess=ProcessorInputs())
 
@@ -318,13 +328,14 @@ class Trainer:
         if not data.eval_dir:
             return {}
         source = load_split(data.eval_dir, data.eval_split)
-        count = min(len(source), data.eval_clips) if data.eval_clips else len(source)
+        indices = self.eval_indices if self.eval_indices is not None else list(range(len(source)))
+        count = min(len(indices), data.eval_clips) if data.eval_clips else len(indices)
         processor = ProcessorInputs()
         vocabulary = self._vocabulary()
         predicted, truth = [], []
         batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
         for start in range(0, count, batch_size):
-            clips = [processor(source[i]) for i in range(start, min(count, start + batch_size))]
+            clips = [processor(source[indices[i]]) for i in range(start, min(count, start + batch_size))]
             inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
                                        use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale,
                                        teacher_length=data.teacher_prompt_length)
@@ -446,6 +457,67 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
             logger.info("trained to step %d in %.1fs; final %s", step, summary.seconds, metrics)
         return summary
+
+
+class Subset:
+    """The examples `indices` of a random-access source, as a source (for grain)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+
+def clips_that_fit(builder: PromptBuilder, config: Config, directory: str, split: str, source, *,
+                   teacher: bool) -> list[int] | None:
+    """Checks every clip's prompt length against the buckets (`data.prompt_length`, and with `teacher`
+    `data.teacher_prompt_length`) before training starts: an index pass over the text fields, the media
+    token counts from the static frame shape and each clip's audio length.
+
+    Returns None when every clip fits, else the indices that do (with `data.skip_long_prompts`, logging
+    what was left out). Raises `ConfigError` naming the clips, their lengths and the setting to change.
+    """
+    data = config.data
+    index = load_split(directory, split, decode_media=False)
+    if not len(index):
+        return None
+    first = source[0]
+    grid = ProcessorInputs()(first)["video_grid_thw"]  # every clip of a dataset has the same frame shape
+    max_samples = np.asarray(first["audio"]).size
+    text = lambda value: value.decode() if isinstance(value, bytes) else str(value)  # noqa: E731
+    ids, clips = [], []
+    for i in range(len(index)):
+        example = index[i]
+        ids.append(text(example["id"]))
+        clips.append(dict(
+            video_grid_thw=grid, video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
+            audio_frames=feature_frames(int(example["audio_length"]), max_samples),
+            subtitle=text(example["subtitle"]), rationale=text(example["rationale"]) if teacher else "",
+        ))
+    lengths = prompt_lengths(builder, clips, config.prompt, use_audio_in_video=data.use_audio_in_video)
+    teacher_limit = data.teacher_prompt_length or data.prompt_length
+    over = [i for i in range(len(ids))
+            if lengths[i, 0] > data.prompt_length or (teacher and lengths[i, 1] > teacher_limit)]
+    if not over:
+        return None
+    where = f"{directory} ({split})"
+    named = ", ".join(f"{ids[i]!r} ({lengths[i, 0]} student" + (f", {lengths[i, 1]} teacher" if teacher else "")
+                      + " tokens)" for i in over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+    limits = f"data.prompt_length={data.prompt_length}" + (
+        f" / data.teacher_prompt_length={teacher_limit}" if teacher else "")
+    if data.skip_long_prompts:
+        logger.warning("left out %d of %d clips of %s whose prompts exceed %s (data.skip_long_prompts): %s",
+                       len(over), len(ids), where, limits, named)
+        left_out = set(over)
+        return [i for i in range(len(ids)) if i not in left_out]
+    needed = f"data.prompt_length to {max(int(lengths[over, 0].max()), data.prompt_length)}" + (
+        f" and data.teacher_prompt_length to {max(int(lengths[over, 1].max()), teacher_limit)}" if teacher else "")
+    raise ConfigError(f"{where}: {len(over)} of {len(ids)} clips have prompts longer than {limits}: {named}; raise "
+                      f"{needed}, or set data.skip_long_prompts=true to leave them out")
 
 
 class TrainingDiverged(RuntimeError):

@@ -331,3 +331,39 @@ def test_a_diverged_step_stops_the_run_and_keeps_the_good_checkpoints(run_setup,
     logged = [json.loads(line)["step"] for line in
               (run_setup[2] / f"diverged_{what}" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2] + ([3] if what == "params" else [])
+
+
+def test_prompts_longer_than_the_bucket_are_named_before_training_or_left_out(run_setup, tmp_path, caplog):
+    from opsd_jax.config import ConfigError
+    from opsd_jax.data.builders import load_split
+
+    checkpoint, _, _ = run_setup
+
+    def generate_long(split, config):
+        for clip in generate_clips(split, config):
+            if clip["id"] in ("train5", "test2"):
+                clip["subtitle"] = "a long line said in the clip " * 12
+            yield clip
+
+    dataset = build_synthetic_affect(tmp_path / "data", SyntheticAffectConfig(
+        name="long", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generate_long,
+        splits=("train", "test")))
+    overrides = [f"data.train_dir={dataset}", f"data.eval_dir={dataset}", f"run.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"\(train\): 1 of 8 clips have prompts longer than data\.prompt_length=160 / "
+                       r"data\.teacher_prompt_length=160: 'train5' \(\d+ student, \d+ teacher tokens\); raise "
+                       r"data\.prompt_length to \d+ and data\.teacher_prompt_length to \d+, or set "
+                       r"data\.skip_long_prompts=true"):
+        Trainer(config_for(run_setup, "long", *overrides))
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(config_for(run_setup, "long", *overrides, "data.skip_long_prompts=true"))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "left out 1 of 8 clips" in said and "'train5'" in said and "left out 1 of 4 clips" in said
+    test_split = load_split(dataset, "test")
+    kept = sorted(test_split[i]["id"].decode() for i in trainer.eval_indices)
+    assert kept == ["test0", "test1", "test3"]
+    seen = set()
+    for _ in range(4):  # one epoch of the 7 clips that fit, in batches of 2 (plus one of the next epoch)
+        seen |= {str(i) for i in next(trainer.iterator)["id"]}
+    assert "train5" not in seen and len(seen) == 7
+    trainer.checkpointer.close()
+    assert load_split(dataset, "train")  # the dataset itself is untouched
