@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,26 @@ from opsd_jax.opsd.prompts import PromptConfig
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+REMOTE_HINT = ("only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
+               "(e.g. `gcloud storage cp -r`)")
+
+
+def local_path(text: str) -> Path:
+    """An argparse type for paths that must be on this machine: a URL is refused by name (pathlib would
+    silently read `gs://bucket/x` as the local directory `gs:/bucket/x`)."""
+    if _URL.match(text):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text}: expected a local path; {REMOTE_HINT}")
+    return Path(text)
+
+
+def _check_local(key: str, value: str) -> None:
+    if _URL.match(value):
+        raise ConfigError(f"{key}: {value} must be a local path; {REMOTE_HINT}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,6 +111,7 @@ class ModelConfig:
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
+        _check_local("model.checkpoint", self.checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +239,8 @@ class DataConfig:
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
+        _check_local("data.train_dir", self.train_dir)
+        _check_local("data.eval_dir", self.eval_dir)
         if self.prompt_length < 8:
             raise ConfigError(f"data.prompt_length: expected >= 8 tokens, got {self.prompt_length}")
         if self.teacher_prompt_length is not None and self.teacher_prompt_length < self.prompt_length:

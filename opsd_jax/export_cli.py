@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from opsd_jax.config import local_path
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -38,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "config.json, tokenizer files), thinker-only, loadable by transformers and by opsd-jax. The output "
         "directory appears only once it is complete.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--checkpoint", required=True, type=local_path,
                         help="the trained parameters: a training run directory (run.output_dir of `opsd-jax "
                         "train`) or a Hugging Face checkpoint directory")
-    parser.add_argument("--out", required=True, type=Path, help="the directory to create")
+    parser.add_argument("--out", required=True, type=local_path, help="the directory to create")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="tensor dtype of the export (default: the parameters' own)")
-    parser.add_argument("--tokenizer-dir", type=Path,
+    parser.add_argument("--tokenizer-dir", type=local_path,
                         help="copy tokenizer / processor / generation files from here (default: the base "
                         "checkpoint directory, when it holds a tokenizer)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -132,31 +133,66 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0."""
+    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0.
 
-    def __init__(self, directory: epath.Path):
+    Locally the JSONL file is appended to line by line. An object store (gs://) has no append (opening an
+    object for appending starts it anew: a resumed run lost every earlier line), so there the whole file is
+    rewritten, and the TensorBoard events (written to a local temporary directory) copied up, at most every
+    `upload_every_s` seconds and when the writer closes. (tensorboardX's own gs:// writer uploads again when
+    garbage-collected at interpreter exit, retrying for minutes if the bucket is unreachable by then.)
+    """
+
+    def __init__(self, directory: epath.Path, *, upload_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
+        self.path = directory / "metrics.jsonl"
+        self.remote = "://" in str(directory)
+        self.upload_every_s = upload_every_s
+        self.board_dir = directory / "tensorboard"
         self.handle = None
         self.board = None
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
-            self.handle = (directory / "metrics.jsonl").open("a")
             from tensorboardX import SummaryWriter
 
-            self.board = SummaryWriter(str(directory / "tensorboard"))
+            if self.remote:
+                self.text = self.path.read_text() if self.path.exists() else ""
+                self.uploaded = time.monotonic()
+                self.staging = epath.Path(tempfile.mkdtemp(prefix="opsd-jax-tensorboard-"))
+                self.board = SummaryWriter(str(self.staging))
+            else:
+                self.handle = self.path.open("a")
+                self.board = SummaryWriter(str(self.board_dir))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.handle.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.text += line
+            if time.monotonic() - self.uploaded >= self.upload_every_s:
+                self._upload()
+        else:
+            self.handle.write(line)
+            self.handle.flush()
         for name, value in metrics.items():
             self.board.add_scalar(name, value, step)
 
+    def _upload(self) -> None:
+        self.path.write_text(self.text)
+        self.board.flush()
+        self.board_dir.mkdir(parents=True, exist_ok=True)
+        for event_file in self.staging.iterdir():
+            (self.board_dir / event_file.name).write_bytes(event_file.read_bytes())
+        self.uploaded = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self.handle.close()
             self.board.close()
+            if self.remote:
+                self._upload()
+                self.staging.rmtree()
+            else:
+                self.handle.close()
 
 
 @dataclasses.dataclass

@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
+
+from opsd_jax.config import local_path
 
 DESCRIPTION = """\
 Sends each clip's sampled frames (JPEG data URLs), subtitle and TRUE label to a frontier model behind an
@@ -144,8 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("files")
-    io.add_argument("--manifest", type=Path, help="clip manifest JSONL (opsd_jax/data/manifest.py); required")
-    io.add_argument("--out", type=Path, help="rationale JSONL, created or resumed; required")
+    io.add_argument("--manifest", type=local_path, help="clip manifest JSONL (opsd_jax/data/manifest.py); required")
+    io.add_argument("--out", type=local_path, help="rationale JSONL, created or resumed; required")
     io.add_argument("--split", help="only the clips of this split, e.g. train (default: every clip)")
     io.add_argument("--limit", type=int, help="attempt at most N clips that still lack a line (a trial, a budget)")
     io.add_argument("--retry-failed", action="store_true",
@@ -199,11 +200,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(title="subcommands", metavar="merge")
     merge = commands.add_parser("merge", help="write a manifest with the rationales merged in",
                                 description=MERGE_DESCRIPTION)
-    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=Path, required=True,
+    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=local_path, required=True,
                        help="the manifest the rationales were written for")
-    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=Path, required=True,
+    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=local_path, required=True,
                        help="the JSONL written by `opsd-jax rationales`")
-    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=Path, required=True,
+    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=local_path, required=True,
                        help="the new manifest (must differ from MANIFEST)")
     merge.add_argument("--require-split", metavar="SPLIT",
                        help="fail unless every clip of this split (e.g. train) has a rationale")

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from opsd_jax.config import local_path
 from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
@@ -28,15 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "[--subtitle]; many: --manifest M --out answers.jsonl (a progress bar, batches of --batch-size; "
         "answers go to OUT.partial, renamed to OUT when every clip is done; a rerun skips the ids answered).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    parser.add_argument("--checkpoint", required=True, type=local_path, help="Hugging Face checkpoint directory (with tokenizer files)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--video", type=Path, help="a video file")
-    source.add_argument("--manifest", type=Path, help="a JSONL manifest of clips (see README)")
-    parser.add_argument("--audio", type=Path, help="an audio file (default: the video's own audio track)")
+    source.add_argument("--video", type=local_path, help="a video file")
+    source.add_argument("--manifest", type=local_path, help="a JSONL manifest of clips (see README)")
+    parser.add_argument("--audio", type=local_path, help="an audio file (default: the video's own audio track)")
     parser.add_argument("--no-audio", action="store_true", help="use the frames only")
     parser.add_argument("--subtitle", default="", help="what is said in the clip")
     parser.add_argument("--prompt", help="the instruction (default: the training instruction)")
-    parser.add_argument("--out", type=Path, help="answers JSONL (with --manifest)")
+    parser.add_argument("--out", type=local_path, help="answers JSONL (with --manifest)")
     parser.add_argument("--split", help="only clips of this split (with --manifest)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
