@@ -36,11 +36,16 @@ def _register_config(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from opsd_jax.config import load_config
-    from opsd_jax.train import initialize_distributed, train
+    from opsd_jax.train import TrainingDiverged, initialize_distributed, train
 
     initialize_distributed()  # before the config asks JAX for the device count
     config = load_config(args.config, args.overrides)
-    summary = train(config, resume=args.resume, max_steps=args.max_steps)
+    try:
+        summary = train(config, resume=args.resume, max_steps=args.max_steps, resume_step=args.step,
+                        require_checkpoint=args.require_checkpoint, overwrite=args.overwrite)
+    except TrainingDiverged as err:
+        print(f"opsd-jax train: {err}", file=sys.stderr)
+        return 1
     print(f"trained to step {summary.steps} in {summary.seconds:.1f}s"
           + (" (stopped by SIGTERM; rerun with --resume)" if summary.preempted else ""))
     for name, value in sorted(summary.final_metrics.items()):
@@ -59,7 +64,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint that restores (a corrupt one is skipped, with a "
+                        "warning); with none, start at step 0 and say so")
+    parser.add_argument("--require-checkpoint", action="store_true",
+                        help="like --resume, but refuse to start when run.output_dir holds no checkpoint")
+    parser.add_argument("--step", type=int, help="resume from this checkpoint step (implies --resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear a previous run in run.output_dir (its checkpoints, logs, config.yaml) first")
     parser.add_argument("--max-steps", type=int, help="stop after this many more steps")
     parser.set_defaults(handler=_train)
 
@@ -89,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may sit on both sides of a flag (`train.lr=1 --resume train.seed=3`); argparse
+    # gives a positional list only its first run of words, the later ones come back as unknown.
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2

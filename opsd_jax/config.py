@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,12 +18,33 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+REMOTE_HINT = ("only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
+               "(e.g. `gcloud storage cp -r`)")
+
+
+def local_path(text: str) -> Path:
+    """An argparse type for paths that must be on this machine: a URL is refused by name (pathlib would
+    silently read `gs://bucket/x` as the local directory `gs:/bucket/x`)."""
+    if _URL.match(text):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text}: expected a local path; {REMOTE_HINT}")
+    return Path(text)
+
+
+def _check_local(key: str, value: str) -> None:
+    if _URL.match(value):
+        raise ConfigError(f"{key}: {value} must be a local path; {REMOTE_HINT}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +121,7 @@ class ModelConfig:
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
+        _check_local("model.checkpoint", self.checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +243,14 @@ class DataConfig:
     use_audio_in_video: bool = True
     worker_count: int = 0
     eval_clips: int = 64
+    # Clips whose prompts exceed the buckets (checked for every clip when training starts): false = refuse to
+    # start, naming them; true = leave them out of training and evaluation, counted in the log.
+    skip_long_prompts: bool = False
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
+        _check_local("data.train_dir", self.train_dir)
+        _check_local("data.eval_dir", self.eval_dir)
         if self.prompt_length < 8:
             raise ConfigError(f"data.prompt_length: expected >= 8 tokens, got {self.prompt_length}")
         if self.teacher_prompt_length is not None and self.teacher_prompt_length < self.prompt_length:
@@ -304,10 +332,11 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        text = decode_utf8(path.read_bytes(), path, ConfigError)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -325,6 +354,22 @@ def load_config(
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {line} (first on line {seen[key]})", None
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,11 +458,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; accept what Python reads as a number.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # a NaN passes every `<` / `>` check below it, silently
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -114,7 +114,7 @@ def run_stage(name: str, checkpoint: Path, datasets: dict[str, Path], workdir: P
               steps: int, size: DemoSize, seed: int) -> tuple[Any, dict[str, Any]]:
     """One training stage through `opsd_jax.train.Trainer`: returns the trainer and its summary."""
     from opsd_jax.config import load_config
-    from opsd_jax.train import Trainer
+    from opsd_jax.train import Trainer, clear_run_directory
 
     config = load_config(CONFIG, [
         f"model.checkpoint={checkpoint}", f"data.train_dir={datasets['main']}", f"data.eval_dir={datasets['main']}",
@@ -123,6 +123,7 @@ def run_stage(name: str, checkpoint: Path, datasets: dict[str, Path], workdir: P
         f"run.output_dir={workdir / 'runs' / name}", f"run.eval_every={size.eval_every}",
         f"run.save_every={steps}", *overrides,
     ])
+    clear_run_directory(config.run.output_dir)  # a rerun of the demo replaces its stages' runs
     trainer = Trainer(config)
     history = [{"step": 0, **trainer.evaluate()}]
     summary = trainer.run()

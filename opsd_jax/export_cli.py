@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from opsd_jax.config import local_path
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -38,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "config.json, tokenizer files), thinker-only, loadable by transformers and by opsd-jax. The output "
         "directory appears only once it is complete.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--checkpoint", required=True, type=local_path,
                         help="the trained parameters: a training run directory (run.output_dir of `opsd-jax "
                         "train`) or a Hugging Face checkpoint directory")
-    parser.add_argument("--out", required=True, type=Path, help="the directory to create")
+    parser.add_argument("--out", required=True, type=local_path, help="the directory to create")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="tensor dtype of the export (default: the parameters' own)")
-    parser.add_argument("--tokenizer-dir", type=Path,
+    parser.add_argument("--tokenizer-dir", type=local_path,
                         help="copy tokenizer / processor / generation files from here (default: the base "
                         "checkpoint directory, when it holds a tokenizer)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
@@ -110,12 +112,18 @@ def _load_run(run_dir: Path, step: int | None) -> TrainedParams:
     base = Path(config.model.checkpoint)
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{run_dir / 'config.yaml'}: model.checkpoint {base} (the run's base checkpoint) is missing")
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model, nnx.Param))
-    checkpointer = RunCheckpointer(run_dir / "checkpoints")
+    checkpointer = RunCheckpointer(run_dir / "checkpoints", read_only=True)  # the run may still be training
     try:
-        params = checkpointer.restore_params(step, abstract)
+        steps = checkpointer.all_steps()
+        if (step is not None and step not in steps) or not steps:  # before the model loads
+            wanted = "no checkpoint" if step is None else f"no checkpoint at step {step}"
+            raise CheckpointError(f"--checkpoint {run_dir}: {wanted}; saved steps: "
+                                  f"{', '.join(map(str, sorted(steps))) or 'none'}")
+        dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+        model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                nnx.state(model, nnx.Param))
+        _, params = checkpointer.restore_params(step, abstract)
     finally:
         checkpointer.close()
     nnx.update(model, params)

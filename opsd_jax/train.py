@@ -20,8 +20,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -36,10 +38,13 @@ from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.builders import load_split
 from opsd_jax.data.chat_template import PromptBuilder
+from opsd_jax.data.audio_features import feature_frames
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
+from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
+from opsd_jax.models.weights import CheckpointError
 from opsd_jax.opsd import step as opsd_step
-from opsd_jax.opsd.prompts import encode_clip_batch
+from opsd_jax.opsd.prompts import encode_clip_batch, prompt_lengths
 from opsd_jax.sampling import GenerationOutput, generate
 from opsd_jax.sharding import make_mesh, to_host
 from opsd_jax.sharding.topology import topology_chips
@@ -137,31 +142,66 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0."""
+    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0.
 
-    def __init__(self, directory: epath.Path):
+    Locally the JSONL file is appended to line by line. An object store (gs://) has no append (opening an
+    object for appending starts it anew: a resumed run lost every earlier line), so there the whole file is
+    rewritten, and the TensorBoard events (written to a local temporary directory) copied up, at most every
+    `upload_every_s` seconds and when the writer closes. (tensorboardX's own gs:// writer uploads again when
+    garbage-collected at interpreter exit, retrying for minutes if the bucket is unreachable by then.)
+    """
+
+    def __init__(self, directory: epath.Path, *, upload_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
+        self.path = directory / "metrics.jsonl"
+        self.remote = "://" in str(directory)
+        self.upload_every_s = upload_every_s
+        self.board_dir = directory / "tensorboard"
         self.handle = None
         self.board = None
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
-            self.handle = (directory / "metrics.jsonl").open("a")
             from tensorboardX import SummaryWriter
 
-            self.board = SummaryWriter(str(directory / "tensorboard"))
+            if self.remote:
+                self.text = self.path.read_text() if self.path.exists() else ""
+                self.uploaded = time.monotonic()
+                self.staging = epath.Path(tempfile.mkdtemp(prefix="opsd-jax-tensorboard-"))
+                self.board = SummaryWriter(str(self.staging))
+            else:
+                self.handle = self.path.open("a")
+                self.board = SummaryWriter(str(self.board_dir))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.handle.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.text += line
+            if time.monotonic() - self.uploaded >= self.upload_every_s:
+                self._upload()
+        else:
+            self.handle.write(line)
+            self.handle.flush()
         for name, value in metrics.items():
             self.board.add_scalar(name, value, step)
 
+    def _upload(self) -> None:
+        self.path.write_text(self.text)
+        self.board.flush()
+        self.board_dir.mkdir(parents=True, exist_ok=True)
+        for event_file in self.staging.iterdir():
+            (self.board_dir / event_file.name).write_bytes(event_file.read_bytes())
+        self.uploaded = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self.handle.close()
             self.board.close()
+            if self.remote:
+                self._upload()
+                self.staging.rmtree()
+            else:
+                self.handle.close()
 
 
 @dataclasses.dataclass
@@ -203,6 +243,12 @@ class Trainer:
             best_metric=config.run.best_metric, async_save=config.run.async_checkpointing,
         )
         self.iterator = self._train_iterator()
+        self.eval_indices: list[int] | None = None  # the held-out clips whose prompts fit (all of them by default)
+        if config.data.eval_dir:
+            source = load_split(config.data.eval_dir, config.data.eval_split)
+            fitting = clips_that_fit(self.builder, config, config.data.eval_dir, config.data.eval_split, source,
+                                     teacher=False)
+            self.eval_indices = list(range(len(source))) if fitting is None else fitting
         self.vocabulary: list[str] | None = None
         self._stop = False
 
@@ -216,6 +262,8 @@ class Trainer:
                 f"train.batch_size: {self.config.train.batch_size} prompts do not split over {jax.process_count()} processes"
             )
         source = load_split(data.train_dir, data.train_split)
+        fitting = clips_that_fit(self.builder, self.config, data.train_dir, data.train_split, source, teacher=True)
+        source = source if fitting is None else Subset(source, fitting)
         pipeline = PipelineConfig(batch_size=local_batch, seed=self.config.train.seed, worker_count=data.worker_count)
         return make_iterator(source, pipeline, preprocess=ProcessorInputs())
 
@@ -326,13 +374,14 @@ class Trainer:
         if not data.eval_dir:
             return {}
         source = load_split(data.eval_dir, data.eval_split)
-        count = min(len(source), data.eval_clips) if data.eval_clips else len(source)
+        indices = self.eval_indices if self.eval_indices is not None else list(range(len(source)))
+        count = min(len(indices), data.eval_clips) if data.eval_clips else len(indices)
         processor = ProcessorInputs()
         vocabulary = self._vocabulary()
         predicted, truth = [], []
         batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
         for start in range(0, count, batch_size):
-            clips = [processor(source[i]) for i in range(start, min(count, start + batch_size))]
+            clips = [processor(source[indices[i]]) for i in range(start, min(count, start + batch_size))]
             inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
                                        use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale,
                                        teacher_length=data.teacher_prompt_length)
@@ -352,33 +401,62 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- the loop
 
-    def restore(self) -> int:
-        """Continues from the newest complete checkpoint; returns the step to run next (0 if none)."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+    def restore(self, step: int | None = None, *, required: bool = False) -> int:
+        """Continues from checkpoint `step`, or the newest one that restores (skipping, with a warning, those
+        that do not); returns the step to run next. With no checkpoint at all: 0, said in one line, or with
+        `required` a `CheckpointError` (a mistyped run.output_dir must not restart a run unnoticed)."""
+        if step is None and not self.checkpointer.all_steps():
+            message = f"no checkpoint in {self.checkpointer.directory} to resume from"
+            if required:
+                raise CheckpointError(f"{message} (--require-checkpoint); check run.output_dir")
+            logger.warning("%s: starting at step 0", message)
             return 0
-        state, meta = self.checkpointer.restore(latest, abstract_like(self.state), data_iterator=self.iterator)
+        state, meta = self.checkpointer.restore(step, abstract_like(self.state), data_iterator=self.iterator)
         self.state = state
         if meta.get("rng") is not None:
             self.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
         nnx.update(self.model, self.state.params)
-        return int(latest)
+        return int(meta["step"])
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
         logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self._stop = True
 
+    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        """Stops the run (`TrainingDiverged`, before anything of this step is logged or saved) when the loss or
+        the gradient norm of `step` is NaN or infinite."""
+        bad = [f"{name} = {metrics[name]}" for name in ("train/loss", "train/grad_norm")
+               if name in metrics and not math.isfinite(metrics[name])]
+        if bad:
+            raise TrainingDiverged(step, ", ".join(bad), self.checkpointer.latest_step())
+
     def save(self, step: int, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
+        """Starts a checkpoint of the current state; refuses (`TrainingDiverged`) parameters that are not all
+        finite, so a diverged step never rotates a good checkpoint out of `run.keep_last`."""
+        if not bool(_all_finite(self.state.params)):
+            self.checkpointer.wait()
+            raise TrainingDiverged(step, "parameters hold NaN or inf", self.checkpointer.latest_step())
         self.checkpointer.save(step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force)
 
     def run(self, *, resume: bool = False, max_steps: int | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingSummary:
-        """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary."""
+            on_step: Callable[[int, dict[str, float]], None] | None = None, resume_step: int | None = None,
+            require_checkpoint: bool = False) -> TrainingSummary:
+        """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary.
+
+        `resume` continues from checkpoint `resume_step` (default: the newest that restores); without it the
+        output directory must not hold another run (`RunDirectoryError`; `clear_run_directory` empties it).
+        """
         from tqdm import tqdm
 
         config = self.config
-        start = self.restore() if resume else 0
+        if resume or resume_step is not None or require_checkpoint:
+            start = self.restore(resume_step, required=require_checkpoint)
+        else:
+            existing = existing_run_files(self.output_dir, self.checkpointer.all_steps())
+            if existing:
+                raise RunDirectoryError(self.output_dir, existing)
+            start = 0
         end = config.train.total_steps if max_steps is None else min(config.train.total_steps, start + max_steps)
         writer = MetricsWriter(self.output_dir / "logs")
         if jax.process_index() == 0:
@@ -399,6 +477,7 @@ class Trainer:
                 nnx.update(self.model, self.state.params)
                 step += 1
                 metrics = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
+                self._check_finite(step, metrics)
                 losses.append(metrics["train/loss"])
                 if step % config.run.eval_every == 0 or step == end:
                     evaluation = self.evaluate()
@@ -426,10 +505,141 @@ class Trainer:
         return summary
 
 
-def train(config: Config, *, resume: bool = False, max_steps: int | None = None) -> TrainingSummary:
-    """Runs `opsd-jax train`."""
+class Subset:
+    """The examples `indices` of a random-access source, as a source (for grain)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+
+def clips_that_fit(builder: PromptBuilder, config: Config, directory: str, split: str, source, *,
+                   teacher: bool) -> list[int] | None:
+    """Checks every clip's prompt length against the buckets (`data.prompt_length`, and with `teacher`
+    `data.teacher_prompt_length`) before training starts: an index pass over the text fields, the media
+    token counts from the static frame shape and each clip's audio length.
+
+    Returns None when every clip fits, else the indices that do (with `data.skip_long_prompts`, logging
+    what was left out). Raises `ConfigError` naming the clips, their lengths and the setting to change.
+    """
+    data = config.data
+    index = load_split(directory, split, decode_media=False)
+    if not len(index):
+        return None
+    first = source[0]
+    grid = ProcessorInputs()(first)["video_grid_thw"]  # every clip of a dataset has the same frame shape
+    max_samples = np.asarray(first["audio"]).size
+    text = lambda value: value.decode() if isinstance(value, bytes) else str(value)  # noqa: E731
+    ids, clips = [], []
+    for i in range(len(index)):
+        example = index[i]
+        ids.append(text(example["id"]))
+        clips.append(dict(
+            video_grid_thw=grid, video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
+            audio_frames=feature_frames(int(example["audio_length"]), max_samples),
+            subtitle=text(example["subtitle"]), rationale=text(example["rationale"]) if teacher else "",
+        ))
+    lengths = prompt_lengths(builder, clips, config.prompt, use_audio_in_video=data.use_audio_in_video)
+    teacher_limit = data.teacher_prompt_length or data.prompt_length
+    over = [i for i in range(len(ids))
+            if lengths[i, 0] > data.prompt_length or (teacher and lengths[i, 1] > teacher_limit)]
+    if not over:
+        return None
+    where = f"{directory} ({split})"
+    named = ", ".join(f"{ids[i]!r} ({lengths[i, 0]} student" + (f", {lengths[i, 1]} teacher" if teacher else "")
+                      + " tokens)" for i in over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+    limits = f"data.prompt_length={data.prompt_length}" + (
+        f" / data.teacher_prompt_length={teacher_limit}" if teacher else "")
+    if data.skip_long_prompts:
+        logger.warning("left out %d of %d clips of %s whose prompts exceed %s (data.skip_long_prompts): %s",
+                       len(over), len(ids), where, limits, named)
+        left_out = set(over)
+        return [i for i in range(len(ids)) if i not in left_out]
+    needed = f"data.prompt_length to {max(int(lengths[over, 0].max()), data.prompt_length)}" + (
+        f" and data.teacher_prompt_length to {max(int(lengths[over, 1].max()), teacher_limit)}" if teacher else "")
+    raise ConfigError(f"{where}: {len(over)} of {len(ids)} clips have prompts longer than {limits}: {named}; raise "
+                      f"{needed}, or set data.skip_long_prompts=true to leave them out")
+
+
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss, gradient norm or parameters; the run stops without saving it."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: int | None):
+        kept = "no checkpoint was saved" if last_checkpoint is None else f"the last checkpoint is step {last_checkpoint}"
+        super().__init__(f"step {step}: {what}; stopped without saving this step ({kept}); lower train.lr or "
+                         "train.max_grad_norm, or check the data of this step")
+        self.step = step
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every float array of `tree` holds only finite values (one fused reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class RunDirectoryError(ConfigError):
+    """`run.output_dir` already holds a run and neither resuming nor overwriting it was asked for."""
+
+    def __init__(self, directory: epath.Path, existing: list[str]):
+        super().__init__(
+            f"run.output_dir {directory} already holds a run ({', '.join(existing)}); continue it with --resume, "
+            "pick a new run.output_dir, or replace it with --overwrite"
+        )
+
+
+RUN_FILES = ("config.yaml", "summary.json", "logs", "checkpoints")  # what a run writes under its output_dir
+
+
+def existing_run_files(directory: epath.Path, steps: list[int] | None = None) -> list[str]:
+    """What of a previous run `directory` holds: its files, and its checkpoints (`steps`, when a checkpoint
+    manager already listed them; else any entry of checkpoints/)."""
+    found = [name for name in ("config.yaml", "summary.json", "logs/metrics.jsonl") if (directory / name).exists()]
+    checkpoints = directory / "checkpoints"
+    if steps:
+        found.append(f"checkpoints of steps {', '.join(map(str, sorted(steps)))}")
+    elif steps is None and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def clear_run_directory(directory: str | os.PathLike) -> None:
+    """Removes what a run wrote under `directory` (`RUN_FILES`), nothing else; on process 0, the others wait."""
+    directory = epath.Path(directory)
+    if jax.process_index() == 0:
+        for name in RUN_FILES:
+            path = directory / name
+            if path.is_dir():
+                path.rmtree()
+            elif path.exists():
+                path.unlink()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("opsd_jax.train.clear_run_directory")
+
+
+def train(config: Config, *, resume: bool = False, max_steps: int | None = None, resume_step: int | None = None,
+          require_checkpoint: bool = False, overwrite: bool = False) -> TrainingSummary:
+    """Runs `opsd-jax train`. A run directory that already holds a run is refused before the model loads,
+    unless `resume` (continue it) or `overwrite` (clear it first)."""
+    initialize_distributed()
+    output_dir = epath.Path(config.run.output_dir)
+    resuming = resume or resume_step is not None or require_checkpoint
+    if overwrite and resuming:
+        raise ConfigError("--overwrite and --resume / --step / --require-checkpoint exclude each other")
+    if overwrite:
+        clear_run_directory(output_dir)
+    elif not resuming and (existing := existing_run_files(output_dir)):
+        raise RunDirectoryError(output_dir, existing)
     trainer = Trainer(config)
     try:
-        return trainer.run(resume=resume, max_steps=max_steps)
+        return trainer.run(resume=resume, max_steps=max_steps, resume_step=resume_step,
+                           require_checkpoint=require_checkpoint)
     finally:
         trainer.checkpointer.close()

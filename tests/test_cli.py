@@ -24,3 +24,9 @@ def test_config_errors_exit_2_with_the_key(capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "opsd_jax.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "config" in out and "OmniOPSD" in out
+
+
+def test_overrides_on_both_sides_of_a_flag(capsys):
+    assert main(["config", "train.lr=0.5", "--no-device-check", "train.seed=3", "mesh.tensor=2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["train"]["lr"], shown["train"]["seed"], shown["mesh"]["tensor"]) == (0.5, 3, 2)

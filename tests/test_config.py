@@ -87,3 +87,30 @@ def test_string_overrides_are_taken_as_text():
     assert config.prompt.privileged_template == "Evidence: {rationale}"
     assert config.prompt.system_prompt == "Be brief: ok"
     assert load_config(None, ["prompt.system_prompt=null"], num_devices=None).prompt.system_prompt is None
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.max_grad_norm=inf", "train.weight_decay=.nan",
+                                      "sampling.temperature=-.inf", "teacher.distill_weight=NaN", "loss.beta=inf"])
+def test_non_finite_floats_are_refused(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a finite number"):
+        load_config(None, [override], num_devices=None)
+
+
+def test_non_finite_floats_in_yaml_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected a finite number, got nan"):
+        load_config(write(tmp_path, "train:\n  lr: .nan\n"), num_devices=None)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' on line 3 \(first on line 2\)"):
+        load_config(write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n"), num_devices=None)
+
+
+def test_non_utf8_is_named_and_a_bom_is_read(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  # café\n  lr: 0.1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{path}:2: not UTF-8 text \(byte 0xe9"):
+        load_config(path, num_devices=None)
+    path.write_bytes("\ufefftrain:\n  lr: 0.25\n".encode("utf-8"))
+    assert load_config(path, num_devices=None).train.lr == 0.25

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -148,3 +149,200 @@ def test_two_processes_match_one_process(run_setup):
     # clip id), reduced in another order: equal up to float rounding. A small learning rate keeps Adam's
     # first steps (~lr * g / |g|) from amplifying that rounding into different sampled tokens.
     np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+# ----- the run directory: refusing to mix runs, readers that touch nothing, corrupt and missing checkpoints -----
+
+
+@pytest.fixture(scope="module")
+def finished_run(run_setup):
+    """A 3-step run saving every step (checkpoints 1, 2, 3 kept) and its trainer; tests copy the directory."""
+    trainer = Trainer(config_for(run_setup, "finished", "train.total_steps=3", "run.save_every=1", "run.keep_last=3",
+                                 "run.keep_best=0", "run.eval_every=100", "data.eval_dir="))
+    trainer.run()
+    trainer.checkpointer.close()
+    return trainer, run_setup[2] / "finished"
+
+
+def copy_run(finished_run, tmp_path):
+    directory = tmp_path / "run"
+    shutil.copytree(finished_run[1], directory)
+    return directory
+
+
+def write_run_config(run_setup, directory, tmp_path, *extra):
+    """The run's own config.yaml with run.output_dir pointing at `directory`: what `opsd-jax train --config` reads."""
+    import yaml
+
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    config["run"]["output_dir"] = str(directory)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_training_into_an_existing_run_without_resume_is_refused(run_setup, finished_run, tmp_path, capsys):
+    from opsd_jax.cli import main
+
+    directory = copy_run(finished_run, tmp_path)
+    before = {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    config = write_run_config(run_setup, directory, tmp_path)
+    assert main(["train", "--config", str(config), "train.total_steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(directory) in err
+    assert "--resume" in err and "run.output_dir" in err and "--overwrite" in err
+    after = {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    assert after == before  # nothing of the old run was touched
+
+
+def test_overwrite_clears_the_previous_run(run_setup, finished_run, tmp_path):
+    from opsd_jax.train import clear_run_directory, existing_run_files
+
+    directory = copy_run(finished_run, tmp_path)
+    (directory / "notes.txt").write_text("mine")
+    assert existing_run_files(directory) == ["config.yaml", "summary.json", "logs/metrics.jsonl", "checkpoints/"]
+    clear_run_directory(directory)
+    assert existing_run_files(directory) == [] and (directory / "notes.txt").read_text() == "mine"
+
+
+def test_export_of_a_live_run_deletes_nothing(finished_run, tmp_path):
+    from opsd_jax.export_cli import load_trained_params
+
+    directory = copy_run(finished_run, tmp_path)
+    # The save training is writing right now: orbax's temporary directory of step 4.
+    pending = directory / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    shutil.copytree(directory / "checkpoints" / "3", pending)
+    exported = load_trained_params(directory)
+    assert pending.is_dir() and sorted(p.name for p in pending.iterdir()) == sorted(
+        p.name for p in (directory / "checkpoints" / "3").iterdir())
+    for a, b in zip(jax.tree.leaves(nnx.state(exported.params, nnx.Param)), params_of(finished_run[0])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_resume_skips_a_corrupt_latest_checkpoint(finished_run, tmp_path, caplog, damage):
+    trainer = finished_run[0]
+    directory = copy_run(finished_run, tmp_path)
+    target = _largest_file(directory / "checkpoints" / "3" / "state")
+    if damage == "delete":
+        target.unlink()
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    reader = RunCheckpointer(directory / "checkpoints", read_only=True)
+    with caplog.at_level("WARNING"):
+        state, meta = reader.restore(None, abstract_like(trainer.state))
+    assert meta["step"] == 2
+    assert any("skipping checkpoint step 3" in r.getMessage() for r in caplog.records)
+    # Asked for explicitly, the corrupt step is a one-line error naming it.
+    from opsd_jax.models.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint step 3 does not restore") as error:
+        reader.restore(3, abstract_like(trainer.state))
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_step_and_another_model_are_one_line_errors(finished_run, tmp_path, capsys):
+    from opsd_jax.export_cli import main as export_main
+    from opsd_jax.models.weights import CheckpointError
+
+    trainer, directory = finished_run
+    reader = RunCheckpointer(directory / "checkpoints", read_only=True)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 9; saved steps: 1, 2, 3"):
+        reader.restore(9, abstract_like(trainer.state))
+    # A model config whose embedding differs: the error names the parameter and both shapes.
+    abstract = abstract_like(trainer.state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract.params)
+    path, first = leaves[0]
+    changed = jax.ShapeDtypeStruct((first.shape[0] + 1, *first.shape[1:]), first.dtype, sharding=first.sharding)
+    params = jax.tree_util.tree_unflatten(treedef, [changed] + [leaf for _, leaf in leaves[1:]])
+    with pytest.raises(CheckpointError, match=r"has params/\S+ of shape .* the model config gives"):
+        reader.restore(None, dataclasses.replace(abstract, params=params))
+    assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "x"), "--step", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint at step 9" in err
+
+
+def test_resume_without_a_checkpoint_says_so_or_refuses(run_setup, caplog):
+    from opsd_jax.models.weights import CheckpointError
+
+    trainer = Trainer(config_for(run_setup, "typo"))
+    with caplog.at_level("WARNING"):
+        assert trainer.restore() == 0
+    assert any("no checkpoint in" in r.getMessage() and "starting at step 0" in r.getMessage() for r in caplog.records)
+    with pytest.raises(CheckpointError, match="no checkpoint in .* to resume from"):
+        trainer.restore(required=True)
+    trainer.checkpointer.close()
+
+
+@pytest.mark.parametrize("what", ["loss", "params"])
+def test_a_diverged_step_stops_the_run_and_keeps_the_good_checkpoints(run_setup, what):
+    from opsd_jax.train import TrainingDiverged
+
+    trainer = Trainer(config_for(run_setup, f"diverged_{what}", "train.total_steps=4", "run.save_every=1",
+                                 "run.keep_last=2", "run.keep_best=0", "run.eval_every=100", "data.eval_dir="))
+    real_step = trainer.step_fn
+
+    def step_that_diverges_at_3(state, batch):
+        state, metrics = real_step(state, batch)
+        if int(state.step) == 3:
+            if what == "loss":
+                metrics = {**metrics, "loss": jax.numpy.nan}
+            else:  # finite metrics, but the update left an inf in the parameters
+                state = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.inf), state.params))
+        return state, metrics
+
+    trainer.step_fn = step_that_diverges_at_3
+    with pytest.raises(TrainingDiverged, match=r"^step 3: .*the last checkpoint is step 2"):
+        trainer.run()
+    trainer.checkpointer.close()
+    reader = RunCheckpointer(run_setup[2] / f"diverged_{what}" / "checkpoints", read_only=True)
+    assert reader.all_steps() == [1, 2]
+    state, meta = reader.restore(None, abstract_like(trainer.state))
+    assert meta["step"] == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    logged = [json.loads(line)["step"] for line in
+              (run_setup[2] / f"diverged_{what}" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2] + ([3] if what == "params" else [])
+
+
+def test_prompts_longer_than_the_bucket_are_named_before_training_or_left_out(run_setup, tmp_path, caplog):
+    from opsd_jax.config import ConfigError
+    from opsd_jax.data.builders import load_split
+
+    checkpoint, _, _ = run_setup
+
+    def generate_long(split, config):
+        for clip in generate_clips(split, config):
+            if clip["id"] in ("train5", "test2"):
+                clip["subtitle"] = "a long line said in the clip " * 12
+            yield clip
+
+    dataset = build_synthetic_affect(tmp_path / "data", SyntheticAffectConfig(
+        name="long", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generate_long,
+        splits=("train", "test")))
+    overrides = [f"data.train_dir={dataset}", f"data.eval_dir={dataset}", f"run.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"\(train\): 1 of 8 clips have prompts longer than data\.prompt_length=160 / "
+                       r"data\.teacher_prompt_length=160: 'train5' \(\d+ student, \d+ teacher tokens\); raise "
+                       r"data\.prompt_length to \d+ and data\.teacher_prompt_length to \d+, or set "
+                       r"data\.skip_long_prompts=true"):
+        Trainer(config_for(run_setup, "long", *overrides))
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(config_for(run_setup, "long", *overrides, "data.skip_long_prompts=true"))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "left out 1 of 8 clips" in said and "'train5'" in said and "left out 1 of 4 clips" in said
+    test_split = load_split(dataset, "test")
+    kept = sorted(test_split[i]["id"].decode() for i in trainer.eval_indices)
+    assert kept == ["test0", "test1", "test3"]
+    seen = set()
+    for _ in range(4):  # one epoch of the 7 clips that fit, in batches of 2 (plus one of the next epoch)
+        seen |= {str(i) for i in next(trainer.iterator)["id"]}
+    assert "train5" not in seen and len(seen) == 7
+    trainer.checkpointer.close()
+    assert load_split(dataset, "train")  # the dataset itself is untouched

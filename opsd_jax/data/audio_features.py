@@ -110,5 +110,11 @@ def audio_to_inputs(waveforms: np.ndarray | Sequence[np.ndarray], *, sampling_ra
         padded = np.zeros(max_samples, np.float32)
         padded[: min(len(waveform), max_samples)] = waveform[:max_samples]
         features[index] = log_mel_spectrogram(padded, filters)
-        mask[index, : min(-(-len(waveform) // HOP_LENGTH), num_frames)] = 1
+        mask[index, : feature_frames(len(waveform), max_samples)] = 1
     return dict(input_features=features, feature_attention_mask=mask)
+
+
+def feature_frames(num_samples: int, max_samples: int = MAX_SAMPLES) -> int:
+    """The mel frames that hold audio for a waveform of `num_samples` padded (or cut) to `max_samples`: the row
+    sum of `feature_attention_mask`, without computing the features."""
+    return min(-(-int(num_samples) // HOP_LENGTH), max_samples // HOP_LENGTH)

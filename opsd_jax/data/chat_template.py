@@ -234,6 +234,23 @@ def user_prompt(parts: Sequence[Part], *, system_prompt: str | None = None) -> l
     return [*system, Message("user", tuple(parts))]
 
 
+# Any of these makes a directory's tokenizer loadable (`AutoTokenizer.from_pretrained`).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def check_tokenizer_directory(directory: str | Path) -> None:
+    """Raises `FileNotFoundError` naming `directory` when it holds no tokenizer (without this, transformers
+    asks to install sentencepiece or tiktoken: the wrong remedy)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"checkpoint directory {directory} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy them "
+            "from the base model, or export with `opsd-jax export --tokenizer-dir`"
+        )
+
+
 class PromptBuilder:
     """Renders conversations and tokenizes them with a checkpoint's tokenizer into static batches."""
 
@@ -255,10 +272,8 @@ class PromptBuilder:
         """The tokenizer of a checkpoint directory (`AutoTokenizer.from_pretrained`), offline."""
         from transformers import AutoTokenizer
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-        return cls(AutoTokenizer.from_pretrained(directory, local_files_only=True), **kwargs)
+        check_tokenizer_directory(directory)
+        return cls(AutoTokenizer.from_pretrained(Path(directory), local_files_only=True), **kwargs)
 
     def _single_token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

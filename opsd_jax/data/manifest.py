@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from opsd_jax.data.jsonl import decode_utf8
+
 TASKS = ("basic", "fine_grained", "sentiment")
 SPLIT_PATTERN = re.compile(r"^\w+$")
 _NULL_IS_DEFAULT = ("subtitle", "dataset", "split")
@@ -176,23 +178,23 @@ def read_manifest(path: str | Path) -> list[Clip]:
         raise FileNotFoundError(f"manifest {path} does not exist")
     clips: list[Clip] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ManifestError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            try:
-                clip = clip_from_record(record)
-            except ManifestError as error:
-                raise ManifestError(f"{path}:{number}: {error}") from None
-            if clip.id in first_line:
-                raise ManifestError(f"{path}:{number}: field 'id': duplicate id {clip.id!r} "
-                                    f"(first on line {first_line[clip.id]})")
-            first_line[clip.id] = number
-            clips.append(clip.resolved(path.parent))
+    text = decode_utf8(path.read_bytes(), path, ManifestError)
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ManifestError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+        try:
+            clip = clip_from_record(record)
+        except ManifestError as error:
+            raise ManifestError(f"{path}:{number}: {error}") from None
+        if clip.id in first_line:
+            raise ManifestError(f"{path}:{number}: field 'id': duplicate id {clip.id!r} "
+                                f"(first on line {first_line[clip.id]})")
+        first_line[clip.id] = number
+        clips.append(clip.resolved(path.parent))
     return clips
 
 

@@ -76,6 +76,8 @@ def _error(path: Path, record_id: str, reason: str) -> MediaError:
 
 
 def _open(path: Path, record_id: str) -> av.container.InputContainer:
+    if path.is_dir():
+        raise _error(path, record_id, "it is a directory, not a media file")
     if not path.is_file():
         raise _error(path, record_id, "no such file")
     try:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from opsd_jax.config import local_path
+
 EXTRACTED_PREDICTIONS_FILE = "predictions.extracted.jsonl"
 CACHE_FILE = "extractor_cache.jsonl"
 
@@ -147,7 +149,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         from opsd_jax.models.qwen2_5_omni import from_pretrained
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        return from_pretrained(args.checkpoint, dtype=dtype), PromptBuilder.from_pretrained(args.checkpoint)
+        builder = PromptBuilder.from_pretrained(args.checkpoint)  # first: a missing tokenizer is named before the model loads
+        return from_pretrained(args.checkpoint, dtype=dtype), builder
 
     summary = generate_predictions(load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size,
                                    progress=not args.no_progress)
@@ -192,7 +195,7 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     llm.add_argument("--llm-model", help="model name on that endpoint (the benchmark uses Qwen2.5-7B-Instruct)")
     llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    llm.add_argument("--llm-cache", type=Path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
+    llm.add_argument("--llm-cache", type=local_path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
     llm.add_argument("--llm-params", type=_json_object, default={}, help="JSON merged into the sampling parameters, "
                      'e.g. \'{"repetition_penalty": 1.05}\' for vLLM')
     llm.add_argument("--llm-max-concurrency", type=int, default=8)
@@ -203,16 +206,16 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(group: argparse.ArgumentParser) -> None:
     """`opsd-jax eval --checkpoint ...` (no COMMAND): generate, extract, score."""
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
-    run.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory (with tokenizer files)")
-    run.add_argument("--data", nargs="+", type=Path, metavar="MANIFEST_OR_TFDS_DIR",
+    run.add_argument("--checkpoint", type=local_path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    run.add_argument("--data", nargs="+", type=local_path, metavar="MANIFEST_OR_TFDS_DIR",
                      help="clip manifests (JSONL) and/or built TFDS `mer` dataset directories; a clip's `dataset` "
                      "field names its benchmark dataset")
     run.add_argument("--datasets", help="comma-separated benchmark datasets (mer2023, mer2024, meld, iemocapfour, "
                      "cmumosi, cmumosei, sims, simsv2, ovmerdplus, or all); each must have clips "
                      "(default: every one present in the data)")
     run.add_argument("--split", default="test", help="the clips' split (default: %(default)s)")
-    run.add_argument("--wheel-dir", type=Path, help="directory with the 7 emotion-wheel files")
-    run.add_argument("--out", type=Path, help="directory for predictions.jsonl (resumable), generation.json, "
+    run.add_argument("--wheel-dir", type=local_path, help="directory with the 7 emotion-wheel files")
+    run.add_argument("--out", type=local_path, help="directory for predictions.jsonl (resumable), generation.json, "
                      "scores.json, report.md (default: eval_results/<checkpoint name>)")
     run.add_argument("--limit", type=int, help="at most this many clips per dataset (a quick partial run)")
     run.add_argument("--batch-size", type=int, default=4)
@@ -269,9 +272,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report.md and the predictions with their extracted labels. The JSONL schema is documented in "
         "opsd_jax/eval/predictions.py.",
     )
-    score.add_argument("--predictions", required=True, type=Path, help="predictions JSONL file")
-    score.add_argument("--wheel-dir", required=True, type=Path, help="directory with the 7 emotion-wheel files")
-    score.add_argument("--out", type=Path, help="directory for scores.json, report.md and extracted predictions")
+    score.add_argument("--predictions", required=True, type=local_path, help="predictions JSONL file")
+    score.add_argument("--wheel-dir", required=True, type=local_path, help="directory with the 7 emotion-wheel files")
+    score.add_argument("--out", type=local_path, help="directory for scores.json, report.md and extracted predictions")
     score.add_argument(
         "--extractor",
         choices=("auto", "saved", "builtin", "llm"),
@@ -290,7 +293,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Downloads format.csv, synonym.xlsx and wheel1..5.xlsx (AffectGPT/emotion_wheel/ in "
         "https://github.com/zeroQiaoba/AffectGPT, Apache-2.0) and checks them against the benchmark's version.",
     )
-    fetch.add_argument("--dest", required=True, type=Path, help="directory to write the files into")
+    fetch.add_argument("--dest", required=True, type=local_path, help="directory to write the files into")
     fetch.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"where the files are (default: %(default)s)")
     fetch.add_argument("--no-verify", action="store_true", help="accept files that differ from the benchmark's version")
     fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per file")

@@ -175,14 +175,10 @@ def tfds_clips(dataset_dir: Path, datasets: Sequence[str], split: str,
     An index pass reads the text fields only (frames and audio stay compressed); a clip's media are
     decoded when its batch is generated.
     """
-    import tensorflow_datasets as tfds
-
     from opsd_jax.data.builders import load_split
 
     source = load_split(dataset_dir, split)  # checks the directory and the split
-    skip = tfds.decode.SkipDecoding()
-    index_source = tfds.builder_from_directory(str(dataset_dir)).as_data_source(
-        split=split, decoders={"frames": skip, "audio": skip})
+    index_source = load_split(dataset_dir, split, decode_media=False)
     wanted = set(datasets)
     clips = []
     for index in range(len(index_source)):

@@ -190,3 +190,29 @@ def encode_clip_batch(
             use_audio_in_video=use_audio_in_video,
         )
     return inputs
+
+
+def prompt_lengths(
+    builder: PromptBuilder,
+    clips: Sequence[dict],
+    config: PromptConfig,
+    *,
+    use_audio_in_video: bool = True,
+    chunk: int = 256,
+) -> np.ndarray:
+    """Token counts of each clip's student and teacher prompts, `[len(clips), 2]` int64, without padding
+    them to a bucket: what `encode_clip_batch(..., with_teacher=True)` needs room for.
+
+    Each clip is a dict of `video_grid_thw`, `video_second_per_grid`, `audio_frames` (valid mel frames, or
+    None without audio), `subtitle` and `rationale`: no pixel or audio arrays are needed.
+    """
+    out = np.zeros((len(clips), 2), np.int64)
+    for start in range(0, len(clips), chunk):
+        part = clips[start : start + chunk]
+        media = [clip_parts(c["video_grid_thw"], c["video_second_per_grid"], c["audio_frames"],
+                            use_audio_in_video=use_audio_in_video) for c in part]
+        text = encode_prompt_pairs(builder, media, [str(c["subtitle"]) for c in part],
+                                   [str(c["rationale"]) for c in part], config, length=None)
+        out[start : start + len(part), 0] = text["student_attention_mask"].sum(axis=1)
+        out[start : start + len(part), 1] = text["teacher_attention_mask"].sum(axis=1)
+    return out

@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
+
+from opsd_jax.config import local_path
 
 DESCRIPTION = """\
 Sends each clip's sampled frames (JPEG data URLs), subtitle and TRUE label to a frontier model behind an
@@ -26,7 +27,8 @@ and an interrupted last line is dropped, so rerunning the same command continues
 whose media cannot be read, or whose answers fail validation every time, get a "failed" line (retry them
 with --retry-failed); clips that only met endpoint errors (429, 5xx, timeouts) get no line and a rerun
 sends them again. The API key is read from the environment variable named by --api-key-env, never from
-the command line, and is never written anywhere. The prompt is documented in opsd_jax/rationales/prompt.py.
+the command line, and is never written anywhere (an endpoint's error message that repeats it, or any
+"Bearer ..." token, is written with the token replaced by [REDACTED]). The prompt is documented in opsd_jax/rationales/prompt.py.
 
 Exit status: 0 when every selected clip has a line, 1 when some clips are still missing (rerun), 2 on an
 error (bad input, unreadable files, a rejected key or model name)."""
@@ -80,6 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
         backoff_base_s=args.backoff_base,
         cost_per_1k_prompt_tokens=args.cost_per_1k_input,
         cost_per_1k_completion_tokens=args.cost_per_1k_output,
+        max_response_bytes=args.max_response_bytes,
     )
     params = {**DEFAULT_REQUEST_PARAMS, "temperature": args.temperature, "max_tokens": args.max_tokens,
               **args.params}
@@ -100,9 +103,12 @@ def _generate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(summary)
-    if summary.unfinished:
-        print(f"opsd-jax rationales: {summary.unfinished} clips met endpoint errors and have no line yet; "
-              "rerun the same command to send them again", file=sys.stderr)
+    if summary.remaining:  # the exit status the description promises: 1 while any selected clip lacks a line
+        left_out = summary.remaining - summary.unfinished
+        reasons = [f"{summary.unfinished} met endpoint errors"] if summary.unfinished else []
+        reasons += [f"{left_out} were left for later by --limit"] if left_out else []
+        print(f"opsd-jax rationales: {summary.remaining} clips have no line yet ({', '.join(reasons)}); "
+              "rerun the same command to continue", file=sys.stderr)
         return 1
     return 0
 
@@ -139,8 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("files")
-    io.add_argument("--manifest", type=Path, help="clip manifest JSONL (opsd_jax/data/manifest.py); required")
-    io.add_argument("--out", type=Path, help="rationale JSONL, created or resumed; required")
+    io.add_argument("--manifest", type=local_path, help="clip manifest JSONL (opsd_jax/data/manifest.py); required")
+    io.add_argument("--out", type=local_path, help="rationale JSONL, created or resumed; required")
     io.add_argument("--split", help="only the clips of this split, e.g. train (default: every clip)")
     io.add_argument("--limit", type=int, help="attempt at most N clips that still lack a line (a trial, a budget)")
     io.add_argument("--retry-failed", action="store_true",
@@ -154,7 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="environment variable holding the API key (default: %(default)s); unset = no key")
     endpoint.add_argument("--concurrency", type=_positive_int, default=8,
                           help="requests in flight (default: %(default)s)")
-    endpoint.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    endpoint.add_argument("--timeout", type=float, default=60.0,
+                          help="wall-clock seconds per request, connecting and reading together (default: %(default)s)")
+    endpoint.add_argument("--max-response-bytes", type=_positive_int, default=16 * 2**20,
+                          help="refuse a response larger than this (default: %(default)s, 16 MiB)")
     endpoint.add_argument("--max-retries", type=int, default=5,
                           help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)")
     endpoint.add_argument("--backoff-base", type=float, default=1.0,
@@ -191,11 +200,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(title="subcommands", metavar="merge")
     merge = commands.add_parser("merge", help="write a manifest with the rationales merged in",
                                 description=MERGE_DESCRIPTION)
-    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=Path, required=True,
+    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=local_path, required=True,
                        help="the manifest the rationales were written for")
-    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=Path, required=True,
+    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=local_path, required=True,
                        help="the JSONL written by `opsd-jax rationales`")
-    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=Path, required=True,
+    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=local_path, required=True,
                        help="the new manifest (must differ from MANIFEST)")
     merge.add_argument("--require-split", metavar="SPLIT",
                        help="fail unless every clip of this split (e.g. train) has a rationale")

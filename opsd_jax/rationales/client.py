@@ -7,7 +7,10 @@ Standard library only: urllib for HTTP, a bounded thread pool for concurrency.
   Retry-After header is honoured. Other 4xx fail at once with the status and the body's message.
 * Token accounting from each response's `usage` (prompt and completion tokens summed, optional cost).
 * The API key comes from an environment variable (default OPENAI_API_KEY), never from a file; when the
-  variable is unset no Authorization header is sent (local servers need none).
+  variable is unset no Authorization header is sent (local servers need none). Every error message has the
+  key and any `Bearer ...` token redacted (some servers echo the request's headers in their error body).
+* Each request has a wall-clock deadline (`timeout_s`, connecting and reading together: a server that
+  trickles bytes cannot hold a worker forever) and a cap on the response size (`max_response_bytes`).
 * `map` runs many requests with at most `max_concurrency` in flight and yields results as they
   complete, so callers can append each one to a JSONL file; resuming is the caller's job.
 """
@@ -21,6 +24,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -107,6 +111,82 @@ def _error_message(body: bytes) -> str:
     return text.strip()[:500]
 
 
+_BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+")
+REDACTED = "[REDACTED]"
+_ERROR_BODY_BYTES = 1 << 16  # an error body is read for its message only
+
+
+class _Deadline:
+    """The sockets of one request, shut down when its wall-clock deadline passes (a blocked read then fails)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener (proxies from the environment included) whose connections this deadline watches."""
+        deadline = self
+
+        def watched(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+            class Connection(base):
+                def connect(self):
+                    super().connect()
+                    deadline.watch(self.sock)
+
+            return Connection
+
+        class HTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class HTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+        return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _read_capped(response, limit: int, url: str) -> bytes:
+    """The body of `response`, refusing more than `limit` bytes (before reading them, when announced)."""
+    announced = response.headers.get("Content-Length")
+    if announced and announced.strip().isdigit() and int(announced) > limit:
+        raise ChatClientError(f"{url} announced a {int(announced)}-byte response, over the {limit}-byte limit "
+                              "(max_response_bytes)")
+    chunks, total = [], 0
+    while chunk := response.read(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            raise ChatClientError(f"{url} sent more than {limit} bytes, over the limit (max_response_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ChatClient:
     def __init__(
         self,
@@ -124,10 +204,12 @@ class ChatClient:
         default_params: Mapping[str, Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
+        max_response_bytes: int = 16 * 2**20,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected an http(s) URL such as https://api.openai.com/v1, got {base_url!r}")
-        for name, value in (("timeout_s", timeout_s), ("max_concurrency", max_concurrency)):
+        for name, value in (("timeout_s", timeout_s), ("max_concurrency", max_concurrency),
+                            ("max_response_bytes", max_response_bytes)):
             if value <= 0:
                 raise ValueError(f"{name}: expected a positive value, got {value}")
         if max_retries < 0:
@@ -136,6 +218,7 @@ class ChatClient:
         self.model = model
         self.api_key_env = api_key_env
         self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
         self.backoff_base_s = backoff_base_s
@@ -153,6 +236,13 @@ class ChatClient:
         """Totals over every successful request so far."""
         with self._lock:
             return self._usage
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key or any `Bearer ...` token: for every message that may be written or shown."""
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            text = text.replace(key, REDACTED)
+        return _BEARER.sub(f"Bearer {REDACTED}", text)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -172,26 +262,37 @@ class ChatClient:
 
     def _post_once(self, payload: bytes) -> dict[str, Any]:
         request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
+        deadline = _Deadline(self.timeout_s)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                body = response.read()
+            with deadline.opener().open(request, timeout=self.timeout_s) as response:
+                body = _read_capped(response, self.max_response_bytes, self.url)
+            if deadline.expired:  # a socket shut down mid-body reads as a (short) end of the body
+                raise _Retryable(f"no complete response from {self.url} within the {self.timeout_s} s deadline")
         except urllib.error.HTTPError as err:
-            body = err.read() if err.fp is not None else b""
+            body = err.read(_ERROR_BODY_BYTES) if err.fp is not None else b""
             message = f"HTTP {err.code} from {self.url}: {_error_message(body)}"
             if err.code == 429 or err.code >= 500:
                 raise _Retryable(message, parse_retry_after(err.headers.get("Retry-After")), err.code) from None
             hint = f" (is ${self.api_key_env} set?)" if err.code in (401, 403) and self.api_key_env else ""
             raise ChatClientError(message + hint, status=err.code) from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timed out after {self.timeout_s} s connecting to {self.url}") from None
-            if isinstance(err.reason, ConnectionResetError):
-                raise _Retryable(f"connection to {self.url} dropped: {err.reason}") from None
-            raise ChatClientError(f"cannot reach {self.url}: {err.reason}") from None
-        except (TimeoutError, socket.timeout):
-            raise _Retryable(f"no response from {self.url} within {self.timeout_s} s") from None
-        except (ConnectionResetError, http.client.RemoteDisconnected, http.client.IncompleteRead) as err:
-            raise _Retryable(f"connection to {self.url} dropped: {err!r}") from None
+        except ChatClientError:
+            raise
+        except (OSError, http.client.HTTPException) as err:
+            if deadline.expired:
+                raise _Retryable(f"no complete response from {self.url} within the {self.timeout_s} s deadline") from None
+            if isinstance(err, urllib.error.URLError):
+                if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                    raise _Retryable(f"timed out after {self.timeout_s} s connecting to {self.url}") from None
+                if isinstance(err.reason, ConnectionResetError):
+                    raise _Retryable(f"connection to {self.url} dropped: {err.reason}") from None
+                raise ChatClientError(f"cannot reach {self.url}: {err.reason}") from None
+            if isinstance(err, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"no response from {self.url} within {self.timeout_s} s") from None
+            if isinstance(err, (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead)):
+                raise _Retryable(f"connection to {self.url} dropped: {err!r}") from None
+            raise
+        finally:
+            deadline.cancel()
         try:
             data = json.loads(body)
         except json.JSONDecodeError:
@@ -201,7 +302,14 @@ class ChatClient:
         return data
 
     def complete(self, messages: Sequence[Message], **params: Any) -> ChatResponse:
-        """One chat completion (with retries). `params` override the client's default_params."""
+        """One chat completion (with retries). `params` override the client's default_params. A failure raises
+        `ChatClientError` with the API key redacted from its message."""
+        try:
+            return self._complete(messages, **params)
+        except ChatClientError as err:
+            raise ChatClientError(self.redact(str(err)), err.status) from None
+
+    def _complete(self, messages: Sequence[Message], **params: Any) -> ChatResponse:
         body = {"model": self.model, "messages": list(messages), **self.default_params, **params}
         payload = json.dumps(body).encode()
         for attempt in range(self.max_retries + 1):

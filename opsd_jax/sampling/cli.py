@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from opsd_jax.config import local_path
+from opsd_jax.data.jsonl import decode_utf8, read_complete
+from opsd_jax.data.manifest import ManifestError, read_manifest
+from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,17 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="answer for a clip (or a manifest of clips) with a checkpoint",
         description="Decodes the clip's frames and audio, builds the student prompt (media + subtitle + "
         "instruction) and samples an answer with the jitted decode loop. One clip: --video [--audio] "
-        "[--subtitle]; many: --manifest M --out answers.jsonl (a progress bar, batches of --batch-size).",
+        "[--subtitle]; many: --manifest M --out answers.jsonl (a progress bar, batches of --batch-size; "
+        "answers go to OUT.partial, renamed to OUT when every clip is done; a rerun skips the ids answered).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    parser.add_argument("--checkpoint", required=True, type=local_path, help="Hugging Face checkpoint directory (with tokenizer files)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--video", type=Path, help="a video file")
-    source.add_argument("--manifest", type=Path, help="a JSONL manifest of clips (see README)")
-    parser.add_argument("--audio", type=Path, help="an audio file (default: the video's own audio track)")
+    source.add_argument("--video", type=local_path, help="a video file")
+    source.add_argument("--manifest", type=local_path, help="a JSONL manifest of clips (see README)")
+    parser.add_argument("--audio", type=local_path, help="an audio file (default: the video's own audio track)")
     parser.add_argument("--no-audio", action="store_true", help="use the frames only")
     parser.add_argument("--subtitle", default="", help="what is said in the clip")
     parser.add_argument("--prompt", help="the instruction (default: the training instruction)")
-    parser.add_argument("--out", type=Path, help="answers JSONL (with --manifest)")
+    parser.add_argument("--out", type=local_path, help="answers JSONL (with --manifest)")
     parser.add_argument("--split", help="only clips of this split (with --manifest)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
     parser.add_argument("--max-frames", type=int, default=32, help="at most this many frames per clip")
     parser.add_argument("--max-pixels", type=int, default=224 * 224, help="at most this many pixels per frame")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                        help="a manifest clip whose media cannot be read: raise (stop, exit 2; default) or skip "
+                        "it (counted and named at the end, exit 1; a rerun tries it again)")
     parser.add_argument("--separate-audio", action="store_true",
                         help="give the audio as its own part instead of interleaving it with the video")
     parser.set_defaults(handler=run)
@@ -72,8 +82,10 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def answer(model, builder, clips: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`)."""
+def answer(model, builder, clips: list[dict[str, Any]], args: argparse.Namespace, *,
+           model_context: int | None = None, ids: Sequence[str] = ()) -> list[str]:
+    """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`); a prompt that does not
+    fit `model_context` with the new tokens is refused (`GenerateError` naming its clip of `ids`)."""
     import dataclasses
 
     from opsd_jax.opsd.prompts import PromptConfig, encode_clip_batch
@@ -81,6 +93,7 @@ def answer(model, builder, clips: list[dict[str, Any]], args: argparse.Namespace
 
     config = PromptConfig() if args.prompt is None else dataclasses.replace(PromptConfig(), instruction=args.prompt)
     inputs = encode_clip_batch(builder, clips, config, length=None, use_audio_in_video=not args.separate_audio)
+    _fits(model_context, inputs, args, list(ids) or [str(i) for i in range(len(clips))])
     out = generate(
         model, inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_token_id=builder.tokenizer.eos_token_id, pad_token_id=builder.pad_token_id, seed=args.seed,
@@ -89,42 +102,159 @@ def answer(model, builder, clips: list[dict[str, Any]], args: argparse.Namespace
     return [builder.tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]
 
 
+class GenerateError(ValueError):
+    """Bad input of `opsd-jax generate` (arguments, files, a prompt over the model's context): exit 2."""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The sampling and media arguments, before any model loads."""
+    for name in ("batch_size", "max_new_tokens", "max_frames", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise GenerateError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise GenerateError(f"--temperature: expected a finite value >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise GenerateError(f"--top-k: expected >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise GenerateError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+    if not math.isfinite(args.fps) or args.fps <= 0:
+        raise GenerateError(f"--fps: expected a positive number, got {args.fps}")
+    if args.manifest is not None and args.out is None:
+        raise GenerateError("--manifest needs --out (the answers JSONL)")
+    if args.out is not None and args.out.is_dir():
+        raise GenerateError(f"--out {args.out}: is a directory; expected the answers JSONL file")
+    for flag, path in (("--video", args.video), ("--audio", args.audio)):
+        if path is not None and path.is_dir():
+            raise GenerateError(f"{flag} {path}: is a directory, not a media file")
+        if path is not None and not path.is_file():
+            raise GenerateError(f"{flag} {path}: no such file")
+
+
+def check_checkpoint(directory: Path) -> int | None:
+    """A Hugging Face checkpoint directory with its tokenizer; returns the model's context length
+    (`max_position_embeddings` of the text config), None when config.json does not say."""
+    if not directory.is_dir():
+        raise GenerateError(f"--checkpoint {directory}: no such directory")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise GenerateError(f"--checkpoint {directory}: no config.json; expected a Hugging Face checkpoint directory")
+    from opsd_jax.data.chat_template import check_tokenizer_directory  # imports JAX: not at CLI start-up
+
+    check_tokenizer_directory(directory)
+    try:
+        config = json.loads(decode_utf8(config_file.read_bytes(), config_file, GenerateError))
+    except json.JSONDecodeError as err:
+        raise GenerateError(f"{config_file}: not valid JSON ({err.msg} on line {err.lineno})") from None
+    config = config.get("thinker_config", config)
+    return (config.get("text_config") or {}).get("max_position_embeddings")
+
+
+def read_answered(path: Path) -> dict[str, str]:
+    """The answers JSONL lines already written (id -> line) by an earlier, possibly interrupted, run."""
+    if not path.is_file():
+        return {}
+    answered = {}
+    for number, line in enumerate(decode_utf8(read_complete(path), path, GenerateError).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise GenerateError(f"{path}:{number}: not an answers line (invalid JSON); move the file away or pick "
+                                "another --out") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or "output" not in record:
+            raise GenerateError(f"{path}:{number}: expected {{\"id\", \"output\", ...}}; move the file away or "
+                                "pick another --out")
+        answered[record["id"]] = line
+    return answered
+
+
+def _fits(model_context: int | None, inputs: dict[str, Any], args: argparse.Namespace, ids: list[str]) -> None:
+    """Refuses prompts whose length plus --max-new-tokens exceeds the model's context (positions past it
+    were never trained: the answer would be noise, with no word said)."""
+    if model_context is None:
+        return
+    mask = np.asarray(inputs["attention_mask"])
+    for clip_id, row in zip(ids, mask):
+        length = int(row.sum())
+        if length + args.max_new_tokens > model_context:
+            raise GenerateError(
+                f"clip {clip_id!r}: a prompt of {length} tokens plus --max-new-tokens {args.max_new_tokens} exceeds "
+                f"the model's context of {model_context} tokens (max_position_embeddings); lower --max-frames, "
+                "--max-pixels or --max-new-tokens (refused, not truncated)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (GenerateError, MediaError, ManifestError, FileNotFoundError) as err:
+        print(f"opsd-jax generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
     from opsd_jax.data.chat_template import PromptBuilder
-    from opsd_jax.data.manifest import read_manifest
-    from opsd_jax.data.media import MediaError
     from opsd_jax.models.qwen2_5_omni import from_pretrained
 
-    if args.manifest is not None and args.out is None:
-        print("opsd-jax generate: error: --manifest needs --out (the answers JSONL)", file=sys.stderr)
-        return 2
+    # Everything a user can get wrong is checked before the model loads.
+    check_arguments(args)
+    model_context = check_checkpoint(args.checkpoint)
+    clips = []
+    if args.manifest is not None:
+        every = read_manifest(args.manifest)
+        clips = [c for c in every if args.split is None or c.split == args.split]
+        if not clips:
+            splits = sorted({c.split for c in every})
+            raise GenerateError(f"--manifest {args.manifest}: no clip" + (
+                f" of split {args.split!r}; it has {', '.join(splits)}" if every else "; the file is empty"))
     model = from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     builder = PromptBuilder.from_pretrained(args.checkpoint)
-    try:
-        if args.video is not None:
-            clip = _clip_inputs(args.video, args.audio, record_id=args.video.name, args=args)
-            clip["subtitle"] = args.subtitle
-            print(answer(model, builder, [clip], args)[0])
-            return 0
-        clips = [c for c in read_manifest(args.manifest) if args.split is None or c.split == args.split]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as handle, tqdm(total=len(clips), desc="generate", unit="clip") as bar:
-            for batch in _batches(clips, args.batch_size):
-                prepared = []
-                for clip in batch:
+    if args.video is not None:
+        clip = _clip_inputs(args.video, args.audio, record_id=args.video.name, args=args)
+        clip["subtitle"] = args.subtitle
+        print(answer(model, builder, [clip], args, model_context=model_context, ids=[args.video.name])[0])
+        return 0
+    # Answers accumulate in OUT.partial (with those of an earlier run of OUT or OUT.partial) and replace OUT
+    # only once every clip is done: an interrupted run loses nothing and a rerun skips what is answered.
+    partial = args.out.with_name(args.out.name + ".partial")
+    answered = {**read_answered(args.out), **read_answered(partial)}
+    wanted = {c.id for c in clips}
+    todo = [c for c in clips if c.id not in answered]
+    skipped = SkipCounter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w", encoding="utf-8") as handle, \
+            tqdm(total=len(clips), initial=len(clips) - len(todo), desc="generate", unit="clip") as bar:
+        handle.writelines(line + "\n" for clip_id, line in answered.items() if clip_id in wanted)
+        handle.flush()
+        for batch in _batches(todo, args.batch_size):
+            prepared, kept = [], []
+            for clip in batch:
+                try:
                     inputs = _clip_inputs(Path(clip.video), None if clip.audio is None else Path(clip.audio),
                                           record_id=clip.id, args=args)
-                    inputs["subtitle"] = clip.subtitle
-                    prepared.append(inputs)
-                for clip, text in zip(batch, answer(model, builder, prepared, args)):
-                    handle.write(json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text}) + "\n")
+                except MediaError as err:
+                    if args.on_error == "raise":
+                        raise
+                    skipped.reasons[clip.id] = str(err)
+                    continue
+                inputs["subtitle"] = clip.subtitle
+                prepared.append(inputs)
+                kept.append(clip)
+            if kept:
+                texts = answer(model, builder, prepared, args, model_context=model_context, ids=[c.id for c in kept])
+                for clip, text in zip(kept, texts):
+                    handle.write(json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text},
+                                            ensure_ascii=False) + "\n")
                 handle.flush()
-                bar.update(len(batch))
-        print(f"wrote {len(clips)} answers to {args.out}")
-        return 0
-    except MediaError as err:
-        print(f"opsd-jax generate: error: {err}", file=sys.stderr)
-        return 2
+                os.fsync(handle.fileno())
+            bar.update(len(batch))
+    os.replace(partial, args.out)
+    done = len(clips) - skipped.count
+    print(f"wrote {done} answers to {args.out} ({len(clips) - len(todo)} from an earlier run)"
+          + (f"; skipped {skipped.count} clip(s) whose media could not be read: "
+             + "; ".join(skipped.reasons.values()) if skipped.count else ""))
+    return 1 if skipped.count else 0

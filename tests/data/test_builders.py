@@ -191,3 +191,10 @@ def test_synthetic_affect_rejects_examples_off_the_static_shape(tmp_path):
         build_synthetic_affect(tmp_path, SyntheticAffectConfig(name="bad", generator=wrong_shape, **CONFIG))
     with pytest.raises(ValueError, match="config 'empty' has no generator"):
         build_synthetic_affect(tmp_path, SyntheticAffectConfig(name="empty", **CONFIG))
+
+
+def test_an_empty_manifest_is_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ManifestError, match=r"empty\.jsonl: the manifest holds no clip"):
+        build_mer(empty, tmp_path / "tfds", MerConfig(name="empty", **CONFIG))

@@ -79,3 +79,14 @@ def test_duplicate_ids_name_both_lines(tmp_path):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_encodings_a_bom_and_line_separators(tmp_path):
+    record = {"id": "a", "video": "a.mp4", "task": "basic", "label": "happy", "subtitle": "one\u2028two"}
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(("\ufeff" + json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    (clip,) = read_manifest(path)  # a BOM (Windows editors) is read; U+2028 inside a string splits no line
+    assert clip.id == "a" and clip.subtitle == "one\u2028two"
+    path.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    with pytest.raises(ManifestError, match=rf"^{path}:2: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        read_manifest(path)

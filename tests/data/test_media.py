@@ -152,3 +152,8 @@ def test_clip_media_from_the_audio_file_or_the_video_track_and_skipping(clips):
     skipped = media.SkipCounter()
     assert [media.load_clip_media(clip, on_error="skip", skipped=skipped) for clip in broken] == [None, None]
     assert skipped.count == 2 and "no audio track" in skipped.reasons["d"]
+
+
+def test_a_directory_is_named_as_a_directory(tmp_path):
+    with pytest.raises(media.MediaError, match=rf"clip 'x': cannot read {tmp_path}: it is a directory"):
+        media.read_video(tmp_path, record_id="x")

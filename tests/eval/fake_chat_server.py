@@ -24,6 +24,9 @@ class Reply:
     error_message: str = ""
     prompt_tokens: int = 10
     completion_tokens: int = 3
+    drip_s: float = 0.0  # > 0: the body is sent one byte at a time, this many seconds apart
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
+    echo_authorization: bool = False  # the error message repeats the request's Authorization header
 
 
 class SleepRecorder:
@@ -78,15 +81,27 @@ class FakeChatServer:
                                       "total_tokens": answer.prompt_tokens + answer.completion_tokens},
                         }
                     else:
-                        payload = {"error": {"message": answer.error_message or f"status {answer.status}", "type": "test"}}
+                        message = answer.error_message or f"status {answer.status}"
+                        if answer.echo_authorization:
+                            message += f" (you sent Authorization: {self.headers.get('Authorization')})"
+                        payload = {"error": {"message": message, "type": "test"}}
                     data = json.dumps(payload).encode()
                     self.send_response(answer.status)
                     self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
+                    if answer.send_length:
+                        self.send_header("Content-Length", str(len(data)))
+                    else:
+                        self.close_connection = True
                     for key, value in answer.headers.items():
                         self.send_header(key, value)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if answer.drip_s:
+                        for index in range(len(data)):
+                            self.wfile.write(data[index:index + 1])
+                            self.wfile.flush()
+                            time.sleep(answer.drip_s)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:

@@ -1,4 +1,4 @@
-"""`opsd-jax eval score` end to end on a small predictions file built from AffectGPT's released answers."""
+"""`opsd-jax eval score` end to end on a small predictions file and emotion-wheel files written here."""
 
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ from opsd_jax.eval.cli import EXTRACTED_PREDICTIONS_FILE, main
 from opsd_jax.eval.datasets import DATASET_NAMES, DATASETS
 from opsd_jax.eval.extract import LexiconExtractor, answer_text, polarity_sentiment
 from opsd_jax.eval.predictions import read_predictions
-from tests.eval.conftest import load_reasons
 from tests.eval.fake_chat_server import FakeChatServer, Reply, last_user_message
 
 SAMPLES_PER_DATASET = 6
+# Free-text answers in the style of the benchmark's models, over the words of conftest's small wheels.
+ANSWERS = (
+    "The character looks happy and excited; the voice is light, maybe relieved.",
+    "Her voice breaks and the face shows grief: she is sad, perhaps unhappy.",
+    "Clenched jaw and raised voice: angry, with a nervous laugh.",
+    "Nothing stands out; a calm, neutral exchange.",
+    "At first surprised, then clearly disgusted by what she hears.",
+    "He keeps glancing around, worried and anxious.",
+)
 
 
 def _ground_truth(dataset, index):
@@ -28,13 +36,13 @@ def _ground_truth(dataset, index):
 
 @pytest.fixture(scope="module")
 def predictions_file(tmp_path_factory):
-    """Six samples per dataset: AffectGPT's free-text answers (some wrapped in <answer>) + generated GT."""
+    """Six samples per dataset: free-text answers (some wrapped in <answer>) + generated GT."""
     path = tmp_path_factory.mktemp("predictions") / "predictions.jsonl"
     with path.open("w") as handle:
         for dataset in DATASETS:
-            reasons = load_reasons(dataset.name)
-            for index, name in enumerate(sorted(reasons)[:SAMPLES_PER_DATASET]):
-                output = reasons[name] if index % 2 else f"<think>weighing cues</think><answer>{reasons[name]}</answer>"
+            for index in range(SAMPLES_PER_DATASET):
+                name, answer = f"sample_{index:02d}", ANSWERS[(index + len(dataset.name)) % len(ANSWERS)]
+                output = answer if index % 2 else f"<think>weighing cues</think><answer>{answer}</answer>"
                 truth = _ground_truth(dataset, index)
                 line = {"dataset": dataset.name, "id": name, "output": output, "ground_truth": truth}
                 handle.write(json.dumps(line) + "\n")
@@ -45,7 +53,8 @@ def _score(predictions, wheel_dir, *options):
     return main(["eval", "score", "--predictions", str(predictions), "--wheel-dir", str(wheel_dir), *map(str, options)])
 
 
-def test_score_builtin_then_rescore_saved(predictions_file, wheel_dir, wheels, tmp_path, capsys):
+def test_score_builtin_then_rescore_saved(predictions_file, tiny_wheel_dir, tiny_wheels, tmp_path, capsys):
+    wheel_dir, wheels = tiny_wheel_dir, tiny_wheels
     out = tmp_path / "builtin"
     assert _score(predictions_file, wheel_dir, "--out", out) == 0
     printed = capsys.readouterr().out
@@ -92,7 +101,8 @@ def _echo_llm(request, attempt):
     return Reply(text="[" + ", ".join(dict.fromkeys(words)) + "]")
 
 
-def test_score_with_the_llm_extractor_resumes_from_its_cache(predictions_file, wheel_dir, tmp_path, capsys):
+def test_score_with_the_llm_extractor_resumes_from_its_cache(predictions_file, tiny_wheel_dir, tmp_path, capsys):
+    wheel_dir = tiny_wheel_dir
     out = tmp_path / "llm"
     with FakeChatServer(_echo_llm) as server:
         options = ["--out", out, "--extractor", "llm", "--llm-base-url", server.base_url, "--llm-model", "fake-qwen",
@@ -113,7 +123,8 @@ def test_score_with_the_llm_extractor_resumes_from_its_cache(predictions_file, w
     capsys.readouterr()
 
 
-def test_score_errors_exit_2_with_a_message(predictions_file, wheel_dir, tmp_path, capsys):
+def test_score_errors_exit_2_with_a_message(predictions_file, tiny_wheel_dir, tmp_path, capsys):
+    wheel_dir = tiny_wheel_dir
     assert _score(predictions_file, tmp_path) == 2
     assert "emotion-wheel file" in capsys.readouterr().err
     assert _score(predictions_file, wheel_dir, "--extractor", "saved") == 2

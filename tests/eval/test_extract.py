@@ -65,7 +65,8 @@ def test_polarity_vote(wheels):
     assert polarity_sentiment(["surprise"], wheels) == "neutral"
 
 
-def test_builtin_extractor_fills_labels_and_sentiment(wheels):
+def test_builtin_extractor_fills_labels_and_sentiment(any_wheels):
+    wheels = any_wheels
     records = [
         PredictionRecord("mer2023", "1", "<answer>worried, nervous</answer>", "worried"),
         PredictionRecord("cmumosi", "2", "<think>not sad</think><answer>happy, excited</answer>", 1.5),

@@ -79,7 +79,8 @@ def test_sentiment_scores_by_hand():
         metrics.sentiment_scores([0.0], ["positive"])
 
 
-def test_fine_grained_scores_by_hand(wheels):
+def test_fine_grained_scores_by_hand(any_wheels):
+    wheels = any_wheels
     ground_truth = [["happy", "angry"], ["neutral"], ["surprise"]]
     predictions = ["[joy, sad]", "[happy]", []]
     # Sample 1 in every wheel: G = {happy-ish, angry-ish}, P = {happy-ish, sad} -> P 1/2, R 1/2.
@@ -92,7 +93,8 @@ def test_fine_grained_scores_by_hand(wheels):
     assert result.precision == pytest.approx(0.3, abs=1e-15) and result.recall == pytest.approx(0.3, abs=1e-15)
 
 
-def test_hit_rate_scores_by_hand(wheels):
+def test_hit_rate_scores_by_hand(any_wheels):
+    wheels = any_wheels
     ground_truth = ["happy", "neutral", "surprise", "disgust"]
     predictions = [["joy", "sad"], ["happy"], [], ["disgust"]]
     # Wheels 1, 2, 4: 3 scored (neutral dropped), hits 1 + 0 + 1 -> 2/3. Wheel 3: disgust maps to nothing,

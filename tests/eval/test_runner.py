@@ -91,8 +91,8 @@ def generate_calls(monkeypatch):
     return calls
 
 
-def _eval(checkpoint, data, wheel_dir, out, *options):
-    return main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--wheel-dir", str(wheel_dir),
+def _eval(checkpoint, data, tiny_wheel_dir, out, *options):
+    return main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--wheel-dir", str(tiny_wheel_dir),
                  "--out", str(out), "--batch-size", "2", "--max-new-tokens", "5", "--no-progress", *MEDIA,
                  *map(str, options)])
 
@@ -102,16 +102,16 @@ def _lines(path):
 
 
 @pytest.fixture(scope="module")
-def manifest_run(checkpoint, manifest, wheel_dir, tmp_path_factory):
+def manifest_run(checkpoint, manifest, tiny_wheel_dir, tmp_path_factory):
     """A run stopped after one clip per dataset (--limit 1), then completed: (out dir, sampler batch sizes
     of the first run, of the second)."""
     out = tmp_path_factory.mktemp("eval_manifest")
     batches: list[int] = []
     with pytest.MonkeyPatch.context() as patch:
         _count_generate_calls(patch, batches)
-        assert _eval(checkpoint, manifest, wheel_dir, out, "--datasets", "mer2023,CMUMOSI", "--limit", "1") == 0
+        assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,CMUMOSI", "--limit", "1") == 0
         first = list(batches)
-        assert _eval(checkpoint, manifest, wheel_dir, out, "--datasets", "mer2023,cmumosi") == 0
+        assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,cmumosi") == 0
     return out, first, batches[len(first):]
 
 
@@ -129,7 +129,7 @@ def test_predictions_hold_one_answer_per_asked_clip(manifest_run):
     assert generation["max_new_tokens"] == 5 and generation["temperature"] == 0.0 and generation["max_frames"] == 4
 
 
-def test_scores_and_report_match_eval_score(manifest_run, wheel_dir, tmp_path, capsys):
+def test_scores_and_report_match_eval_score(manifest_run, tiny_wheel_dir, tmp_path, capsys):
     out, _, _ = manifest_run
     scores = json.loads((out / "scores.json").read_text())
     assert list(scores["datasets"]) == ["mer2023", "cmumosi"] and scores["mean"] is None
@@ -138,7 +138,7 @@ def test_scores_and_report_match_eval_score(manifest_run, wheel_dir, tmp_path, c
     extracted = _lines(out / "predictions.extracted.jsonl")
     assert len(extracted) == 4 and all(row["extractor"] == "builtin-lexicon" for row in extracted)
 
-    assert main(["eval", "score", "--predictions", str(out / PREDICTIONS_FILE), "--wheel-dir", str(wheel_dir),
+    assert main(["eval", "score", "--predictions", str(out / PREDICTIONS_FILE), "--wheel-dir", str(tiny_wheel_dir),
                  "--out", str(tmp_path)]) == 0
     rescored = json.loads((tmp_path / "scores.json").read_text())
     assert rescored["datasets"] == scores["datasets"] and rescored["partial_mean"] == scores["partial_mean"]
@@ -148,11 +148,11 @@ def test_scores_and_report_match_eval_score(manifest_run, wheel_dir, tmp_path, c
     capsys.readouterr()
 
 
-def test_a_finished_run_generates_nothing(manifest_run, checkpoint, manifest, wheel_dir, generate_calls):
+def test_a_finished_run_generates_nothing(manifest_run, checkpoint, manifest, tiny_wheel_dir, generate_calls):
     out, _, _ = manifest_run
     before = (out / PREDICTIONS_FILE).read_bytes()
     scores = json.loads((out / "scores.json").read_text())
-    assert _eval(checkpoint, manifest, wheel_dir, out, "--datasets", "mer2023,cmumosi") == 0
+    assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,cmumosi") == 0
     assert generate_calls == []
     assert (out / PREDICTIONS_FILE).read_bytes() == before
     again = json.loads((out / "scores.json").read_text())
@@ -168,12 +168,12 @@ def _llm_lists_known_words(request, attempt):
     return Reply(text="[" + ", ".join(re.findall(r"\b(happy|sad|angry)\b", payload.lower())) + "]")
 
 
-def test_a_finished_run_rescored_with_the_llm_extractor(manifest_run, checkpoint, manifest, wheel_dir, tmp_path,
+def test_a_finished_run_rescored_with_the_llm_extractor(manifest_run, checkpoint, manifest, tiny_wheel_dir, tmp_path,
                                                          generate_calls, capsys):
     out = tmp_path / "llm"
     shutil.copytree(manifest_run[0], out)
     with FakeChatServer(_llm_lists_known_words) as server:
-        assert _eval(checkpoint, manifest, wheel_dir, out, "--datasets", "mer2023,cmumosi", "--extractor", "llm",
+        assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,cmumosi", "--extractor", "llm",
                      "--llm-base-url", server.base_url, "--llm-model", "fake-qwen", "--llm-max-retries", "1") == 0
         sent = server.count()
     assert generate_calls == []
@@ -187,7 +187,7 @@ def test_a_finished_run_rescored_with_the_llm_extractor(manifest_run, checkpoint
     capsys.readouterr()
 
 
-def test_a_built_tfds_dataset_gives_the_same_answers(manifest_run, checkpoint, manifest, wheel_dir,
+def test_a_built_tfds_dataset_gives_the_same_answers(manifest_run, checkpoint, manifest, tiny_wheel_dir,
                                                       tmp_path_factory, generate_calls):
     """The TFDS dataset stores the frames the manifest path decodes (same count, same resize), so greedy
     answers agree clip by clip; clips of other datasets and splits are left out."""
@@ -195,7 +195,7 @@ def test_a_built_tfds_dataset_gives_the_same_answers(manifest_run, checkpoint, m
                             MerConfig(name="eval", num_frames=4, height=FRAME_SIDE, width=FRAME_SIDE,
                                       max_audio_seconds=1.0))
     out = tmp_path_factory.mktemp("eval_tfds_out")
-    assert _eval(checkpoint, dataset_dir, wheel_dir, out, "--datasets", "cmumosi,mer2023") == 0
+    assert _eval(checkpoint, dataset_dir, tiny_wheel_dir, out, "--datasets", "cmumosi,mer2023") == 0
     assert generate_calls == [2, 2]
     from_tfds = {(row["dataset"], row["id"]): row for row in _lines(out / PREDICTIONS_FILE)}
     assert set(from_tfds) == ASKED
@@ -203,8 +203,8 @@ def test_a_built_tfds_dataset_gives_the_same_answers(manifest_run, checkpoint, m
         assert from_tfds[(row["dataset"], row["id"])] == row
 
 
-def test_bad_requests_fail_before_generating(checkpoint, manifest, wheel_dir, tmp_path, generate_calls, capsys):
-    assert _eval(checkpoint, manifest, wheel_dir, tmp_path / "a", "--datasets", "mer2023,mer2099") == 2
+def test_bad_requests_fail_before_generating(checkpoint, manifest, tiny_wheel_dir, tmp_path, generate_calls, capsys):
+    assert _eval(checkpoint, manifest, tiny_wheel_dir, tmp_path / "a", "--datasets", "mer2023,mer2099") == 2
     err = capsys.readouterr().err
     assert "unknown MER-UniBench dataset 'mer2099'" in err and "ovmerdplus" in err
 
@@ -213,18 +213,28 @@ def test_bad_requests_fail_before_generating(checkpoint, manifest, wheel_dir, tm
     err = capsys.readouterr().err
     assert f"emotion-wheel directory {missing_wheels} does not exist" in err and "fetch-wheels" in err
 
-    assert _eval(checkpoint, manifest, wheel_dir, tmp_path / "c", "--datasets", "mer2023,sims") == 2
+    assert _eval(checkpoint, manifest, tiny_wheel_dir, tmp_path / "c", "--datasets", "mer2023,sims") == 2
     assert "no 'test' clip of sims" in capsys.readouterr().err
 
-    assert main(["eval", "--checkpoint", str(checkpoint), "--wheel-dir", str(wheel_dir)]) == 2
+    assert main(["eval", "--checkpoint", str(checkpoint), "--wheel-dir", str(tiny_wheel_dir)]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+    weights_only = tmp_path / "weights_only"  # an export made without --tokenizer-dir
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, weights_only / name)
+    assert _eval(weights_only, manifest, tiny_wheel_dir, tmp_path / "d", "--datasets", "mer2023") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"opsd-jax: error: checkpoint directory {weights_only} has no tokenizer files "
+                                    "(tokenizer.json or vocab.json or tokenizer.model); copy them from the base model, "
+                                    "or export with `opsd-jax export --tokenizer-dir`")
     assert generate_calls == []
 
 
-def test_a_rerun_with_other_settings_is_refused(manifest_run, checkpoint, manifest, wheel_dir, generate_calls,
+def test_a_rerun_with_other_settings_is_refused(manifest_run, checkpoint, manifest, tiny_wheel_dir, generate_calls,
                                                 capsys):
     out, _, _ = manifest_run
-    assert _eval(checkpoint, manifest, wheel_dir, out, "--datasets", "mer2023", "--temperature", "0.7") == 2
+    assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023", "--temperature", "0.7") == 2
     err = capsys.readouterr().err
     assert str(out / GENERATION_FILE) in err and "temperature=0.0 there, 0.7 now" in err
     assert generate_calls == []

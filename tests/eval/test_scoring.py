@@ -14,7 +14,8 @@ def _record(dataset, index, truth, labels=(), sentiment=None):
     return PredictionRecord(dataset, str(index), "", truth, tuple(labels), sentiment, "test")
 
 
-def test_each_task_uses_its_metric(wheels):
+def test_each_task_uses_its_metric(any_wheels):
+    wheels = any_wheels
     basic = [_record("meld", 0, "joy", ["happy"]), _record("meld", 1, "neutral", ["sad"]), _record("meld", 2, "anger", ["sad"])]
     score = score_dataset("meld", basic, wheels)
     assert score.metric == "HIT" and score.primary == pytest.approx(0.5, abs=1e-15)
@@ -34,14 +35,16 @@ def test_each_task_uses_its_metric(wheels):
     assert score.secondary == {"precision": expected.precision, "recall": expected.recall}
 
 
-def test_unextracted_or_misfiled_records_are_errors(wheels):
+def test_unextracted_or_misfiled_records_are_errors(tiny_wheels):
+    wheels = tiny_wheels
     with pytest.raises(ValueError, match="sims/0: not extracted yet"):
         score_dataset("sims", [_record("sims", 0, 1.0, ["happy"], sentiment=None)], wheels)
     with pytest.raises(ValueError, match="score_dataset\\(meld\\): got a record of sims"):
         score_dataset("meld", [_record("sims", 0, 1.0, sentiment="positive")], wheels)
 
 
-def test_mean_needs_all_nine(wheels):
+def test_mean_needs_all_nine(tiny_wheels):
+    wheels = tiny_wheels
     truths = {"basic": "sad", "sentiment": -1.0, "fine_grained": ("sad",)}
     records = [
         _record(name, 0, truths[get_dataset(name).task], ["sad"] if i % 2 else ["happy"], sentiment="negative")

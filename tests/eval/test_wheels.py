@@ -168,13 +168,13 @@ def test_every_word_form_matches_an_independent_transcription(wheel_dir, wheels)
     assert not mismatches, mismatches[:10]
 
 
-def test_missing_directory_and_files_name_the_file_and_the_remedy(tmp_path, wheel_dir):
+def test_missing_directory_and_files_name_the_file_and_the_remedy(tmp_path, tiny_wheel_dir):
     with pytest.raises(WheelFilesError, match="does not exist.*fetch-wheels"):
         load_emotion_wheels(tmp_path / "absent")
     # Link (not copy) every file but synonym.xlsx.
     for name in WHEEL_DIRECTORY_FILES:
         if name != "synonym.xlsx":
-            (tmp_path / name).symlink_to(wheel_dir / name)
+            (tmp_path / name).symlink_to(tiny_wheel_dir / name)
     with pytest.raises(WheelFilesError) as info:
         load_emotion_wheels(tmp_path)
     message = str(info.value)
@@ -187,3 +187,14 @@ def test_malformed_format_file_names_the_columns(tmp_path):
     (tmp_path / "format.csv").write_text("word,forms\nhappy,happiness\n")
     with pytest.raises(WheelFilesError, match="expected columns 'name' and 'format'"):
         read_word_forms(tmp_path / "format.csv")
+
+
+def test_wheel_format_rules_on_files_written_here(tiny_wheels):
+    """The loader's rules on the small files of conftest.py (runs without the benchmark's files)."""
+    assert tiny_wheels.map_word_all("Happier ") == ("happy",) * 5  # a word form, lowercased and stripped
+    assert tiny_wheels.map_word("excited", 1) == "happy"  # level 3, under level-1 and level-2 cells left blank
+    assert tiny_wheels.map_word("relieved", 3) == "happy"  # a second level-2 branch, its level-1 cell blank
+    assert tiny_wheels.map_word("glad", 2) == "happy" and tiny_wheels.map_word("unhappy", 4) == "sad"  # synonyms
+    assert [tiny_wheels.map_word("surprise", k) for k in range(1, 6)] == ["surprise"] * 4 + [None]
+    assert [tiny_wheels.map_word("disgusted", k) for k in range(1, 6)] == ["disgust", "disgust", None, "disgust", None]
+    assert tiny_wheels.normalise(["neutral", "joy", "mad"], 1) == frozenset({"happy"})  # mad: not a word form

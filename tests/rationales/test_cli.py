@@ -172,3 +172,27 @@ def test_help_describes_the_command():
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 0
     assert "--require-split" in result.stdout and "MANIFEST with each clip's `rationale`" in result.stdout
+
+
+def test_an_echoed_key_is_written_nowhere(manifest, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "r.jsonl"
+    reply = lambda request, attempt: Reply(status=400, error_message="bad image", echo_authorization=True)  # noqa: E731
+    with FakeChatServer(reply) as server:
+        main(_args(manifest, out, server, "--split", "test"))
+    printed = capsys.readouterr()
+    written = out.read_text()
+    assert [record["status"] for record in lines_of(out)] == ["failed", "failed"] and "Bearer [REDACTED]" in written
+    for text in (written, printed.out, printed.err):
+        assert KEY not in text
+
+
+def test_limit_leaving_clips_missing_exits_1_and_says_why(manifest, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    out = tmp_path / "r.jsonl"
+    with FakeChatServer(lambda request, attempt: Reply(text=good_answer(clip_of(request)))) as server:
+        assert main(_args(manifest, out, server, "--split", "test", "--limit", "1")) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "1 clips have no line yet (1 were left for later by --limit)" in last
+        assert main(_args(manifest, out, server, "--split", "test")) == 0
+    assert len(lines_of(out)) == 2

@@ -124,3 +124,31 @@ def test_bad_arguments_name_the_field():
         ChatClient("localhost:8000", "m")
     with pytest.raises(ValueError, match="max_concurrency"):
         ChatClient("http://localhost:8000/v1", "m", max_concurrency=0)
+
+
+def test_a_trickling_server_meets_the_wall_clock_deadline():
+    # One byte every 0.1 s: each read returns well within the socket timeout, the whole body would take minutes.
+    with FakeChatServer(lambda request, attempt: Reply(text="x" * 2000, drip_s=0.1)) as server:
+        began = time.monotonic()
+        with pytest.raises(ChatClientError, match=r"no complete response .* within the 1\.0 s deadline"):
+            _client(server, timeout_s=1.0, max_retries=0).complete([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - began < 3.0
+
+
+@pytest.mark.parametrize("send_length", [True, False])
+def test_a_response_over_the_size_cap_is_refused(send_length):
+    with FakeChatServer(lambda request, attempt: Reply(text="x" * 300_000, send_length=send_length)) as server:
+        client = _client(server, max_response_bytes=100_000)
+        with pytest.raises(ChatClientError, match=r"over the 100000-byte limit|more than 100000 bytes"):
+            client.complete([{"role": "user", "content": "hi"}])
+        assert server.count() == 1  # not retried: the same request would get the same answer
+        assert _client(server, max_response_bytes=400_000).complete([{"role": "user", "content": "hi"}]).text == "x" * 300_000
+
+
+def test_an_echoed_key_is_redacted_from_errors(monkeypatch):
+    monkeypatch.setenv("TEST_CHAT_KEY", "sk-very-secret-123")
+    reply = lambda request, attempt: Reply(status=400, error_message="bad request", echo_authorization=True)  # noqa: E731
+    with FakeChatServer(reply) as server:
+        with pytest.raises(ChatClientError) as error:
+            _client(server, api_key_env="TEST_CHAT_KEY").complete([{"role": "user", "content": "hi"}])
+    assert "sk-very-secret" not in str(error.value) and "Bearer [REDACTED]" in str(error.value)

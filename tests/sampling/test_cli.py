@@ -66,3 +66,123 @@ def test_unreadable_video_names_the_file(checkpoint, tmp_path, capsys):
     broken.write_bytes(b"not a video at all")
     assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(broken), *ARGS]) == 2
     assert str(broken) in capsys.readouterr().err
+
+
+def manifest_of(tmp_path, video, ids, name="clips.jsonl"):
+    clips = [Clip(id=i, video=str(video), subtitle="Hello", label="happy", dataset="demo", task="basic", split="test")
+             for i in ids]
+    return write_manifest(tmp_path / name, clips)
+
+
+def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_files, tmp_path, monkeypatch):
+    import opsd_jax.sampling.cli as generate_cli
+
+    manifest = manifest_of(tmp_path, clip_files[0], ["c0", "c1", "c2", "c3"])
+    out = tmp_path / "answers.jsonl"
+    earlier = json.dumps({"id": "c0", "dataset": "demo", "output": "EARLIER"})
+    out.write_text(earlier + "\n")
+    real_answer = generate_cli.answer
+    calls = []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "answer", interrupted_on_the_second_batch)
+    command = ["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out),
+               "--batch-size", "2", *ARGS]
+    with pytest.raises(KeyboardInterrupt):
+        main(command)
+    assert out.read_text() == earlier + "\n"  # the earlier answers are intact while a run is in progress
+    partial = [json.loads(line)["id"] for line in (tmp_path / "answers.jsonl.partial").read_text().splitlines()]
+    assert partial == ["c0", "c1", "c2"]
+    monkeypatch.setattr(generate_cli, "answer", real_answer)
+    calls.clear()
+    assert main(command) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1", "c2", "c3"] and rows[0]["output"] == "EARLIER"
+    assert not (tmp_path / "answers.jsonl.partial").exists()
+
+
+def test_bad_clips_stop_the_run_or_are_skipped_and_counted(checkpoint, clip_files, tmp_path, capsys):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    clips = [Clip(id=i, video=str(broken if i == "bad" else clip_files[0]), label="happy", task="basic", split="test")
+             for i in ("a", "bad", "b")]
+    manifest = write_manifest(tmp_path / "clips.jsonl", clips)
+    out = tmp_path / "answers.jsonl"
+    command = ["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), *ARGS]
+    assert main(command) == 2
+    assert "'bad'" in capsys.readouterr().err and not out.exists()
+    assert main([*command, "--on-error", "skip"]) == 1
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "wrote 2 answers" in said and "skipped 1 clip" in said and "'bad'" in said
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Makes loading a model fail the test: the errors below must come before it."""
+    import opsd_jax.models.qwen2_5_omni as qwen
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+
+    monkeypatch.setattr(qwen, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing manifest", r"manifest .*nope\.jsonl does not exist"),
+    ("malformed manifest", r"clips\.jsonl:2: invalid JSON"),
+    ("latin-1 manifest", r"clips\.jsonl:1: not UTF-8 text \(byte 0xe9"),
+    ("empty manifest", r"--manifest .*clips\.jsonl: no clip; the file is empty"),
+    ("no such split", r"no clip of split 'dev'; it has test"),
+    ("no tokenizer", r"has no tokenizer files \(tokenizer\.json or vocab\.json or tokenizer\.model\)"),
+    ("--max-new-tokens 0", r"--max-new-tokens: expected >= 1, got 0"),
+    ("--temperature -1", r"--temperature: expected a finite value >= 0"),
+    ("--top-p 0", r"--top-p: expected a value in \(0, 1\], got 0\.0"),
+    ("video is a directory", r"--video .*: is a directory, not a media file"),
+])
+def test_expected_errors_are_one_line_before_the_model_loads(checkpoint, clip_files, tmp_path, capsys, no_model_load,
+                                                             case, expected):
+    manifest = manifest_of(tmp_path, clip_files[0], ["c0"])
+    ckpt = checkpoint
+    extra = []
+    if case == "missing manifest":
+        manifest = tmp_path / "nope.jsonl"
+    elif case == "malformed manifest":
+        manifest.write_text(manifest.read_text() + "{not json\n")
+    elif case == "latin-1 manifest":
+        manifest.write_bytes('{"id": "caf\u00e9"}\n'.encode("latin-1"))
+    elif case == "empty manifest":
+        manifest.write_text("\n")
+    elif case == "no such split":
+        extra = ["--split", "dev"]
+    elif case == "no tokenizer":
+        ckpt = tmp_path / "weights_only"
+        ckpt.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(checkpoint / name, ckpt / name)
+    elif case.startswith("--"):
+        extra = case.split()
+    if case == "video is a directory":
+        source = ["--video", str(tmp_path)]
+    else:
+        source = ["--manifest", str(manifest), "--out", str(tmp_path / "answers.jsonl")]
+    assert main(["generate", "--checkpoint", str(ckpt), *source, *ARGS, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert __import__("re").search(expected, err), err
+
+
+def test_a_prompt_over_the_models_context_is_refused(checkpoint, clip_files, tmp_path, capsys):
+    small = tmp_path / "small_context"
+    shutil.copytree(checkpoint, small)
+    config = json.loads((small / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 48
+    (small / "config.json").write_text(json.dumps(config))
+    assert main(["generate", "--checkpoint", str(small), "--video", str(clip_files[0]), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exceeds the model's context of 48 tokens (max_position_embeddings)" in err and "clip.mp4" in err

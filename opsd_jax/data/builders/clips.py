@@ -143,13 +143,21 @@ def prepare(builder_class: type[ClipBuilder], config: ClipConfig, data_dir: str 
     return Path(str(builder.data_path))
 
 
-def load_split(dataset_dir: str | Path, split: str):
-    """A random-access source of one split's examples (numpy dicts) from a built dataset directory."""
+def load_split(dataset_dir: str | Path, split: str, *, decode_media: bool = True):
+    """A random-access source of one split's examples (numpy dicts) from a built dataset directory.
+
+    `decode_media=False` leaves `frames` and `audio` as their stored bytes: an index pass over the text
+    fields (and `sample_fps`, `audio_length`) that costs no decoding."""
     dataset_dir = Path(dataset_dir)
     if not (dataset_dir / "dataset_info.json").is_file():
         raise FileNotFoundError(f"{dataset_dir} is not a built dataset (no dataset_info.json); pass the directory "
                                 f"that `prepare` returned")
     builder = tfds.builder_from_directory(str(dataset_dir))
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in {dataset_dir}; it has {', '.join(builder.info.splits)}")
-    return builder.as_data_source(split=split)
+        has = f"it has {', '.join(builder.info.splits)}" if builder.info.splits else \
+            "it has no split at all (was it built from an empty manifest?)"
+        raise ValueError(f"split {split!r} is not in {dataset_dir}; {has}")
+    if decode_media:
+        return builder.as_data_source(split=split)
+    skip = tfds.decode.SkipDecoding()
+    return builder.as_data_source(split=split, decoders={"frames": skip, "audio": skip})

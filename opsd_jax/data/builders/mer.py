@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from opsd_jax.data.builders.clips import ClipBuilder, ClipConfig, clip_example, prepare
-from opsd_jax.data.manifest import read_manifest
+from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, SkipCounter, load_clip_media
 
 logger = logging.getLogger(__name__)
@@ -83,5 +83,7 @@ def build_mer(manifest: str | Path, data_dir: str | Path, config: MerConfig | No
     manifest = Path(manifest).expanduser().resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
+    if not read_manifest(manifest):
+        raise ManifestError(f"{manifest}: the manifest holds no clip; expected one JSON object per line")
     config = dataclasses.replace(config or MerConfig(name="default"), manifest=manifest.name)
     return prepare(Mer, config, Path(data_dir).expanduser(), manual_dir=manifest.parent, overwrite=overwrite)
