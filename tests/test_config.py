@@ -87,3 +87,16 @@ def test_string_overrides_are_taken_as_text():
     assert config.prompt.privileged_template == "Evidence: {rationale}"
     assert config.prompt.system_prompt == "Be brief: ok"
     assert load_config(None, ["prompt.system_prompt=null"], num_devices=None).prompt.system_prompt is None
+
+
+def test_sampling_and_loss_temperatures_must_agree_when_the_ratio_corrects():
+    # The ratio divides the student at loss.temperature by the distribution rollouts are drawn from.
+    with pytest.raises(ConfigError, match=r"sampling.temperature \(0.7\) differs from loss.temperature \(1.0\)"):
+        load_config(None, ["sampling.temperature=0.7"], num_devices=None)
+    agreed = load_config(None, ["sampling.temperature=0.7", "loss.temperature=0.7", "sampling.top_k=20"],
+                         num_devices=None)
+    assert agreed.loss.temperature == agreed.sampling.temperature == 0.7
+    # Without a ratio (no correction, or no distillation term) the two may differ.
+    load_config(None, ["sampling.temperature=0.7", "loss.is_clip=null"], num_devices=None)
+    load_config(None, ["sampling.temperature=0.7", "teacher.distill_weight=0", "teacher.label_pg_weight=1"],
+                num_devices=None)
