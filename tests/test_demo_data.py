@@ -115,3 +115,15 @@ def test_test_subtitles_can_agree_at_another_rate_than_training_ones(tmp_path):
     cues = [json.loads(line) for line in (tmp_path / "cues.jsonl").read_text().splitlines()]
     agree = {split: [c["words_emotion"] == c["label"] for c in cues if c["split"] == split] for split in ("train", "test")}
     assert all(agree["train"]) and not any(agree["test"]) and len(agree["test"]) == 12
+
+
+def test_warm_start_evidence_is_half_label_statements_chosen_independently_of_the_label():
+    from opsd_jax.demo.data import label_statement, with_some_label_statements
+
+    original = clips(400)
+    warm = with_some_label_statements(original, (0, 103))
+    statement = np.array([c.rationale == label_statement(c.label) for c in warm])
+    kept = np.array([c.rationale == o.rationale for c, o in zip(warm, original)])
+    assert np.all(statement ^ kept) and 0.4 < statement.mean() < 0.6
+    by_label = [statement[np.arange(400) % 4 == k].mean() for k in range(4)]
+    assert max(by_label) - min(by_label) < 0.2, by_label

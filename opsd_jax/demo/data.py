@@ -7,7 +7,8 @@ these TFDS datasets are built from manifests that differ only where a stage need
 | dataset        | split(s)     | what differs from the clips                                                  |
 |----------------|--------------|------------------------------------------------------------------------------|
 | `main`         | train, test  | nothing (each clip with its own rationale)                                   |
-| `warm`         | train        | media of a random partner clip (`random_partners`), independent of the label |
+| `warm`         | train        | media of a random partner clip (`random_partners`), independent of the label; |
+|                |              | half the evidence is a label statement (`with_some_label_statements`)        |
 | `label`        | train, test  | privileged context: only the ground-truth label (`label_statement`)          |
 | `mismatched`   | train, test  | privileged context: a random partner clip's rationale                        |
 | `no_subtitle`  | train, test  | subtitles removed (the media-only reference)                                 |
@@ -31,8 +32,9 @@ from opsd_jax.data.manifest import Clip
 # 1/4 at test is chance agreement: the subtitle names a uniformly random emotion.
 CONDITIONS: dict[str, tuple[float, float]] = {"standard": (0.5, 0.5), "shortcut": (0.8, 0.25)}
 
-# Seed streams (mixed with the run's seed): partners of training clips, partners of test clips.
-_TRAIN_PARTNERS, _TEST_PARTNERS = 101, 102
+# Seed streams (mixed with the run's seed): partners of training clips, partners of test clips, the warm
+# start's clips whose evidence is a label statement.
+_TRAIN_PARTNERS, _TEST_PARTNERS, _WARM_STATEMENTS = 101, 102, 103
 
 
 def random_partners(count: int, seed: int | tuple[int, ...]) -> np.ndarray:
@@ -50,6 +52,14 @@ def random_partners(count: int, seed: int | tuple[int, ...]) -> np.ndarray:
 def label_statement(label: str) -> str:
     """The label-privileged teacher's context: the ground-truth label and nothing else."""
     return f"The emotion is {label}."
+
+
+def with_some_label_statements(clips: list[Clip], seed: int | tuple[int, ...], fraction: float = 0.5) -> list[Clip]:
+    """`fraction` of the clips (drawn at random, independently of the label) with `label_statement` as their
+    evidence: the warm start teaches reading both forms, so that the label-privileged teacher knows its label."""
+    chosen = np.random.default_rng(seed).random(len(clips)) < fraction
+    return [dataclasses.replace(c, rationale=label_statement(str(c.label))) if pick else c
+            for c, pick in zip(clips, chosen)]
 
 
 def with_partner_media(clips: list[Clip], partners: np.ndarray) -> list[Clip]:
@@ -102,7 +112,7 @@ def build_condition(directory: Path, condition: str, *, train_clips: int, test_c
     test_partners = random_partners(len(test), (seed, _TEST_PARTNERS))
     swapped_test = with_partner_media(test, test_partners)
     variants = {
-        "warm": with_partner_media(train, train_partners),
+        "warm": with_some_label_statements(with_partner_media(train, train_partners), (seed, _WARM_STATEMENTS)),
         "label": with_label_statements(train + test),
         "mismatched": with_partner_rationales(train, train_partners) + with_partner_rationales(test, test_partners),
         "no_subtitle": without_subtitles(train + test),

@@ -81,8 +81,9 @@ def score(trainer, data: ConditionData, *, subtitles: bool = True, privileged: s
 def warm_start(root: Path, checkpoint: Path, data: dict[str, ConditionData], size: DemoSize, seed: int
                ) -> tuple[Path, dict[str, Any]]:
     """Stage 0, cached in `root/thinker_warm`: cross-entropy on the label given the teacher's prompt whose
-    media are a random partner clip's, on the standard condition's training clips. The thinker learns to
-    read evidence written in its prompt, as a pretrained model can, and nothing about the media."""
+    media are a random partner clip's, on the standard condition's training clips, half of them with the
+    label statement as evidence. The thinker learns to read evidence written in its prompt (a rationale or
+    a plain statement), as a pretrained model can, and nothing about the media."""
     from opsd_jax.models.export import export_thinker
 
     directory, report_file = root / "thinker_warm", root / "warm_start.json"
