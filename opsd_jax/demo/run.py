@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opsd_jax.demo.arms import ARMS
-from opsd_jax.demo.data import CONDITIONS, ConditionData, build_condition
+from opsd_jax.demo.data import ConditionData, build_condition
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_tiny.yaml"
 
@@ -63,6 +63,15 @@ def make_trainer(checkpoint: Path, train_dir: Path, eval_dir: Path, output: Path
     return Trainer(config)
 
 
+def train(trainer):
+    """`trainer.run()`; a SIGTERM (the trainer saves and stops) stops the whole demo, not just this stage."""
+    summary = trainer.run()
+    trainer.checkpointer.close()
+    if summary.preempted:
+        raise SystemExit(f"stopped by SIGTERM at step {summary.steps} of {trainer.output_dir}")
+    return summary
+
+
 def score(trainer, data: ConditionData, *, subtitles: bool = True, privileged: str | None = None) -> dict[str, float]:
     """`evaluate.view_scores` of the trainer's model on a condition's held-out clips: the student's prompt
     (with or without subtitles), or with `privileged` (a dataset name) the teacher's prompt of that dataset."""
@@ -94,8 +103,7 @@ def warm_start(root: Path, checkpoint: Path, data: dict[str, ConditionData], siz
                            size, seed, size.warm_steps, ["teacher.distill_weight=0.0", "teacher.label_ce_weight=1.0",
                                                          "teacher.label_ce_prompt=teacher", "train.lr=3e-3",
                                                          "train.train_encoders=false"])
-    summary = trainer.run()
-    trainer.checkpointer.close()
+    summary = train(trainer)
     report: dict[str, Any] = {"seconds": summary.seconds, "history": summary.eval_history}
     for condition, condition_data in data.items():
         report[condition] = {
@@ -118,8 +126,7 @@ def run_arm(root: Path, warm: Path, data: ConditionData, condition: str, arm_nam
     eval_dir = data.datasets["main" if arm.subtitles else "no_subtitle"]
     trainer = make_trainer(warm, data.datasets[arm.train], eval_dir, root / "runs" / condition / arm_name, size, seed,
                            size.arm_steps, arm.overrides)
-    summary = trainer.run()
-    trainer.checkpointer.close()
+    summary = train(trainer)
     return {"history": summary.eval_history, "seconds": summary.seconds,
             "scores": score(trainer, data, subtitles=arm.subtitles)}
 
@@ -164,4 +171,4 @@ def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms:
     return results
 
 
-__all__ = ["CONDITIONS", "DemoSize", "QUICK", "run_seed"]
+__all__ = ["DemoSize", "QUICK", "run_seed"]
