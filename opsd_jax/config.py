@@ -307,6 +307,15 @@ class Config:
             section = getattr(self, field.name)
             if hasattr(section, "validate"):
                 section.validate(num_devices)
+        distills = self.teacher.distill_weight > 0 and self.loss.is_clip is not None
+        if distills and self.sampling.temperature != self.loss.temperature:
+            # The ratio divides the student at loss.temperature by the tempered, filtered distribution the
+            # rollouts came from; at two temperatures it reweights towards another policy than the one sampled.
+            raise ConfigError(
+                f"sampling.temperature ({self.sampling.temperature}) differs from loss.temperature "
+                f"({self.loss.temperature}): the importance ratio compares the student at loss.temperature with "
+                "the distribution rollouts are drawn from; set them equal, or loss.is_clip: null for no ratio"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ class Trainer:
             label_ids, label_mask = self._label_ids(part)
             micro.append(opsd_step.StepBatch(
                 student=student, teacher=teacher_inputs, completion=out.tokens, completion_mask=out.mask,
-                sampler_logprobs=out.model_logprobs, rewards=jnp.asarray(rewards), label_ids=jnp.asarray(label_ids),
+                sampler_logprobs=out.logprobs, rewards=jnp.asarray(rewards), label_ids=jnp.asarray(label_ids),
                 label_mask=jnp.asarray(label_mask),
             ))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro)
@@ -370,15 +370,25 @@ class Trainer:
         The student's prompt (no rationale) by default: what inference sees. `with_rationale=True` scores
         the teacher's prompt instead (the clips' `rationale` field), to measure what the teacher knows.
         """
-        data = self.config.data
-        if not data.eval_dir:
+        if not self.config.data.eval_dir:
             return {}
-        source = load_split(data.eval_dir, data.eval_split)
-        indices = self.eval_indices if self.eval_indices is not None else list(range(len(source)))
+        rows = self.predict(with_rationale=with_rationale)
+        scores = classification_scores([r["predicted"] for r in rows], [r["label"] for r in rows], self._vocabulary())
+        return {f"eval/{name}": value for name, value in scores.items()}
+
+    def predict(self, eval_dir: str | None = None, *, with_rationale: bool = False) -> list[dict[str, str | None]]:
+        """Greedy answers on the first `data.eval_clips` clips of `eval_dir` (default `data.eval_dir`),
+        split `data.eval_split`: per clip its `id`, `subtitle`, `label` and `predicted` label (None when
+        the answer names none). Prompts as in `evaluate`; clips left out for their length
+        (`data.skip_long_prompts`) stay out of the default split."""
+        data = self.config.data
+        source = load_split(eval_dir or data.eval_dir, data.eval_split)
+        own_split = eval_dir is None and self.eval_indices is not None
+        indices = self.eval_indices if own_split else list(range(len(source)))
         count = min(len(indices), data.eval_clips) if data.eval_clips else len(indices)
         processor = ProcessorInputs()
         vocabulary = self._vocabulary()
-        predicted, truth = [], []
+        rows: list[dict[str, str | None]] = []
         batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
         for start in range(0, count, batch_size):
             clips = [processor(source[indices[i]]) for i in range(start, min(count, start + batch_size))]
@@ -394,10 +404,10 @@ class Trainer:
                            pad_token_id=self.builder.pad_token_id, mesh=self.mesh)
             tokens, mask = to_host(out.tokens), to_host(out.mask)
             for clip, row, m in zip(clips, tokens, mask):
-                predicted.append(predicted_label(self.builder.tokenizer.decode(row[m], skip_special_tokens=True), vocabulary))
-                truth.append(str(clip["label"]))
-        scores = classification_scores(predicted, truth, vocabulary)
-        return {f"eval/{name}": value for name, value in scores.items()}
+                text = self.builder.tokenizer.decode(row[m], skip_special_tokens=True)
+                rows.append({"id": str(clip["id"]), "subtitle": str(clip.get("subtitle", "")),
+                             "label": str(clip["label"]), "predicted": predicted_label(text, vocabulary)})
+        return rows
 
     # ------------------------------------------------------------------------------------- the loop
 

@@ -114,3 +114,16 @@ def test_non_utf8_is_named_and_a_bom_is_read(tmp_path):
         load_config(path, num_devices=None)
     path.write_bytes("\ufefftrain:\n  lr: 0.25\n".encode("utf-8"))
     assert load_config(path, num_devices=None).train.lr == 0.25
+
+
+def test_sampling_and_loss_temperatures_must_agree_when_the_ratio_corrects():
+    # The ratio divides the student at loss.temperature by the distribution rollouts are drawn from.
+    with pytest.raises(ConfigError, match=r"sampling.temperature \(0.7\) differs from loss.temperature \(1.0\)"):
+        load_config(None, ["sampling.temperature=0.7"], num_devices=None)
+    agreed = load_config(None, ["sampling.temperature=0.7", "loss.temperature=0.7", "sampling.top_k=20"],
+                         num_devices=None)
+    assert agreed.loss.temperature == agreed.sampling.temperature == 0.7
+    # Without a ratio (no correction, or no distillation term) the two may differ.
+    load_config(None, ["sampling.temperature=0.7", "loss.is_clip=null"], num_devices=None)
+    load_config(None, ["sampling.temperature=0.7", "teacher.distill_weight=0", "teacher.label_pg_weight=1"],
+                num_devices=None)

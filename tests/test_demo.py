@@ -1,4 +1,4 @@
-"""The embedded demo, shortened (a few steps per arm): every stage runs through the real pipeline.
+"""The embedded demo, shortened (a few clips and steps per stage): every stage runs through the real pipeline.
 
 It runs as `make demo` does: its own process on one host device (the demo's default). The trainer's
 sharded paths are covered on eight devices by tests/test_train.py; eight virtual devices on two cores
@@ -14,23 +14,51 @@ from pathlib import Path
 
 from benchmarks.common import with_host_device_count
 from opsd_jax import demo
+from opsd_jax.demo import report
+from opsd_jax.demo.run import QUICK
+
+REFERENCES = ("subtitle_only", "warm_start", "teacher_with_rationale", "teacher_with_label",
+              "teacher_with_mismatched_rationale")
 
 
-def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path):
+def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(tmp_path):
     env = {**os.environ, "XLA_FLAGS": with_host_device_count(os.environ.get("XLA_FLAGS", ""), 1)}
-    done = subprocess.run([sys.executable, "-m", "opsd_jax.demo", "--quick", "--workdir", str(tmp_path)], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "opsd_jax.demo", "--quick", "--arms", "all", "--workdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "[4/4] results" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["arms"]) == set(demo.ARMS)
-    for arm in results["arms"].values():
-        assert [row["step"] for row in arm["history"]] == [0, demo.QUICK.arm_steps]
-        assert 0.0 <= arm["final"]["eval/accuracy"] <= 1.0
-    assert 0.0 <= results["warm_start"]["teacher_accuracy"] <= 1.0
+    [seed] = results["seeds"]
+    assert seed["seed"] == 0 and set(seed["conditions"]) == set(demo.CONDITIONS)
+    for condition in seed["conditions"].values():
+        assert set(condition["references"]) == set(REFERENCES)
+        assert set(condition["arms"]) == set(demo.ARMS)
+        for arm in condition["arms"].values():
+            assert [row["step"] for row in arm["history"]] == [QUICK.arm_steps]
+            scores = arm["scores"]
+            for subset in ("all", "misleading", "swapped"):
+                assert 0.0 <= scores[f"{subset}/accuracy"] <= 1.0
+            assert scores["all/clips"] == scores["swapped/clips"] == QUICK.test_clips
+    # The student never sees a rationale; the warm-started teacher is scored with each privileged context.
+    assert 0.0 <= seed["warm_start"]["standard"]["teacher_rationale"]["all/accuracy"] <= 1.0
+    text = (tmp_path / "results.md").read_text()
+    for condition in demo.CONDITIONS:
+        assert f"### {condition}" in text
+    assert text.count("| omniopsd |") == len(demo.CONDITIONS)
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
-    assert (tmp_path / "results.md").read_text().count("\n") == 2 + len(demo.ARMS)
-    # Stage 0 is cached: a second run reuses the warm start instead of training it again.
-    assert (tmp_path / "thinker_warm" / "config.json").is_file()
-    for stage in ("warm_start", *demo.ARMS):
-        assert (tmp_path / "runs" / stage / "logs" / "metrics.jsonl").is_file()
+    assert (tmp_path / "seed0" / "thinker_warm" / "config.json").is_file()  # stage 0 is cached for a rerun
+    for condition in demo.CONDITIONS:
+        for arm in demo.ARMS:
+            assert (tmp_path / "seed0" / "runs" / condition / arm / "logs" / "metrics.jsonl").is_file()
+
+
+def test_report_gives_mean_and_sample_standard_deviation_over_seeds():
+    def seed_result(seed: int, accuracy: float) -> dict:
+        scores = {"all/accuracy": accuracy, "all/macro_f1": accuracy, "misleading/accuracy": accuracy,
+                  "swapped/accuracy": 0.25, "media_reliance": accuracy - 0.25, "all/clips": 8.0}
+        return {"seed": seed, "conditions": {"standard": {"references": {"subtitle_only": scores},
+                                                          "arms": {"omniopsd": {"scores": scores}}}}}
+
+    text = report.table([seed_result(0, 0.5), seed_result(1, 0.7)], "standard")
+    row = next(line for line in text.splitlines() if line.startswith("| omniopsd |"))
+    assert row == "| omniopsd | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 25.0 ± 0.0 | 35.0 ± 14.1 |"
+    assert "| chance | 25.0 ± 0.0 |" in text

@@ -72,7 +72,7 @@ def test_cells_run_on_the_cpu(notebook, tmp_path):
     cells_file = tmp_path / "cells.json"
     cells_file.write_text(json.dumps(cells))
     # One arm, a few steps: the whole demo has its own test (tests/test_demo.py).
-    env = {**os.environ, "OPSD_DEMO_ARGS": f"--quick --arms omniopsd --workdir {tmp_path / 'demo'}"}
+    env = {**os.environ, "OPSD_DEMO_ARGS": f"--quick --arms omniopsd --conditions standard --workdir {tmp_path / 'demo'}"}
     result = subprocess.run([sys.executable, "-c", RUNNER, str(cells_file)], cwd=NOTEBOOK.parent,
                             capture_output=True, text=True, timeout=600, env=env)
     output = result.stdout + result.stderr
@@ -80,5 +80,5 @@ def test_cells_run_on_the_cpu(notebook, tmp_path):
     assert f"project: {REPO}" in output
     assert "no TPU: the CPU runs everything" in output
     assert re.search(r"^cpu \d+ \[CpuDevice\(id=0\)", output, re.MULTILINE), output  # the devices cell
-    assert "[4/4] results" in output and "| omniopsd |" in output  # the demo's table
+    assert "### standard" in output and "| omniopsd |" in output  # the demo's table
     assert "fsdp: -1" in output and "batch_size: 64" in output  # the v5e-16 config, resolved

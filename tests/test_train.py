@@ -98,6 +98,39 @@ def test_a_half_written_checkpoint_is_never_loaded(run_setup):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_importance_ratio_takes_the_distribution_rollouts_were_drawn_from(run_setup):
+    """At sampling temperature 0.7 with top-k 5, the step's behaviour log-probabilities are those of the
+    tempered, filtered distribution (float64 reference from the model's logits), not the plain model's."""
+    from opsd_jax.opsd.teacher import completion_hidden
+    from opsd_jax.train import _clips
+
+    temperature, top_k = 0.7, 5
+    trainer = Trainer(config_for(run_setup, "ratio", f"sampling.temperature={temperature}", f"sampling.top_k={top_k}",
+                                 f"loss.temperature={temperature}"))
+    batch = jax.tree.map(lambda x: x[0], trainer.make_step_batch(_clips(next(trainer.iterator)), step=0))
+    hidden = completion_hidden(trainer.model, batch.student, batch.completion, batch.completion_mask)
+    logits = np.asarray(hidden @ trainer.model.head_kernel(), np.float64) / temperature  # [N, C, V]
+    kth = np.sort(logits, axis=-1)[..., -top_k][..., None]
+    filtered = np.where(logits >= kth, logits, -np.inf)
+    filtered -= filtered.max(-1, keepdims=True)
+    logprobs = filtered - np.log(np.exp(filtered).sum(-1, keepdims=True))
+    tokens, mask = np.asarray(batch.completion), np.asarray(batch.completion_mask)
+    expected = np.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(batch.sampler_logprobs)[mask], expected[mask], atol=2e-4)
+    trainer.checkpointer.close()
+
+
+def test_predictions_name_each_clip_and_score_as_evaluate_does(run_setup):
+    trainer = Trainer(config_for(run_setup, "predict"))
+    rows = trainer.predict()
+    assert sorted(row["id"] for row in rows) == [f"test{i}" for i in range(4)]
+    assert all(row["subtitle"] == ("hi" if row["label"] == "happy" else "oh") for row in rows)
+    predicted, truth = [row["predicted"] for row in rows], [row["label"] for row in rows]
+    scores = classification_scores(predicted, truth, sorted(LABELS))
+    assert trainer.evaluate() == {"eval/accuracy": scores["accuracy"], "eval/macro_f1": scores["macro_f1"]}
+    trainer.checkpointer.close()
+
+
 def test_label_parsing_and_scores():
     vocabulary = ["happy", "sad", "angry"]
     assert predicted_label("I think <answer>Sad</answer>", vocabulary) == "sad"

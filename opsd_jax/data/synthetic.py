@@ -367,19 +367,24 @@ class SyntheticExamples:
 
 def write_synthetic_manifest(directory: str | Path, n_train: int, n_test: int, seed: int = 0, *,
                              num_frames: int = NUM_FRAMES, size: int = SIZE, fps: int = FPS,
-                             agree_probability: float = AGREE_PROBABILITY) -> Path:
+                             agree_probability: float = AGREE_PROBABILITY,
+                             test_agree_probability: float | None = None) -> Path:
     """Writes `directory/video/<id>.mp4` (frames plus an AAC audio track), `directory/manifest.jsonl`
     (splits `train` and `test`) and `directory/cues.jsonl` (per clip: id, split, label, subtitle and the
-    `Cues`); returns the manifest's path."""
+    `Cues`); returns the manifest's path. `test_agree_probability` (default: `agree_probability`) lets the
+    test split's subtitles agree with the label at another rate than the training split's (a shift: a
+    subtitle shortcut learned in training fails at test)."""
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
     directory = Path(directory)
+    agree = {"train": agree_probability,
+             "test": agree_probability if test_agree_probability is None else test_agree_probability}
     clips, cue_lines = [], []
     for split, count in (("train", n_train), ("test", n_test)):
         for index in range(count):
             clip = clip_at(seed, split, index, num_frames=num_frames, height=size, width=size, fps=fps,
-                           agree_probability=agree_probability)
+                           agree_probability=agree[split])
             video = write_video(directory / "video" / f"{clip['id']}.mp4", clip["frames"], fps, audio=clip["audio"])
             clips.append(Clip(id=clip["id"], video=video.resolve(), task=TASK, subtitle=clip["subtitle"],
                               label=clip["label"], dataset=DATASET, split=split))

@@ -259,7 +259,10 @@ def truncated_importance_ratio(
 ) -> jax.Array:
     """`min(exp(clamp(s(y) - q(y), -20, 20)), is_clip)`, detached: `[B, T]` each -> `[B, T]`.
 
-    Corrects for a sampler whose numerics or truncation differ from the trainer's (reference §8).
+    `q(y)` is the token's log-probability under the distribution it was drawn from (tempered, top-k /
+    top-p filtered: the sampler's `logprobs`) and `s(y)` the student's at the loss temperature, which must be
+    the sampling temperature (`Config.validate`). Then `E_q[ratio * f(y)] = sum_{y in q's support} pi(y) f(y)`
+    (below the clip): it corrects for the sampler's truncation and numerics (reference §8).
     """
     log_ratio = jax.lax.stop_gradient(student_logprobs.astype(jnp.float32) - sampler_logprobs.astype(jnp.float32))
     log_ratio = jnp.clip(log_ratio, -_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO)

@@ -40,7 +40,8 @@ class StepBatch:
 
     student / teacher: prepared prompts `[B, P]` / `[B, P_teacher]` over the same media.
     completion: `[B * G, C]` int32 sampled tokens, prompt-major; completion_mask `[B * G, C]` bool.
-    sampler_logprobs: `[B * G, C]` the sampler's untempered model logprobs of the tokens (importance ratios).
+    sampler_logprobs: `[B * G, C]` log-probability of each token under the distribution it was drawn from
+      (tempered, top-k / top-p filtered: `GenerationOutput.logprobs`), the behaviour side of importance ratios.
     rewards: `[B * G]` label rewards of the rollouts (used by the policy-gradient ablation term only).
     label_ids / label_mask: `[B, L]` the reference answer's tokens (used by the cross-entropy ablation only).
     """

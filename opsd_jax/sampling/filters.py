@@ -66,8 +66,8 @@ def sample_tokens(
       tokens `[batch]` int32;
       sampled_logprob `[batch]`: log-probability of the token under the distribution actually
         sampled from (tempered and filtered; 0 for greedy, which is deterministic);
-      model_logprob `[batch]`: log-probability under the plain model (temperature 1, no filter),
-        what importance ratios against the trainer need.
+      model_logprob `[batch]`: log-probability under the plain model (temperature 1, no filter)
+        (importance ratios use `sampled_logprob`, the distribution actually drawn from).
     """
     model_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if temperature == 0:

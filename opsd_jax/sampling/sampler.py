@@ -32,7 +32,7 @@ class GenerationOutput:
     logprobs: `[N, max_new_tokens]` float32 log-probability of each token under the distribution it was
       actually drawn from (tempered, top-k / top-p filtered and renormalised; 0 under greedy).
     model_logprobs: `[N, max_new_tokens]` float32 log-probability of each token under the plain model
-      (temperature 1, no filter): the sampler-side term of importance ratios.
+      (temperature 1, no filter). Importance ratios use `logprobs`, the behaviour distribution.
     mask: `[N, max_new_tokens]` bool, True up to and including EOS.
     """
 

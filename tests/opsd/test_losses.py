@@ -605,3 +605,32 @@ def test_hidden_state_forms_reject_bad_shapes(data):
         losses.chunked_generalized_jsd(data["student_hidden"], data["teacher_hidden"], data["kernel"].T, beta=0.5)
     with pytest.raises(ValueError, match="teacher_hidden"):
         losses.chunked_generalized_jsd(data["student_hidden"], data["teacher_hidden"][:1], data["kernel"], beta=0.5)
+
+
+def test_importance_ratio_against_the_tempered_filtered_sampler_is_unbiased():
+    """Tokens drawn at temperature 0.7 with top-k 6; the student scored at the loss temperature 0.7. Weighted by
+    the ratio against the sampler's `logprobs` (the distribution drawn from), a sample mean of f(y) estimates
+    sum over the support of pi_0.7(y) f(y) (float64); against the plain model's logprobs (T = 1, unfiltered,
+    what the trainer handed the step before) it is far off."""
+    from opsd_jax.sampling.filters import sample_tokens
+
+    temperature, top_k, draws = 0.7, 6, 40_000
+    logits = np.random.default_rng(5).normal(0.0, 1.5, V)
+    f = np.linspace(-1.0, 2.0, V)
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, V))
+    tokens, sampled, plain = sample_tokens(jax.random.key(0), batch, temperature=temperature, top_k=top_k)
+    student = losses.token_logprobs(batch[:, None], tokens[:, None], temperature=temperature)[:, 0]
+
+    target = np.exp(np_log_softmax(logits, temperature))
+    support = logits >= np.sort(logits)[-top_k]
+    reference = float(np.sum(target[support] * f[support]))
+
+    def estimate(behaviour):
+        ratio = np.asarray(losses.truncated_importance_ratio(student, behaviour, is_clip=1e6), np.float64)
+        values = ratio * f[np.asarray(tokens)]
+        return values.mean(), values.std() / np.sqrt(draws)
+
+    mean, error = estimate(sampled)
+    assert abs(mean - reference) < 4 * error, (mean, reference, error)
+    biased, biased_error = estimate(plain)
+    assert abs(biased - reference) > 20 * biased_error, (biased, reference, biased_error)
