@@ -15,7 +15,8 @@ from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import load_config
-from opsd_jax.testing.tiny_run import build_tiny_run_files
+from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
+from opsd_jax.testing.tiny_run import LABELS, build_tiny_run_files, tiny_affect_clips
 from opsd_jax.train import Trainer, classification_scores, predicted_label
 
 @pytest.fixture(scope="module")
@@ -352,7 +353,7 @@ def test_prompts_longer_than_the_bucket_are_named_before_training_or_left_out(ru
     checkpoint, _, _ = run_setup
 
     def generate_long(split, config):
-        for clip in generate_clips(split, config):
+        for clip in tiny_affect_clips(split, config):
             if clip["id"] in ("train5", "test2"):
                 clip["subtitle"] = "a long line said in the clip " * 12
             yield clip
