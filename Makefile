@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Two workers, one test file each at a time (--dist loadfile keeps module fixtures whole): most of the suite is
+# single-threaded XLA compilation, so the second core halves it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python -m opsd_jax.demo
