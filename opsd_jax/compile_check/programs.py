@@ -261,12 +261,17 @@ def analyse(report: ProgramReport, compiled: jax.stages.Compiled, chip: Chip, *,
     report.compiled = True
 
 
+def _failure(err: Exception) -> str:
+    """A compiler failure in one line: the finding a report carries."""
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}"
+
+
 def _compile(report: ProgramReport, build: Callable[[], jax.stages.Compiled], chip: Chip, resident: float = 0.0):
     began = time.perf_counter()
     try:
         compiled = build()
     except Exception as err:  # noqa: BLE001 - a compiler failure is the finding; report it, keep going
-        report.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}"
+        report.error = _failure(err)
         report.compile_seconds = time.perf_counter() - began
         logger.warning("%s did not compile: %s", report.name, report.error)
         return None
@@ -287,18 +292,21 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
     wanted = set(programs) if programs else None
     reports: list[ProgramReport] = []
 
+    def record(report: ProgramReport) -> None:
+        reports.append(report)
+        if on_program is not None:
+            on_program(report)
+
     def run(report: ProgramReport, build, resident: float = 0.0):
         if wanted is not None and report.name not in wanted:
             return None
         compiled = _compile(report, build, chip, resident)
-        reports.append(report)
-        if on_program is not None:
-            on_program(report)
+        record(report)
         return compiled
 
     graphdef, params = abstract_thinker(thinker, config, mesh)
     state, tx = abstract_train_state(params, config, mesh)
-    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params))  # host-side planning reads only the config
+    model = nnx.merge(graphdef, params)  # host-side planning reads only the config
     accumulation = config.train.grad_accum_steps
     prompts = config.train.batch_size // accumulation
     teacher_length = config.data.teacher_prompt_length or config.data.prompt_length
@@ -329,9 +337,13 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
     # Generation runs while the rest of the state (optimizer moments, the teacher's copy) stays in HBM.
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
     sampling = config.sampling
-    for name, rows, new, samples, temperature in (
-        ("rollout", prompts, sampling.max_new_tokens, sampling.num_samples, sampling.temperature),
-        ("eval", prompts, sampling.eval_max_new_tokens, 1, 0.0),
+    inputs = _abstract_inputs(student)
+    inputs = _abstract(inputs, input_shardings(inputs, mesh))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    for name, new, samples, temperature in (
+        ("rollout", sampling.max_new_tokens, sampling.num_samples, sampling.temperature),
+        ("eval", sampling.eval_max_new_tokens, 1, 0.0),
     ):
         if wanted is not None and not {f"{name}_prefill", f"{name}_decode"} & wanted:
             continue
@@ -339,43 +351,32 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
                                        top_k=sampling.top_k if temperature else None,
                                        top_p=sampling.top_p if temperature else None,
                                        eos_token_id=EOS_TOKEN, pad_token_id=PAD_TOKEN, num_samples=samples)
-        inputs = _abstract_inputs(student)
-        inputs = _abstract(inputs, input_shardings(inputs, mesh))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
-        keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated)
-        prefill = ProgramReport(f"{name}_prefill", f"{rows} prompts of {config.data.prompt_length} tokens")
-        decode = ProgramReport(f"{name}_decode", f"{rows * samples} rows x {new} new tokens (loop body = one token)")
+        prefill = ProgramReport(f"{name}_prefill", f"{prompts} prompts of {config.data.prompt_length} tokens")
+        decode = ProgramReport(f"{name}_decode", f"{prompts * samples} rows x {new} new tokens (loop body = one token)")
         began = time.perf_counter()
+        error = None
         try:
-            compiled_prefill, compiled_decode = compile_generation(graphdef, params, inputs, keys, settings=settings_g,
-                                                                   mesh=mesh)
-        except Exception as err:  # noqa: BLE001 - reported as the program's failure
-            for report in (prefill, decode):
-                report.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}"
-                report.compile_seconds = time.perf_counter() - began
-                reports.append(report)
-                if on_program is not None:
-                    on_program(report)
-            continue
-        for report, compiled in ((prefill, compiled_prefill), (decode, compiled_decode)):
+            compiled = compile_generation(graphdef, params, inputs, keys, settings=settings_g, mesh=mesh)
+        except Exception as err:  # noqa: BLE001 - reported as both programs' failure
+            compiled, error = (None, None), _failure(err)
+        for report, program in zip((prefill, decode), compiled):
             report.compile_seconds = time.perf_counter() - began
-            analyse(report, compiled, chip, resident=resident)
-            if report is decode:
-                report.per_token = decode_per_token(report, compiled, params, chip)
-            reports.append(report)
-            if on_program is not None:
-                on_program(report)
+            if program is None:
+                report.error = error
+            else:
+                analyse(report, program, chip, resident=resident)
+                if report is decode:
+                    report.per_token = decode_per_token(report, params, chip)
+            record(report)
     return reports
 
 
-def decode_per_token(report: ProgramReport, compiled: jax.stages.Compiled, params: nnx.State, chip: Chip) -> dict:
+def decode_per_token(report: ProgramReport, params: nnx.State, chip: Chip) -> dict:
     """One decode step against its HBM floor: the weights and the KV cache each read once per token.
 
     XLA counts the loop body once, so the program's bytes accessed are one token's (plus the loop's
     set-up, small). The floor reads the parameters as stored and the cache's bytes per chip.
     """
-    del compiled
     weights = bytes_per_chip(params)
     cache = report.memory.get("arguments", 0.0) - weights
     floor = (weights + max(cache, 0.0)) / chip.hbm_bandwidth
