@@ -22,6 +22,8 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "activation_heads": "tensor",
     "activation_kv_heads": "tensor",
     "activation_mlp": "tensor",
+    # The output head's logits in the loss: the vocabulary split over every chip (rows gathered).
+    "activation_vocab": ("data", "fsdp", "tensor"),
     # The encoders' rows (vision patches, audio chunks): spread over the same axes, so that each chip
     # encodes its share of a micro-batch's clips instead of every chip all of them.
     "media": ("data", "fsdp"),
