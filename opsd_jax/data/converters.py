@@ -1,7 +1,8 @@
 """MER-UniBench datasets as shipped -> the clip manifest (`opsd_jax.data.manifest`).
 
-`convert(name, root, out_manifest)` reads one dataset folder and writes its benchmark test split (and, with
-`include_train=True`, the training split the layout defines). Dataset names are the benchmark's:
+`convert(name, root, out_manifest, splits=...)` reads one dataset folder and writes the chosen splits: the
+benchmark's `test` split and the `train` (and, where the layout has one, `dev`) split the layout defines;
+`splits=None` writes every split the dataset has. Dataset names are the benchmark's:
 mer2023, mer2024, meld, iemocapfour, cmumosi, cmumosei, sims, simsv2, ovmerdplus.
 
 Layouts. The MER-UniBench packs (AffectGPT's `config.py`: `mer2023-dataset-process/`, `meld-process/`, ...)
@@ -307,9 +308,10 @@ def _find_media(root: Path, folders: Sequence[str], stem: str, extensions: Seque
 
 
 def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, language: str = "english",
-            subtitle_file: str | Path | None = None, include_train: bool = False,
+            subtitle_file: str | Path | None = None, splits: Sequence[str] | None = ("test",),
             missing_media: str = "error") -> list[Clip]:
-    """Writes the manifest of one MER-UniBench dataset folder and returns its clips (see the module doc)."""
+    """Writes the manifest of `splits` (None: all) of one MER-UniBench dataset folder and returns its clips
+    (see the module doc). A split the dataset does not have is an error naming the ones it has."""
     name = dataset_name.strip().lower()
     if name not in LAYOUTS:
         raise ValueError(f"dataset_name: unknown dataset {dataset_name!r}; expected one of {', '.join(DATASETS)}")
@@ -319,7 +321,13 @@ def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, la
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     layout = LAYOUTS[name]
-    entries = layout.read_entries(root, include_train)
+    entries = layout.read_entries(root, splits is None or any(split != "test" for split in splits))
+    if splits is not None:
+        available = sorted({entry.split for entry in entries})
+        absent = [split for split in splits if split not in available]
+        if absent:
+            raise ConversionError(f"{name} at {root}: no {absent[0]!r} split; it has {', '.join(available) or 'none'}")
+        entries = [entry for entry in entries if entry.split in splits]
     if subtitle_file is not None:
         subtitle_path = Path(subtitle_file) if Path(subtitle_file).is_absolute() else root / subtitle_file
         if not subtitle_path.is_file():
@@ -351,6 +359,14 @@ def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, la
     return clips
 
 
+def parse_splits(text: str) -> tuple[str, ...]:
+    """'train,test' -> ('train', 'test'); an empty list is an error."""
+    splits = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not splits:
+        raise ValueError(f"splits: expected comma-separated split names such as train,test, got {text!r}")
+    return splits
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A MER-UniBench dataset folder -> a JSONL clip manifest.")
     parser.add_argument("dataset", choices=DATASETS)
@@ -358,11 +374,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_manifest", type=Path)
     parser.add_argument("--language", choices=tuple(SUBTITLE_COLUMNS), default="english")
     parser.add_argument("--subtitle-file")
-    parser.add_argument("--include-train", action="store_true")
+    parser.add_argument("--splits", default=None, help="comma-separated, e.g. train,test (default: every split)")
     parser.add_argument("--missing-media", choices=("error", "skip"), default="error")
     args = parser.parse_args(argv)
     clips = convert(args.dataset, args.root, args.out_manifest, language=args.language,
-                    subtitle_file=args.subtitle_file, include_train=args.include_train,
+                    subtitle_file=args.subtitle_file,
+                    splits=None if args.splits is None else parse_splits(args.splits),
                     missing_media=args.missing_media)
     print(f"wrote {len(clips)} clips to {args.out_manifest}")
 
