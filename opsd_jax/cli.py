@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     _register_config(subparsers)
     _register_train(subparsers)
     from opsd_jax.compile_check.cli import register as register_compile_check
+    from opsd_jax.data_cli import register as register_data
     from opsd_jax.eval.cli import register as register_eval
     from opsd_jax.export_cli import register as register_export
     from opsd_jax.rationales.cli import register as register_rationales
     from opsd_jax.sampling.cli import register as register_generate
 
+    register_data(subparsers)
     register_generate(subparsers)
     register_rationales(subparsers)
     register_eval(subparsers)

@@ -34,7 +34,6 @@ searched, or is left out with `missing_media="skip"`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
@@ -82,6 +81,7 @@ class Layout:
     video_dirs: tuple[str, ...]
     audio_dirs: tuple[str, ...]
     sentiment_range: tuple[float, float] | None = None
+    classes: tuple[str, ...] | None = None  # the basic-emotion words its labels are written with
 
 
 # ----- label files ---------------------------------------------------------------------------------------
@@ -263,11 +263,13 @@ def _require(root: Path, file_name: str) -> Path:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "mer2023": Layout("basic", _mer_entries(semi_label_test=False), ("video",), ("audio",)),
+    "mer2023": Layout("basic", _mer_entries(semi_label_test=False), ("video",), ("audio",), classes=MER_EMOTIONS),
     "mer2024": Layout("basic", _mer_entries(semi_label_test=True), ("video", "video-unlabeled", "video-labeled"),
-                      ("audio",)),
-    "meld": Layout("basic", _meld_entries, ("subvideo", "output_repeated_splits_test"), ("subaudio", "audio")),
-    "iemocapfour": Layout("basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio")),
+                      ("audio",), classes=MER_EMOTIONS),
+    "meld": Layout("basic", _meld_entries, ("subvideo", "output_repeated_splits_test"), ("subaudio", "audio"),
+                   classes=MELD_EMOTIONS),
+    "iemocapfour": Layout("basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio"),
+                          classes=IEMOCAP_EMOTIONS),
     "cmumosi": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo", "video"), ("subaudio", "audio"),
                       (-3.0, 3.0)),
     "cmumosei": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo_new", "subvideo", "video"),
@@ -365,24 +367,3 @@ def parse_splits(text: str) -> tuple[str, ...]:
     if not splits:
         raise ValueError(f"splits: expected comma-separated split names such as train,test, got {text!r}")
     return splits
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A MER-UniBench dataset folder -> a JSONL clip manifest.")
-    parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("root", type=Path)
-    parser.add_argument("out_manifest", type=Path)
-    parser.add_argument("--language", choices=tuple(SUBTITLE_COLUMNS), default="english")
-    parser.add_argument("--subtitle-file")
-    parser.add_argument("--splits", default=None, help="comma-separated, e.g. train,test (default: every split)")
-    parser.add_argument("--missing-media", choices=("error", "skip"), default="error")
-    args = parser.parse_args(argv)
-    clips = convert(args.dataset, args.root, args.out_manifest, language=args.language,
-                    subtitle_file=args.subtitle_file,
-                    splits=None if args.splits is None else parse_splits(args.splits),
-                    missing_media=args.missing_media)
-    print(f"wrote {len(clips)} clips to {args.out_manifest}")
-
-
-if __name__ == "__main__":
-    main()

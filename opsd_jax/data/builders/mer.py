@@ -60,7 +60,7 @@ class Mer(ClipBuilder):
     BUILDER_CONFIGS = [MerConfig(name="default")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the licensed clips and a manifest (JSONL, see opsd_jax.data.manifest; "
-        "`opsd_jax.data.converters` writes one from a MER-UniBench dataset folder) in the manual directory.")
+        "`opsd-jax data convert` writes one from a MER-UniBench dataset folder) in the manual directory.")
 
     def _split_generators(self, dl_manager):
         config: MerConfig = self.builder_config
