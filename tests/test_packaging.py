@@ -86,3 +86,10 @@ def test_installed_package_trains_the_demo_config_from_outside_the_tree(installe
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "trained to step 1" in result.stdout
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_make_demo_installs_the_package_without_the_test_extra(tmp_path):
+    plan = subprocess.run(["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"], cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout
+    installs = [line for line in plan.splitlines() if " install " in line and "--upgrade pip" not in line]
+    assert installs == [f"{tmp_path / 'venv'}/bin/pip install --quiet -e ."], plan
