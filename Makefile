@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 # Devices: the tests force 8 host devices themselves (tests/conftest.py), so that the CPU stands in for a
 # TPU slice; the demo runs on one (two cores run one program ~2.5x faster than eight virtual devices
 # time-sharing them; tests/test_demo.py runs it the same way, the trainer's sharded paths are covered by
@@ -17,18 +18,26 @@ TPU_CONFIGS := qwen2_5_omni_3b_v5e16 qwen2_5_omni_7b_v5p64 qwen2_5_omni_7b_v4_32
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# The tests add their reference implementations (torch, trl), libtpu and the gs:// emulator; the demo needs
+# only the package's own dependencies (no torch, no trl).
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(DEMO_STAMP)
 
 # Two workers, one test file each at a time (--dist loadfile keeps module fixtures whole): most of the suite is
 # single-threaded XLA compilation, so the second core halves it.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m opsd_jax.demo
 
 # Every benchmark at its reported sizes (step.py ~25 minutes on 2 cores idle, each TPU compile-check 5-20); each prints its table and writes

@@ -62,7 +62,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "divergence, an optax update. Every host of a pod runs the same command. Checkpoints, logs and "
         "the summary go to run.output_dir.",
     )
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--config", required=True, help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint that restores (a corrupt one is skipped, with a "
@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     _register_config(subparsers)
     _register_train(subparsers)
     from opsd_jax.compile_check.cli import register as register_compile_check
+    from opsd_jax.data_cli import register as register_data
     from opsd_jax.eval.cli import register as register_eval
     from opsd_jax.export_cli import register as register_export
     from opsd_jax.rationales.cli import register as register_rationales
     from opsd_jax.sampling.cli import register as register_generate
 
+    register_data(subparsers)
     register_generate(subparsers)
     register_rationales(subparsers)
     register_eval(subparsers)

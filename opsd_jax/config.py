@@ -323,6 +323,30 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The named run configs shipped inside the package (`opsd_jax/configs/*.yaml`, package data): name ->
+    file. Found through `importlib.resources`, so an installed wheel has them as a checkout does."""
+    from importlib import resources
+
+    folder = resources.files("opsd_jax") / "configs"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: `path` itself when it is a file, else the shipped config of that name (`demo_tiny`
+    or `demo_tiny.yaml`). Raises `ConfigError` naming both places when neither exists."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    named = shipped_configs()
+    name = path.stem if path.suffix in ("", ".yaml") and path.parent == Path(".") else None
+    if name in named:
+        return named[name]
+    raise ConfigError(f"config file {path} does not exist (nor is it a shipped config: "
+                      f"{', '.join(named) or 'none found'})")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -332,15 +356,14 @@ def load_config(
     """Reads a YAML config, applies `key.sub=value` overrides, converts types and validates.
 
     Args:
-      path: a YAML file, or None for the defaults.
+      path: a YAML file, the name of a shipped config (`demo_tiny`, see `shipped_configs`), or None for
+        the defaults.
       overrides: dotted assignments; values are parsed as YAML scalars (`1e-5`, `true`, `[1, 2]`).
       num_devices: the device count the mesh must match; "auto" asks JAX, None skips that check.
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         text = decode_utf8(path.read_bytes(), path, ConfigError)
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass

@@ -81,6 +81,14 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "train: [\n"))
 
 
+def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert load_config("demo_tiny", num_devices=None) == load_config("demo_tiny.yaml", num_devices=None)
+    assert load_config("demo_tiny", num_devices=None).train.lr == 2.0e-3
+    with pytest.raises(ConfigError, match=r"config file nope does not exist \(nor is it a shipped config: .*demo_tiny"):
+        load_config("nope", num_devices=None)
+
+
 def test_string_overrides_are_taken_as_text():
     config = load_config(None, ["prompt.privileged_template=Evidence: {rationale}", "prompt.system_prompt=Be brief: ok"],
                          num_devices=None)

@@ -76,8 +76,8 @@ def test_label_and_mismatched_contexts_reach_only_the_teacher(tiny_prompt_builde
         partner = original[partners[i]]
         assert f"Evidence: {partner.rationale}" in mismatched["teacher"][i] and clip.rationale not in mismatched["teacher"][i]
     # The evaluation's prompt is `conversation` without a rationale: the privileged field cannot enter it.
-    student_text = ct.render_messages(conversation(MEDIA, original[0].subtitle, CONFIG))
-    assert student_text == ct.render_messages(conversation(MEDIA, original[0].subtitle, CONFIG, rationale=None))
+    student_text = tiny_prompt_builder.render(conversation(MEDIA, original[0].subtitle, CONFIG))
+    assert student_text == tiny_prompt_builder.render(conversation(MEDIA, original[0].subtitle, CONFIG, rationale=None))
 
 
 def test_variants_change_only_their_field():

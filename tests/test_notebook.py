@@ -55,6 +55,27 @@ def test_notebook_structure(notebook):
     assert len({cell["id"] for cell in cells}) == len(cells)
 
 
+def test_notebook_opens_with_a_cell_that_shows_the_tpu_devices(notebook, tmp_path):
+    first = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
+    (tmp_path / "cells.json").write_text(json.dumps([(0, source(first))]))
+    # A TPU runtime as the cell detects one (the variable TPU VMs set); JAX itself is kept on the CPU.
+    env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "cells.json")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TPU runtime ['TPU_ACCELERATOR_TYPE']" in result.stdout
+    assert re.search(r"^TPU devices: \d+ \[CpuDevice\(id=0\)", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_notebook_text_has_no_placeholder_one_time_estimate_and_no_pytorch_requirement(notebook):
+    texts = [source(cell) for cell in notebook["cells"]]
+    assert not [url for text in texts for url in re.findall(r"https?://\S+", text)
+                if re.search(r"YOUR_|example\.|<[^>]*>", url)]
+    assert not any(re.search(r"YOUR_[A-Z]+|TODO|FIXME", text) for text in texts)
+    assert len([text for text in texts if re.search(r"\bminutes?\b", text)]) == 1, "one time estimate, in one place"
+    assert not any(re.search(r"needs? (also )?PyTorch|PyTorch,? which", text) for text in texts)
+
+
 def test_install_cell_is_marked_and_chooses_the_tpu_extra(notebook):
     install = [cell for cell in notebook["cells"] if cell["cell_type"] == "code" and is_install_cell(cell)]
     assert len(install) == 1

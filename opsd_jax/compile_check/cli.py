@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory (Qwen2.5-Omni-3B / -7B) when the weights are elsewhere. Needs libtpu: "
         "pip install 'opsd-jax[tpu]'. A 7B config takes 5-20 minutes and up to ~12 GB of RAM.",
     )
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--config", required=True, help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as in train")
     parser.add_argument("--topology", help="TPU slice, GENERATION:CHIPGRID, e.g. v5p:4x4x2 (default: mesh.topology)")
     parser.add_argument("--out", help="write the report as JSON here")

@@ -1,8 +1,11 @@
-"""Prompts in Qwen2.5-Omni's chat template, with every medium's placeholder tokens expanded, tokenized into
-static left-padded batches.
+"""Prompts in the checkpoint's own chat template, with every medium's placeholder tokens expanded, tokenized
+into static left-padded batches.
 
-The text is what the checkpoint's chat template renders followed by the Qwen2.5-Omni processor's
-placeholder expansion:
+The text skeleton is what the checkpoint's chat template renders (`tokenizer.apply_chat_template`, from its
+`chat_template.jinja` or `tokenizer_config.json`), each media part a content item `{"type": "image" |
+"video" | "audio"}`, as the Qwen2.5-Omni processor renders a conversation. Then, as the processor does,
+each medium's one placeholder token in that text is replaced, in order, by its expansion. With
+Qwen2.5-Omni's template the result is
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{parts}<|im_end|>\\n<|im_start|>assistant\\n
 
@@ -14,6 +17,7 @@ video with its own audio track (`use_audio_in_video`):
        where chunk j holds the tokens whose temporal position id (25 per second) falls in the j-th
        2-second window, split exactly as the processor's `get_chunked_index` splits them.
 
+(the vision / audio delimiters around a medium come from the template, the runs between them from here).
 Each placeholder receives one encoder output row, so the counts here must equal the encoders' output
 lengths; the model checks the image and video counts, the audio count only this module guarantees.
 """
@@ -21,6 +25,7 @@ lengths; the model checks the image and video counts, the audio count only this 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -29,7 +34,7 @@ import numpy as np
 
 from opsd_jax.models.audio import audio_output_lengths
 
-# The chat template's own default (used when a conversation has no system message).
+# The default system prompt of Qwen2.5-Omni's chat template (which adds it when a conversation has none).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # The system prompt Qwen recommends for Qwen2.5-Omni (required there for speech output).
 QWEN_OMNI_SYSTEM_PROMPT = (
@@ -184,48 +189,83 @@ def audio_in_video_runs(video: VideoPart, *, position_id_per_seconds: float = PO
     return runs
 
 
-def render_part(part: Part, tokens: SpecialTokens = SpecialTokens(), *,
-                position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
-    """One content part as template text with its placeholders expanded."""
-    if isinstance(part, str):
-        return part
+def placeholder_expansion(part: ImagePart | VideoPart | AudioPart, tokens: SpecialTokens = SpecialTokens(), *,
+                          position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                          seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+    """What replaces a medium's one placeholder token in the template's text (the processor's
+    `replace_*_token`): the placeholder once per encoder row; a video with its own audio becomes
+    `<|audio_bos|>` + the interleaved runs + `<|audio_eos|>`, inside the template's vision delimiters."""
     if isinstance(part, ImagePart):
-        return tokens.vision_bos + tokens.image * vision_token_count(part.grid_thw) + tokens.vision_eos
+        return tokens.image * vision_token_count(part.grid_thw)
     if isinstance(part, AudioPart):
-        return tokens.audio_bos + tokens.audio * audio_token_count(part.feature_length) + tokens.audio_eos
+        return tokens.audio * audio_token_count(part.feature_length)
     if isinstance(part, VideoPart):
         if part.audio_feature_length is None:
-            return tokens.vision_bos + tokens.video * vision_token_count(part.grid_thw) + tokens.vision_eos
+            return tokens.video * vision_token_count(part.grid_thw)
         runs = audio_in_video_runs(part, position_id_per_seconds=position_id_per_seconds,
                                    seconds_per_chunk=seconds_per_chunk)
         body = "".join((tokens.video if kind == "video" else tokens.audio) * count for kind, count in runs)
-        return tokens.vision_bos + tokens.audio_bos + body + tokens.audio_eos + tokens.vision_eos
-    raise TypeError(f"a content part must be str, ImagePart, VideoPart or AudioPart, got {type(part).__name__}")
+        return tokens.audio_bos + body + tokens.audio_eos
+    raise TypeError(f"a media part must be ImagePart, VideoPart or AudioPart, got {type(part).__name__}")
 
 
-def render_messages(messages: Sequence[Message], *, default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                    add_generation_prompt: bool = True, tokens: SpecialTokens = SpecialTokens(),
-                    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                    seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
-    """A conversation as the Qwen2.5-Omni chat template renders it, placeholders expanded.
+def render_part(part: Part, tokens: SpecialTokens = SpecialTokens(), *,
+                position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+    """One content part as Qwen2.5-Omni's template renders it (its delimiters), placeholders expanded."""
+    if isinstance(part, str):
+        return part
+    expansion = placeholder_expansion(part, tokens, position_id_per_seconds=position_id_per_seconds,
+                                      seconds_per_chunk=seconds_per_chunk)
+    if isinstance(part, AudioPart):
+        return tokens.audio_bos + expansion + tokens.audio_eos
+    return tokens.vision_bos + expansion + tokens.vision_eos
 
-    As in the template, a conversation that does not open with a system message gets
-    `default_system_prompt`; `add_generation_prompt` appends the open assistant turn.
-    """
-    if not messages:
-        raise ValueError("render_messages needs at least one message")
-    pieces = []
-    if messages[0].role != "system":
-        pieces.append(f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n")
+
+MEDIA_KINDS = {ImagePart: "image", VideoPart: "video", AudioPart: "audio"}
+
+
+def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """A conversation as chat templates read it: `{"role", "content"}` with plain text, or a list of
+    `{"type": "text", "text": ...}` and `{"type": "image" | "video" | "audio"}` items."""
+    out = []
     for message in messages:
-        parts = (message.content,) if isinstance(message.content, str) else message.content
-        body = "".join(render_part(part, tokens, position_id_per_seconds=position_id_per_seconds,
-                                   seconds_per_chunk=seconds_per_chunk) for part in parts)
-        pieces.append(f"<|im_start|>{message.role}\n{body}<|im_end|>\n")
-    if add_generation_prompt:
-        pieces.append("<|im_start|>assistant\n")
-    return "".join(pieces)
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+        else:
+            out.append({"role": message.role, "content": [
+                {"type": "text", "text": part} if isinstance(part, str) else {"type": MEDIA_KINDS[type(part)]}
+                for part in message.content]})
+    return out
+
+
+def expand_placeholders(text: str, messages: Sequence[Message], tokens: SpecialTokens = SpecialTokens(), *,
+                        position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                        seconds_per_chunk: float = SECONDS_PER_CHUNK, template_name: str = "the chat template") -> str:
+    """`text` (a rendered chat template) with the k-th image / video / audio placeholder replaced by the
+    expansion of the conversation's k-th part of that kind, in one pass (as the processor's
+    `get_text_with_replacements`). A template that renders another number of placeholders than the
+    conversation has media is an error naming `template_name`."""
+    queues: dict[str, list[Part]] = {"image": [], "video": [], "audio": []}
+    for message in messages:
+        for part in () if isinstance(message.content, str) else message.content:
+            if not isinstance(part, str):
+                queues[MEDIA_KINDS[type(part)]].append(part)
+    placeholders = {tokens.image: "image", tokens.video: "video", tokens.audio: "audio"}
+    pattern = re.compile("|".join(re.escape(token) for token in placeholders))
+    matches = [placeholders[match.group(0)] for match in pattern.finditer(text)]
+    for kind, parts in queues.items():
+        if matches.count(kind) != len(parts):
+            raise ValueError(f"{template_name} renders {matches.count(kind)} {kind} placeholder(s) for the "
+                             f"conversation's {len(parts)} {kind} part(s); expected one {getattr(tokens, kind)!r} each")
+    remaining = {kind: iter(parts) for kind, parts in queues.items()}
+
+    def replace(match: re.Match) -> str:
+        return placeholder_expansion(next(remaining[placeholders[match.group(0)]]), tokens,
+                                     position_id_per_seconds=position_id_per_seconds,
+                                     seconds_per_chunk=seconds_per_chunk)
+
+    return pattern.sub(replace, text)
 
 
 def user_prompt(parts: Sequence[Part], *, system_prompt: str | None = None) -> list[Message]:
@@ -252,14 +292,17 @@ def check_tokenizer_directory(directory: str | Path) -> None:
 
 
 class PromptBuilder:
-    """Renders conversations and tokenizes them with a checkpoint's tokenizer into static batches."""
+    """Renders conversations with a checkpoint's chat template and tokenizes them with its tokenizer into
+    static batches."""
 
-    def __init__(self, tokenizer: Any, *, default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                 seconds_per_chunk: float = SECONDS_PER_CHUNK):
+    def __init__(self, tokenizer: Any, *, position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+                 seconds_per_chunk: float = SECONDS_PER_CHUNK, source: str = "the tokenizer"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{source} has no chat template (chat_template.jinja, or 'chat_template' in "
+                             f"tokenizer_config.json); copy the base model's")
         self.tokenizer = tokenizer
+        self.source = source
         self.tokens = SpecialTokens.from_tokenizer(tokenizer)
-        self.default_system_prompt = default_system_prompt
         self.position_id_per_seconds = position_id_per_seconds
         self.seconds_per_chunk = seconds_per_chunk
         self.token_ids = {name: self._single_token_id(text) for name, text in dataclasses.asdict(self.tokens).items()}
@@ -273,7 +316,8 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         check_tokenizer_directory(directory)
-        return cls(AutoTokenizer.from_pretrained(Path(directory), local_files_only=True), **kwargs)
+        return cls(AutoTokenizer.from_pretrained(Path(directory), local_files_only=True),
+                   source=f"checkpoint directory {directory}", **kwargs)
 
     def _single_token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -283,10 +327,14 @@ class PromptBuilder:
         return int(ids[0])
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
-        return render_messages(messages, default_system_prompt=self.default_system_prompt,
-                               add_generation_prompt=add_generation_prompt, tokens=self.tokens,
-                               position_id_per_seconds=self.position_id_per_seconds,
-                               seconds_per_chunk=self.seconds_per_chunk)
+        """The checkpoint's chat template applied to `messages`, media placeholders expanded."""
+        if not messages:
+            raise ValueError("render needs at least one message")
+        text = self.tokenizer.apply_chat_template(template_messages(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return expand_placeholders(text, messages, self.tokens, position_id_per_seconds=self.position_id_per_seconds,
+                                   seconds_per_chunk=self.seconds_per_chunk,
+                                   template_name=f"the chat template of {self.source}")
 
     def encode(self, texts: Sequence[str], *, length: int | None) -> dict[str, np.ndarray]:
         """Rendered texts -> `input_ids [B, length]` int32 (left-padded with the pad id) and

@@ -1,7 +1,8 @@
 """MER-UniBench datasets as shipped -> the clip manifest (`opsd_jax.data.manifest`).
 
-`convert(name, root, out_manifest)` reads one dataset folder and writes its benchmark test split (and, with
-`include_train=True`, the training split the layout defines). Dataset names are the benchmark's:
+`convert(name, root, out_manifest, splits=...)` reads one dataset folder and writes the chosen splits: the
+benchmark's `test` split and the `train` (and, where the layout has one, `dev`) split the layout defines;
+`splits=None` writes every split the dataset has. Dataset names are the benchmark's:
 mer2023, mer2024, meld, iemocapfour, cmumosi, cmumosei, sims, simsv2, ovmerdplus.
 
 Layouts. The MER-UniBench packs (AffectGPT's `config.py`: `mer2023-dataset-process/`, `meld-process/`, ...)
@@ -33,7 +34,6 @@ searched, or is left out with `missing_media="skip"`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
@@ -81,6 +81,7 @@ class Layout:
     video_dirs: tuple[str, ...]
     audio_dirs: tuple[str, ...]
     sentiment_range: tuple[float, float] | None = None
+    classes: tuple[str, ...] | None = None  # the basic-emotion words its labels are written with
 
 
 # ----- label files ---------------------------------------------------------------------------------------
@@ -262,11 +263,13 @@ def _require(root: Path, file_name: str) -> Path:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "mer2023": Layout("basic", _mer_entries(semi_label_test=False), ("video",), ("audio",)),
+    "mer2023": Layout("basic", _mer_entries(semi_label_test=False), ("video",), ("audio",), classes=MER_EMOTIONS),
     "mer2024": Layout("basic", _mer_entries(semi_label_test=True), ("video", "video-unlabeled", "video-labeled"),
-                      ("audio",)),
-    "meld": Layout("basic", _meld_entries, ("subvideo", "output_repeated_splits_test"), ("subaudio", "audio")),
-    "iemocapfour": Layout("basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio")),
+                      ("audio",), classes=MER_EMOTIONS),
+    "meld": Layout("basic", _meld_entries, ("subvideo", "output_repeated_splits_test"), ("subaudio", "audio"),
+                   classes=MELD_EMOTIONS),
+    "iemocapfour": Layout("basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio"),
+                          classes=IEMOCAP_EMOTIONS),
     "cmumosi": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo", "video"), ("subaudio", "audio"),
                       (-3.0, 3.0)),
     "cmumosei": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo_new", "subvideo", "video"),
@@ -307,9 +310,10 @@ def _find_media(root: Path, folders: Sequence[str], stem: str, extensions: Seque
 
 
 def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, language: str = "english",
-            subtitle_file: str | Path | None = None, include_train: bool = False,
+            subtitle_file: str | Path | None = None, splits: Sequence[str] | None = ("test",),
             missing_media: str = "error") -> list[Clip]:
-    """Writes the manifest of one MER-UniBench dataset folder and returns its clips (see the module doc)."""
+    """Writes the manifest of `splits` (None: all) of one MER-UniBench dataset folder and returns its clips
+    (see the module doc). A split the dataset does not have is an error naming the ones it has."""
     name = dataset_name.strip().lower()
     if name not in LAYOUTS:
         raise ValueError(f"dataset_name: unknown dataset {dataset_name!r}; expected one of {', '.join(DATASETS)}")
@@ -319,7 +323,13 @@ def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, la
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     layout = LAYOUTS[name]
-    entries = layout.read_entries(root, include_train)
+    entries = layout.read_entries(root, splits is None or any(split != "test" for split in splits))
+    if splits is not None:
+        available = sorted({entry.split for entry in entries})
+        absent = [split for split in splits if split not in available]
+        if absent:
+            raise ConversionError(f"{name} at {root}: no {absent[0]!r} split; it has {', '.join(available) or 'none'}")
+        entries = [entry for entry in entries if entry.split in splits]
     if subtitle_file is not None:
         subtitle_path = Path(subtitle_file) if Path(subtitle_file).is_absolute() else root / subtitle_file
         if not subtitle_path.is_file():
@@ -351,21 +361,9 @@ def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, la
     return clips
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A MER-UniBench dataset folder -> a JSONL clip manifest.")
-    parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("root", type=Path)
-    parser.add_argument("out_manifest", type=Path)
-    parser.add_argument("--language", choices=tuple(SUBTITLE_COLUMNS), default="english")
-    parser.add_argument("--subtitle-file")
-    parser.add_argument("--include-train", action="store_true")
-    parser.add_argument("--missing-media", choices=("error", "skip"), default="error")
-    args = parser.parse_args(argv)
-    clips = convert(args.dataset, args.root, args.out_manifest, language=args.language,
-                    subtitle_file=args.subtitle_file, include_train=args.include_train,
-                    missing_media=args.missing_media)
-    print(f"wrote {len(clips)} clips to {args.out_manifest}")
-
-
-if __name__ == "__main__":
-    main()
+def parse_splits(text: str) -> tuple[str, ...]:
+    """'train,test' -> ('train', 'test'); an empty list is an error."""
+    splits = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not splits:
+        raise ValueError(f"splits: expected comma-separated split names such as train,test, got {text!r}")
+    return splits

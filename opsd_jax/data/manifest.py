@@ -171,12 +171,15 @@ def clip_from_record(record: Any) -> Clip:
     return Clip(**values)
 
 
-def read_manifest(path: str | Path) -> list[Clip]:
-    """All clips of a JSONL manifest, media paths resolved against its directory, ids unique."""
+def scan_manifest(path: str | Path) -> tuple[list[Clip], list[tuple[int, str | None, str]]]:
+    """Every readable clip of a JSONL manifest (media paths resolved against its directory) and every
+    line that is not one: `(line number, its id when it has one, the error)`. A duplicate id is an
+    error of its later line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     clips: list[Clip] = []
+    problems: list[tuple[int, str | None, str]] = []
     first_line: dict[str, int] = {}
     text = decode_utf8(path.read_bytes(), path, ManifestError)
     for number, line in enumerate(text.split("\n"), start=1):
@@ -185,16 +188,30 @@ def read_manifest(path: str | Path) -> list[Clip]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ManifestError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            problems.append((number, None, f"invalid JSON ({error.msg} at column {error.colno})"))
+            continue
+        record_id = record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
         try:
             clip = clip_from_record(record)
         except ManifestError as error:
-            raise ManifestError(f"{path}:{number}: {error}") from None
+            problems.append((number, record_id, str(error)))
+            continue
         if clip.id in first_line:
-            raise ManifestError(f"{path}:{number}: field 'id': duplicate id {clip.id!r} "
-                                f"(first on line {first_line[clip.id]})")
+            problems.append((number, clip.id, f"field 'id': duplicate id {clip.id!r} (first on line "
+                                              f"{first_line[clip.id]})"))
+            continue
         first_line[clip.id] = number
         clips.append(clip.resolved(path.parent))
+    return clips, problems
+
+
+def read_manifest(path: str | Path) -> list[Clip]:
+    """All clips of a JSONL manifest, media paths resolved against its directory, ids unique; the first
+    bad line raises `ManifestError` naming the file, line and field."""
+    clips, problems = scan_manifest(path)
+    if problems:
+        number, _, message = problems[0]
+        raise ManifestError(f"{path}:{number}: {message}")
     return clips
 
 

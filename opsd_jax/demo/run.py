@@ -16,7 +16,6 @@ from typing import Any
 from opsd_jax.demo.arms import ARMS
 from opsd_jax.demo.data import ConditionData, build_condition
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_tiny.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +53,7 @@ def make_trainer(checkpoint: Path, train_dir: Path, eval_dir: Path, output: Path
     from opsd_jax.config import load_config
     from opsd_jax.train import Trainer, clear_run_directory
 
-    config = load_config(CONFIG, [
+    config = load_config("demo_tiny", [
         f"model.checkpoint={checkpoint}", f"data.train_dir={train_dir}", f"data.eval_dir={eval_dir}",
         f"data.eval_clips={size.test_clips}", f"train.total_steps={max(steps, 1)}", f"train.seed={seed}",
         f"train.warmup_steps={min(5, max(steps - 1, 0))}", f"run.output_dir={output}",

@@ -120,6 +120,37 @@ def test_existing_builds_are_reused_unless_overwritten(built, tmp_path):
     assert build_mer(smaller, data_dir, config, overwrite=True) == first and len(load_split(first, "train")) == 1
 
 
+def test_an_interrupted_build_leaves_no_dataset_and_resumes_where_it_stopped(built, tmp_path, monkeypatch):
+    from opsd_jax.data.builders import mer
+
+    manifest, reference_dir = built
+    decoded, real = [], mer.load_clip_media
+
+    def stop_after_two(clip, **options):
+        if len(decoded) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C or a preempted machine stops a long build
+        decoded.append(clip.id)
+        return real(clip, **options)
+
+    monkeypatch.setattr(mer, "load_clip_media", stop_after_two)
+    config, data_dir = MerConfig(name="resume", **CONFIG), tmp_path / "tfds"
+    with pytest.raises(KeyboardInterrupt):
+        build_mer(manifest, data_dir, config)
+    assert not list(data_dir.rglob("dataset_info.json"))  # no half-written dataset in place
+    first_run = list(decoded)
+    decoded.clear()
+    monkeypatch.setattr(mer, "load_clip_media", lambda clip, **options: decoded.append(clip.id) or real(clip, **options))
+    dataset_dir = build_mer(manifest, data_dir, config)
+    assert len(first_run) == 2 and sorted(decoded) == sorted({"a", "b", "c", "d"} - set(first_run))
+    for split in ("train", "test"):
+        resumed, reference = by_id(load_split(dataset_dir, split)), by_id(load_split(reference_dir, split))
+        assert resumed.keys() == reference.keys()
+        for clip_id, example in resumed.items():
+            np.testing.assert_array_equal(example["frames"], reference[clip_id]["frames"])
+            np.testing.assert_array_equal(example["audio"], reference[clip_id]["audio"])
+    assert not (data_dir / "mer" / "resume" / "decoded").exists()  # removed once the dataset is in place
+
+
 def test_unreadable_media_raise_or_are_skipped_and_recorded(built, tmp_path):
     manifest, _ = built
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 512)

@@ -2,6 +2,7 @@
 Qwen2.5-Omni processor's own placeholder methods (run on a bare instance: the full processor needs
 torchvision), and the tiny reference thinker's encoders (placeholder counts = encoder output rows)."""
 
+import shutil
 import types
 
 import numpy as np
@@ -10,7 +11,12 @@ import pytest
 from opsd_jax.data import chat_template as ct
 from opsd_jax.data.audio_features import audio_to_inputs
 from opsd_jax.data.vision_inputs import image_to_inputs, video_to_inputs
-from opsd_jax.testing.tokenizer import EXTRA_SPECIAL_TOKENS, SPECIAL_TOKEN_IDS, build_tiny_tokenizer
+from opsd_jax.testing.tokenizer import (
+    EXTRA_SPECIAL_TOKENS,
+    QWEN2_5_OMNI_CHAT_TEMPLATE,
+    SPECIAL_TOKEN_IDS,
+    build_tiny_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +46,7 @@ def processor(tokenizer):
 
     processor = object.__new__(Qwen2_5OmniProcessor)
     processor.tokenizer = tokenizer
+    processor.chat_template = tokenizer.chat_template  # a checkpoint's processor and tokenizer share it
     for name in ("image", "audio", "video"):
         setattr(processor, f"{name}_token", getattr(tokenizer, f"{name}_token"))
         setattr(processor, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
@@ -132,7 +139,7 @@ def template_message(part):
     if isinstance(part, str):
         return {"type": "text", "text": part}
     kind = {ct.ImagePart: "image", ct.AudioPart: "audio", ct.VideoPart: "video"}[type(part)]
-    return {"type": kind, kind: "placeholder"}
+    return {"type": kind, kind: f"clip.{ {'image': 'jpg', 'audio': 'wav', 'video': 'mp4'}[kind]}"}
 
 
 @pytest.mark.parametrize("system_prompt", [None, ct.QWEN_OMNI_SYSTEM_PROMPT])
@@ -146,7 +153,7 @@ def test_full_prompt_equals_chat_template_plus_processor_expansion(builder, toke
 
     template_messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                           else [template_message(part) for part in m.content]} for m in messages]
-    text = tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
     image_inputs = dict(image_grid_thw=np.asarray([image.grid_thw]))
     audio_inputs = dict(num_audio_tokens=processor_audio_tokens([audio.feature_length]))
     expected, _ = processor.get_text_with_replacements(
@@ -158,8 +165,51 @@ def test_full_prompt_equals_chat_template_plus_processor_expansion(builder, toke
     )
     got = builder.render(messages)
     assert got == expected[0]
+    # Token for token: the processor tokenizes its expanded text with the same tokenizer.
+    ids = builder([messages], length=None)["input_ids"][0].tolist()
+    assert ids == tokenizer(expected[0])["input_ids"]
     assert got.startswith(f"<|im_start|>system\n{system_prompt or ct.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
     assert got.endswith("Which emotion?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------- the checkpoint's own chat template
+
+# Qwen2.5-Omni's template with another default system prompt and a label before each video.
+VARIANT_TEMPLATE = QWEN2_5_OMNI_CHAT_TEMPLATE.replace("You are a helpful assistant.", "You read faces.").replace(
+    "<|vision_bos|><|VIDEO|>", "Clip: <|vision_bos|><|VIDEO|>")
+
+
+def checkpoint_with_template(source, directory, template: str):
+    shutil.copytree(source, directory)
+    (directory / "chat_template.jinja").write_text(template)
+    return directory
+
+
+def test_the_checkpoint_template_reaches_the_input_ids(builder, tokenizer_dir, tmp_path):
+    variant = ct.PromptBuilder.from_pretrained(checkpoint_with_template(tokenizer_dir, tmp_path / "v", VARIANT_TEMPLATE))
+    video = ct.VideoPart((2, 4, 4), 1.0, 120)
+    messages = ct.user_prompt([video, "Which emotion?"])
+    default_ids = builder([messages], length=None)["input_ids"][0].tolist()
+    variant_ids = variant([messages], length=None)["input_ids"][0].tolist()
+    assert variant_ids != default_ids
+    text = variant.tokenizer.decode(variant_ids)
+    assert text.startswith("<|im_start|>system\nYou read faces.<|im_end|>\n<|im_start|>user\nClip: <|vision_bos|>")
+    # The expansion is the same under either template: the same placeholder runs.
+    assert text.replace("You read faces.", ct.DEFAULT_SYSTEM_PROMPT).replace("Clip: ", "") == \
+        builder.tokenizer.decode(default_ids)
+    assert variant_ids.count(SPECIAL_TOKEN_IDS["<|VIDEO|>"]) == ct.vision_token_count(video.grid_thw)
+
+
+def test_a_template_that_drops_a_medium_or_none_at_all_is_named(tokenizer_dir, tmp_path):
+    dropped = QWEN2_5_OMNI_CHAT_TEMPLATE.replace("<|audio_bos|><|AUDIO|><|audio_eos|>", "")
+    builder = ct.PromptBuilder.from_pretrained(checkpoint_with_template(tokenizer_dir, tmp_path / "d", dropped))
+    with pytest.raises(ValueError, match=r"chat template of checkpoint directory .*/d renders 0 audio placeholder"):
+        builder.render(ct.user_prompt([ct.AudioPart(100), "Hi"]))
+    bare = tmp_path / "bare"
+    shutil.copytree(tokenizer_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint directory .*bare has no chat template"):
+        ct.PromptBuilder.from_pretrained(bare)
 
 
 # ------------------------------------------------------------------------- counts vs the encoders' outputs

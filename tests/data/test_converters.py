@@ -67,7 +67,7 @@ def test_mer2023_test1_corpus_with_subtitles_and_audio(mer2023, tmp_path):
         "sample_b": clip(str(mer2023 / "video/sample_b.avi"), label="neutral", dataset="mer2023"),
     }
     assert without_ids(records(out)) == expected
-    chinese = convert("mer2023", mer2023, tmp_path / "zh.jsonl", language="chinese", include_train=True)
+    chinese = convert("mer2023", mer2023, tmp_path / "zh.jsonl", language="chinese", splits=None)
     assert {c.id: (c.subtitle, c.split, c.label) for c in chinese} == {
         "sample_a": ("你好", "test", "worried"), "sample_b": ("", "test", "neutral"),
         "sample_t1": ("走", "train", "happy")}
@@ -106,7 +106,7 @@ def test_meld_npz_class_indices_and_official_csv(tmp_path):
     write_csv(official / "train_sent_emo.csv", header, [[1, "Okay.", "Ross", "Neutral", "neutral", 3, 2]])
     write_csv(official / "dev_sent_emo.csv", header, [])
     touch(official, "output_repeated_splits_test/dia3_utt2.mp4", "train_splits/dia3_utt2.mp4")
-    convert("meld", official, official / "m.jsonl", include_train=True)
+    convert("meld", official, official / "m.jsonl", splits=None)
     assert without_ids(records(official / "m.jsonl")) == {
         "dia3_utt2": clip("output_repeated_splits_test/dia3_utt2.mp4", subtitle="Oh my God!", label="surprise",
                           dataset="meld"),
@@ -127,7 +127,11 @@ def test_iemocap_session_five_is_the_test_split(tmp_path):
     clips = convert("iemocapfour", root, tmp_path / "m.jsonl")
     assert [(c.id, c.label, c.subtitle, c.audio is not None) for c in clips] == [
         ("Ses05M_script02_M010", "anger", "No.", True), ("Ses05F_impro03_F001", "sad", "", False)]
-    assert len(convert("iemocapfour", root, tmp_path / "m.jsonl", include_train=True)) == 3
+    assert len(convert("iemocapfour", root, tmp_path / "m.jsonl", splits=None)) == 3
+    train = convert("iemocapfour", root, tmp_path / "m.jsonl", splits=("train",))
+    assert [(c.id, c.split) for c in train] == [("Ses01F_impro01_F000", "train")]
+    with pytest.raises(ConversionError, match=r"iemocapfour at .*: no 'dev' split; it has test, train"):
+        convert("iemocapfour", root, tmp_path / "m.jsonl", splits=("train", "dev"))
 
 
 def test_mmsa_sentiment_csv_and_npz(tmp_path):
@@ -137,7 +141,7 @@ def test_mmsa_sentiment_csv_and_npz(tmp_path):
         ["03bSnISJMiM", "12", "but it was good", 1.8, 0, "Positive", "train"],
         ["0h-zjBukYpk", "2", "meh", 0.0, 0, "Neutral", "valid"]])
     touch(mosi, "Raw/03bSnISJMiM/11.mp4", "Raw/03bSnISJMiM/12.mp4", "Raw/0h-zjBukYpk/2.mp4")
-    convert("cmumosi", mosi, mosi / "m.jsonl", include_train=True)
+    convert("cmumosi", mosi, mosi / "m.jsonl", splits=None)
     assert without_ids(records(mosi / "m.jsonl")) == {
         "03bSnISJMiM_11": clip("Raw/03bSnISJMiM/11.mp4", subtitle="a lot of sad parts", task="sentiment",
                                sentiment=-2.4, dataset="cmumosi"),

@@ -13,15 +13,11 @@ MEDIA = [ct.VideoPart((1, 4, 4), 1.0, 97)]
 RATIONALE = "Her brows are raised and her voice is loud: surprise."
 
 
-def text_of(messages) -> str:
-    return ct.render_messages(messages)
-
-
 @pytest.mark.parametrize("position", ["before_instruction", "after_instruction", "system"])
-def test_teacher_prompt_is_the_student_prompt_plus_the_block(position):
+def test_teacher_prompt_is_the_student_prompt_plus_the_block(position, tiny_prompt_builder):
     config = PromptConfig(privileged_position=position)
-    student = text_of(conversation(MEDIA, "Oh my god!", config))
-    teacher = text_of(conversation(MEDIA, "Oh my god!", config, rationale=RATIONALE))
+    student = tiny_prompt_builder.render(conversation(MEDIA, "Oh my god!", config))
+    teacher = tiny_prompt_builder.render(conversation(MEDIA, "Oh my god!", config, rationale=RATIONALE))
     block = config.privileged_template.format(rationale=RATIONALE)
     assert block not in student and RATIONALE not in student
     assert teacher.count(block) == 1
