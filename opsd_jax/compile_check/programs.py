@@ -39,7 +39,7 @@ from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
 from opsd_jax.data.chat_template import VideoPart, audio_in_video_runs, audio_token_count, vision_token_count
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
-from opsd_jax.sampling.sampler import compile_generation, sampling_settings
+from opsd_jax.sampling.sampler import compile_generation, generation_params, sampling_settings
 from opsd_jax.sharding import make_mesh, param_shardings
 
 logger = logging.getLogger(__name__)
@@ -334,8 +334,12 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
             # The accumulation loop is a `while`: its body (a micro-batch) counted k times.
             step_report.flops = accumulation * micro.flops
 
-    # Generation runs while the rest of the state (optimizer moments, the teacher's copy) stays in HBM.
+    # Generation runs on a compute-dtype copy of the decoder while the rest of the state (optimizer
+    # moments, the teacher's copy, the master weights when the copy is not them) stays in HBM.
+    generation = generation_params(params, model.dtype)
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
+    resident += bytes_per_chip([master for master, copy in zip(jax.tree.leaves(params), jax.tree.leaves(generation))
+                                if master.dtype != copy.dtype])
     sampling = config.sampling
     inputs = _abstract_inputs(student)
     inputs = _abstract(inputs, input_shardings(inputs, mesh))
@@ -366,7 +370,7 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
             else:
                 analyse(report, program, chip, resident=resident)
                 if report is decode:
-                    report.per_token = decode_per_token(report, params, chip)
+                    report.per_token = decode_per_token(report, generation, chip)
             record(report)
     return reports
 

@@ -70,6 +70,40 @@ class SamplingSettings:
     num_samples: int
 
 
+# Generation reads every decoder weight once per token. The decoder's layers (Linear, Embed, RMSNorm)
+# cast each weight to the compute dtype where they use it, so a copy already in that dtype gives the
+# same outputs from half the bytes of float32 master weights, and no per-token conversion. The
+# encoders' LayerNorms compute from float32 weights: they keep theirs (they run once, in the prefill).
+_DECODER_PARAMS = ("model", "lm_head")
+
+
+def _is_decoder_weight(path: tuple, leaf: Any, dtype: jnp.dtype) -> bool:
+    top = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+    return top in _DECODER_PARAMS and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_decoder(params: nnx.State, dtype: jnp.dtype) -> nnx.State:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if _is_decoder_weight(path, x, dtype) else x, params)
+
+
+def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
+    """The parameters generation runs on: the text decoder's and output head's weights in the compute
+    `dtype` (a sharded copy, as each weight is placed), everything else as it is. Unchanged, and no
+    copy, when the weights are already in `dtype`. Abstract parameters (`jax.ShapeDtypeStruct`s, as
+    `compile_generation` takes) give abstract ones with the same shardings."""
+    dtype = jnp.dtype(dtype)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not any(_is_decoder_weight(path, leaf, dtype) for path, leaf in leaves):
+        return params
+    if all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+            if _is_decoder_weight(path, x, dtype) else x, params)
+    return _cast_decoder(params, dtype)
+
+
 def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
     """Batch over (data, fsdp), KV heads over tensor: the model's own logical-axis table."""
     return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh), cache)
@@ -239,6 +273,7 @@ def compile_generation(
     topology that this machine does not have); the decode loop is compiled for the state the prefill
     returns, with the shardings the compiled prefill gives it.
     """
+    params = generation_params(params, nnx.merge(graphdef, params).dtype)
     prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh).compile()
     state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
                          prefill.out_info, prefill.output_shardings)
@@ -298,6 +333,7 @@ def generate(
     if mesh is not None:
         prepared = place_inputs(prepared, mesh)
     graphdef, params = nnx.split(model)
+    params = generation_params(params, model.dtype)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh)
     state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh)

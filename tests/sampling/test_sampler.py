@@ -212,3 +212,31 @@ def test_per_prompt_keys_make_rollouts_independent_of_row_order(setup):
     np.testing.assert_array_equal(np.asarray(forward.tokens[:3]), np.asarray(swapped.tokens[3:]))
     np.testing.assert_array_equal(np.asarray(forward.tokens[3:]), np.asarray(swapped.tokens[:3]))
     assert (np.asarray(forward.tokens[0]) != np.asarray(forward.tokens[1])).any()
+
+
+def test_generation_runs_on_a_compute_dtype_copy_of_the_decoder_with_the_same_tokens(tiny_untied):
+    """bfloat16 compute over float32 master weights (the slice configs): generation reads a bfloat16 copy
+    of the decoder and head (half the bytes per token), the encoders keep theirs, and what is sampled
+    is what the float32 weights give (the layers cast each weight to bfloat16 where they use it)."""
+    from flax import nnx
+
+    model = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    _, params = nnx.split(model)
+    copy = sampler_module.generation_params(params, jnp.bfloat16)
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(copy)}
+    decoder = [dtype for path, dtype in dtypes.items() if path.startswith(("['model']", "['lm_head']"))]
+    assert decoder and all(dtype == jnp.bfloat16 for dtype in decoder)
+    encoders = [dtype for path, dtype in dtypes.items() if path.startswith(("['visual']", "['audio_tower']"))]
+    assert encoders and all(dtype == jnp.float32 for dtype in encoders)
+    assert sampler_module.generation_params(copy, jnp.bfloat16) is copy  # no second copy
+
+    kwargs = dict(max_new_tokens=8, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=1)
+    out = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
+    original = sampler_module.generation_params
+    try:  # the same run on the float32 weights themselves, cast at every use
+        sampler_module.generation_params = lambda params, dtype: params
+        reference = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
+    finally:
+        sampler_module.generation_params = original
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
+    np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(reference.logprobs))
