@@ -117,7 +117,8 @@ def _trip_count(condition: list[_Instruction]) -> int | None:
     any other condition (the decode loop also stops when every row has emitted EOS)."""
     compares = [i for i in condition if i.opcode == "compare"]
     logic = [i for i in condition if i.opcode in ("and", "or", "not", "reduce", "all-reduce")]
-    constants = [i for i in condition if i.opcode == "constant" and i.shapes == (("s32", ""),)]
+    # s32 for scans and fori_loops, u32 for the windowed (collective) matmuls XLA makes of FSDP dots.
+    constants = [i for i in condition if i.opcode == "constant" and i.shapes in ((("s32", ""),), (("u32", ""),))]
     if len(compares) != 1 or logic or len(constants) != 1 or "direction=LT" not in compares[0].line:
         return None
     value = re.search(r"constant\((-?\d+)\)", constants[0].line)

@@ -94,7 +94,8 @@ def test_a_config_too_large_for_the_slice_exits_non_zero_naming_the_program(repo
     assert "eval_prefill" in err and ("does not fit" in err or "does not compile" in err)
 
 
-def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count():
+@pytest.mark.parametrize("counter", [jnp.int32, jnp.uint32])  # u32: the loops of XLA's windowed matmuls
+def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count(counter):
     _, devices = topology_devices(TOPOLOGY)
     mesh = Mesh(np.asarray(devices).reshape(4), ("x",))
     sharded = NamedSharding(mesh, PartitionSpec("x"))
@@ -103,7 +104,7 @@ def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count():
         # A shift along the sharded axis moves rows between chips: a collective every iteration.
         return jax.lax.with_sharding_constraint(jnp.roll(jnp.sin(carry), 1, axis=0), sharded)
 
-    fn = jax.jit(lambda x: jax.lax.fori_loop(0, 5, body, x), in_shardings=sharded, out_shardings=sharded)
+    fn = jax.jit(lambda x: jax.lax.fori_loop(counter(0), counter(5), body, x), in_shardings=sharded, out_shardings=sharded)
     compiled = fn.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=sharded)).compile()
     summary = summarize(compiled.as_text())
     assert [count for _, count in summary.loops] == [5]
