@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lifted: list[str] = []
+    if argv[:1] == ["eval"]:  # its COMMAND positional would take a KEY=VALUE word for a command's name
+        from opsd_jax.eval.cli import lift_overrides
+
+        argv, lifted = lift_overrides(argv)
     args, extra = parser.parse_known_args(argv)
+    if lifted:
+        args.overrides = [*args.overrides, *lifted]
     # KEY=VALUE overrides may sit on both sides of a flag (`train.lr=1 --resume train.seed=3`); argparse
     # gives a positional list only its first run of words, the later ones come back as unknown.
     if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):

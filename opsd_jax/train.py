@@ -471,7 +471,7 @@ class Trainer:
         writer = MetricsWriter(self.output_dir / "logs")
         if jax.process_index() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            save_run_config(self.output_dir, config)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         losses: list[float] = []
         evals: list[dict[str, float]] = []
@@ -601,6 +601,11 @@ class RunDirectoryError(ConfigError):
             f"run.output_dir {directory} already holds a run ({', '.join(existing)}); continue it with --resume, "
             "pick a new run.output_dir, or replace it with --overwrite"
         )
+
+
+def save_run_config(directory: epath.Path, config: Config) -> None:
+    """`directory/config.yaml`: the resolved config of the run, what its readers (`opsd_jax.trained`) take."""
+    (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 RUN_FILES = ("config.yaml", "summary.json", "logs", "checkpoints")  # what a run writes under its output_dir

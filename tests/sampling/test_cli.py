@@ -186,3 +186,51 @@ def test_a_prompt_over_the_models_context_is_refused(checkpoint, clip_files, tmp
     assert main(["generate", "--checkpoint", str(small), "--video", str(clip_files[0]), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert "exceeds the model's context of 48 tokens (max_position_embeddings)" in err and "clip.mp4" in err
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint, tmp_path_factory):
+    """A training run directory of the tiny thinker (checkpoints of steps 1 and 2) whose config sets the
+    instruction, the answer length, the prompt buckets and interleaved audio."""
+    from opsd_jax.config import load_config
+    from opsd_jax.testing.tiny_run import write_tiny_run
+
+    output = tmp_path_factory.mktemp("generate_run") / "run"
+    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output}",
+                                "prompt.instruction=Name the feeling.", "sampling.eval_max_new_tokens=3",
+                                "sampling.prompt_buckets=[64,512]", "mesh.fsdp=-1"])
+    write_tiny_run(config, (1, 2))
+    return output
+
+
+def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(run_dir, clip_files, tiny_prompt_builder,
+                                                                     monkeypatch):
+    """Nothing of the run is repeated by hand: the instruction, answer length and buckets come from its
+    config.yaml, the weights in bfloat16 over the config's mesh (all 8 devices); overrides apply."""
+    import opsd_jax.sampling
+
+    seen = []
+    real = opsd_jax.sampling.generate
+
+    def recording(model, inputs, **kwargs):
+        seen.append((model, tiny_prompt_builder.tokenizer.decode(np.asarray(inputs["input_ids"])[0]), kwargs))
+        return real(model, inputs, **kwargs)
+
+    monkeypatch.setattr(opsd_jax.sampling, "generate", recording)
+    command = ["generate", "--checkpoint", str(run_dir), "--video", str(clip_files[0]), "--max-pixels", str(56 * 56),
+               "--max-frames", "4"]
+    assert main([*command, "--step", "1"]) == 0
+    model, prompt, kwargs = seen[-1]
+    assert "Name the feeling." in prompt and kwargs["max_new_tokens"] == 3 and kwargs["prompt_buckets"] == [512]
+    assert dict(kwargs["mesh"].shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("bfloat16")
+    assert main([*command, "prompt.instruction=Which one?", "sampling.eval_max_new_tokens=2", "--dtype", "float32"]) == 0
+    model, prompt, kwargs = seen[-1]
+    assert "Which one?" in prompt and kwargs["max_new_tokens"] == 2
+    assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("float32")
+
+
+def test_a_missing_step_is_named_before_the_model_loads(run_dir, clip_files, capsys, no_model_load):
+    assert main(["generate", "--checkpoint", str(run_dir), "--step", "5", "--video", str(clip_files[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint at step 5; saved steps: 1, 2" in err, err
