@@ -287,3 +287,58 @@ def test_generation_settings_bind_only_once_there_are_predictions(tmp_path):
         check_generation_settings(tmp_path, {"checkpoint": "/c", "max_new_tokens": 8})
     with pytest.raises(ValueError, match=r"top_p: expected a value in \(0, 1\], got 1.5"):
         GenerationSettings(top_p=1.5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint, tmp_path_factory):
+    """A training run directory of the tiny thinker whose config sets the instruction, answer length and
+    prompt buckets; its mesh takes every device there is (mesh.fsdp: -1)."""
+    from opsd_jax.config import load_config
+    from opsd_jax.testing.tiny_run import write_tiny_run
+
+    output = tmp_path_factory.mktemp("eval_run") / "run"
+    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output}",
+                                "prompt.instruction=Name the feeling.", "sampling.eval_max_new_tokens=5",
+                                "sampling.prompt_buckets=[512]", "mesh.fsdp=-1"])
+    write_tiny_run(config, (1, 2))
+    return output
+
+
+def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manifest, tiny_wheel_dir, tmp_path):
+    """`eval --checkpoint RUN` takes the run's own prompt, answer length and buckets, loads the weights in
+    bfloat16 sharded over all devices of the mesh, and answers every clip as on a single device."""
+    import os
+    import subprocess
+    import sys
+
+    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
+               "--datasets", "mer2023,cmumosi", "--batch-size", "2", "--no-progress", *MEDIA, "--step", "2"]
+    assert main([*command, "--out", str(tmp_path / "eight")]) == 0
+    single = subprocess.run([sys.executable, "-m", "opsd_jax.cli", *command, "--out", str(tmp_path / "one")],
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    eight, one = _lines(tmp_path / "eight" / PREDICTIONS_FILE), _lines(tmp_path / "one" / PREDICTIONS_FILE)
+    assert {(row["dataset"], row["id"]) for row in eight} == ASKED
+    assert sorted(eight, key=lambda row: row["id"]) == sorted(one, key=lambda row: row["id"])
+    generation = json.loads((tmp_path / "eight" / GENERATION_FILE).read_text())
+    assert generation["prompt_config"]["instruction"] == "Name the feeling." and generation["max_new_tokens"] == 5
+    assert generation["step"] == 2 and generation["dtype"] == "bfloat16" and generation["prompt_buckets"] == [512]
+
+
+def test_eval_overrides_apply_and_a_bad_source_stops_before_loading(run_dir, manifest, tiny_wheel_dir, tmp_path,
+                                                                     generate_calls, capsys):
+    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
+               "--datasets", "mer2023", "--limit", "1", "--batch-size", "1", "--no-progress", *MEDIA]
+    assert main([*command, "prompt.instruction=Which one?", "--out", str(tmp_path / "a"), "sampling.eval_max_new_tokens=2"]) == 0
+    generation = json.loads((tmp_path / "a" / GENERATION_FILE).read_text())
+    assert generation["prompt_config"]["instruction"] == "Which one?" and generation["max_new_tokens"] == 2
+    assert generate_calls == [1]
+    capsys.readouterr()
+    for extra, expected in ((["--step", "9"], "no checkpoint at step 9; saved steps: 1, 2"),
+                            (["mesh.data=3"], "mesh.fsdp: -1 cannot fill the mesh: 8 devices"),
+                            (["--checkpoint", str(tmp_path)], "neither a Hugging Face checkpoint directory")):
+        assert main([*command, "--out", str(tmp_path / "b"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert generate_calls == [1]
