@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from typing import Sequence
 
 import yaml
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str = "info") -> None:
+    """The process's logging, set once before any command runs: `level` for opsd-jax and the libraries.
+
+    absl (orbax's and JAX's log) stays at errors unless `level` is debug: orbax warns on every read-only
+    open of a run directory, which is how every reader opens one.
+    """
+    numeric = getattr(logging, level.upper())
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.ERROR))
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -82,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OmniOPSD in JAX: rationale-privileged on-policy self-distillation for omni-modal "
         "(video + audio + text) emotion understanding with the Qwen2.5-Omni thinker.",
     )
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                        help="what the log shows, for every command (before it: opsd-jax --log-level debug train ...)")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     _register_train(subparsers)
@@ -119,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    configure_logging(args.log_level)
     from opsd_jax.config import ConfigError
     from opsd_jax.models.weights import CheckpointError
 
