@@ -24,7 +24,15 @@ def configure_logging(level: str = "info") -> None:
     open of a run directory, which is how every reader opens one.
     """
     numeric = getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    root = logging.getLogger()
+    # Plain stream handlers a library (or an earlier call) installed would print every record twice; subclasses
+    # (a test runner's capture) stay.
+    for handler in [handler for handler in root.handlers if type(handler) is logging.StreamHandler]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(numeric)
     logging.getLogger("absl").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.ERROR))
 
 
