@@ -14,16 +14,12 @@ from opsd_jax.config import ConfigError, load_config
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.sharding import make_mesh
 from opsd_jax.testing.tiny_run import write_tiny_run
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
 from opsd_jax.trained import load_thinker, open_source
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_untied, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("trained_ckpt")
-    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
-    build_tiny_tokenizer(directory)
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

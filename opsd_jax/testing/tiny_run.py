@@ -220,3 +220,14 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
         saved.append(jax.tree.map(np.asarray, noisy))
     checkpointer.close()
     return saved
+
+
+def tiny_run_directory(checkpoint: Path, output_dir: Path, *overrides: str, steps: tuple[int, ...] = (1, 2)) -> Path:
+    """`write_tiny_run` of the default config on `checkpoint` with `overrides`, its mesh over every device;
+    returns the run directory."""
+    from opsd_jax.config import load_config
+
+    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output_dir}", "mesh.fsdp=-1",
+                                *overrides])
+    write_tiny_run(config, steps)
+    return Path(output_dir)

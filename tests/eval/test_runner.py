@@ -29,7 +29,7 @@ from opsd_jax.eval.runner import (
     parse_dataset_names,
     read_done,
 )
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.testing.tiny_run import tiny_run_directory
 from tests.eval.fake_chat_server import FakeChatServer, Reply, last_user_message
 
 # (id, dataset, task, ground-truth field, value, split)
@@ -48,12 +48,8 @@ FRAME_SIDE = 336
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_untied, tmp_path_factory):
-    """The tiny thinker with the tiny tokenizer beside it, as a real checkpoint directory holds both."""
-    directory = tmp_path_factory.mktemp("eval_ckpt")
-    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
-    build_tiny_tokenizer(directory)
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -293,15 +289,8 @@ def test_generation_settings_bind_only_once_there_are_predictions(tmp_path):
 def run_dir(checkpoint, tmp_path_factory):
     """A training run directory of the tiny thinker whose config sets the instruction, answer length and
     prompt buckets; its mesh takes every device there is (mesh.fsdp: -1)."""
-    from opsd_jax.config import load_config
-    from opsd_jax.testing.tiny_run import write_tiny_run
-
-    output = tmp_path_factory.mktemp("eval_run") / "run"
-    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output}",
-                                "prompt.instruction=Name the feeling.", "sampling.eval_max_new_tokens=5",
-                                "sampling.prompt_buckets=[512]", "mesh.fsdp=-1"])
-    write_tiny_run(config, (1, 2))
-    return output
+    return tiny_run_directory(checkpoint, tmp_path_factory.mktemp("eval_run") / "run", "sampling.eval_max_new_tokens=5",
+                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[512]")
 
 
 def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manifest, tiny_wheel_dir, tmp_path):

@@ -11,16 +11,12 @@ import pytest
 from opsd_jax.cli import main
 from opsd_jax.data.manifest import Clip, write_manifest
 from opsd_jax.data.media import write_video, write_wav
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.testing.tiny_run import tiny_run_directory
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_untied, tmp_path_factory):
-    """The tiny thinker with the tiny tokenizer beside it, as a real checkpoint directory holds both."""
-    directory = tmp_path_factory.mktemp("generate_ckpt")
-    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
-    build_tiny_tokenizer(directory)
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +188,8 @@ def test_a_prompt_over_the_models_context_is_refused(checkpoint, clip_files, tmp
 def run_dir(checkpoint, tmp_path_factory):
     """A training run directory of the tiny thinker (checkpoints of steps 1 and 2) whose config sets the
     instruction, the answer length, the prompt buckets and interleaved audio."""
-    from opsd_jax.config import load_config
-    from opsd_jax.testing.tiny_run import write_tiny_run
-
-    output = tmp_path_factory.mktemp("generate_run") / "run"
-    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output}",
-                                "prompt.instruction=Name the feeling.", "sampling.eval_max_new_tokens=3",
-                                "sampling.prompt_buckets=[64,512]", "mesh.fsdp=-1"])
-    write_tiny_run(config, (1, 2))
-    return output
+    return tiny_run_directory(checkpoint, tmp_path_factory.mktemp("generate_run") / "run", "sampling.eval_max_new_tokens=3",
+                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[64,512]")
 
 
 def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(run_dir, clip_files, tiny_prompt_builder,
