@@ -274,8 +274,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="MER-UniBench evaluation",
         description="With --checkpoint: answer every clip of the requested MER-UniBench datasets with the jitted "
         "sampler (batched, greedy by default, the student prompt), extract emotion labels, score them with the "
-        "benchmark's metrics and write predictions.jsonl, scores.json and report.md; a rerun resumes. With a "
-        "COMMAND: score saved predictions, or fetch the emotion-wheel files.",
+        "benchmark's metrics and write predictions.jsonl, scores.json and report.md; a rerun resumes. The "
+        "checkpoint may be a training run directory (its config.yaml gives the prompt, audio layout, buckets, "
+        "answer length and mesh; KEY=VALUE words override it as in `opsd-jax train`). With a COMMAND: score "
+        "saved predictions, or fetch the emotion-wheel files.",
     )
     _add_run_arguments(group)
     commands = group.add_subparsers(title="eval commands", metavar="COMMAND")
