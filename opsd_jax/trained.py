@@ -131,3 +131,30 @@ def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh) -> tuple[Any,
     nnx.update(model, params)
     logger.info("loaded step %d of %s (%s, mesh %s)", step, source.run_dir, dtype, dict(mesh.shape))
     return model, step
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipShape:
+    """The static shape of a run's training clips: `num_frames` frames of `height` x `width`, audio padded or
+    cut to `audio_samples` (16 kHz), as the dataset builder brought them (`opsd_jax.data.builders`)."""
+
+    num_frames: int
+    height: int
+    width: int
+    audio_samples: int
+
+
+def training_clip_shape(config: Config) -> ClipShape | None:
+    """The shape of the clips of `data.train_dir` (its first training clip), so that readers bring other clips
+    to it; None when the run names no training dataset or it is not on this machine."""
+    directory = Path(config.data.train_dir) if config.data.train_dir else None
+    if directory is None or not directory.is_dir():
+        return None
+    from opsd_jax.data.builders import load_split
+
+    source = load_split(directory, config.data.train_split)
+    if not len(source):
+        return None
+    first = source[0]
+    num_frames, height, width, _ = first["frames"].shape
+    return ClipShape(int(num_frames), int(height), int(width), int(first["audio"].size))

@@ -152,8 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
     settings = GenerationSettings(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, fps=args.fps,
-        max_frames=args.max_frames, max_pixels=args.max_pixels, no_audio=args.no_audio,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, no_audio=args.no_audio,
         **settings_from_config(source, args),
     )
     out = args.out or Path("eval_results") / args.checkpoint.resolve().name
@@ -226,7 +225,7 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(group: argparse.ArgumentParser) -> None:
     """`opsd-jax eval --checkpoint ... [KEY=VALUE ...]` (no COMMAND): generate, extract, score."""
-    from opsd_jax.sampling.cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments
+    from opsd_jax.sampling.cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments, add_frame_arguments
 
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
     add_checkpoint_arguments(run, required=False)
@@ -250,10 +249,7 @@ def _add_run_arguments(group: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--prompt", help="the instruction (default: the config's prompt.instruction); AffectGPT's zero-shot "
                      "one is 'Please recognize all possible emotional states of the character.'")
-    run.add_argument("--fps", type=float, default=2.0, help="manifest clips: video frames sampled per second")
-    run.add_argument("--max-frames", type=int, default=32, help="manifest clips: at most this many frames")
-    run.add_argument("--max-pixels", type=int, default=224 * 224, help="manifest clips: at most this many pixels "
-                     "per frame")
+    add_frame_arguments(run)  # manifest clips
     run.add_argument("--no-audio", action="store_true", help="use the frames only")
     run.add_argument("--separate-audio", action="store_true",
                      help="give the audio as its own part instead of interleaving it with the video (default: the "

@@ -26,6 +26,7 @@ from opsd_jax.data.manifest import Clip
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
 from opsd_jax.opsd.prompts import PromptConfig
+from opsd_jax.trained import ClipShape
 
 PREDICTIONS_FILE = "predictions.jsonl"
 GENERATION_FILE = "generation.json"
@@ -40,7 +41,8 @@ class GenerationSettings:
     prompt_buckets: prompt lengths a batch is left-padded to (the smallest that holds it; a run's
       `sampling.prompt_buckets`), so that batches share compiled programs.
     fps, max_frames, max_pixels: how a manifest clip's video is sampled (a TFDS clip's frames are fixed
-      when the dataset is built).
+      when the dataset is built); with `clip_shape` (a run's training clips), none of them: manifest clips
+      are brought to its frames and audio length, as the dataset builder brought the training clips.
     no_audio: frames only; separate_audio: audio as its own prompt part instead of interleaved.
     temperature: 0 is greedy.
     """
@@ -55,6 +57,7 @@ class GenerationSettings:
     fps: float = 2.0
     max_frames: int = 32
     max_pixels: int = 224 * 224
+    clip_shape: ClipShape | None = None
     no_audio: bool = False
     separate_audio: bool = False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -20,6 +21,8 @@ from opsd_jax.config import local_path
 from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # without a config file; with one, its sampling.eval_max_new_tokens
 
@@ -37,6 +40,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool 
                         "override it as in `opsd-jax train`, e.g. mesh.fsdp=4 prompt.instruction=...")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
                         help="parameters and compute (default: %(default)s), sharded over the config's mesh")
+
+
+FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
+
+
+def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fps, --max-frames, --max-pixels: how a video file is sampled. Without them, a run directory whose
+    training dataset is on this machine brings clips to its training clips' frames and audio length."""
+    where = ("; default: a run's training clips' frames when its data.train_dir is here, else "
+             "{})".format)
+    parser.add_argument("--fps", type=float, help="video frames sampled per second" + where("2"))
+    parser.add_argument("--max-frames", type=int, help="at most this many frames per clip" + where("32"))
+    parser.add_argument("--max-pixels", type=int, help="at most this many pixels per frame" + where(str(224 * 224)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,9 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
-    parser.add_argument("--max-frames", type=int, default=32, help="at most this many frames per clip")
-    parser.add_argument("--max-pixels", type=int, default=224 * 224, help="at most this many pixels per frame")
+    add_frame_arguments(parser)
     parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
                         help="a manifest clip whose media cannot be read: raise (stop, exit 2; default) or skip "
                         "it (counted and named at the end, exit 1; a rerun tries it again)")
@@ -88,8 +102,20 @@ def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens = args.max_new_tokens
     else:
         max_new_tokens = config.sampling.eval_max_new_tokens if source.configured else DEFAULT_MAX_NEW_TOKENS
+    frames = {name: getattr(args, name) for name in FRAME_DEFAULTS}
+    clip_shape = None
+    if source.run_dir is not None and all(value is None for value in frames.values()):
+        from opsd_jax.trained import training_clip_shape
+
+        clip_shape = training_clip_shape(config)
+        if clip_shape is not None:
+            logger.info("clips are brought to the run's training clips: %d frames of %d x %d, %d audio samples (%s)",
+                        clip_shape.num_frames, clip_shape.height, clip_shape.width, clip_shape.audio_samples,
+                        config.data.train_dir)
+    frames = {name: FRAME_DEFAULTS[name] if value is None else value for name, value in frames.items()}
     return dict(prompt_config=prompt, prompt_buckets=tuple(config.sampling.prompt_buckets),
-                separate_audio=args.separate_audio or not config.data.use_audio_in_video, max_new_tokens=max_new_tokens)
+                separate_audio=args.separate_audio or not config.data.use_audio_in_video, max_new_tokens=max_new_tokens,
+                clip_shape=clip_shape, **frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +146,12 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
     from opsd_jax.data.media import read_audio, read_video
     from opsd_jax.data.vision_inputs import video_to_inputs
 
-    decoded = read_video(video, record_id=record_id, fps=args.fps, max_frames=args.max_frames,
-                         max_pixels=args.max_pixels)
+    shape = args.clip_shape  # the run's training clips: decoded as the dataset builder decoded them
+    if shape is not None:
+        decoded = read_video(video, record_id=record_id, num_frames=shape.num_frames, size=(shape.height, shape.width))
+    else:
+        decoded = read_video(video, record_id=record_id, fps=args.fps, max_frames=args.max_frames,
+                             max_pixels=args.max_pixels)
     arrays = video_to_inputs(decoded.frames, decoded.sample_fps)
     clip = {
         "pixel_values_videos": arrays["pixel_values_videos"],
@@ -130,7 +160,8 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
     }
     if not args.no_audio:
         waveform = read_audio(audio or video, record_id=record_id)
-        features = audio_to_inputs(waveform, max_samples=waveform.size)
+        # A training clip's audio was cut to (or padded to) the dataset's length; other audio keeps its own.
+        features = audio_to_inputs(waveform, max_samples=shape.audio_samples if shape is not None else waveform.size)
         clip.update(input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0])
     return clip
 
