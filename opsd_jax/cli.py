@@ -17,6 +17,19 @@ import yaml
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (a caller, such as a test, may replace it and
+    close the old one between records)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        del value
+
+
 def configure_logging(level: str = "info") -> None:
     """The process's logging, set once before any command runs: `level` for opsd-jax and the libraries.
 
@@ -27,9 +40,9 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     # Plain stream handlers a library (or an earlier call) installed would print every record twice; subclasses
     # (a test runner's capture) stay.
-    for handler in [handler for handler in root.handlers if type(handler) is logging.StreamHandler]:
+    for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _StderrHandler)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(numeric)

@@ -42,3 +42,19 @@ def test_log_level_configures_logging_once_for_every_command(capsys):
     logging.getLogger("opsd_jax.test").info("shown")
     err = capsys.readouterr().err
     assert err.count("INFO opsd_jax.test: shown") == 1, err
+
+
+def test_the_log_follows_stderr_when_it_is_replaced(capsys):
+    import io
+    import logging
+    import sys
+
+    assert main(["config", "--no-device-check"]) == 0
+    capsys.readouterr()
+    with capsys.disabled():  # what a later test sees: the stream of the first call is gone
+        replaced, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            logging.getLogger("opsd_jax.test").warning("after")
+            assert "WARNING opsd_jax.test: after" in sys.stderr.getvalue()
+        finally:
+            sys.stderr = replaced

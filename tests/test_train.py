@@ -299,6 +299,7 @@ def test_a_missing_step_and_another_model_are_one_line_errors(finished_run, tmp_
     params = jax.tree_util.tree_unflatten(treedef, [changed] + [leaf for _, leaf in leaves[1:]])
     with pytest.raises(CheckpointError, match=r"has params/\S+ of shape .* the model config gives"):
         reader.restore(None, dataclasses.replace(abstract, params=params))
+    capsys.readouterr()  # the restore above warned (logged once a CLI call has configured logging)
     assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "x"), "--step", "9"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no checkpoint at step 9" in err

@@ -1,5 +1,10 @@
 """`opsd-jax generate`: answers for one clip, or for every clip of a manifest, with the jitted sampler.
 
+The model is a training run's (a run directory: its config.yaml decides the prompt, audio layout, prompt
+buckets, answer length, mesh and clip shape) or a Hugging Face directory's, loaded in bfloat16 over the
+config's mesh (`opsd_jax.trained`). `add_checkpoint_arguments`, `settings_from_config`, `load_reader` and
+`answer` serve `opsd-jax eval` too.
+
 Inference needs no rationale, label or API: the prompt is the student's (`opsd_jax.opsd.prompts`).
 """
 
@@ -48,8 +53,7 @@ FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
 def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
     """--fps, --max-frames, --max-pixels: how a video file is sampled. Without them, a run directory whose
     training dataset is on this machine brings clips to its training clips' frames and audio length."""
-    where = ("; default: a run's training clips' frames when its data.train_dir is here, else "
-             "{})".format)
+    where = "; default: a run's training clips' frames when its data.train_dir is here, else {}".format
     parser.add_argument("--fps", type=float, help="video frames sampled per second" + where("2"))
     parser.add_argument("--max-frames", type=int, help="at most this many frames per clip" + where("32"))
     parser.add_argument("--max-pixels", type=int, help="at most this many pixels per frame" + where(str(224 * 224)))
