@@ -7,10 +7,46 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from typing import Sequence
 
 import yaml
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (a caller, such as a test, may replace it and
+    close the old one between records)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        del value
+
+
+def configure_logging(level: str = "info") -> None:
+    """The process's logging, set once before any command runs: `level` for opsd-jax and the libraries.
+
+    absl (orbax's and JAX's log) stays at errors unless `level` is debug: orbax warns on every read-only
+    open of a run directory, which is how every reader opens one.
+    """
+    numeric = getattr(logging, level.upper())
+    root = logging.getLogger()
+    # Plain stream handlers a library (or an earlier call) installed would print every record twice; subclasses
+    # (a test runner's capture) stay.
+    for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    logging.getLogger("absl").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.ERROR))
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -82,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OmniOPSD in JAX: rationale-privileged on-policy self-distillation for omni-modal "
         "(video + audio + text) emotion understanding with the Qwen2.5-Omni thinker.",
     )
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                        help="what the log shows, for every command (before it: opsd-jax --log-level debug train ...)")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     _register_train(subparsers)
@@ -103,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lifted: list[str] = []
+    if argv[:1] == ["eval"]:  # its COMMAND positional would take a KEY=VALUE word for a command's name
+        from opsd_jax.eval.cli import lift_overrides
+
+        argv, lifted = lift_overrides(argv)
     args, extra = parser.parse_known_args(argv)
+    if lifted:
+        args.overrides = [*args.overrides, *lifted]
     # KEY=VALUE overrides may sit on both sides of a flag (`train.lr=1 --resume train.seed=3`); argparse
     # gives a positional list only its first run of words, the later ones come back as unknown.
     if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
@@ -113,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    configure_logging(args.log_level)
     from opsd_jax.config import ConfigError
     from opsd_jax.models.weights import CheckpointError
 

@@ -276,6 +276,13 @@ class RunConfig:
     eval_every: int = 100
     log_every: int = 1
     async_checkpointing: bool = True
+    # Every this many steps, the rollouts of the step's first prompt (their text, per-token divergence, and the
+    # teacher's top tokens where the student diverged most) go to logs/rollouts.jsonl and TensorBoard's text
+    # panel; 0: never. Costs one extra forward of that micro-batch (student and teacher) on those steps.
+    log_rollouts_every: int = 0
+    # A Weights & Biases project that gets the same metrics as TensorBoard (`pip install 'opsd-jax[wandb]'`;
+    # WANDB_MODE=offline keeps them on disk); null: none.
+    wandb_project: str | None = None
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
@@ -286,6 +293,16 @@ class RunConfig:
                 raise ConfigError(f"run.{name}: expected >= 1, got {getattr(self, name)}")
         if self.keep_best < 0:
             raise ConfigError(f"run.keep_best: expected >= 0, got {self.keep_best}")
+        if self.log_rollouts_every < 0:
+            raise ConfigError(f"run.log_rollouts_every: expected >= 0 (0 = never), got {self.log_rollouts_every}")
+        if self.wandb_project is not None:
+            import importlib.util
+
+            if not self.wandb_project.strip():
+                raise ConfigError("run.wandb_project: expected a project name, or null for no Weights & Biases")
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError(f"run.wandb_project: {self.wandb_project!r} is set but wandb is not installed; "
+                                  "pip install 'opsd-jax[wandb]', or set run.wandb_project: null")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-
 from opsd_jax.config import local_path
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -73,61 +70,20 @@ def load_trained_params(path: str | Path, step: int | None = None) -> TrainedPar
 
     Accepts a Hugging Face checkpoint directory (config.json + safetensors), or a training run
     directory (`run.output_dir` of `opsd-jax train`: its `config.yaml` names the base checkpoint, and
-    `checkpoints/` holds the trained parameters; `step` picks one, default the newest).
+    `checkpoints/` holds the trained parameters; `step` picks one, default the newest that restores), in
+    the run's `model.dtype` (a Hugging Face directory: float32).
 
     Raises:
-      CheckpointError: `path` is missing or is not a Hugging Face checkpoint directory.
+      CheckpointError: `path` is missing or neither kind of directory, or `step` is not saved.
     """
     from opsd_jax.config import MeshConfig
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
-    from opsd_jax.models.weights import CheckpointError
     from opsd_jax.sharding import make_mesh
+    from opsd_jax.trained import load_thinker, open_source
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"--checkpoint {path}: does not exist")
-    has_weights = (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
-    if path.is_dir() and (path / "config.json").is_file() and has_weights:
-        return TrainedParams(from_pretrained(path, mesh=make_mesh(MeshConfig())), path)
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return _load_run(path, step)
-    raise CheckpointError(
-        f"--checkpoint {path}: neither a Hugging Face checkpoint directory (config.json and *.safetensors) nor a "
-        "training run directory (config.yaml and checkpoints/, as `opsd-jax train` writes under run.output_dir)"
-    )
-
-
-def _load_run(run_dir: Path, step: int | None) -> TrainedParams:
-    """The parameters of a training run's checkpoint (the newest complete one unless `step`), restored
-    straight onto an FSDP mesh over all devices, on top of the run's base checkpoint's architecture."""
-    from flax import nnx
-
-    from opsd_jax.checkpoint import RunCheckpointer
-    from opsd_jax.config import MeshConfig, load_config
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
-    from opsd_jax.models.weights import CheckpointError
-    from opsd_jax.sharding import make_mesh
-
-    config = load_config(run_dir / "config.yaml", num_devices=None)
-    base = Path(config.model.checkpoint)
-    if not (base / "config.json").is_file():
-        raise CheckpointError(f"{run_dir / 'config.yaml'}: model.checkpoint {base} (the run's base checkpoint) is missing")
-    checkpointer = RunCheckpointer(run_dir / "checkpoints", read_only=True)  # the run may still be training
-    try:
-        steps = checkpointer.all_steps()
-        if (step is not None and step not in steps) or not steps:  # before the model loads
-            wanted = "no checkpoint" if step is None else f"no checkpoint at step {step}"
-            raise CheckpointError(f"--checkpoint {run_dir}: {wanted}; saved steps: "
-                                  f"{', '.join(map(str, sorted(steps))) or 'none'}")
-        dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-        model = from_pretrained(base, dtype=dtype, mesh=make_mesh(MeshConfig()))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                nnx.state(model, nnx.Param))
-        _, params = checkpointer.restore_params(step, abstract)
-    finally:
-        checkpointer.close()
-    nnx.update(model, params)
-    return TrainedParams(model, base)
+    source = open_source(path, step=step, num_devices=None)
+    dtype = "float32" if source.run_dir is None else source.config.model.dtype
+    model, _ = load_thinker(source, dtype=dtype, mesh=make_mesh(MeshConfig()))
+    return TrainedParams(model, source.base_dir)
 
 
 def run(args: argparse.Namespace) -> int:

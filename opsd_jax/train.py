@@ -17,13 +17,13 @@ Only process 0 writes logs (JSONL and TensorBoard) and shows the progress bar.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import signal
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -43,7 +43,9 @@ from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterato
 from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
+from opsd_jax.monitor import MetricsWriter, matmul_parameters, peak_flops, step_model_flops
 from opsd_jax.opsd import step as opsd_step
+from opsd_jax.opsd.diagnostics import inspect_rollouts, markdown, rollout_records
 from opsd_jax.opsd.prompts import encode_clip_batch, prompt_lengths
 from opsd_jax.sampling import GenerationOutput, generate
 from opsd_jax.sharding import make_mesh, to_host
@@ -141,69 +143,6 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return gathered
 
 
-class MetricsWriter:
-    """JSONL and TensorBoard event files under the run directory; a no-op on every process but 0.
-
-    Locally the JSONL file is appended to line by line. An object store (gs://) has no append (opening an
-    object for appending starts it anew: a resumed run lost every earlier line), so there the whole file is
-    rewritten, and the TensorBoard events (written to a local temporary directory) copied up, at most every
-    `upload_every_s` seconds and when the writer closes. (tensorboardX's own gs:// writer uploads again when
-    garbage-collected at interpreter exit, retrying for minutes if the bucket is unreachable by then.)
-    """
-
-    def __init__(self, directory: epath.Path, *, upload_every_s: float = 30.0):
-        self.enabled = jax.process_index() == 0
-        self.path = directory / "metrics.jsonl"
-        self.remote = "://" in str(directory)
-        self.upload_every_s = upload_every_s
-        self.board_dir = directory / "tensorboard"
-        self.handle = None
-        self.board = None
-        if self.enabled:
-            directory.mkdir(parents=True, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
-            if self.remote:
-                self.text = self.path.read_text() if self.path.exists() else ""
-                self.uploaded = time.monotonic()
-                self.staging = epath.Path(tempfile.mkdtemp(prefix="opsd-jax-tensorboard-"))
-                self.board = SummaryWriter(str(self.staging))
-            else:
-                self.handle = self.path.open("a")
-                self.board = SummaryWriter(str(self.board_dir))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps({"step": step, **metrics}) + "\n"
-        if self.remote:
-            self.text += line
-            if time.monotonic() - self.uploaded >= self.upload_every_s:
-                self._upload()
-        else:
-            self.handle.write(line)
-            self.handle.flush()
-        for name, value in metrics.items():
-            self.board.add_scalar(name, value, step)
-
-    def _upload(self) -> None:
-        self.path.write_text(self.text)
-        self.board.flush()
-        self.board_dir.mkdir(parents=True, exist_ok=True)
-        for event_file in self.staging.iterdir():
-            (self.board_dir / event_file.name).write_bytes(event_file.read_bytes())
-        self.uploaded = time.monotonic()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.board.close()
-            if self.remote:
-                self._upload()
-                self.staging.rmtree()
-            else:
-                self.handle.close()
-
-
 @dataclasses.dataclass
 class TrainingSummary:
     steps: int
@@ -231,6 +170,7 @@ class Trainer:
         self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
         params = nnx.state(self.model, nnx.Param)
         self.tx = opsd_step.make_optimizer(config.train, params)
+        self.schedule = opsd_step.learning_rate_schedule(config.train)
         self.settings = opsd_step.StepSettings(
             graphdef=nnx.graphdef(self.model), tx=self.tx, loss=config.loss, teacher=config.teacher,
             train_encoders=config.train.train_encoders, mesh=self.mesh,
@@ -251,6 +191,15 @@ class Trainer:
             self.eval_indices = list(range(len(source))) if fitting is None else fitting
         self.vocabulary: list[str] | None = None
         self._stop = False
+        thinker = self.model.config
+        self.matmul_parameters = matmul_parameters(params, tied_head=thinker.tie_word_embeddings,
+                                                   vocab_size=thinker.text.vocab_size,
+                                                   hidden_size=thinker.text.hidden_size)
+        self.peak_flops = peak_flops(self.mesh.devices.reshape(-1).tolist())
+        if self.peak_flops is None:
+            logger.warning("no peak FLOP/s known for device kind %r: perf/mfu is not logged",
+                           self.mesh.devices.reshape(-1)[0].device_kind)
+        self.rollout_time = RolloutTime()
 
     # ---------------------------------------------------------------------------------------- data
 
@@ -343,6 +292,7 @@ class Trainer:
             # One key per clip, from its id: rollouts do not depend on the process layout or batch order.
             step_key = jax.random.fold_in(self.key, step)
             key = jnp.stack([jax.random.fold_in(step_key, _stable_hash(str(clip["id"]))) for clip in part])
+            began = time.perf_counter()
             if teacher.distill_weight == 0 and teacher.label_pg_weight == 0:
                 out = self._no_rollouts(len(part))
             else:
@@ -351,7 +301,8 @@ class Trainer:
                     top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
                     pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key, mesh=self.mesh,
                 )
-            tokens, mask = to_host(out.tokens), to_host(out.mask)
+            tokens, mask = to_host(out.tokens), to_host(out.mask)  # waits for the rollouts
+            self.rollout_time.add(time.perf_counter() - began, int(mask.sum()))
             rewards = self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
             label_ids, label_mask = self._label_ids(part)
             micro.append(opsd_step.StepBatch(
@@ -361,6 +312,35 @@ class Trainer:
             ))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro)
         return opsd_step.place_step_batch(stacked, self.mesh)
+
+    def step_performance(self, step: int, seconds: float, tokens: dict[str, int]) -> dict[str, float]:
+        """The learning rate of update `step` (1-based), the step's wall time (data, rollouts and update), the
+        rollouts' tokens per second and the step's model FLOPs (`step_model_flops`) and their utilisation of
+        the mesh's peak (`perf/mfu`, when the devices' peak is known)."""
+        rollouts = self.rollout_time
+        flops = step_model_flops(self.matmul_parameters, num_samples=self.config.sampling.num_samples, **tokens)
+        out = {
+            "train/lr": float(self.schedule(step - 1)),
+            "perf/step_seconds": seconds,
+            "perf/rollout_seconds": rollouts.seconds,
+            "perf/rollout_tokens_per_second": rollouts.tokens / rollouts.seconds if rollouts.seconds else 0.0,
+            "perf/model_tflops": flops / 1e12,
+        }
+        if self.peak_flops:
+            out["perf/mfu"] = flops / (seconds * self.peak_flops)
+        return out
+
+    def inspect_rollouts(self, batch: opsd_step.StepBatch, clips: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+        """The G rollouts of the step's first prompt, scored (`opsd_jax.opsd.diagnostics`): what
+        `rollouts.jsonl` holds."""
+        first = jax.tree.map(lambda x: x[0], batch)  # micro-batch 0, whose first G rows are clip 0's rollouts
+        rows = self.config.sampling.num_samples
+        scored = inspect_rollouts(self.state.params, self.state.teacher_params, first, settings=self.settings,
+                                  rows=rows)
+        scored = {name: to_host(value) for name, value in scored.items()}
+        tokens, mask = to_host(first.completion)[:rows], to_host(first.completion_mask)[:rows]
+        decode = functools.partial(self.builder.tokenizer.decode, skip_special_tokens=False)
+        return rollout_records(step, str(clips[0]["id"]), tokens, mask, scored, decode)
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -422,6 +402,7 @@ class Trainer:
             logger.warning("%s: starting at step 0", message)
             return 0
         state, meta = self.checkpointer.restore(step, abstract_like(self.state), data_iterator=self.iterator)
+        logger.info("resuming from checkpoint step %d of %s", int(meta["step"]), self.checkpointer.directory)
         self.state = state
         if meta.get("rng") is not None:
             self.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
@@ -468,10 +449,10 @@ class Trainer:
                 raise RunDirectoryError(self.output_dir, existing)
             start = 0
         end = config.train.total_steps if max_steps is None else min(config.train.total_steps, start + max_steps)
-        writer = MetricsWriter(self.output_dir / "logs")
+        writer = MetricsWriter(self.output_dir / "logs", wandb_project=config.run.wandb_project, run_config=config)
         if jax.process_index() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            save_run_config(self.output_dir, config)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         losses: list[float] = []
         evals: list[dict[str, float]] = []
@@ -479,16 +460,28 @@ class Trainer:
         began = time.perf_counter()
         bar = tqdm(total=end - start, desc="train", unit="step", disable=jax.process_index() != 0)
         step = start
+        every = config.run.log_rollouts_every
         try:
             while step < end and not self._stop:
+                step_began = time.perf_counter()
+                self.rollout_time = RolloutTime()
                 clips = _clips(gather_global_batch(next(self.iterator)))
                 batch = self.make_step_batch(clips, step)
+                tokens = step_token_counts(batch)
+                rollouts = None
+                if every and (step + 1) % every == 0:  # on the parameters that sampled them, before the update
+                    inspected = time.perf_counter()
+                    rollouts = self.inspect_rollouts(batch, clips, step + 1)
+                    step_began += time.perf_counter() - inspected  # not part of the step's time
                 self.state, device_metrics = self.step_fn(self.state, batch)
                 nnx.update(self.model, self.state.params)
                 step += 1
                 metrics = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
                 self._check_finite(step, metrics)
+                metrics.update(self.step_performance(step, time.perf_counter() - step_began, tokens))
                 losses.append(metrics["train/loss"])
+                if rollouts is not None:
+                    writer.write_records(step, "rollouts", rollouts, markdown(rollouts))
                 if step % config.run.eval_every == 0 or step == end:
                     evaluation = self.evaluate()
                     if evaluation:
@@ -496,6 +489,8 @@ class Trainer:
                         metrics.update(evaluation)
                 if step % config.run.log_every == 0 or step == end:
                     writer.write(step, metrics)
+                    if jax.process_index() == 0:
+                        logger.info("step %d of %d: %s", step, end, describe_step(metrics))
                 if on_step is not None:
                     on_step(step, metrics)
                 if step % config.run.save_every == 0 or step == end or self._stop:
@@ -513,6 +508,36 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
             logger.info("trained to step %d in %.1fs; final %s", step, summary.seconds, metrics)
         return summary
+
+
+@dataclasses.dataclass
+class RolloutTime:
+    """The wall time of a step's rollouts (sampling until the tokens are on the host) and the tokens sampled."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+
+
+def step_token_counts(batch: opsd_step.StepBatch) -> dict[str, int]:
+    """The tokens a step computes on (padding left out): the student's and the teacher's prompts (once per
+    prompt) and the sampled completions; `step_model_flops`'s arguments."""
+    count = lambda x: int(np.sum(to_host(x)))  # noqa: E731
+    return {"prompt_tokens": count(batch.student.attention_mask), "teacher_prompt_tokens": count(batch.teacher.attention_mask),
+            "completion_tokens": count(batch.completion_mask)}
+
+
+def describe_step(metrics: dict[str, float]) -> str:
+    """One log line of a step's metrics: loss, learning rate, time, rollout throughput, MFU, evaluation."""
+    parts = [f"loss {metrics['train/loss']:.4g}", f"lr {metrics['train/lr']:.3g}",
+             f"{metrics['perf/step_seconds']:.2f} s", f"{metrics['perf/rollout_tokens_per_second']:.0f} rollout tokens/s"]
+    if "perf/mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+    parts += [f"{name} {value:.4g}" for name, value in sorted(metrics.items()) if name.startswith("eval/")]
+    return ", ".join(parts)
 
 
 class Subset:
@@ -601,6 +626,11 @@ class RunDirectoryError(ConfigError):
             f"run.output_dir {directory} already holds a run ({', '.join(existing)}); continue it with --resume, "
             "pick a new run.output_dir, or replace it with --overwrite"
         )
+
+
+def save_run_config(directory: epath.Path, config: Config) -> None:
+    """`directory/config.yaml`: the resolved config of the run, what its readers (`opsd_jax.trained`) take."""
+    (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 RUN_FILES = ("config.yaml", "summary.json", "logs", "checkpoints")  # what a run writes under its output_dir

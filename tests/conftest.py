@@ -52,3 +52,16 @@ def tiny_prompt_builder(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tiny_tokenizer(directory)
     return PromptBuilder.from_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_untied, tmp_path_factory):
+    """The tiny untied thinker with the tiny tokenizer beside it, as a real checkpoint directory holds both."""
+    import shutil
+
+    from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
+    build_tiny_tokenizer(directory)
+    return directory

@@ -42,6 +42,8 @@ def test_config_is_frozen():
         ("", ["train.lr"], r"override 'train.lr': expected key.sub=value"),
         ("", ["train.lr=0.1", "train.lr.x=1"], r"train\.lr is a value, not a section"),
         ("", ["train.lr.x=1"], r"train\.lr: expected a number, got dict"),
+        ("", ["run.log_rollouts_every=-1"], r"run\.log_rollouts_every: expected >= 0 \(0 = never\), got -1"),
+        ("", ["run.wandb_project= "], r"run\.wandb_project: expected a project name"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, overrides, message):
@@ -135,3 +137,12 @@ def test_sampling_and_loss_temperatures_must_agree_when_the_ratio_corrects():
     load_config(None, ["sampling.temperature=0.7", "loss.is_clip=null"], num_devices=None)
     load_config(None, ["sampling.temperature=0.7", "teacher.distill_weight=0", "teacher.label_pg_weight=1"],
                 num_devices=None)
+
+
+def test_a_wandb_project_without_wandb_is_refused_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"run\.wandb_project: 'mine' is set but wandb is not installed"):
+        load_config(None, ["run.wandb_project=mine"], num_devices=None)

@@ -299,6 +299,7 @@ def test_a_missing_step_and_another_model_are_one_line_errors(finished_run, tmp_
     params = jax.tree_util.tree_unflatten(treedef, [changed] + [leaf for _, leaf in leaves[1:]])
     with pytest.raises(CheckpointError, match=r"has params/\S+ of shape .* the model config gives"):
         reader.restore(None, dataclasses.replace(abstract, params=params))
+    capsys.readouterr()  # the restore above warned (logged once a CLI call has configured logging)
     assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "x"), "--step", "9"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no checkpoint at step 9" in err
@@ -380,3 +381,95 @@ def test_prompts_longer_than_the_bucket_are_named_before_training_or_left_out(ru
     assert "train5" not in seen and len(seen) == 7
     trainer.checkpointer.close()
     assert load_split(dataset, "train")  # the dataset itself is untouched
+
+
+def test_a_run_you_can_watch(run_setup, caplog, monkeypatch):
+    """Each step logs its learning rate, time, rollout throughput and MFU (to the log, metrics.jsonl, TensorBoard
+    and, offline, Weights & Biases); every run.log_rollouts_every steps the first prompt's rollouts go to
+    rollouts.jsonl and TensorBoard's text; --resume says which step it resumed from."""
+    import logging
+
+    from opsd_jax.opsd.step import learning_rate_schedule
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = config_for(run_setup, "watched", "train.total_steps=3", "train.warmup_steps=2", "run.log_rollouts_every=2",
+                        "run.wandb_project=opsd-test")
+    with caplog.at_level(logging.INFO, logger="opsd_jax"):
+        Trainer(config).run(max_steps=2)
+    logs = run_setup[2] / "watched" / "logs"
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    schedule = learning_rate_schedule(config.train)
+    assert [row["train/lr"] for row in rows] == pytest.approx([float(schedule(0)), float(schedule(1))])
+    for row in rows:
+        assert row["perf/step_seconds"] > row["perf/rollout_seconds"] > 0 and row["perf/rollout_tokens_per_second"] > 0
+        assert 0 < row["perf/mfu"] < 1 and row["perf/model_tflops"] > 0
+    said = [record.getMessage() for record in caplog.records if record.name == "opsd_jax.train"]
+    assert any(line.startswith("step 2 of 2: loss ") and "rollout tokens/s, MFU " in line for line in said), said
+
+    rollouts = [json.loads(line) for line in (logs / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in rollouts] == [0, 1] and {r["step"] for r in rollouts} == {2}
+    assert rollouts[0]["prompt_id"].startswith("train")
+    for record in rollouts:
+        divergence = record["divergence"]
+        assert 0 <= divergence["mean"] <= divergence["max"] and 0 <= divergence["max_position"] < record["tokens"]
+        top = record["at_max"]["teacher_top"]
+        assert len(top) == 5 and all(a["prob"] >= b["prob"] for a, b in zip(top, top[1:]))
+    tags = {value.tag for event in tensorboard_events(logs / "tensorboard") for value in event.summary.value}
+    assert {"rollouts/text_summary", "perf/mfu", "train/lr"} <= tags, tags
+
+    # Weights & Biases, offline: the same metrics at the same steps as metrics.jsonl, and the rollouts' text.
+    (run_file,) = (logs / "wandb").glob("offline-run-*/run-*.wandb")
+    history = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(items)
+    for row in rows:
+        assert {name: history[row["step"]][name] for name in row if name != "step"} == pytest.approx(
+            {name: value for name, value in row.items() if name != "step"})
+    assert history[2]["rollouts"].startswith("| prompt | sample |")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opsd_jax"):
+        Trainer(config).run(resume=True)
+    assert any("resuming from checkpoint step 2 of " in record.getMessage() for record in caplog.records)
+
+
+def tensorboard_events(directory):
+    """Every event of the TensorBoard files in `directory` (TFRecord framing: length, its CRC, data, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    for path in sorted(directory.glob("events.out.tfevents*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            yield Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+
+
+def wandb_records(path):
+    """The records of a Weights & Biases run file (`run-ID.wandb`): a 7-byte header, then LevelDB's log format
+    (32 KiB blocks of records with a 7-byte header: CRC, length, type full / first / middle / last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    offset, block, pending = 7, 32768, b""
+    while offset + 7 <= len(data):
+        left = block - offset % block
+        if left < 7:  # a block's tail too short for a header is padding
+            offset += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        pending += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # full, or the last piece of a record
+            yield wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+        elif kind == 0:
+            pending = b""

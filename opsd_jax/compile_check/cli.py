@@ -11,7 +11,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PROGRAMS = ("train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill", "eval_decode")
+PROGRAMS = ("train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill", "eval_decode",
+            "reader_prefill", "reader_decode")
 
 
 def _frame_size(text: str) -> tuple[int, int]:

@@ -11,6 +11,8 @@ shardings the trainer gives the real arrays (`param_shardings`, `step_batch_shar
   a `while`, whose time the cost model leaves out), when `grad_accum_steps > 1`;
 * `rollout_prefill` / `rollout_decode`: the student's sampling of one micro-batch's rollouts;
 * `eval_prefill` / `eval_decode`: greedy answers of the held-out evaluation.
+* `reader_prefill` / `reader_decode`: `opsd-jax eval` / `generate` from the run: the same greedy answers
+  with the parameters alone on the mesh, in bfloat16 (`opsd_jax.trained.load_thinker`), nothing else resident.
 Teacher scoring runs inside the update (one batched forward), so it has no program of its own.
 
 A prompt is laid out as the chat template lays out a clip (`opsd_jax.data.chat_template`): the video's
@@ -336,7 +338,7 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
 
     # Generation runs on a compute-dtype copy of the decoder while the rest of the state (optimizer
     # moments, the teacher's copy, the master weights when the copy is not them) stays in HBM.
-    generation = generation_params(params, model.dtype)
+    generation = generation_params(params, model.dtype)  # what `generate` runs on (abstract here)
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
     resident += bytes_per_chip([master for master, copy in zip(jax.tree.leaves(params), jax.tree.leaves(generation))
                                 if master.dtype != copy.dtype])
@@ -345,12 +347,17 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
     inputs = _abstract(inputs, input_shardings(inputs, mesh))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    for name, new, samples, temperature in (
-        ("rollout", sampling.max_new_tokens, sampling.num_samples, sampling.temperature),
-        ("eval", sampling.eval_max_new_tokens, 1, 0.0),
+    reader = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16",
+                                                                   param_dtype="bfloat16", remat=False))
+    for name, new, samples, temperature, (graph, weights), beside in (
+        ("rollout", sampling.max_new_tokens, sampling.num_samples, sampling.temperature, (graphdef, params), resident),
+        ("eval", sampling.eval_max_new_tokens, 1, 0.0, (graphdef, params), resident),
+        ("reader", sampling.eval_max_new_tokens, 1, 0.0, (None, None), 0.0),
     ):
         if wanted is not None and not {f"{name}_prefill", f"{name}_decode"} & wanted:
             continue
+        if graph is None:
+            graph, weights = abstract_thinker(thinker, reader, mesh)
         settings_g = sampling_settings(max_new_tokens=new, temperature=temperature,
                                        top_k=sampling.top_k if temperature else None,
                                        top_p=sampling.top_p if temperature else None,
@@ -360,7 +367,7 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
         began = time.perf_counter()
         error = None
         try:
-            compiled = compile_generation(graphdef, params, inputs, keys, settings=settings_g, mesh=mesh)
+            compiled = compile_generation(graph, weights, inputs, keys, settings=settings_g, mesh=mesh)
         except Exception as err:  # noqa: BLE001 - reported as both programs' failure
             compiled, error = (None, None), _failure(err)
         for report, program in zip((prefill, decode), compiled):
@@ -368,9 +375,9 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
             if program is None:
                 report.error = error
             else:
-                analyse(report, program, chip, resident=resident)
+                analyse(report, program, chip, resident=beside)
                 if report is decode:
-                    report.per_token = decode_per_token(report, generation, chip)
+                    report.per_token = decode_per_token(report, generation_params(weights, model.dtype), chip)
             record(report)
     return reports
 

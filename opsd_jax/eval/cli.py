@@ -1,7 +1,8 @@
 """`opsd-jax eval ...`: run a checkpoint on MER-UniBench, score saved predictions, fetch the wheel files.
 
-    opsd-jax eval --checkpoint DIR --data MANIFEST_OR_TFDS_DIR [...] --wheel-dir DIR [--datasets mer2023,meld]
-                  [--out DIR] [--batch-size N] [--max-new-tokens N] [--extractor builtin|llm] [--limit N]
+    opsd-jax eval --checkpoint RUN_OR_HF_DIR [--step N] [--config F] --data MANIFEST_OR_TFDS_DIR [...]
+                  --wheel-dir DIR [--datasets mer2023,meld] [--out DIR] [--batch-size N] [--max-new-tokens N]
+                  [--extractor builtin|llm] [--limit N] [KEY=VALUE ...]
     opsd-jax eval score --predictions P.jsonl --wheel-dir DIR [--out DIR] [--extractor auto|saved|builtin|llm]
     opsd-jax eval fetch-wheels --dest DIR [--base-url URL] [--no-verify]
 
@@ -21,6 +22,27 @@ from opsd_jax.config import local_path
 
 EXTRACTED_PREDICTIONS_FILE = "predictions.extracted.jsonl"
 CACHE_FILE = "extractor_cache.jsonl"
+EVAL_COMMANDS = ("score", "fetch-wheels")
+
+
+def lift_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`opsd-jax eval --checkpoint ... KEY=VALUE ...` -> (the command line without them, the overrides).
+
+    argparse would read a KEY=VALUE word as the name of an eval COMMAND; a word is an override when it
+    starts with a config section and a dotted key (`mesh.fsdp=4`, `prompt.instruction=...`). Only in the
+    run form: `eval score` and `eval fetch-wheels` take none.
+    """
+    import re
+
+    from opsd_jax.config import Config
+
+    sections = "|".join(field.name for field in dataclasses.fields(Config))
+    pattern = re.compile(rf"^({sections})\.[A-Za-z_][\w.]*=")
+    words = list(argv)
+    if any(word in EVAL_COMMANDS for word in words):
+        return words, []
+    overrides = [word for word in words if pattern.match(word)]
+    return [word for word in words if not pattern.match(word)], overrides
 
 
 def _json_object(text: str) -> dict:
@@ -119,18 +141,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     from opsd_jax.eval.wheels import load_emotion_wheels
 
+    from opsd_jax.sampling.cli import load_reader, settings_from_config
+    from opsd_jax.trained import open_source
+
     missing = [flag for flag, value in (("--data", args.data), ("--wheel-dir", args.wheel_dir)) if not value]
     if missing:
         raise ValueError(f"opsd-jax eval --checkpoint also needs {' and '.join(missing)}")
-    if not args.checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint: checkpoint directory {args.checkpoint} does not exist")
+    source = open_source(args.checkpoint, step=args.step, config_file=args.config, overrides=args.overrides)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
     settings = GenerationSettings(
-        prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-        no_audio=args.no_audio, separate_audio=args.separate_audio,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, no_audio=args.no_audio,
+        **settings_from_config(source, args),
     )
     out = args.out or Path("eval_results") / args.checkpoint.resolve().name
     # Everything that can fail is checked before the first answer is generated.
@@ -138,19 +161,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     extractor = BuiltinExtractor(wheels) if args.extractor == "builtin" else _make_llm_extractor(args, out)
     clips = collect_clips(args.data, datasets, args.split, settings, requested=args.datasets is not None,
                           limit=args.limit)
-    generation = {"checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype, "split": args.split,
-                  **dataclasses.asdict(settings)}
+    generation = {"checkpoint": str(args.checkpoint.resolve()), "step": args.step, "dtype": args.dtype,
+                  "split": args.split, **dataclasses.asdict(settings)}
+    generation = json.loads(json.dumps(generation))  # as generation.json holds it (lists, not tuples)
     check_generation_settings(out, generation)
 
     def load_model():
-        import jax.numpy as jnp
+        from opsd_jax.data.chat_template import check_tokenizer_directory
 
-        from opsd_jax.data.chat_template import PromptBuilder
-        from opsd_jax.models.qwen2_5_omni import from_pretrained
-
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        builder = PromptBuilder.from_pretrained(args.checkpoint)  # first: a missing tokenizer is named before the model loads
-        return from_pretrained(args.checkpoint, dtype=dtype), builder
+        check_tokenizer_directory(source.base_dir)  # a missing tokenizer is named before the model loads
+        return load_reader(source, args.dtype)
 
     summary = generate_predictions(load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size,
                                    progress=not args.no_progress)
@@ -204,9 +224,11 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_arguments(group: argparse.ArgumentParser) -> None:
-    """`opsd-jax eval --checkpoint ...` (no COMMAND): generate, extract, score."""
+    """`opsd-jax eval --checkpoint ... [KEY=VALUE ...]` (no COMMAND): generate, extract, score."""
+    from opsd_jax.sampling.cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments, add_frame_arguments
+
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
-    run.add_argument("--checkpoint", type=local_path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    add_checkpoint_arguments(run, required=False)
     run.add_argument("--data", nargs="+", type=local_path, metavar="MANIFEST_OR_TFDS_DIR",
                      help="clip manifests (JSONL) and/or built TFDS `mer` dataset directories; a clip's `dataset` "
                      "field names its benchmark dataset")
@@ -219,21 +241,19 @@ def _add_run_arguments(group: argparse.ArgumentParser) -> None:
                      "scores.json, report.md (default: eval_results/<checkpoint name>)")
     run.add_argument("--limit", type=int, help="at most this many clips per dataset (a quick partial run)")
     run.add_argument("--batch-size", type=int, default=4)
-    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--max-new-tokens", type=int, help="default: the config's sampling.eval_max_new_tokens, "
+                     f"without a config file {DEFAULT_MAX_NEW_TOKENS}")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int)
     run.add_argument("--top-p", type=float)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--prompt", help="the instruction (default: the training instruction); AffectGPT's zero-shot "
+    run.add_argument("--prompt", help="the instruction (default: the config's prompt.instruction); AffectGPT's zero-shot "
                      "one is 'Please recognize all possible emotional states of the character.'")
-    run.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    run.add_argument("--fps", type=float, default=2.0, help="manifest clips: video frames sampled per second")
-    run.add_argument("--max-frames", type=int, default=32, help="manifest clips: at most this many frames")
-    run.add_argument("--max-pixels", type=int, default=224 * 224, help="manifest clips: at most this many pixels "
-                     "per frame")
+    add_frame_arguments(run)  # manifest clips
     run.add_argument("--no-audio", action="store_true", help="use the frames only")
     run.add_argument("--separate-audio", action="store_true",
-                     help="give the audio as its own part instead of interleaving it with the video")
+                     help="give the audio as its own part instead of interleaving it with the video (default: the "
+                     "config's data.use_audio_in_video)")
     run.add_argument("--extractor", choices=("builtin", "llm"), default="builtin",
                      help="builtin (default): lexicon matching, no model; llm: the benchmark's extractor prompts "
                      "on an OpenAI-compatible endpoint")
@@ -250,8 +270,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="MER-UniBench evaluation",
         description="With --checkpoint: answer every clip of the requested MER-UniBench datasets with the jitted "
         "sampler (batched, greedy by default, the student prompt), extract emotion labels, score them with the "
-        "benchmark's metrics and write predictions.jsonl, scores.json and report.md; a rerun resumes. With a "
-        "COMMAND: score saved predictions, or fetch the emotion-wheel files.",
+        "benchmark's metrics and write predictions.jsonl, scores.json and report.md; a rerun resumes. The "
+        "checkpoint may be a training run directory (its config.yaml gives the prompt, audio layout, buckets, "
+        "answer length and mesh; KEY=VALUE words override it as in `opsd-jax train`). With a COMMAND: score "
+        "saved predictions, or fetch the emotion-wheel files.",
     )
     _add_run_arguments(group)
     commands = group.add_subparsers(title="eval commands", metavar="COMMAND")
@@ -262,7 +284,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             return 2
         return _evaluate(args)
 
-    group.set_defaults(handler=_guarded(evaluate_or_help))
+    group.set_defaults(handler=_guarded(evaluate_or_help), overrides=[])
 
     score = commands.add_parser(
         "score",

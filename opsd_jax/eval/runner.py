@@ -25,6 +25,8 @@ from opsd_jax.data.jsonl import read_complete
 from opsd_jax.data.manifest import Clip
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
+from opsd_jax.opsd.prompts import PromptConfig
+from opsd_jax.trained import ClipShape
 
 PREDICTIONS_FILE = "predictions.jsonl"
 GENERATION_FILE = "generation.json"
@@ -35,14 +37,18 @@ class GenerationSettings:
     """How answers are generated. Field names are `opsd-jax generate`'s options: its helpers
     (`opsd_jax.sampling.cli._clip_inputs`, `answer`) read them off this object.
 
-    prompt: the instruction (None: the training instruction, `opsd_jax.opsd.prompts.DEFAULT_INSTRUCTION`).
+    prompt_config: the prompt's wording (a run's `prompt` section, the instruction replaced by --prompt).
+    prompt_buckets: prompt lengths a batch is left-padded to (the smallest that holds it; a run's
+      `sampling.prompt_buckets`), so that batches share compiled programs.
     fps, max_frames, max_pixels: how a manifest clip's video is sampled (a TFDS clip's frames are fixed
-      when the dataset is built).
+      when the dataset is built); with `clip_shape` (a run's training clips), none of them: manifest clips
+      are brought to its frames and audio length, as the dataset builder brought the training clips.
     no_audio: frames only; separate_audio: audio as its own prompt part instead of interleaved.
     temperature: 0 is greedy.
     """
 
-    prompt: str | None = None
+    prompt_config: PromptConfig = PromptConfig()
+    prompt_buckets: tuple[int, ...] = ()
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int | None = None
@@ -51,6 +57,7 @@ class GenerationSettings:
     fps: float = 2.0
     max_frames: int = 32
     max_pixels: int = 224 * 224
+    clip_shape: ClipShape | None = None
     no_audio: bool = False
     separate_audio: bool = False
 
@@ -306,7 +313,8 @@ def generate_predictions(load_model: Callable[[], tuple[Any, Any]], clips: Seque
     """Answers every clip not yet in `predictions_path` and appends them there, batch by batch.
 
     Args:
-      load_model: returns (thinker, PromptBuilder); called only when some clip needs an answer.
+      load_model: returns the `opsd_jax.sampling.cli.Reader` (thinker on its mesh, tokenizer); called only
+        when some clip needs an answer.
       batch_size: prompts per sampler call (each batch gets seed `settings.seed + batch number`).
 
     Raises:
@@ -327,13 +335,13 @@ def generate_predictions(load_model: Callable[[], tuple[Any, Any]], clips: Seque
                              f"{saved.ground_truth!r}, the data now says {clip.ground_truth!r}; pass another --out")
     todo = [clip for clip in clips if clip.key not in done]
     if todo:
-        model, builder = load_model()
+        reader = load_model()
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
         with predictions_path.open("a", encoding="utf-8") as handle, \
                 tqdm(total=len(todo), desc="generate", unit="clip", disable=not progress) as bar:
             for number, batch in enumerate(_batches(todo, batch_size)):
                 batch_settings = dataclasses.replace(settings, seed=settings.seed + number)
-                texts = answer(model, builder, [clip.load() for clip in batch], batch_settings)
+                texts = answer(reader, [clip.load() for clip in batch], batch_settings)
                 for clip, text in zip(batch, texts, strict=True):
                     record = PredictionRecord(clip.dataset, clip.id, text, clip.ground_truth)
                     done[clip.key] = record

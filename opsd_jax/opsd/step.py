@@ -95,19 +95,24 @@ def is_encoder_path(path: tuple) -> bool:
     return str(path[0]) in ENCODER_PREFIXES
 
 
-def make_optimizer(config: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`, after global-norm clipping.
-
-    Weight decay skips vectors (norms and biases). With `train_encoders: false` the encoders' updates
-    are zero and they get no optimizer state.
-    """
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Update count (0 for the first update) -> learning rate: linear warm-up, then cosine decay."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if config.warmup_steps else config.lr,
         peak_value=config.lr,
         warmup_steps=config.warmup_steps,
         decay_steps=config.total_steps,
         end_value=config.lr * config.min_lr_ratio,
     )
+
+
+def make_optimizer(config: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`, after global-norm clipping.
+
+    Weight decay skips vectors (norms and biases). With `train_encoders: false` the encoders' updates
+    are zero and they get no optimizer state.
+    """
+    schedule = learning_rate_schedule(config)
     # A callable mask sees the parameters this transform is given (the trainable ones under multi_transform).
     decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # noqa: E731
     adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask)

@@ -86,8 +86,13 @@ def teacher_signal(
     * "sampled_rkl": only the sampled tokens' logprobs.
     Everything is under `stop_gradient`.
     """
-    hidden = jax.lax.stop_gradient(completion_hidden(teacher, prompt, completion, completion_mask, features))
-    kernel = jax.lax.stop_gradient(teacher.head_kernel())
+    hidden = completion_hidden(teacher, prompt, completion, completion_mask, features)
+    return signal_from_hidden(hidden, teacher.head_kernel(), completion, config)
+
+
+def signal_from_hidden(hidden: jax.Array, kernel: jax.Array, completion: jax.Array, config: LossConfig) -> dict[str, Any]:
+    """`teacher_signal` from the teacher's hidden states `[B * G, C, hidden]` and output head `[hidden, V]`."""
+    hidden, kernel = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kernel)
     teacher_support = config.divergence in ("topk", "topk_rkl") and config.top_k_support == "teacher"
     if config.divergence != "sampled_rkl" and not teacher_support:
         return {"teacher_hidden": hidden, "teacher_head_kernel": kernel}

@@ -1,12 +1,19 @@
 """`opsd-jax generate`: answers for one clip, or for every clip of a manifest, with the jitted sampler.
 
+The model is a training run's (a run directory: its config.yaml decides the prompt, audio layout, prompt
+buckets, answer length, mesh and clip shape) or a Hugging Face directory's, loaded in bfloat16 over the
+config's mesh (`opsd_jax.trained`). `add_checkpoint_arguments`, `settings_from_config`, `load_reader` and
+`answer` serve `opsd-jax eval` too.
+
 Inference needs no rationale, label or API: the prompt is the student's (`opsd_jax.opsd.prompts`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -20,6 +27,38 @@ from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128  # without a config file; with one, its sampling.eval_max_new_tokens
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--checkpoint, --step, --config, --dtype: where the model comes from (`opsd_jax.trained`)."""
+    parser.add_argument("--checkpoint", type=local_path, required=required,
+                        help="a training run directory (run.output_dir of `opsd-jax train`: its config.yaml gives "
+                        "the prompt, audio layout, prompt buckets, answer length and mesh) or a Hugging Face "
+                        "checkpoint directory (with tokenizer files)")
+    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest "
+                        "that restores)")
+    parser.add_argument("--config", type=local_path, help="a YAML run config to use instead of the run's config.yaml "
+                        "(with a Hugging Face directory: instead of the defaults); KEY=VALUE words after the flags "
+                        "override it as in `opsd-jax train`, e.g. mesh.fsdp=4 prompt.instruction=...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="parameters and compute (default: %(default)s), sharded over the config's mesh")
+
+
+FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
+
+
+def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fps, --max-frames, --max-pixels: how a video file is sampled. Without them, a run directory whose
+    training dataset is on this machine brings clips to its training clips' frames and audio length."""
+    where = "; default: a run's training clips' frames when its data.train_dir is here, else {}".format
+    parser.add_argument("--fps", type=float, help="video frames sampled per second" + where("2"))
+    parser.add_argument("--max-frames", type=int, help="at most this many frames per clip" + where("32"))
+    parser.add_argument("--max-pixels", type=int, help="at most this many pixels per frame" + where(str(224 * 224)))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -29,32 +68,81 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "[--subtitle]; many: --manifest M --out answers.jsonl (a progress bar, batches of --batch-size; "
         "answers go to OUT.partial, renamed to OUT when every clip is done; a rerun skips the ids answered).",
     )
-    parser.add_argument("--checkpoint", required=True, type=local_path, help="Hugging Face checkpoint directory (with tokenizer files)")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--video", type=local_path, help="a video file")
     source.add_argument("--manifest", type=local_path, help="a JSONL manifest of clips (see README)")
     parser.add_argument("--audio", type=local_path, help="an audio file (default: the video's own audio track)")
     parser.add_argument("--no-audio", action="store_true", help="use the frames only")
     parser.add_argument("--subtitle", default="", help="what is said in the clip")
-    parser.add_argument("--prompt", help="the instruction (default: the training instruction)")
+    parser.add_argument("--prompt", help="the instruction (default: the config's prompt.instruction)")
     parser.add_argument("--out", type=local_path, help="answers JSONL (with --manifest)")
     parser.add_argument("--split", help="only clips of this split (with --manifest)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the config's sampling.eval_max_new_tokens, "
+                        f"without a config file {DEFAULT_MAX_NEW_TOKENS}")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
-    parser.add_argument("--max-frames", type=int, default=32, help="at most this many frames per clip")
-    parser.add_argument("--max-pixels", type=int, default=224 * 224, help="at most this many pixels per frame")
+    add_frame_arguments(parser)
     parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
                         help="a manifest clip whose media cannot be read: raise (stop, exit 2; default) or skip "
                         "it (counted and named at the end, exit 1; a rerun tries it again)")
     parser.add_argument("--separate-audio", action="store_true",
-                        help="give the audio as its own part instead of interleaving it with the video")
+                        help="give the audio as its own part instead of interleaving it with the video (default: "
+                        "the config's data.use_audio_in_video)")
     parser.set_defaults(handler=run)
+
+
+def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
+    """What the config (`source.config`, a run's own) decides where the command line leaves it open: the
+    prompt wording (--prompt replaces its instruction), the prompt buckets, the audio layout and the answer
+    length. Field names are `answer`'s settings."""
+    config = source.config
+    prompt = config.prompt if args.prompt is None else dataclasses.replace(config.prompt, instruction=args.prompt)
+    if args.max_new_tokens is not None:
+        max_new_tokens = args.max_new_tokens
+    else:
+        max_new_tokens = config.sampling.eval_max_new_tokens if source.configured else DEFAULT_MAX_NEW_TOKENS
+    frames = {name: getattr(args, name) for name in FRAME_DEFAULTS}
+    clip_shape = None
+    if source.run_dir is not None and all(value is None for value in frames.values()):
+        from opsd_jax.trained import training_clip_shape
+
+        clip_shape = training_clip_shape(config)
+        if clip_shape is not None:
+            logger.info("clips are brought to the run's training clips: %d frames of %d x %d, %d audio samples (%s)",
+                        clip_shape.num_frames, clip_shape.height, clip_shape.width, clip_shape.audio_samples,
+                        config.data.train_dir)
+    frames = {name: FRAME_DEFAULTS[name] if value is None else value for name, value in frames.items()}
+    return dict(prompt_config=prompt, prompt_buckets=tuple(config.sampling.prompt_buckets),
+                separate_audio=args.separate_audio or not config.data.use_audio_in_video, max_new_tokens=max_new_tokens,
+                clip_shape=clip_shape, **frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """A loaded thinker, ready to answer: the model on its mesh, its tokenizer, the step restored."""
+
+    model: Any
+    builder: Any
+    mesh: Any
+    step: int | None
+
+
+def load_reader(source, dtype: str) -> Reader:
+    """The tokenizer (first: a missing one is named before the model loads), then the thinker of `source`
+    on the mesh of its config (`mesh.*`), sharded by the training rules."""
+    from opsd_jax.data.chat_template import PromptBuilder
+    from opsd_jax.sharding import make_mesh
+    from opsd_jax.trained import load_thinker
+
+    builder = PromptBuilder.from_pretrained(source.base_dir)
+    mesh = make_mesh(source.config.mesh)
+    model, step = load_thinker(source, dtype=dtype, mesh=mesh)
+    return Reader(model, builder, mesh, step)
 
 
 def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -62,8 +150,12 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
     from opsd_jax.data.media import read_audio, read_video
     from opsd_jax.data.vision_inputs import video_to_inputs
 
-    decoded = read_video(video, record_id=record_id, fps=args.fps, max_frames=args.max_frames,
-                         max_pixels=args.max_pixels)
+    shape = args.clip_shape  # the run's training clips: decoded as the dataset builder decoded them
+    if shape is not None:
+        decoded = read_video(video, record_id=record_id, num_frames=shape.num_frames, size=(shape.height, shape.width))
+    else:
+        decoded = read_video(video, record_id=record_id, fps=args.fps, max_frames=args.max_frames,
+                             max_pixels=args.max_pixels)
     arrays = video_to_inputs(decoded.frames, decoded.sample_fps)
     clip = {
         "pixel_values_videos": arrays["pixel_values_videos"],
@@ -72,7 +164,8 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
     }
     if not args.no_audio:
         waveform = read_audio(audio or video, record_id=record_id)
-        features = audio_to_inputs(waveform, max_samples=waveform.size)
+        # A training clip's audio was cut to (or padded to) the dataset's length; other audio keeps its own.
+        features = audio_to_inputs(waveform, max_samples=shape.audio_samples if shape is not None else waveform.size)
         clip.update(input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0])
     return clip
 
@@ -82,23 +175,30 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def answer(model, builder, clips: list[dict[str, Any]], args: argparse.Namespace, *,
-           model_context: int | None = None, ids: Sequence[str] = ()) -> list[str]:
-    """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`); a prompt that does not
-    fit `model_context` with the new tokens is refused (`GenerateError` naming its clip of `ids`)."""
-    import dataclasses
-
-    from opsd_jax.opsd.prompts import PromptConfig, encode_clip_batch
+def answer(reader: Reader, clips: list[dict[str, Any]], settings, *, model_context: int | None = None,
+           ids: Sequence[str] = ()) -> list[str]:
+    """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`), batched over the reader's
+    mesh; a prompt that does not fit `model_context` with the new tokens is refused (`GenerateError` naming
+    its clip of `ids`). `settings`: `opsd-jax generate`'s arguments completed by `settings_from_config`, or an
+    evaluation's `GenerationSettings`."""
+    from opsd_jax.opsd.prompts import encode_clip_batch
     from opsd_jax.sampling import generate
+    from opsd_jax.sharding import to_host
 
-    config = PromptConfig() if args.prompt is None else dataclasses.replace(PromptConfig(), instruction=args.prompt)
-    inputs = encode_clip_batch(builder, clips, config, length=None, use_audio_in_video=not args.separate_audio)
-    _fits(model_context, inputs, args, list(ids) or [str(i) for i in range(len(clips))])
+    builder = reader.builder
+    inputs = encode_clip_batch(builder, clips, settings.prompt_config, length=None,
+                               use_audio_in_video=not settings.separate_audio)
+    _fits(model_context, inputs, settings, list(ids) or [str(i) for i in range(len(clips))])
+    length = inputs["input_ids"].shape[1]
+    # Left-padded to the config's bucket, so that batches of nearby lengths share one compiled program; a
+    # prompt longer than every bucket runs at its own length.
+    buckets = [bucket for bucket in settings.prompt_buckets if bucket >= length] or None
     out = generate(
-        model, inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_id=builder.tokenizer.eos_token_id, pad_token_id=builder.pad_token_id, seed=args.seed,
+        reader.model, inputs, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_k=settings.top_k, top_p=settings.top_p, eos_token_id=builder.tokenizer.eos_token_id,
+        pad_token_id=builder.pad_token_id, seed=settings.seed, prompt_buckets=buckets, mesh=reader.mesh,
     )
-    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    tokens, mask = to_host(out.tokens), to_host(out.mask)
     return [builder.tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]
 
 
@@ -194,15 +294,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
     from tqdm import tqdm
 
-    from opsd_jax.data.chat_template import PromptBuilder
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
+    from opsd_jax.trained import open_source
 
     # Everything a user can get wrong is checked before the model loads.
+    source = open_source(args.checkpoint, step=args.step, config_file=args.config, overrides=args.overrides)
+    vars(args).update(settings_from_config(source, args))
     check_arguments(args)
-    model_context = check_checkpoint(args.checkpoint)
+    model_context = check_checkpoint(source.base_dir)
     clips = []
     if args.manifest is not None:
         every = read_manifest(args.manifest)
@@ -211,12 +311,11 @@ def _run(args: argparse.Namespace) -> int:
             splits = sorted({c.split for c in every})
             raise GenerateError(f"--manifest {args.manifest}: no clip" + (
                 f" of split {args.split!r}; it has {', '.join(splits)}" if every else "; the file is empty"))
-    model = from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    builder = PromptBuilder.from_pretrained(args.checkpoint)
+    reader = load_reader(source, args.dtype)
     if args.video is not None:
         clip = _clip_inputs(args.video, args.audio, record_id=args.video.name, args=args)
         clip["subtitle"] = args.subtitle
-        print(answer(model, builder, [clip], args, model_context=model_context, ids=[args.video.name])[0])
+        print(answer(reader, [clip], args, model_context=model_context, ids=[args.video.name])[0])
         return 0
     # Answers accumulate in OUT.partial (with those of an earlier run of OUT or OUT.partial) and replace OUT
     # only once every clip is done: an interrupted run loses nothing and a rerun skips what is answered.
@@ -245,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
                 prepared.append(inputs)
                 kept.append(clip)
             if kept:
-                texts = answer(model, builder, prepared, args, model_context=model_context, ids=[c.id for c in kept])
+                texts = answer(reader, prepared, args, model_context=model_context, ids=[c.id for c in kept])
                 for clip, text in zip(kept, texts):
                     handle.write(json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text},
                                             ensure_ascii=False) + "\n")

@@ -184,3 +184,50 @@ def shrink_config(
     )
     shrunk.validate(num_devices)
     return shrunk
+
+
+def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: float = 0.05) -> list:
+    """A run directory (`config.run.output_dir`) as `opsd-jax train` leaves it, without running a step: its
+    config.yaml and a sealed checkpoint of the whole train state (`opsd_jax.opsd.step.init_state`) per step,
+    the base checkpoint's parameters plus `noise` x N(0, 1) (another draw per step), so that a reader that
+    ignored the checkpoint, or took another step, would hold other parameters. Returns the saved parameter
+    trees (numpy, float32), one per step."""
+    import jax
+    from etils import epath
+    from flax import nnx
+
+    from opsd_jax.checkpoint import RunCheckpointer
+    from opsd_jax.models.qwen2_5_omni import from_pretrained
+    from opsd_jax.opsd import step as opsd_step
+    from opsd_jax.sharding import make_mesh
+    from opsd_jax.train import save_run_config
+
+    output_dir = epath.Path(config.run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(output_dir, config)
+    mesh = make_mesh(config.mesh)
+    model = from_pretrained(config.model.checkpoint, mesh=mesh)
+    params = nnx.state(model, nnx.Param)
+    tx = opsd_step.make_optimizer(config.train, params)
+    checkpointer = RunCheckpointer(output_dir / "checkpoints", keep_last=len(steps), keep_best=0, async_save=False)
+    saved = []
+    for step in steps:
+        rng = np.random.default_rng(step)
+        noisy = jax.tree.map(lambda x: jax.device_put(np.asarray(x) + noise * rng.standard_normal(x.shape).astype(
+            np.float32), x.sharding), params)
+        nnx.update(model, noisy)
+        checkpointer.save(step, opsd_step.init_state(model, tx, config.teacher, mesh), rng=jax.random.key(0))
+        saved.append(jax.tree.map(np.asarray, noisy))
+    checkpointer.close()
+    return saved
+
+
+def tiny_run_directory(checkpoint: Path, output_dir: Path, *overrides: str, steps: tuple[int, ...] = (1, 2)) -> Path:
+    """`write_tiny_run` of the default config on `checkpoint` with `overrides`, its mesh over every device;
+    returns the run directory."""
+    from opsd_jax.config import load_config
+
+    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output_dir}", "mesh.fsdp=-1",
+                                *overrides])
+    write_tiny_run(config, steps)
+    return Path(output_dir)

@@ -48,7 +48,7 @@ def test_every_program_compiles_and_the_report_is_filled(report):
     assert code == 0
     programs = {p["name"]: p for p in result["programs"]}
     assert set(programs) == {"train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill",
-                             "eval_decode"}
+                             "eval_decode", "reader_prefill", "reader_decode"}
     for program in programs.values():
         assert program["compiled"], program["error"]
         assert program["memory"]["arguments"] > 0 and program["peak"] > 0
@@ -67,6 +67,10 @@ def test_every_program_compiles_and_the_report_is_filled(report):
     assert programs["rollout_decode"]["memory"]["resident"] > 0
     decode = programs["rollout_decode"]["per_token"]
     assert decode["bytes_accessed"] > 0 and decode["floor_seconds"] > 0 and decode["ratio_to_floor"] > 0
+    # `opsd-jax eval` from the run: the weights alone, in bfloat16 (half the float32 master weights), on the mesh.
+    reader, during_training = programs["reader_decode"], programs["eval_decode"]
+    assert reader["memory"]["resident"] == 0
+    assert reader["per_token"]["weight_bytes"] == pytest.approx(during_training["per_token"]["weight_bytes"] / 2, rel=0.01)
 
 
 def test_no_parameter_sized_gather_inside_the_decode_loop(report):
@@ -75,7 +79,7 @@ def test_no_parameter_sized_gather_inside_the_decode_loop(report):
     text = config.get("text_config", config.get("thinker_config", {}).get("text_config"))
     # A gathered weight's buffer is the whole kernel: q_proj [hidden, hidden], even if gathered in bfloat16.
     smallest_kernel = 2 * text["hidden_size"] * text["hidden_size"]
-    for name in ("rollout_decode", "eval_decode"):
+    for name in ("rollout_decode", "eval_decode", "reader_decode"):
         program = next(p for p in result["programs"] if p["name"] == name)
         gathers = program["collectives"].get("all-gather", {"loop_count": 0})
         assert gathers["loop_count"] == 0, f"{name} gathers inside the decode loop: {gathers}"

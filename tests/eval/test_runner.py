@@ -29,7 +29,7 @@ from opsd_jax.eval.runner import (
     parse_dataset_names,
     read_done,
 )
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.testing.tiny_run import tiny_run_directory
 from tests.eval.fake_chat_server import FakeChatServer, Reply, last_user_message
 
 # (id, dataset, task, ground-truth field, value, split)
@@ -48,12 +48,8 @@ FRAME_SIDE = 336
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_untied, tmp_path_factory):
-    """The tiny thinker with the tiny tokenizer beside it, as a real checkpoint directory holds both."""
-    directory = tmp_path_factory.mktemp("eval_ckpt")
-    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
-    build_tiny_tokenizer(directory)
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +283,51 @@ def test_generation_settings_bind_only_once_there_are_predictions(tmp_path):
         check_generation_settings(tmp_path, {"checkpoint": "/c", "max_new_tokens": 8})
     with pytest.raises(ValueError, match=r"top_p: expected a value in \(0, 1\], got 1.5"):
         GenerationSettings(top_p=1.5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint, tmp_path_factory):
+    """A training run directory of the tiny thinker whose config sets the instruction, answer length and
+    prompt buckets; its mesh takes every device there is (mesh.fsdp: -1)."""
+    return tiny_run_directory(checkpoint, tmp_path_factory.mktemp("eval_run") / "run", "sampling.eval_max_new_tokens=5",
+                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[512]")
+
+
+def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manifest, tiny_wheel_dir, tmp_path):
+    """`eval --checkpoint RUN` takes the run's own prompt, answer length and buckets, loads the weights in
+    bfloat16 sharded over all devices of the mesh, and answers every clip as on a single device."""
+    import os
+    import subprocess
+    import sys
+
+    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
+               "--datasets", "mer2023,cmumosi", "--batch-size", "2", "--no-progress", *MEDIA, "--step", "2"]
+    assert main([*command, "--out", str(tmp_path / "eight")]) == 0
+    single = subprocess.run([sys.executable, "-m", "opsd_jax.cli", *command, "--out", str(tmp_path / "one")],
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    eight, one = _lines(tmp_path / "eight" / PREDICTIONS_FILE), _lines(tmp_path / "one" / PREDICTIONS_FILE)
+    assert {(row["dataset"], row["id"]) for row in eight} == ASKED
+    assert sorted(eight, key=lambda row: row["id"]) == sorted(one, key=lambda row: row["id"])
+    generation = json.loads((tmp_path / "eight" / GENERATION_FILE).read_text())
+    assert generation["prompt_config"]["instruction"] == "Name the feeling." and generation["max_new_tokens"] == 5
+    assert generation["step"] == 2 and generation["dtype"] == "bfloat16" and generation["prompt_buckets"] == [512]
+
+
+def test_eval_overrides_apply_and_a_bad_source_stops_before_loading(run_dir, manifest, tiny_wheel_dir, tmp_path,
+                                                                     generate_calls, capsys):
+    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
+               "--datasets", "mer2023", "--limit", "1", "--batch-size", "1", "--no-progress", *MEDIA]
+    assert main([*command, "prompt.instruction=Which one?", "--out", str(tmp_path / "a"), "sampling.eval_max_new_tokens=2"]) == 0
+    generation = json.loads((tmp_path / "a" / GENERATION_FILE).read_text())
+    assert generation["prompt_config"]["instruction"] == "Which one?" and generation["max_new_tokens"] == 2
+    assert generate_calls == [1]
+    capsys.readouterr()
+    for extra, expected in ((["--step", "9"], "no checkpoint at step 9; saved steps: 1, 2"),
+                            (["mesh.data=3"], "mesh.fsdp: -1 cannot fill the mesh: 8 devices"),
+                            (["--checkpoint", str(tmp_path)], "neither a Hugging Face checkpoint directory")):
+        assert main([*command, "--out", str(tmp_path / "b"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert generate_calls == [1]

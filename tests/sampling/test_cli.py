@@ -11,16 +11,12 @@ import pytest
 from opsd_jax.cli import main
 from opsd_jax.data.manifest import Clip, write_manifest
 from opsd_jax.data.media import write_video, write_wav
-from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.testing.tiny_run import tiny_run_directory
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_untied, tmp_path_factory):
-    """The tiny thinker with the tiny tokenizer beside it, as a real checkpoint directory holds both."""
-    directory = tmp_path_factory.mktemp("generate_ckpt")
-    shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
-    build_tiny_tokenizer(directory)
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +182,57 @@ def test_a_prompt_over_the_models_context_is_refused(checkpoint, clip_files, tmp
     assert main(["generate", "--checkpoint", str(small), "--video", str(clip_files[0]), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert "exceeds the model's context of 48 tokens (max_position_embeddings)" in err and "clip.mp4" in err
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint, tmp_path_factory):
+    """A training run directory of the tiny thinker (checkpoints of steps 1 and 2) whose config sets the
+    instruction, the answer length, the prompt buckets and interleaved audio."""
+    from opsd_jax.testing.tiny_run import build_tiny_affect_dataset
+
+    root = tmp_path_factory.mktemp("generate_run")
+    training = build_tiny_affect_dataset(root / "data")  # clips of 2 frames of 28 x 28 and 0.5 s of audio
+    return tiny_run_directory(checkpoint, root / "run", "sampling.eval_max_new_tokens=3", f"data.train_dir={training}",
+                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[64,512]")
+
+
+def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(run_dir, clip_files, tiny_prompt_builder,
+                                                                     monkeypatch):
+    """Nothing of the run is repeated by hand: the instruction, answer length and buckets come from its
+    config.yaml, the weights in bfloat16 over the config's mesh (all 8 devices); overrides apply."""
+    import opsd_jax.sampling
+
+    seen = []
+    real = opsd_jax.sampling.generate
+
+    def recording(model, inputs, **kwargs):
+        seen.append((model, tiny_prompt_builder.tokenizer.decode(np.asarray(inputs["input_ids"])[0]), kwargs, inputs))
+        return real(model, inputs, **kwargs)
+
+    monkeypatch.setattr(opsd_jax.sampling, "generate", recording)
+    command = ["generate", "--checkpoint", str(run_dir), "--video", str(clip_files[0]), "--max-pixels", str(56 * 56),
+               "--max-frames", "4"]
+    assert main([*command, "--step", "1"]) == 0
+    model, prompt, kwargs, _ = seen[-1]
+    assert "Name the feeling." in prompt and kwargs["max_new_tokens"] == 3 and kwargs["prompt_buckets"] == [512]
+    assert dict(kwargs["mesh"].shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("bfloat16")
+    assert main([*command, "prompt.instruction=Which one?", "sampling.eval_max_new_tokens=2", "--dtype", "float32"]) == 0
+    model, prompt, kwargs, inputs = seen[-1]
+    assert "Which one?" in prompt and kwargs["max_new_tokens"] == 2
+    assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("float32")
+    # --max-frames / --max-pixels given: the video is sampled by them (4 frames of 56 x 56, the decoder's minimum
+    # pixel count bringing them to 336 x 336), not brought to the training clips.
+    assert np.asarray(inputs["video_grid_thw"]).tolist() == [[2, 24, 24]]
+    # Without them the clip is brought to the run's training clips: 2 frames of 28 x 28 (one temporal patch of
+    # 2 x 2 patches) and 0.5 s of audio (8000 samples: 50 feature frames), as the dataset builder made them.
+    assert main(command[:5]) == 0
+    inputs = seen[-1][3]
+    assert np.asarray(inputs["video_grid_thw"]).tolist() == [[1, 2, 2]]
+    assert np.asarray(inputs["feature_attention_mask"]).shape == (1, 50)
+
+
+def test_a_missing_step_is_named_before_the_model_loads(run_dir, clip_files, capsys, no_model_load):
+    assert main(["generate", "--checkpoint", str(run_dir), "--step", "5", "--video", str(clip_files[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint at step 5; saved steps: 1, 2" in err, err
