@@ -69,6 +69,26 @@ def _check_top_k(k: int, vocab: int) -> None:
         raise ValueError(f"top_k: expected an integer in [1, vocab={vocab}], got {k!r}")
 
 
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis, exactly, in two stages over vocabulary blocks.
+
+    The top-K of the whole axis is the top-K of the blocks' top-Ks. Under a mesh the vocabulary of the
+    loss's logits is split over the chips (`opsd_jax.opsd.step`); a one-stage top-K sorts whole rows,
+    which XLA gets by re-laying the `[B, C, V]` logits out by row (an all-to-all and a float32 plus an
+    int32 copy of them). Blocks that the chips hold whole keep the first stage local; only `[.., blocks, K]`
+    candidates move. Equal values come out lowest index first, as from `jax.lax.top_k`.
+    """
+    vocab = x.shape[-1]
+    blocks = next((b for b in (256, 128, 64, 32, 16, 8, 4, 2) if vocab % b == 0 and vocab // b >= k), 1)
+    if blocks == 1:
+        return jax.lax.top_k(x, k)
+    width = vocab // blocks
+    values, indices = jax.lax.top_k(x.reshape(*x.shape[:-1], blocks, width), k)  # [..., blocks, k]
+    indices = indices + (jnp.arange(blocks, dtype=indices.dtype) * width)[:, None]
+    values, order = jax.lax.top_k(values.reshape(*x.shape[:-1], blocks * k), k)
+    return values, jnp.take_along_axis(indices.reshape(*x.shape[:-1], blocks * k), order, axis=-1)
+
+
 def logprobs_from_logits(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Float32 log-softmax of `logits / temperature` over the last axis: `[..., vocab] -> [..., vocab]`."""
     _check_temperature(temperature)
@@ -89,7 +109,7 @@ def top_k_logprobs(logits: jax.Array, k: int, *, temperature: float = 1.0) -> tu
     """
     _check_top_k(k, logits.shape[-1])
     logprobs = logprobs_from_logits(logits, temperature)
-    values, indices = jax.lax.top_k(logprobs, k)
+    values, indices = _top_k(logprobs, k)
     return values, indices.astype(jnp.int32)
 
 
@@ -176,7 +196,7 @@ def _top_k_support(
     teacher = logprobs_from_logits(jax.lax.stop_gradient(teacher_logits), temperature)
     # Dividing by a positive temperature keeps the order, so the raw student logits rank the same way.
     ranked = jax.lax.stop_gradient(student_logits) if support == "student" else teacher
-    _, indices = jax.lax.top_k(ranked, k)
+    _, indices = _top_k(ranked, k)
     return jnp.take_along_axis(teacher, indices, axis=-1), indices.astype(jnp.int32)
 
 

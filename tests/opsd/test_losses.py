@@ -634,3 +634,15 @@ def test_importance_ratio_against_the_tempered_filtered_sampler_is_unbiased():
     assert abs(mean - reference) < 4 * error, (mean, reference, error)
     biased, biased_error = estimate(plain)
     assert abs(biased - reference) > 20 * biased_error, (biased, reference, biased_error)
+
+
+@pytest.mark.parametrize("vocab,k", [(1024, 5), (1000, 100), (96, 7), (37, 3)])
+def test_blockwise_top_k_equals_one_stage_top_k_with_ties(vocab, k):
+    """The loss's top-K works in vocabulary blocks (so a vocabulary split over chips stays split); it must
+    give `jax.lax.top_k`'s values and indices exactly, equal values lowest index first."""
+    rng = np.random.default_rng(vocab)
+    x = jnp.asarray(rng.integers(0, 12, size=(3, 4, vocab)).astype(np.float32))  # many ties
+    expected = jax.lax.top_k(x, k)
+    got = losses._top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
