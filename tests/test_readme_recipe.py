@@ -21,6 +21,7 @@ import dataclasses
 import io
 import itertools
 import json
+import re
 import shlex
 import shutil
 import time
@@ -43,6 +44,11 @@ LABELS = {"test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
 SUBTITLES = {"t1": "I won!", "r1": "Go away.", "r2": "Fine."}
 RATIONALE = "Brows drawn together, the jaw set, a clipped and forceful voice: the face, voice and words agree."
 API_KEY = "sk-readme-recipe-test"
+
+# The README's stand-ins for a user's files and endpoint: the MER2023 pack, the Qwen2.5-Omni-7B checkpoint, the
+# TFDS data directory, the rationale endpoint (replaced by the tiny pack, the tiny thinker, a temporary
+# directory and the fake endpoint on 127.0.0.1).
+PLACEHOLDERS = ("/data/MER2023", "/ckpt/Qwen2.5-Omni-7B", "/data/tensorflow_datasets", "https://api.example.com/v1")
 
 # Appended words, by command (the words before its first flag).
 TINY_CLIPS = ["--num-frames", "2", "--height", "28", "--width", "28", "--max-audio-seconds", "0.5"]  # 1 video token
@@ -96,8 +102,6 @@ class Ran:
 @dataclasses.dataclass
 class Recipe:
     workdir: Path
-    placeholders: dict[str, str]
-    commands: list[list[str]]
     ran: dict[tuple[str, ...], Ran]
     endpoint: FakeChatServer
 
@@ -108,13 +112,15 @@ class Recipe:
 
 
 def substitute(words: list[str], placeholders: dict[str, str], used: set[str], **urls: str) -> list[str]:
-    """`words` with the placeholders replaced and the command's `APPENDED` words added."""
+    """`words` with the placeholders replaced (a whole path or a path's leading directories, after `KEY=` or
+    alone) and the command's `APPENDED` words added."""
     out = []
     for word in words:
         for placeholder, value in placeholders.items():
-            if placeholder in word:
+            pattern = rf"(?:(?<==)|^){re.escape(placeholder)}(?=/|$)"
+            if re.search(pattern, word):
                 used.add(placeholder)
-                word = word.replace(placeholder, value)
+                word = re.sub(pattern, lambda _: value, word)
         out.append(word)
     return out + [word.format(**urls) for word in APPENDED.get(command_key(words), [])]
 
@@ -127,17 +133,16 @@ def recipe(tiny_checkpoint, tmp_path_factory) -> Recipe:
     workdir.mkdir()
     shutil.copy(pack / "video" / "t1.mp4", workdir / "clip.mp4")
     endpoint = FakeChatServer(lambda request, attempt: Reply(text=RATIONALE))
-    placeholders = {
+    placeholders = {  # PLACEHOLDERS' stand-ins
         "/data/MER2023": str(pack),
         "/ckpt/Qwen2.5-Omni-7B": str(tiny_checkpoint),
         "/data/tensorflow_datasets": str(root / "tensorflow_datasets"),
-        "https://api.example.com/v1": "{endpoint_url}",  # filled in once the endpoint listens
+        "https://api.example.com/v1": endpoint.base_url,  # bound to its port already, serving once entered
     }
     commands = readme_commands(README.read_text(encoding="utf-8"))
     ran: dict[tuple[str, ...], Ran] = {}
     used: set[str] = set()
     with endpoint, StaticServer(merunibench_dir()) as wheels, pytest.MonkeyPatch.context() as patch:
-        placeholders["https://api.example.com/v1"] = endpoint.base_url
         patch.chdir(workdir)
         patch.setenv("OPENAI_API_KEY", API_KEY)
         for words in commands:
@@ -152,22 +157,22 @@ def recipe(tiny_checkpoint, tmp_path_factory) -> Recipe:
             ran[command_key(words)] = Ran(argv, code, out.getvalue(), err.getvalue(), time.perf_counter() - began)
             if code != 0:
                 break
-    return Recipe(workdir, placeholders, commands, ran, endpoint)
+    assert set(placeholders) == set(PLACEHOLDERS)
+    return Recipe(workdir, ran, endpoint)
 
 
-def test_the_recipe_is_the_steps_this_test_knows_and_every_command_parses(tiny_checkpoint):
+def test_the_recipe_is_the_steps_this_test_knows_and_every_command_parses():
     commands = readme_commands(README.read_text(encoding="utf-8"))
     assert [command_key(words) for words in commands] == RECIPE
-    placeholders = {"/data/MER2023": "/tmp/pack", "/ckpt/Qwen2.5-Omni-7B": str(tiny_checkpoint),
-                    "/data/tensorflow_datasets": "/tmp/tfds", "https://api.example.com/v1": "http://127.0.0.1:1/v1"}
     used: set[str] = set()
     for words in commands:  # a flag the parser does not know fails here in seconds, not after training
-        argv = substitute(words, placeholders, used, wheels_url="http://127.0.0.1:1")
+        argv = substitute(words, {placeholder: placeholder for placeholder in PLACEHOLDERS}, used,
+                          wheels_url="http://127.0.0.1:1")
         try:
             parse_command_line(argv)
         except SystemExit:
             pytest.fail(f"README: `opsd-jax {shlex.join(words)}` is refused by the command-line parser")
-    assert used == set(placeholders), f"README: placeholders not in the recipe: {set(placeholders) - used}"
+    assert used == set(PLACEHOLDERS), f"README: placeholders not in the recipe: {set(PLACEHOLDERS) - used}"
 
 
 def test_every_command_of_the_recipe_succeeds(recipe):
