@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """`opsd-jax ARGV` -> its arguments, as `main` runs them; a command line argparse refuses exits 2 (SystemExit)."""
+    parser = parser or build_parser()
+    argv = list(argv)
     lifted: list[str] = []
     if argv[:1] == ["eval"]:  # its COMMAND positional would take a KEY=VALUE word for a command's name
         from opsd_jax.eval.cli import lift_overrides
@@ -156,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_command_line(sys.argv[1:] if argv is None else argv, parser)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from opsd_jax.cli import main
-from opsd_jax.data import media
 from opsd_jax.data.builders import load_split
+from tests.mer_pack import write_mer2023_pack
 
 SHAPE = ["--num-frames", "4", "--height", "56", "--width", "56", "--max-audio-seconds", "1"]
 LABELS = {"test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
@@ -21,16 +19,8 @@ LABELS = {"test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
 @pytest.fixture(scope="module")
 def mer2023(tmp_path_factory) -> Path:
     """A MER2023 pack as shipped: label-6way.npz, video/ with their own audio tracks, a subtitle CSV."""
-    root = tmp_path_factory.mktemp("mer2023-dataset-process")
-    np.savez_compressed(root / "label-6way.npz", **LABELS)
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(["t1", "t2", "r1", "r2", "r3"]):
-        tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * np.arange(12000) / 16000)).astype(np.float32)
-        media.write_video(root / "video" / f"{name}.mp4", rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), 8,
-                          audio=tone)
-    with (root / "subtitle_chieng.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["name", "chinese", "english"], ["t1", "", "I won!"], ["r1", "", "Go away."]])
-    return root
+    return write_mer2023_pack(tmp_path_factory.mktemp("mer2023-dataset-process"), LABELS,
+                              {"t1": "I won!", "r1": "Go away."})
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
