@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,20 @@ def test_remat_and_float32_master_weights(tiny_untied):
     reference = np.asarray(plain(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.abs(np.asarray(logits.astype(jnp.float32)) - reference)[real].max() < 0.03 * np.abs(reference[real]).max()
+
+
+def test_attention_in_query_blocks_equals_whole_attention_and_its_gradient():
+    """Long prompts attend `QUERY_BLOCK` queries at a time (checkpointed blocks bound the float32 scores);
+    each query's softmax still runs over every key, so values and gradients are the whole computation's."""
+    from opsd_jax.models.layers import _attention, dot_product_attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 512, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 600, 2, 16)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 512, 600)) > 0.3)
+    blocked = functools.partial(dot_product_attention, mask=mask, scale=0.25, query_block=128)
+    whole = functools.partial(_attention, mask=mask, scale=0.25)
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(whole(q, k, v)), atol=1e-6)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v) for f in (blocked, whole)]
+    for got, expected in zip(*grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
