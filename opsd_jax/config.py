@@ -21,6 +21,7 @@ import yaml
 from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
+from opsd_jax.sharding.rules import AxisRules, resolve_rules
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,11 @@ class MeshConfig:
     # The TPU slice the config is written for, as GENERATION:CHIPGRID (e.g. v5p:4x4x2): `opsd-jax
     # compile-check` compiles for it, and training on a TPU refuses a slice of another size.
     topology: str | None = None
+
+    def axis_rules(self) -> AxisRules:
+        """The logical-axis table with `logical_axis_rules` applied: a run resolves it once and passes it to
+        every placement of parameters, batches and activations."""
+        return resolve_rules(self.logical_axis_rules)
 
     def validate(self, num_devices: int | None) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -178,6 +184,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    # The prompt lengths of generation from a run (`opsd-jax generate` / `eval`, whose prompts vary in
+    # length): a batch is left-padded to the smallest that holds it. The trainer's rollouts and held-out
+    # evaluation need none: their prompts are all `data.prompt_length` (one static shape already).
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
 
     def validate(self, num_devices: int | None) -> None:

@@ -161,10 +161,12 @@ class Trainer:
         self.config = config
         check_slice(config)
         self.mesh = make_mesh(config.mesh)
+        self.rules = config.mesh.axis_rules()  # resolved once: every placement below follows the config's table
         dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
         param_dtype = jnp.bfloat16 if config.model.param_dtype == "bfloat16" else jnp.float32
         self.model = model if model is not None else from_pretrained(
-            config.model.checkpoint, dtype=dtype, mesh=self.mesh, param_dtype=param_dtype, remat=config.model.remat
+            config.model.checkpoint, dtype=dtype, mesh=self.mesh, rules=self.rules, param_dtype=param_dtype,
+            remat=config.model.remat,
         )
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
         self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
@@ -173,7 +175,7 @@ class Trainer:
         self.schedule = opsd_step.learning_rate_schedule(config.train)
         self.settings = opsd_step.StepSettings(
             graphdef=nnx.graphdef(self.model), tx=self.tx, loss=config.loss, teacher=config.teacher,
-            train_encoders=config.train.train_encoders, mesh=self.mesh,
+            train_encoders=config.train.train_encoders, mesh=self.mesh, rules=self.rules,
         )
         self.state = opsd_step.init_state(self.model, self.tx, config.teacher, self.mesh)
         self.step_fn = opsd_step.make_train_step(self.settings, self.state)
@@ -311,7 +313,7 @@ class Trainer:
                 label_mask=jnp.asarray(label_mask),
             ))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro)
-        return opsd_step.place_step_batch(stacked, self.mesh)
+        return opsd_step.place_step_batch(stacked, self.mesh, self.rules)
 
     def step_performance(self, step: int, seconds: float, tokens: dict[str, int]) -> dict[str, float]:
         """The learning rate of update `step` (1-based), the step's wall time (data, rollouts and update), the

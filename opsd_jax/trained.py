@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from opsd_jax.config import Config, load_config
 from opsd_jax.models.weights import CheckpointError
+from opsd_jax.sharding import AxisRules
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +108,10 @@ def open_source(path: str | Path, *, step: int | None = None, config_file: str |
     )
 
 
-def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh) -> tuple[Any, int | None]:
+def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh,
+                 rules: AxisRules | None = None) -> tuple[Any, int | None]:
     """The thinker of `source` in `dtype` ("float32" or "bfloat16", parameters and compute), every parameter
-    placed on `mesh` by the logical-axis rules as it is read (so no device ever holds the whole model), and
+    placed on `mesh` by the logical-axis table `rules` (the run's `mesh.axis_rules()`) as it is read (so no device ever holds the whole model), and
     for a run the trained parameters restored straight onto those shardings. Returns `(model, step)`, the
     step restored (None for a Hugging Face directory)."""
     from flax import nnx
@@ -118,7 +120,7 @@ def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh) -> tuple[Any,
     from opsd_jax.models.qwen2_5_omni import from_pretrained
 
     model = from_pretrained(source.base_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], mesh=mesh,
-                            remat=False)
+                            rules=rules, remat=False)
     if source.run_dir is None:
         return model, None
     checkpointer = RunCheckpointer(source.run_dir / "checkpoints", read_only=True)  # the run may still be training

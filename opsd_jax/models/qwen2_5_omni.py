@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from opsd_jax.models import weights
 from opsd_jax.models.audio import AudioConfig, AudioEncoder, AudioPlan, prepare_audio
@@ -31,6 +31,7 @@ from opsd_jax.models.merge import check_placeholder_count, merge_modal_embedding
 from opsd_jax.models.positions import PositionConfig, rope_index
 from opsd_jax.models.text import TextConfig, TextModel, causal_padding_mask
 from opsd_jax.models.vision import VisionConfig, VisionEncoder, VisionPlan, pad_patches, vision_plan
+from opsd_jax.sharding import AxisRules, logical_to_spec, param_shardings, resolve_rules
 
 logger = logging.getLogger(__name__)
 
@@ -307,17 +308,15 @@ class Qwen2_5OmniThinker(nnx.Module):
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
 
 
-def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0,
+                    rules: AxisRules | None = None) -> ThinkerInputs:
     """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, media replicated.
 
     A tree like `inputs` of `NamedSharding`s (for `jax.device_put`, or abstract inputs of an ahead-of-time
     compile). `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches).
+    `rules`: the run's logical-axis table (`MeshConfig.axis_rules`; default: the default table).
     """
-    from jax.sharding import NamedSharding
-
-    from opsd_jax.sharding import logical_to_spec, resolve_rules
-
-    rules = resolve_rules()
+    rules = resolve_rules() if rules is None else rules
 
     def sharding(x, batch_axis: int | None):
         axes: list[str | None] = [None] * x.ndim
@@ -330,9 +329,10 @@ def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0)
     return media.replace(**rows)
 
 
-def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0,
+                 rules: AxisRules | None = None) -> ThinkerInputs:
     """Puts prepared inputs on the mesh (`input_shardings`). Every process passes the same global inputs."""
-    return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes))
+    return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes, rules=rules))
 
 
 def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_mask: jax.Array) -> ThinkerInputs:
@@ -382,6 +382,7 @@ def from_pretrained(
     *,
     dtype: jnp.dtype = jnp.float32,
     mesh: Mesh | None = None,
+    rules: AxisRules | None = None,
     param_dtype: jnp.dtype | None = None,
     remat: bool = False,
 ) -> Qwen2_5OmniThinker:
@@ -389,8 +390,9 @@ def from_pretrained(
 
     Accepts full Omni checkpoints (`thinker.*` names; talker and token2wav tensors are skipped and
     counted) and thinker-only ones. A checkpoint without `lm_head.weight` has tied embeddings. With a
-    `mesh`, every parameter is placed by the logical-axis rules as it is read, so a model larger than
-    one device's memory never sits whole on one device. `dtype` is the compute dtype; `param_dtype`
+    `mesh`, every parameter is placed by the logical-axis table `rules` (the run's `MeshConfig.axis_rules`;
+    default: the default table) as it is read, so a model larger than one device's memory never sits whole
+    on one device. `dtype` is the compute dtype; `param_dtype`
     (default: the same) is the stored one, e.g. float32 master weights for bfloat16 training.
     `remat` recomputes decoder-layer activations in the backward pass.
     """
@@ -406,9 +408,7 @@ def from_pretrained(
     flat = dict(nnx.to_flat_state(state))
 
     if mesh is not None:
-        from opsd_jax.sharding import param_shardings
-
-        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
+        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
 
     def place(param_path: tuple, tensor: np.ndarray) -> jax.Array:
         array = np.asarray(tensor).astype(param_dtype or flat[param_path].get_value().dtype)

@@ -35,7 +35,7 @@ def inspect_rollouts(params: nnx.State, teacher_params: nnx.State | None, batch:
     and the sampled tokens' log-probabilities at `loss.temperature`), `teacher_top_logprobs` `[rows, C, K]`
     and `teacher_top_ids` `[rows, C, K]` int32 (K = `TOP_TOKENS`, or the vocabulary when smaller).
     """
-    with activation_sharding(settings.mesh):
+    with activation_sharding(settings.mesh, settings.rules):
         config = settings.loss
         model = nnx.merge(settings.graphdef, params)
         teacher = model if teacher_params is None else nnx.merge(settings.graphdef, teacher_params)

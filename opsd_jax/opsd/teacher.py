@@ -24,8 +24,6 @@ from opsd_jax.models.qwen2_5_omni import MediaFeatures, Qwen2_5OmniThinker, Thin
 from opsd_jax.models.text import LayerCache, causal_padding_mask
 from opsd_jax.opsd.losses import LossConfig, chunked_teacher_scores
 
-TEACHER_MODES = ("live", "frozen", "ema")
-
 
 def completion_hidden(
     model: Qwen2_5OmniThinker,

@@ -141,7 +141,7 @@ def load_reader(source, dtype: str) -> Reader:
 
     builder = PromptBuilder.from_pretrained(source.base_dir)
     mesh = make_mesh(source.config.mesh)
-    model, step = load_thinker(source, dtype=dtype, mesh=mesh)
+    model, step = load_thinker(source, dtype=dtype, mesh=mesh, rules=source.config.mesh.axis_rules())
     return Reader(model, builder, mesh, step)
 
 

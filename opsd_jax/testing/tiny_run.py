@@ -206,7 +206,7 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(output_dir, config)
     mesh = make_mesh(config.mesh)
-    model = from_pretrained(config.model.checkpoint, mesh=mesh)
+    model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=config.mesh.axis_rules())
     params = nnx.state(model, nnx.Param)
     tx = opsd_step.make_optimizer(config.train, params)
     checkpointer = RunCheckpointer(output_dir / "checkpoints", keep_last=len(steps), keep_best=0, async_save=False)
