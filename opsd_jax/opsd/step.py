@@ -224,7 +224,7 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     advantage = teacher_token - student_scores.token_logprobs
 
     if settings.teacher.label_pg_weight > 0 or settings.teacher.label_ce_weight > 0:
-        loss = loss + _ablation_terms(model, batch, student_hidden, head, counts, settings)
+        loss = loss + _ablation_terms(model, batch, student_hidden, head, features, counts, settings)
 
     def masked_sum(x):
         return jnp.sum(jnp.where(mask, x, 0.0))
@@ -249,8 +249,11 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     return loss, metrics
 
 
-def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, settings) -> jax.Array:
-    """Label-reward policy gradient (GRPO-style) and label cross-entropy, for the paper's ablations."""
+def _ablation_terms(model, batch: StepBatch, student_hidden, head, features, counts, settings) -> jax.Array:
+    """Label-reward policy gradient (GRPO-style) and label cross-entropy, for the paper's ablations.
+
+    `features`: the micro-batch's media features as the step encoded them (student and teacher prompts share
+    the media), so the cross-entropy term does not run the encoders again."""
     total = jnp.float32(0.0)
     mask = batch.completion_mask
     if settings.teacher.label_pg_weight > 0:
@@ -263,7 +266,7 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, setti
     if settings.teacher.label_ce_weight > 0:
         label_mask = batch.label_mask.astype(bool)
         prompt = batch.teacher if settings.teacher.label_ce_prompt == "teacher" else batch.student
-        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask)
+        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask, features)
         logits = jnp.einsum("bch,hv->bcv", label_hidden, head, preferred_element_type=jnp.float32)
         per_token = losses.label_cross_entropy(logits, batch.label_ids, label_mask)
         total += settings.teacher.label_ce_weight * jnp.sum(per_token) / jnp.maximum(counts["label_tokens"], 1.0)

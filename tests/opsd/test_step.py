@@ -239,3 +239,19 @@ def test_teacher_reuses_the_students_media_features_when_encoders_are_not_traine
     own_loss, own_calls = loss_and_encoder_calls(train_encoders=True)  # trained encoders: the teacher encodes itself
     assert (shared_calls, own_calls) == (1, 2)
     assert shared_loss > 0 and shared_loss == pytest.approx(own_loss, rel=1e-6, abs=1e-7)
+
+
+def test_the_label_cross_entropy_reuses_the_steps_media_features(model, tiny_prompt_builder, monkeypatch):
+    """The cross-entropy ablation term scores the labels on the media features the step encoded: the encoders
+    run once, and with frozen encoders no gradient reaches them (nor the logged gradient norm)."""
+    batch = media_step_batch(model, tiny_prompt_builder)
+    counts = S.batch_counts(stack(batch))
+    calls = []
+    encode_media = type(model).encode_media
+    monkeypatch.setattr(type(model), "encode_media", lambda self, inputs: calls.append(1) or encode_media(self, inputs))
+    settings, state = settings_for(model, "frozen", teacher=TeacherConfig(mode="frozen", label_ce_weight=1.0))
+    grads, _ = loss_grad()(state.params, state.teacher_params, batch, counts, settings)
+    assert len(calls) == 1
+    encoder_grads = [np.abs(np.asarray(value[...])).max() for path, value in nnx.to_flat_state(grads)
+                     if S.is_encoder_path(path)]
+    assert encoder_grads and max(encoder_grads) == 0.0
