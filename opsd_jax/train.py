@@ -41,6 +41,8 @@ from opsd_jax.data.chat_template import PromptBuilder
 from opsd_jax.data.audio_features import feature_frames
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
 from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
+from opsd_jax.eval.extract import answer_text
+from opsd_jax.eval.metrics import accuracy, macro_f1
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.monitor import MetricsWriter, matmul_parameters, peak_flops, step_model_flops
@@ -82,26 +84,26 @@ def check_slice(config: Config) -> None:
 
 
 def predicted_label(text: str, vocabulary: list[str]) -> str | None:
-    """The label of a free-text answer: within the `<answer>` part if present, the vocabulary word that
-    comes last (an explanation names its conclusion last, after any cue it weighs against)."""
-    lowered = text.lower()
-    start, end = lowered.find("<answer>"), lowered.find("</answer>")
-    if start >= 0 and end > start:
-        lowered = lowered[start + len("<answer>") : end]
+    """The label of a free-text answer: within its answer part (`opsd-jax eval`'s `answer_text`: the last
+    `<answer>` block, else all of it), the vocabulary word that comes last (an explanation names its
+    conclusion last, after any cue it weighs against)."""
+    lowered = answer_text(text).lower()
     hits = [(lowered.rfind(word), word) for word in vocabulary if word in lowered]
     return max(hits)[1] if hits else None
 
 
 def classification_scores(predicted: list[str | None], truth: list[str], vocabulary: list[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 over `vocabulary` (an unparseable answer counts as wrong)."""
-    correct = [p == t for p, t in zip(predicted, truth)]
-    f1s = []
-    for label in vocabulary:
-        tp = sum(p == label and t == label for p, t in zip(predicted, truth))
-        fp = sum(p == label and t != label for p, t in zip(predicted, truth))
-        fn = sum(p != label and t == label for p, t in zip(predicted, truth))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(correct)) if correct else 0.0, "macro_f1": float(np.mean(f1s))}
+    """Accuracy and macro-F1 over `vocabulary` (an unparseable answer, None, counts as wrong)."""
+    correct = accuracy(np.asarray(truth, object), np.asarray(predicted, object)) if truth else 0.0
+    return {"accuracy": correct, "macro_f1": macro_f1(truth, predicted, vocabulary)}
+
+
+def label_vocabulary(dataset_dir: str, split: str) -> list[str]:
+    """The sorted non-empty labels of a built split, read without decoding any clip's media."""
+    source = load_split(dataset_dir, split, decode_media=False)
+    labels = {str(label.decode() if isinstance(label, bytes) else label)
+              for label in (source[i]["label"] for i in range(len(source)))}
+    return sorted(label for label in labels if label)
 
 
 def _stable_hash(text: str) -> int:
@@ -272,10 +274,7 @@ class Trainer:
 
     def _vocabulary(self) -> list[str]:
         if self.vocabulary is None:
-            source = load_split(self.config.data.train_dir, self.config.data.train_split)
-            labels = {str(source[i]["label"].decode() if isinstance(source[i]["label"], bytes) else source[i]["label"])
-                      for i in range(len(source))}
-            self.vocabulary = sorted(label for label in labels if label)
+            self.vocabulary = label_vocabulary(self.config.data.train_dir, self.config.data.train_split)
         return self.vocabulary
 
     def _no_rollouts(self, prompts: int) -> GenerationOutput:

@@ -17,7 +17,8 @@ from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import load_config
 from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
 from opsd_jax.testing.tiny_run import LABELS, build_tiny_run_files, tiny_affect_clips
-from opsd_jax.train import Trainer, classification_scores, predicted_label
+from opsd_jax import train as train_module
+from opsd_jax.train import Trainer, classification_scores, label_vocabulary, predicted_label
 
 @pytest.fixture(scope="module")
 def run_setup(tiny_untied, tmp_path_factory):
@@ -137,9 +138,21 @@ def test_label_parsing_and_scores():
     assert predicted_label("I think <answer>Sad</answer>", vocabulary) == "sad"
     assert predicted_label("the words sound angry, but the face says happy", vocabulary) == "happy"
     assert predicted_label("no idea", vocabulary) is None
+    # `opsd-jax eval`'s rule (`answer_text`): the last answer block, where a first one can be a draft.
+    assert predicted_label("<answer>sad</answer> On reflection: <answer>happy</answer>", vocabulary) == "happy"
+    assert predicted_label("<think>sad?</think><answer>angry", vocabulary) == "angry"
     scores = classification_scores(["happy", None, "sad", "sad"], ["happy", "sad", "sad", "angry"], vocabulary)
     assert scores["accuracy"] == 0.5
     assert scores["macro_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # sad: tp 1, fp 1, fn 1
+
+
+def test_the_label_vocabulary_is_read_without_decoding_media(run_setup, monkeypatch):
+    calls = []
+    load_split = train_module.load_split
+    monkeypatch.setattr(train_module, "load_split",
+                        lambda *args, **kwargs: calls.append(kwargs) or load_split(*args, **kwargs))
+    assert label_vocabulary(str(run_setup[1]), "train") == sorted(LABELS)
+    assert calls == [{"decode_media": False}]
 
 
 def test_two_processes_match_one_process(run_setup):
