@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-REMOTE_HINT = ("only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
-               "(e.g. `gcloud storage cp -r`)")
+REMOTE_HINT = (
+    "only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
+    "(e.g. `gcloud storage cp -r`)"
+)
 
 
 def local_path(text: str) -> Path:
@@ -310,8 +312,10 @@ class RunConfig:
             if not self.wandb_project.strip():
                 raise ConfigError("run.wandb_project: expected a project name, or null for no Weights & Biases")
             if importlib.util.find_spec("wandb") is None:
-                raise ConfigError(f"run.wandb_project: {self.wandb_project!r} is set but wandb is not installed; "
-                                  "pip install 'opsd-jax[wandb]', or set run.wandb_project: null")
+                raise ConfigError(
+                    f"run.wandb_project: {self.wandb_project!r} is set but wandb is not installed; "
+                    "pip install 'opsd-jax[wandb]', or set run.wandb_project: null"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,8 +359,11 @@ def shipped_configs() -> dict[str, Path]:
     from importlib import resources
 
     folder = resources.files("opsd_jax") / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-            if entry.name.endswith(".yaml")}
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -369,8 +376,9 @@ def resolve_config_path(path: str | Path) -> Path:
     name = path.stem if path.suffix in ("", ".yaml") and path.parent == Path(".") else None
     if name in named:
         return named[name]
-    raise ConfigError(f"config file {path} does not exist (nor is it a shipped config: "
-                      f"{', '.join(named) or 'none found'})")
+    raise ConfigError(
+        f"config file {path} does not exist (nor is it a shipped config: {', '.join(named) or 'none found'})"
+    )
 
 
 def load_config(

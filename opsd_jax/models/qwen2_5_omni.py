@@ -47,7 +47,7 @@ class ThinkerConfig:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config") -> "ThinkerConfig":
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config") -> ThinkerConfig:
         """From a thinker config or a full Omni config (which nests it under `thinker_config`)."""
         if "thinker_config" in cfg:
             cfg = cfg["thinker_config"]
@@ -135,7 +135,9 @@ class Qwen2_5OmniThinker(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(text.hidden_size, text.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+            else Linear(
+                text.hidden_size, text.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+            )
         )
 
     def __call__(
@@ -222,8 +224,11 @@ class Qwen2_5OmniThinker(nnx.Module):
             if feature_attention_mask is None:
                 raise ValueError("input_features were given without feature_attention_mask")
             chunks, plan = prepare_audio(
-                input_features, feature_attention_mask, self.config.audio,
-                chunk_bucket=buckets.audio_chunks, token_bucket=buckets.audio_tokens,
+                input_features,
+                feature_attention_mask,
+                self.config.audio,
+                chunk_bucket=buckets.audio_chunks,
+                token_bucket=buckets.audio_tokens,
             )
             check_placeholder_count(ids, tokens.audio_token_id, int(np.count_nonzero(plan.valid_rows)), "audio")
             media["audio_chunks"], media["audio_plan"] = jnp.asarray(chunks), plan
@@ -234,9 +239,14 @@ class Qwen2_5OmniThinker(nnx.Module):
             position_ids = np.asarray(text_position_ids(jnp.asarray(mask)))
         else:
             position_ids, _ = rope_index(
-                ids, mask, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                video_second_per_grid=video_second_per_grid, audio_seqlens=audio_lengths,
-                use_audio_in_video=use_audio_in_video, config=tokens,
+                ids,
+                mask,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                video_second_per_grid=video_second_per_grid,
+                audio_seqlens=audio_lengths,
+                use_audio_in_video=use_audio_in_video,
+                config=tokens,
             )
         # One convention for every branch: the position after the prompt's last, minus its real length.
         real = mask.astype(bool)
@@ -261,7 +271,9 @@ class Qwen2_5OmniThinker(nnx.Module):
             video = self.visual(inputs.video_pixels, inputs.video_plan)
         return MediaFeatures(audio=audio, image=image, video=video)
 
-    def embed_inputs(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
+    def embed_inputs(
+        self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1
+    ) -> jax.Array:
         """Token embeddings with the media features merged in, `[batch, seq, hidden]`.
 
         Audio, then images, then videos, in the order the reference scatters them. `features` are
@@ -273,15 +285,29 @@ class Qwen2_5OmniThinker(nnx.Module):
         tokens = self.config.positions
         embeds = self.model.embed_tokens(inputs.input_ids)
         for feats, count, token_id in (
-            (features.audio, None if inputs.audio_plan is None else jnp.sum(inputs.audio_plan.valid_rows), tokens.audio_token_id),
-            (features.image, None if inputs.image_plan is None else inputs.image_plan.num_tokens, tokens.image_token_id),
-            (features.video, None if inputs.video_plan is None else inputs.video_plan.num_tokens, tokens.video_token_id),
+            (
+                features.audio,
+                None if inputs.audio_plan is None else jnp.sum(inputs.audio_plan.valid_rows),
+                tokens.audio_token_id,
+            ),
+            (
+                features.image,
+                None if inputs.image_plan is None else inputs.image_plan.num_tokens,
+                tokens.image_token_id,
+            ),
+            (
+                features.video,
+                None if inputs.video_plan is None else inputs.video_plan.num_tokens,
+                tokens.video_token_id,
+            ),
         ):
             if feats is not None:
                 embeds = merge_modal_embeddings(embeds, inputs.input_ids, token_id, feats, count, repeats=repeats)
         return embeds
 
-    def hidden_states(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
+    def hidden_states(
+        self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1
+    ) -> jax.Array:
         """Final-norm hidden states `[batch, seq, hidden]` of a cache-free forward."""
         embeds = self.embed_inputs(inputs, features, repeats=repeats)
         hidden, _ = self.model(embeds, inputs.position_ids, causal_padding_mask(inputs.attention_mask))
@@ -308,8 +334,9 @@ class Qwen2_5OmniThinker(nnx.Module):
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
 
 
-def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0,
-                    rules: AxisRules | None = None) -> ThinkerInputs:
+def input_shardings(
+    inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0, rules: AxisRules | None = None
+) -> ThinkerInputs:
     """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, media replicated.
 
     A tree like `inputs` of `NamedSharding`s (for `jax.device_put`, or abstract inputs of an ahead-of-time
@@ -329,8 +356,9 @@ def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0,
     return media.replace(**rows)
 
 
-def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0,
-                 rules: AxisRules | None = None) -> ThinkerInputs:
+def place_inputs(
+    inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0, rules: AxisRules | None = None
+) -> ThinkerInputs:
     """Puts prepared inputs on the mesh (`input_shardings`). Every process passes the same global inputs."""
     return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes, rules=rules))
 

@@ -14,8 +14,14 @@ from opsd_jax.opsd import step as opsd_step
 from opsd_jax.sharding import AxisRules, make_mesh
 
 # Swapped roles: the model width over tensor, the heads over fsdp, rows over tensor.
-OVERRIDES = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.logical_axis_rules.embed=tensor",
-             "mesh.logical_axis_rules.heads=fsdp", "mesh.logical_axis_rules.batch=[tensor]"]
+OVERRIDES = [
+    "mesh.data=1",
+    "mesh.fsdp=4",
+    "mesh.tensor=2",
+    "mesh.logical_axis_rules.embed=tensor",
+    "mesh.logical_axis_rules.heads=fsdp",
+    "mesh.logical_axis_rules.batch=[tensor]",
+]
 
 
 def test_the_configs_rules_move_parameters_and_batches(tiny_untied):
@@ -33,9 +39,19 @@ def test_the_configs_rules_move_parameters_and_batches(tiny_untied):
 
     ids = jnp.zeros((4, 8), jnp.int32)
     prompt = moved.prepare_inputs(ids, attention_mask=jnp.ones_like(ids))
-    micro = jax.tree.map(lambda x: x[None], opsd_step.StepBatch(
-        student=prompt, teacher=prompt, completion=ids, completion_mask=ids.astype(bool),
-        sampler_logprobs=ids.astype(jnp.float32), rewards=jnp.zeros(4), label_ids=ids, label_mask=ids.astype(bool)))
+    micro = jax.tree.map(
+        lambda x: x[None],
+        opsd_step.StepBatch(
+            student=prompt,
+            teacher=prompt,
+            completion=ids,
+            completion_mask=ids.astype(bool),
+            sampler_logprobs=ids.astype(jnp.float32),
+            rewards=jnp.zeros(4),
+            label_ids=ids,
+            label_mask=ids.astype(bool),
+        ),
+    )
     assert opsd_step.step_batch_shardings(micro, mesh).completion.spec == P(None, "fsdp", None)
     placed = opsd_step.step_batch_shardings(micro, mesh, rules)
     assert placed.completion.spec == P(None, "tensor", None) == placed.student.input_ids.spec
