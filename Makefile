@@ -32,9 +32,12 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $(DEMO_STAMP)
 
-# Two workers, one test file each at a time (--dist loadfile keeps module fixtures whole): most of the suite is
-# single-threaded XLA compilation, so the second core halves it.
+# Lint and format first (seconds; the rules are in pyproject.toml), then two workers, one test file each at a time
+# (--dist loadfile keeps module fixtures whole): most of the suite is single-threaded XLA compilation, so the
+# second core halves it.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(DEMO_STAMP)

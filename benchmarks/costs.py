@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+
 def _model(**fields: float) -> dict[str, Any]:
     return {**fields, "encoders": fields["audio"] + fields["vision"]}
 
@@ -26,10 +27,30 @@ def _model(**fields: float) -> dict[str, Any]:
 # Reference §8.1 of Qwen2.5-Omni: trainable = text decoder + lm_head (budgeted untied), frozen = the audio and
 # vision encoders.
 MODELS: dict[str, dict[str, Any]] = {
-    "3b": _model(trainable=3_085.9e6 + 311.2e6, audio=637.7e6, vision=668.7e6, layers=36, hidden=2048, heads=16,
-               kv_heads=2, head_dim=128, intermediate=11_008, vocab=151_936),
-    "7b": _model(trainable=7_070.6e6 + 545.0e6, audio=639.6e6, vision=676.6e6, layers=28, hidden=3584, heads=28,
-               kv_heads=4, head_dim=128, intermediate=18_944, vocab=152_064),
+    "3b": _model(
+        trainable=3_085.9e6 + 311.2e6,
+        audio=637.7e6,
+        vision=668.7e6,
+        layers=36,
+        hidden=2048,
+        heads=16,
+        kv_heads=2,
+        head_dim=128,
+        intermediate=11_008,
+        vocab=151_936,
+    ),
+    "7b": _model(
+        trainable=7_070.6e6 + 545.0e6,
+        audio=639.6e6,
+        vision=676.6e6,
+        layers=28,
+        hidden=3584,
+        heads=28,
+        kv_heads=4,
+        head_dim=128,
+        intermediate=18_944,
+        vocab=152_064,
+    ),
 }
 TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
 
@@ -47,14 +68,20 @@ class DecoderShape:
     vocab: int
 
     @classmethod
-    def from_text_config(cls, text: Any) -> "DecoderShape":
+    def from_text_config(cls, text: Any) -> DecoderShape:
         """From `opsd_jax.models.text.TextConfig` (a loaded checkpoint's decoder)."""
-        return cls(layers=text.num_hidden_layers, hidden=text.hidden_size, heads=text.num_attention_heads,
-                   kv_heads=text.num_key_value_heads, head_dim=text.head_dim,
-                   intermediate=text.intermediate_size, vocab=text.vocab_size)
+        return cls(
+            layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            heads=text.num_attention_heads,
+            kv_heads=text.num_key_value_heads,
+            head_dim=text.head_dim,
+            intermediate=text.intermediate_size,
+            vocab=text.vocab_size,
+        )
 
     @classmethod
-    def from_model(cls, name: str) -> "DecoderShape":
+    def from_model(cls, name: str) -> DecoderShape:
         """A row of `MODELS` ("3b", "7b")."""
         model = MODELS[name]
         return cls(**{field.name: model[field.name] for field in dataclasses.fields(cls)})
@@ -109,7 +136,9 @@ def scoring_flops(shape: DecoderShape, step: StepShape, prompt_len: int) -> floa
     return prompt + completion
 
 
-def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2, encoders: float = 0.0) -> dict[str, float]:
+def step_flops(
+    shape: DecoderShape, step: StepShape, *, metric_heads: int = 2, encoders: float = 0.0
+) -> dict[str, float]:
     """Matmul FLOPs of one OmniOPSD step by phase, as opsd-jax runs it.
 
     rollout: the prefill (each prompt once, cache `P + C`) and `C - 1` decode steps of every row.
@@ -125,7 +154,9 @@ def step_flops(shape: DecoderShape, step: StepShape, *, metric_heads: int = 2, e
     """
     cache = step.prompt_len + step.completion_len
     prefill = forward_flops(shape, step.prompts * step.prompt_len, cache, head_tokens=step.prompts)
-    decode = forward_flops(shape, step.rows * (step.completion_len - 1), cache, head_tokens=step.rows * (step.completion_len - 1))
+    decode = forward_flops(
+        shape, step.rows * (step.completion_len - 1), cache, head_tokens=step.rows * (step.completion_len - 1)
+    )
     rollout = prefill + decode + encoders
     teacher = scoring_flops(shape, step, step.teacher_len) + encoders
     student = 3 * scoring_flops(shape, step, step.prompt_len)

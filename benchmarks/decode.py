@@ -19,12 +19,25 @@ from typing import Any
 
 from benchmarks.common import force_host_devices, format_table, median_seconds, write_results
 
-
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256,
-                 mrope_section=(2, 3, 3)),
-    "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
-                  vocab_size=32768, mrope_section=(8, 12, 12)),
+    "tiny": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        mrope_section=(2, 3, 3),
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=1408,
+        vocab_size=32768,
+        mrope_section=(8, 12, 12),
+    ),
 }
 
 
@@ -46,15 +59,30 @@ def measure(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: in
     no_eos = -1  # never emitted: every row decodes the full length
 
     def ours(tokens: int):
-        return lambda: jax.block_until_ready(generate(
-            model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens=tokens, temperature=0,
-            eos_token_id=no_eos, pad_token_id=0).tokens)
+        return lambda: jax.block_until_ready(
+            generate(
+                model,
+                {"input_ids": ids, "attention_mask": mask},
+                max_new_tokens=tokens,
+                temperature=0,
+                eos_token_id=no_eos,
+                pad_token_id=0,
+            ).tokens
+        )
 
     def theirs(tokens: int):
         def run():
             with torch.no_grad():
-                return reference.generate(input_ids=torch_ids, attention_mask=torch_mask, max_new_tokens=tokens,
-                                          min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+                return reference.generate(
+                    input_ids=torch_ids,
+                    attention_mask=torch_mask,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+
         return run
 
     ours_prefill = median_seconds(ours(1), repeats=repeats)
@@ -65,9 +93,15 @@ def measure(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: in
     ours_rate = decoded / max(ours_total - ours_prefill, 1e-9)
     ref_rate = decoded / max(ref_total - ref_prefill, 1e-9)
     return {
-        "config": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "jax_prefill_s": ours_prefill, "torch_prefill_s": ref_prefill,
-        "jax_decode_tok_s": ours_rate, "torch_decode_tok_s": ref_rate, "speedup": ours_rate / ref_rate,
+        "config": name,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "jax_prefill_s": ours_prefill,
+        "torch_prefill_s": ref_prefill,
+        "jax_decode_tok_s": ours_rate,
+        "torch_decode_tok_s": ref_rate,
+        "speedup": ours_rate / ref_rate,
     }
 
 
@@ -89,11 +123,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for batch in (int(b) for b in args.batches.split(",")):
                 rows.append(measure(name, batch, args.prompt_len, args.new_tokens, args.repeats, Path(tmp)))
                 print(f"  measured {name} batch {batch}: {rows[-1]['speedup']:.2f}x", flush=True)
-    headers = ["config", "batch", "prefill JAX (s)", "prefill torch (s)", "decode JAX (tok/s)", "decode torch (tok/s)",
-               "JAX / torch"]
-    table = format_table(headers, [
-        (r["config"], r["batch"], r["jax_prefill_s"], r["torch_prefill_s"], r["jax_decode_tok_s"],
-         r["torch_decode_tok_s"], f"{r['speedup']:.2f}x") for r in rows])
+    headers = [
+        "config",
+        "batch",
+        "prefill JAX (s)",
+        "prefill torch (s)",
+        "decode JAX (tok/s)",
+        "decode torch (tok/s)",
+        "JAX / torch",
+    ]
+    table = format_table(
+        headers,
+        [
+            (
+                r["config"],
+                r["batch"],
+                r["jax_prefill_s"],
+                r["torch_prefill_s"],
+                r["jax_decode_tok_s"],
+                r["torch_decode_tok_s"],
+                f"{r['speedup']:.2f}x",
+            )
+            for r in rows
+        ],
+    )
     print(table)
     path = write_results("decode", {"settings": vars(args), "rows": rows, "table": table}, args.out)
     print(f"wrote {path}")

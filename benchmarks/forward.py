@@ -20,11 +20,11 @@ from typing import Any
 
 from benchmarks.common import force_host_devices, format_table, median_seconds, write_results
 
-
-
 # The tiny parity-test encoders widened to a small thinker's scale (shared with `step.py`'s omni config).
-WIDE_ENCODERS = {"vision_config": dict(hidden_size=128, intermediate_size=256, num_heads=4),
-                 "audio_config": dict(d_model=128, encoder_attention_heads=4, encoder_ffn_dim=256)}
+WIDE_ENCODERS = {
+    "vision_config": dict(hidden_size=128, intermediate_size=256, num_heads=4),
+    "audio_config": dict(d_model=128, encoder_attention_heads=4, encoder_ffn_dim=256),
+}
 
 
 def small_config(hidden: int, layers: int, vocab_size: int | None = None) -> dict[str, Any]:
@@ -34,10 +34,15 @@ def small_config(hidden: int, layers: int, vocab_size: int | None = None) -> dic
     half = hidden // 8 // 2  # 8 heads; M-RoPE splits head_dim / 2 frequency pairs over (t, h, w) as 1 : 1.5 : 1.5
     temporal = half // 4
     vocab = {} if vocab_size is None else {"vocab_size": vocab_size}
-    config = tiny_thinker_config_dict(hidden_size=hidden, num_layers=layers, num_heads=8, num_kv_heads=2,
-                                      intermediate_size=hidden * 11 // 4,
-                                      mrope_section=(temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2),
-                                      **vocab)
+    config = tiny_thinker_config_dict(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=hidden * 11 // 4,
+        mrope_section=(temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2),
+        **vocab,
+    )
     for name, fields in WIDE_ENCODERS.items():
         config[name].update(fields)
     return config
@@ -54,16 +59,30 @@ def synthetic_clips(count: int, frames: int, *, fps: int = 2, size: int = 112, s
     from opsd_jax.data.synthetic import DATASET, TASK, clip_at
     from opsd_jax.rationales.rule_based import write_rationale
 
-    config = SyntheticAffectConfig(name="benchmark", num_frames=frames, height=size, width=size,
-                                   max_audio_seconds=frames / fps)
+    config = SyntheticAffectConfig(
+        name="benchmark", num_frames=frames, height=size, width=size, max_audio_seconds=frames / fps
+    )
     preprocess = ProcessorInputs()
     clips = []
     for index in range(count):
         clip = clip_at(seed, "benchmark", index, num_frames=frames, height=size, width=size, fps=fps)
         rationale = write_rationale(clip["cues"].valence, clip["cues"].arousal, clip["subtitle"], clip["label"])
-        clips.append(preprocess(clip_example(
-            config, id=clip["id"], frames=clip["frames"], sample_fps=float(fps), audio=clip["audio"], task=TASK,
-            subtitle=clip["subtitle"], label=clip["label"], dataset=DATASET, rationale=rationale)))
+        clips.append(
+            preprocess(
+                clip_example(
+                    config,
+                    id=clip["id"],
+                    frames=clip["frames"],
+                    sample_fps=float(fps),
+                    audio=clip["audio"],
+                    task=TASK,
+                    subtitle=clip["subtitle"],
+                    label=clip["label"],
+                    dataset=DATASET,
+                    rationale=rationale,
+                )
+            )
+        )
     return clips
 
 
@@ -108,9 +127,17 @@ def measure(batch: int, frames: int, fps: int, hidden: int, layers: int, repeats
     real = inputs["attention_mask"].astype(bool)
     error = float(np.abs(np.asarray(forward(model, prepared)) - torch_forward().numpy())[real].max())
     return {
-        "batch": batch, "frames": frames, "audio_seconds": frames / fps, "hidden": hidden, "layers": layers,
-        "sequence": int(inputs["input_ids"].shape[1]), "flax_forward_s": flax_seconds, "flax_host_plan_s": plan_seconds,
-        "torch_forward_s": torch_seconds, "speedup": torch_seconds / flax_seconds, "max_abs_logit_diff": error,
+        "batch": batch,
+        "frames": frames,
+        "audio_seconds": frames / fps,
+        "hidden": hidden,
+        "layers": layers,
+        "sequence": int(inputs["input_ids"].shape[1]),
+        "flax_forward_s": flax_seconds,
+        "flax_host_plan_s": plan_seconds,
+        "torch_forward_s": torch_seconds,
+        "speedup": torch_seconds / flax_seconds,
+        "max_abs_logit_diff": error,
     }
 
 
@@ -118,7 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, default=8, help="video frames per clip (even)")
-    parser.add_argument("--fps", type=int, default=2, help="frames per second: a clip has frames / fps seconds of audio")
+    parser.add_argument(
+        "--fps", type=int, default=2, help="frames per second: a clip has frames / fps seconds of audio"
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -130,9 +159,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         row = measure(args.batch, args.frames, args.fps, args.hidden, args.layers, args.repeats, Path(tmp))
     table = format_table(
-        ["batch", "tokens", "Flax forward (s)", "host planning (s)", "torch forward (s)", "torch / Flax", "max |dlogit|"],
-        [(row["batch"], row["sequence"], row["flax_forward_s"], row["flax_host_plan_s"], row["torch_forward_s"],
-          f"{row['speedup']:.2f}x", f"{row['max_abs_logit_diff']:.1e}")],
+        [
+            "batch",
+            "tokens",
+            "Flax forward (s)",
+            "host planning (s)",
+            "torch forward (s)",
+            "torch / Flax",
+            "max |dlogit|",
+        ],
+        [
+            (
+                row["batch"],
+                row["sequence"],
+                row["flax_forward_s"],
+                row["flax_host_plan_s"],
+                row["torch_forward_s"],
+                f"{row['speedup']:.2f}x",
+                f"{row['max_abs_logit_diff']:.1e}",
+            )
+        ],
     )
     print(table)
     path = write_results("forward", {"settings": vars(args), "row": row, "table": table}, args.out)

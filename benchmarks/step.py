@@ -62,27 +62,57 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, force_host_devices, format_table, median_seconds, with_host_device_count, write_results
+from benchmarks.common import (
+    RESULTS,
+    force_host_devices,
+    format_table,
+    median_seconds,
+    with_host_device_count,
+    write_results,
+)
 
 SIZES: dict[str, dict[str, Any]] = {
     # model: keyword arguments of `tiny_thinker_config_dict` (text) or of `forward.small_config` (with
     # `media`: the encoders widened); step: `StepShape` fields (with media, the prompt lengths follow
     # from the clips); media: keyword arguments of `forward.synthetic_clips`.
-    "tiny": dict(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                            vocab_size=256, mrope_section=(2, 3, 3)),
-                 step=dict(prompts=2, samples=4, prompt_len=32, teacher_len=64, completion_len=16)),
-    "small": dict(model=dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
-                             vocab_size=32768, mrope_section=(8, 12, 12)),
-                  step=dict(prompts=4, samples=4, prompt_len=96, teacher_len=160, completion_len=32)),
+    "tiny": dict(
+        model=dict(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            vocab_size=256,
+            mrope_section=(2, 3, 3),
+        ),
+        step=dict(prompts=2, samples=4, prompt_len=32, teacher_len=64, completion_len=16),
+    ),
+    "small": dict(
+        model=dict(
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=2,
+            intermediate_size=1408,
+            vocab_size=32768,
+            mrope_section=(8, 12, 12),
+        ),
+        step=dict(prompts=4, samples=4, prompt_len=96, teacher_len=160, completion_len=32),
+    ),
     # The small decoder (same shapes as "small") with video and audio encoders; 4 s clips of 8 frames of 112^2.
-    "omni": dict(model=dict(hidden=512, layers=8, vocab_size=32768),
-                 media=dict(frames=8, fps=2, size=112),
-                 step=dict(prompts=4, samples=4, completion_len=32)),
+    "omni": dict(
+        model=dict(hidden=512, layers=8, vocab_size=32768),
+        media=dict(frames=8, fps=2, size=112),
+        step=dict(prompts=4, samples=4, completion_len=32),
+    ),
 }
 QUICK: dict[str, dict[str, Any]] = {  # the smoke test's sizes
     "tiny": dict(SIZES["tiny"], step=dict(prompts=2, samples=2, prompt_len=8, teacher_len=12, completion_len=4)),
-    "omni": dict(model=dict(hidden=64, layers=1), media=dict(frames=2, fps=2, size=56),
-                 step=dict(prompts=2, samples=2, completion_len=4)),
+    "omni": dict(
+        model=dict(hidden=64, layers=1),
+        media=dict(frames=2, fps=2, size=56),
+        step=dict(prompts=2, samples=2, completion_len=4),
+    ),
 }
 NEVER = -1  # an end-of-sequence id no row emits: every rollout runs the full length
 PLAIN_TOKEN = 1  # what a sampled media placeholder becomes (see `media_token_ids`)
@@ -97,7 +127,7 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -
     dot = jax.jit(jnp.dot)
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        seconds = median_seconds(lambda: dot(a, a).block_until_ready(), repeats=repeats)
+        seconds = median_seconds(lambda a=a: dot(a, a).block_until_ready(), repeats=repeats)
         rates[n] = 2 * n**3 / seconds
     best = max(rates, key=rates.get)
     return {"flops_per_s": rates[best], "size": best, "by_size": rates}
@@ -144,9 +174,14 @@ def make_workload(name: str, size: dict[str, Any], workdir: Path) -> Workload:
             build_tiny_tokenizer(workdir / "tokenizer")
         clips = synthetic_clips(size["step"]["prompts"], **media)
         student = build_batch(PromptBuilder.from_pretrained(workdir / "tokenizer"), clips, with_teacher=True)
-        teacher_text = {"input_ids": student.pop("teacher_input_ids"), "attention_mask": student.pop("teacher_attention_mask")}
+        teacher_text = {
+            "input_ids": student.pop("teacher_input_ids"),
+            "attention_mask": student.pop("teacher_attention_mask"),
+        }
         teacher = {**student, **teacher_text}
-        step = StepShape(**size["step"], prompt_len=student["input_ids"].shape[1], teacher_len=teacher["input_ids"].shape[1])
+        step = StepShape(
+            **size["step"], prompt_len=student["input_ids"].shape[1], teacher_len=teacher["input_ids"].shape[1]
+        )
         return Workload(checkpoint, step, student, teacher)
     step = StepShape(**size["step"])
     rng = np.random.default_rng(0)
@@ -176,9 +211,19 @@ def repeat_prompts(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
     prompt-major: what a PyTorch trainer feeds `generate` and the scoring forwards for G rollouts."""
     import numpy as np
 
-    rows = {name: np.repeat(value, repeats, axis=0) for name, value in inputs.items()
-            if name in ("input_ids", "attention_mask", "input_features", "feature_attention_mask",
-                        "video_grid_thw", "video_second_per_grid")}
+    rows = {
+        name: np.repeat(value, repeats, axis=0)
+        for name, value in inputs.items()
+        if name
+        in (
+            "input_ids",
+            "attention_mask",
+            "input_features",
+            "feature_attention_mask",
+            "video_grid_thw",
+            "video_second_per_grid",
+        )
+    }
     if "pixel_values_videos" in inputs:  # patches are concatenated per video: repeat each video's block
         sizes = np.prod(inputs["video_grid_thw"], axis=-1)
         videos = np.split(inputs["pixel_values_videos"], np.cumsum(sizes)[:-1])
@@ -204,18 +249,36 @@ class JaxStep:
         step = workload.step
         self.step, self.has_media = step, workload.has_media
         self.media_token_ids = jnp.asarray(media_token_ids(workload), jnp.int32)
-        self.config = load_config(None, [
-            "train.lr=1e-5", "train.warmup_steps=0", "teacher.mode=frozen", "loss.divergence=gjsd", "loss.beta=0.5",
-            "loss.is_clip=null", f"loss.chunk_size={step.completion_len}", f"train.batch_size={step.prompts}",
-            f"sampling.num_samples={step.samples}", f"sampling.max_new_tokens={step.completion_len}",
-            "mesh.data=1", "mesh.fsdp=-1",
-        ], num_devices=devices)
+        self.config = load_config(
+            None,
+            [
+                "train.lr=1e-5",
+                "train.warmup_steps=0",
+                "teacher.mode=frozen",
+                "loss.divergence=gjsd",
+                "loss.beta=0.5",
+                "loss.is_clip=null",
+                f"loss.chunk_size={step.completion_len}",
+                f"train.batch_size={step.prompts}",
+                f"sampling.num_samples={step.samples}",
+                f"sampling.max_new_tokens={step.completion_len}",
+                "mesh.data=1",
+                "mesh.fsdp=-1",
+            ],
+            num_devices=devices,
+        )
         self.mesh = make_mesh(self.config.mesh, jax.devices()[:devices])
         self.model = from_pretrained(workload.checkpoint, mesh=self.mesh)
         params = nnx.state(self.model, nnx.Param)
         tx = opsd_step.make_optimizer(self.config.train, params)
-        settings = opsd_step.StepSettings(graphdef=nnx.graphdef(self.model), tx=tx, loss=self.config.loss,
-                                          teacher=self.config.teacher, train_encoders=False, mesh=self.mesh)
+        settings = opsd_step.StepSettings(
+            graphdef=nnx.graphdef(self.model),
+            tx=tx,
+            loss=self.config.loss,
+            teacher=self.config.teacher,
+            train_encoders=False,
+            mesh=self.mesh,
+        )
         self.state = opsd_step.init_state(self.model, tx, self.config.teacher, self.mesh)
         self.train_step = opsd_step.make_train_step(settings, self.state)
         self.workload = workload
@@ -226,8 +289,14 @@ class JaxStep:
             """The teacher's scoring alone: hidden states over [teacher prompt | completion], token logprobs."""
             teacher = nnx.merge(graphdef, teacher_params)
             signal = teacher_signal(teacher, batch.teacher, batch.completion, batch.completion_mask, loss_config)
-            return chunked_teacher_scores(signal["teacher_hidden"], signal["teacher_head_kernel"], batch.completion,
-                                          top_k=1, temperature=1.0, chunk_size=loss_config.chunk_size).token_logprobs
+            return chunked_teacher_scores(
+                signal["teacher_hidden"],
+                signal["teacher_head_kernel"],
+                batch.completion,
+                top_k=1,
+                temperature=1.0,
+                chunk_size=loss_config.chunk_size,
+            ).token_logprobs
 
         self.score = jax.jit(score)
         self._executables: dict[str, Any] = {}
@@ -237,8 +306,9 @@ class JaxStep:
         checks, positions), as the trainer's loop does for every batch (`Trainer._prepare`)."""
         import jax
 
-        return jax.block_until_ready((self.model.prepare_inputs(**self.workload.student),
-                                      self.model.prepare_inputs(**self.workload.teacher)))
+        return jax.block_until_ready(
+            (self.model.prepare_inputs(**self.workload.student), self.model.prepare_inputs(**self.workload.teacher))
+        )
 
     def rollout(self, inputs):
         """Samples the rollouts and places them as the trainer's `StepBatch` (one micro-batch: `[1, ...]`)."""
@@ -249,13 +319,28 @@ class JaxStep:
         from opsd_jax.sampling import generate
 
         step, (student, teacher) = self.step, inputs
-        out = generate(self.model, student, max_new_tokens=step.completion_len, temperature=1.0,
-                       eos_token_id=NEVER, pad_token_id=0, num_samples=step.samples, seed=self.keys, mesh=self.mesh)
+        out = generate(
+            self.model,
+            student,
+            max_new_tokens=step.completion_len,
+            temperature=1.0,
+            eos_token_id=NEVER,
+            pad_token_id=0,
+            num_samples=step.samples,
+            seed=self.keys,
+            mesh=self.mesh,
+        )
         completion = jnp.where(jnp.isin(out.tokens, self.media_token_ids), PLAIN_TOKEN, out.tokens)
         micro = opsd_step.StepBatch(
-            student=student, teacher=teacher, completion=completion, completion_mask=out.mask,
-            sampler_logprobs=out.model_logprobs, rewards=jnp.zeros(step.rows, jnp.float32),
-            label_ids=jnp.zeros((step.prompts, 1), jnp.int32), label_mask=jnp.zeros((step.prompts, 1), bool))
+            student=student,
+            teacher=teacher,
+            completion=completion,
+            completion_mask=out.mask,
+            sampler_logprobs=out.model_logprobs,
+            rewards=jnp.zeros(step.rows, jnp.float32),
+            label_ids=jnp.zeros((step.prompts, 1), jnp.int32),
+            label_mask=jnp.zeros((step.prompts, 1), bool),
+        )
         return jax.block_until_ready(opsd_step.place_step_batch(jax.tree.map(lambda x: x[None], micro), self.mesh))
 
     def _compiled(self, name: str, function, *args):
@@ -292,9 +377,11 @@ class JaxStep:
 
         micro = jax.tree.map(lambda x: x[0], batch)
         encode = jax.jit(lambda model, student: model.encode_media(student))
-        return {"train_step": xla_flops(self._compiled("train_step", self.train_step, self.state, batch)),
-                "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro)),
-                "encoders": xla_flops(encode.lower(self.model, inputs[0]).compile()) if self.has_media else 0.0}
+        return {
+            "train_step": xla_flops(self._compiled("train_step", self.train_step, self.state, batch)),
+            "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro)),
+            "encoders": xla_flops(encode.lower(self.model, inputs[0]).compile()) if self.has_media else 0.0,
+        }
 
 
 class TorchStep:
@@ -309,7 +396,9 @@ class TorchStep:
         from trl.experimental.gkd import GKDTrainer
 
         self.torch, self.step = torch, workload.step
-        self.student = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(workload.checkpoint, dtype=torch.float32)
+        self.student = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            workload.checkpoint, dtype=torch.float32
+        )
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)  # frozen copy of the start
         for name, parameter in self.student.named_parameters():
             if ".audio_tower." in f".{name}" or ".visual." in f".{name}":
@@ -327,8 +416,10 @@ class TorchStep:
         are computed inside transformers' forward, so they are timed in the phases that call it.)"""
         from opsd_jax.testing.reference import torch_inputs
 
-        return {who: torch_inputs(repeat_prompts(getattr(self.workload, who), self.step.samples))
-                for who in ("student", "teacher")}
+        return {
+            who: torch_inputs(repeat_prompts(getattr(self.workload, who), self.step.samples))
+            for who in ("student", "teacher")
+        }
 
     def rollout(self, inputs):
         """`[B * G, C]` sampled completion tokens (prompt-major)."""
@@ -336,9 +427,17 @@ class TorchStep:
         self.student.eval()
         with torch.no_grad():
             out = self.student.generate(
-                **inputs["student"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=step.completion_len, min_new_tokens=step.completion_len, eos_token_id=None, pad_token_id=0)
-        completion = out[:, inputs["student"]["input_ids"].shape[1]:]
+                **inputs["student"],
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=step.completion_len,
+                min_new_tokens=step.completion_len,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        completion = out[:, inputs["student"]["input_ids"].shape[1] :]
         return torch.where(torch.isin(completion, self.media_token_ids), PLAIN_TOKEN, completion)
 
     def _completion_logits(self, model, prompt, completion):
@@ -380,8 +479,10 @@ class TorchStep:
         def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
             return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
-        cpu_kernels = {aten._scaled_dot_product_flash_attention_for_cpu: attention,
-                       aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
+        cpu_kernels = {
+            aten._scaled_dot_product_flash_attention_for_cpu: attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
+        }
         with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_kernels) as counter:
             result = run()
         return result, float(counter.get_total_flops())
@@ -395,9 +496,12 @@ class TorchStep:
             return 0.0
         inputs = torch_inputs(self.workload.student)
         with self.torch.no_grad():
-            _, flops = self._count(lambda: (
-                self.student.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]),
-                self.student.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])))
+            _, flops = self._count(
+                lambda: (
+                    self.student.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]),
+                    self.student.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"]),
+                )
+            )
         return flops
 
     def counted_flops(self) -> dict[str, float]:
@@ -454,7 +558,9 @@ def loss_agreement(jax_runner: JaxStep, torch_runner: TorchStep) -> tuple[dict[s
     torch_completion = torch_runner.torch.from_numpy(np.array(batch.completion[0])).long()
     torch_in = torch_runner.prepare()
     with torch_runner.torch.no_grad():
-        torch_loss = float(torch_runner.loss(torch_in, torch_completion, torch_runner.scoring(torch_in, torch_completion)))
+        torch_loss = float(
+            torch_runner.loss(torch_in, torch_completion, torch_runner.scoring(torch_in, torch_completion))
+        )
     jax_loss = float(jax_runner.update(inputs, batch)["loss"])
     return {"jax_loss": jax_loss, "torch_loss": torch_loss, "abs_diff": abs(jax_loss - torch_loss)}, inputs, batch
 
@@ -466,7 +572,9 @@ def utilisation(flops: dict[str, float], seconds: dict[str, float], peak: float)
     return {phase: value / seconds[phase] / peak for phase, value in work.items()}
 
 
-def measure(name: str, size: dict[str, Any], steps: int, workdir: Path, peak: float, count_torch: bool) -> dict[str, Any]:
+def measure(
+    name: str, size: dict[str, Any], steps: int, workdir: Path, peak: float, count_torch: bool
+) -> dict[str, Any]:
     """One run of one config: both implementations timed, each side's work counted (and checked: XLA's
     count of the compiled programs; PyTorch's flop counter over one extra step when `count_torch`)."""
     from benchmarks.costs import DecoderShape, repeated_step_flops, step_flops
@@ -485,38 +593,62 @@ def measure(name: str, size: dict[str, Any], steps: int, workdir: Path, peak: fl
     # encoders and as PyTorch's flop counter counts transformers' (their vision attention differs: banded
     # blocks of 3 segments here, exact variable-length windows there).
     encoders = {"jax": measured_xla["encoders"], "torch": torch_runner.encoder_flops()}
-    flops = {"jax": step_flops(shape, step, encoders=encoders["jax"]),
-             "torch": repeated_step_flops(shape, step, encoders=encoders["torch"])}
+    flops = {
+        "jax": step_flops(shape, step, encoders=encoders["jax"]),
+        "torch": repeated_step_flops(shape, step, encoders=encoders["torch"]),
+    }
     # What each compiled program computes. The train step's two metric head products (the sampled tokens'
     # logprobs) repeat the loss's own products when the loss runs in one chunk, as here, and XLA computes
     # them once: its count is the model FLOPs. With several chunks (the real configs) they cost extra.
     counted = {"train_step": flops["jax"]["model_train"], "teacher": flops["jax"]["teacher"]}
-    check = {"jax": {phase: {"counted": counted[phase], "measured": measured_xla[phase],
-                             "measured_over_counted": measured_xla[phase] / counted[phase]} for phase in counted}}
+    check = {
+        "jax": {
+            phase: {
+                "counted": counted[phase],
+                "measured": measured_xla[phase],
+                "measured_over_counted": measured_xla[phase] / counted[phase],
+            }
+            for phase in counted
+        }
+    }
     if torch_counted:
-        check["torch"] = {phase: {"counted": flops["torch"][phase], "measured": value,
-                                  "measured_over_counted": value / flops["torch"][phase]}
-                          for phase, value in torch_counted.items()}
+        check["torch"] = {
+            phase: {
+                "counted": flops["torch"][phase],
+                "measured": value,
+                "measured_over_counted": value / flops["torch"][phase],
+            }
+            for phase, value in torch_counted.items()
+        }
     return {
-        "config": name, "media": size.get("media"), "step": dataclasses.asdict(step), "shape": dataclasses.asdict(shape),
-        "jax_s": jax_times, "torch_s": torch_times,
-        "speedup": {phase: torch_times[phase] / max(jax_times[phase], 1e-9)
-                    for phase in REPORTED},
-        "completion_tokens_per_s": {"jax": step.completion_tokens / jax_times["total"],
-                                    "torch": step.completion_tokens / torch_times["total"]},
+        "config": name,
+        "media": size.get("media"),
+        "step": dataclasses.asdict(step),
+        "shape": dataclasses.asdict(shape),
+        "jax_s": jax_times,
+        "torch_s": torch_times,
+        "speedup": {phase: torch_times[phase] / max(jax_times[phase], 1e-9) for phase in REPORTED},
+        "completion_tokens_per_s": {
+            "jax": step.completion_tokens / jax_times["total"],
+            "torch": step.completion_tokens / torch_times["total"],
+        },
         "flops": flops,
         # How much more the PyTorch loop computes than opsd-jax for the same step.
-        "work_ratio": {phase: flops["torch"][key] / flops["jax"][key]
-                       for phase, key in (("rollout", "rollout"), ("train_step", "model_train"), ("total", "total"))},
+        "work_ratio": {
+            phase: flops["torch"][key] / flops["jax"][key]
+            for phase, key in (("rollout", "rollout"), ("train_step", "model_train"), ("total", "total"))
+        },
         "flops_check": check,
-        "utilisation": {side: utilisation(flops[side], times, peak)
-                        for side, times in (("jax", jax_times), ("torch", torch_times))},
+        "utilisation": {
+            side: utilisation(flops[side], times, peak) for side, times in (("jax", jax_times), ("torch", torch_times))
+        },
         "loss_agreement": agreement,
     }
 
 
-def run_worker(names: list[str], sizes: dict[str, Any], steps: int, workdir: Path, count_torch: bool,
-               peak_sizes: tuple[int, ...]) -> dict[str, Any]:
+def run_worker(
+    names: list[str], sizes: dict[str, Any], steps: int, workdir: Path, count_torch: bool, peak_sizes: tuple[int, ...]
+) -> dict[str, Any]:
     """One independent run (a process of its own): this machine's matmul peak, then every config. The
     load average before and after (1, 5, 15 minutes) records whether other work shared the cores."""
     load_before = os.getloadavg()
@@ -536,25 +668,37 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for index, first in enumerate(runs[0]["rows"]):
         rows = [run["rows"][index] for run in runs]
         static = ("config", "media", "step", "shape", "flops", "work_ratio", "flops_check", "loss_agreement")
-        summaries.append({
-            **{key: first[key] for key in static},
-            "runs": len(rows),
-            **{side: {phase: spread([r[side][phase] for r in rows]) for phase in REPORTED}
-               for side in ("jax_s", "torch_s", "speedup")},
-            "utilisation": {side: {phase: spread([r["utilisation"][side][phase] for r in rows])
-                                   for phase in first["utilisation"][side]} for side in first["utilisation"]},
-            "completion_tokens_per_s": {side: spread([r["completion_tokens_per_s"][side] for r in rows])
-                                        for side in first["completion_tokens_per_s"]},
-            "loss_abs_diff_max": max(r["loss_agreement"]["abs_diff"] for r in rows),
-        })
+        summaries.append(
+            {
+                **{key: first[key] for key in static},
+                "runs": len(rows),
+                **{
+                    side: {phase: spread([r[side][phase] for r in rows]) for phase in REPORTED}
+                    for side in ("jax_s", "torch_s", "speedup")
+                },
+                "utilisation": {
+                    side: {
+                        phase: spread([r["utilisation"][side][phase] for r in rows])
+                        for phase in first["utilisation"][side]
+                    }
+                    for side in first["utilisation"]
+                },
+                "completion_tokens_per_s": {
+                    side: spread([r["completion_tokens_per_s"][side] for r in rows])
+                    for side in first["completion_tokens_per_s"]
+                },
+                "loss_abs_diff_max": max(r["loss_agreement"]["abs_diff"] for r in rows),
+            }
+        )
     return summaries
 
 
 # ------------------------------------------------------------------------------------------ scaling
 
 
-def scaling_worker(devices: int, name: str, size: dict[str, Any], prompts_per_device: int, steps: int,
-                   workdir: Path) -> dict[str, Any]:
+def scaling_worker(
+    devices: int, name: str, size: dict[str, Any], prompts_per_device: int, steps: int, workdir: Path
+) -> dict[str, Any]:
     """Runs in a child process started with `devices` forced host devices: the opsd-jax step only."""
     import jax
 
@@ -563,29 +707,57 @@ def scaling_worker(devices: int, name: str, size: dict[str, Any], prompts_per_de
     size = dict(size, step=dict(size["step"], prompts=prompts_per_device * devices))
     workload = make_workload(name, size, workdir)
     times = phase_times(JaxStep(workload, devices=devices), steps)
-    return {"devices": devices, "prompts": workload.step.prompts, "seconds": times,
-            "completion_tokens_per_s": workload.step.completion_tokens / times["total"]}
+    return {
+        "devices": devices,
+        "prompts": workload.step.prompts,
+        "seconds": times,
+        "completion_tokens_per_s": workload.step.completion_tokens / times["total"],
+    }
 
 
 def _child(arguments: list[str], devices: int) -> dict[str, Any]:
     """`python -m benchmarks.step ARGUMENTS` in its own process on `devices` forced host devices (the
     device count is fixed when JAX starts); returns the JSON it prints last."""
     env = {**os.environ, "XLA_FLAGS": with_host_device_count(os.environ.get("XLA_FLAGS", ""), devices)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.step", *arguments], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"benchmarks.step {' '.join(arguments[:2])} on {devices} device(s) failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"benchmarks.step {' '.join(arguments[:2])} on {devices} device(s) failed:\n{done.stderr[-4000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _scaling_child(name: str, size: dict[str, Any], devices: int, prompts_per_device: int, steps: int,
-                   workdir: Path) -> dict[str, Any]:
-    return _child(["--scaling-worker", str(devices), "--configs", name, "--prompts-per-device", str(prompts_per_device),
-                   "--steps", str(steps), "--workdir", str(workdir), "--sizes", json.dumps({name: size})], devices)
+def _scaling_child(
+    name: str, size: dict[str, Any], devices: int, prompts_per_device: int, steps: int, workdir: Path
+) -> dict[str, Any]:
+    return _child(
+        [
+            "--scaling-worker",
+            str(devices),
+            "--configs",
+            name,
+            "--prompts-per-device",
+            str(prompts_per_device),
+            "--steps",
+            str(steps),
+            "--workdir",
+            str(workdir),
+            "--sizes",
+            json.dumps({name: size}),
+        ],
+        devices,
+    )
 
 
-def scaling(name: str, size: dict[str, Any], device_counts: list[int], prompts_per_device: int, steps: int,
-            workdir: Path) -> list[dict[str, Any]]:
+def scaling(
+    name: str, size: dict[str, Any], device_counts: list[int], prompts_per_device: int, steps: int, workdir: Path
+) -> list[dict[str, Any]]:
     """The opsd-jax step with `prompts_per_device x devices` prompts on each device count (FSDP over all of
     them), and as the control the same prompts on one device: their ratio is what sharding costs here."""
     rows = []
@@ -596,8 +768,11 @@ def scaling(name: str, size: dict[str, Any], device_counts: list[int], prompts_p
         row["one_device_same_prompts_phases_s"] = {k: v for k, v in control["seconds"].items() if k != "runs"}
         row["sharded_over_one_device"] = row["seconds"]["total"] / control["seconds"]["total"]
         rows.append(row)
-        print(f"  scaling: {devices} device(s), {row['prompts']} prompts: {row['seconds']['total']:.3f} s "
-              f"(one device: {control['seconds']['total']:.3f} s)", flush=True)
+        print(
+            f"  scaling: {devices} device(s), {row['prompts']} prompts: {row['seconds']['total']:.3f} s "
+            f"(one device: {control['seconds']['total']:.3f} s)",
+            flush=True,
+        )
     base = rows[0]["completion_tokens_per_s"]
     for row in rows:
         row["throughput_vs_one_device"] = row["completion_tokens_per_s"] / base
@@ -620,44 +795,104 @@ def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], runs: list[
     percent = dict(scale=100, unit="%", digits=".0f")
     phases = format_table(
         ["config", "phase", "opsd-jax (s)", "PyTorch (s)", "PyTorch / opsd-jax"],
-        [(r["config"], phase.replace("_", " "), ranged(r["jax_s"][phase]), ranged(r["torch_s"][phase]),
-          ranged(r["speedup"][phase], unit="x", digits=".2f"))
-         for r in rows for phase in ("prepare", "rollout", "teacher", "update", "total")],
+        [
+            (
+                r["config"],
+                phase.replace("_", " "),
+                ranged(r["jax_s"][phase]),
+                ranged(r["torch_s"][phase]),
+                ranged(r["speedup"][phase], unit="x", digits=".2f"),
+            )
+            for r in rows
+            for phase in ("prepare", "rollout", "teacher", "update", "total")
+        ],
     )
     keys = {"rollout": "rollout", "train_step": "model_train", "total": "total"}
     work = format_table(
-        ["config", "phase", "GFLOP opsd-jax", "GFLOP PyTorch", "work PyTorch / opsd-jax", "time PyTorch / opsd-jax",
-         "utilisation opsd-jax", "utilisation PyTorch"],
-        [(r["config"], phase.replace("_", " "), r["flops"]["jax"][key] / 1e9, r["flops"]["torch"][key] / 1e9,
-          f"{r['work_ratio'][phase]:.2f}x", ranged(r["speedup"][phase], unit="x", digits=".2f"),
-          ranged(r["utilisation"]["jax"][phase], **percent), ranged(r["utilisation"]["torch"][phase], **percent))
-         for r in rows for phase, key in keys.items()],
+        [
+            "config",
+            "phase",
+            "GFLOP opsd-jax",
+            "GFLOP PyTorch",
+            "work PyTorch / opsd-jax",
+            "time PyTorch / opsd-jax",
+            "utilisation opsd-jax",
+            "utilisation PyTorch",
+        ],
+        [
+            (
+                r["config"],
+                phase.replace("_", " "),
+                r["flops"]["jax"][key] / 1e9,
+                r["flops"]["torch"][key] / 1e9,
+                f"{r['work_ratio'][phase]:.2f}x",
+                ranged(r["speedup"][phase], unit="x", digits=".2f"),
+                ranged(r["utilisation"]["jax"][phase], **percent),
+                ranged(r["utilisation"]["torch"][phase], **percent),
+            )
+            for r in rows
+            for phase, key in keys.items()
+        ],
     )
 
     def measured(check: dict[str, Any], side: str, phase: str) -> str:
         return f"{check[side][phase]['measured_over_counted']:.3f}" if phase in check.get(side, {}) else "-"
 
     checks = format_table(
-        ["config", "completion tok/s opsd-jax", "completion tok/s PyTorch", "XLA / counted (opsd-jax train step)",
-         "torch counter / counted (PyTorch rollout, teacher, student)", "|loss diff| (max over runs)"],
-        [(r["config"], ranged(r["completion_tokens_per_s"]["jax"]), ranged(r["completion_tokens_per_s"]["torch"]),
-          measured(r["flops_check"], "jax", "train_step"),
-          ", ".join(measured(r["flops_check"], "torch", phase) for phase in ("rollout", "teacher", "student")),
-          f"{r['loss_abs_diff_max']:.1e}") for r in rows],
+        [
+            "config",
+            "completion tok/s opsd-jax",
+            "completion tok/s PyTorch",
+            "XLA / counted (opsd-jax train step)",
+            "torch counter / counted (PyTorch rollout, teacher, student)",
+            "|loss diff| (max over runs)",
+        ],
+        [
+            (
+                r["config"],
+                ranged(r["completion_tokens_per_s"]["jax"]),
+                ranged(r["completion_tokens_per_s"]["torch"]),
+                measured(r["flops_check"], "jax", "train_step"),
+                ", ".join(measured(r["flops_check"], "torch", phase) for phase in ("rollout", "teacher", "student")),
+                f"{r['loss_abs_diff_max']:.1e}",
+            )
+            for r in rows
+        ],
     )
     peaks = [run["matmul_peak"] for run in runs]
     rates = [peak["flops_per_s"] / 1e9 for peak in peaks]
     loads = ", ".join(f"{run['load_average']['before'][0]:.1f}/{run['load_average']['after'][0]:.1f}" for run in runs)
-    text = (f"{phases}\n\n{work}\n\n{checks}\n\n{len(peaks)} independent run(s): medians over runs (min-max in "
-            f"brackets) of each run's median step; matmul peak (float32 jnp.dot, per run): "
-            + ", ".join(f"{rate:.1f}" for rate in rates) + f" GFLOP/s; load average before/after each run: {loads}")
+    text = (
+        f"{phases}\n\n{work}\n\n{checks}\n\n{len(peaks)} independent run(s): medians over runs (min-max in "
+        f"brackets) of each run's median step; matmul peak (float32 jnp.dot, per run): "
+        + ", ".join(f"{rate:.1f}" for rate in rates)
+        + f" GFLOP/s; load average before/after each run: {loads}"
+    )
     if scaled:
         text += "\n\n" + format_table(
-            ["devices", "prompts", "rollout (s)", "train step (s)", "completion tok/s", "throughput vs 1 device",
-             "same prompts, 1 device (s)", "sharded / 1 device"],
-            [(s["devices"], s["prompts"], s["seconds"]["rollout"], s["seconds"]["train_step"],
-              s["completion_tokens_per_s"], f"{s['throughput_vs_one_device']:.2f}", s["one_device_same_prompts_s"],
-              f"{s['sharded_over_one_device']:.2f}") for s in scaled],
+            [
+                "devices",
+                "prompts",
+                "rollout (s)",
+                "train step (s)",
+                "completion tok/s",
+                "throughput vs 1 device",
+                "same prompts, 1 device (s)",
+                "sharded / 1 device",
+            ],
+            [
+                (
+                    s["devices"],
+                    s["prompts"],
+                    s["seconds"]["rollout"],
+                    s["seconds"]["train_step"],
+                    s["completion_tokens_per_s"],
+                    f"{s['throughput_vs_one_device']:.2f}",
+                    s["one_device_same_prompts_s"],
+                    f"{s['sharded_over_one_device']:.2f}",
+                )
+                for s in scaled
+            ],
         )
     return text
 
@@ -665,17 +900,27 @@ def tables(rows: list[dict[str, Any]], scaled: list[dict[str, Any]], runs: list[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="tiny,small,omni", help="comma-separated subset of: " + ", ".join(SIZES))
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="independent runs, each in a process of its own measuring both sides (the median and "
-                             "range over runs are reported)")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed steps per side in each run, after a warm-up step (each run reports their median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="independent runs, each in a process of its own measuring both sides (the median and "
+        "range over runs are reported)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps per side in each run, after a warm-up step (each run reports their median)",
+    )
     parser.add_argument("--scaling", default="1,2,4,8", help="device counts for the scaling run ('' to skip)")
     parser.add_argument("--scaling-config", default="small", choices=sorted(SIZES))
     parser.add_argument("--prompts-per-device", type=int, default=1)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny and omni at tiny sizes, 2 runs of 1 step, scaling of tiny on 1 and 2 devices "
-                             "(the smoke test)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny and omni at tiny sizes, 2 runs of 1 step, scaling of tiny on 1 and 2 devices (the smoke test)",
+    )
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/step.json)")
     parser.add_argument("--workdir", type=Path, help="where the saved weights go (default: a temporary directory)")
     parser.add_argument("--scaling-worker", type=int, help=argparse.SUPPRESS)
@@ -685,13 +930,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     if args.scaling_worker:  # started by `scaling` with XLA_FLAGS set for its device count
-        row = scaling_worker(args.scaling_worker, args.configs, json.loads(args.sizes)[args.configs],
-                             args.prompts_per_device, args.steps, args.workdir)
+        row = scaling_worker(
+            args.scaling_worker,
+            args.configs,
+            json.loads(args.sizes)[args.configs],
+            args.prompts_per_device,
+            args.steps,
+            args.workdir,
+        )
         print(json.dumps(row))
         return row
     if args.run_worker:  # one independent run, started by `main` on one device
-        run = run_worker(args.configs.split(","), json.loads(args.sizes), args.steps, args.workdir, args.count_torch,
-                         (256,) if args.quick else (1024, 2048, 3072))
+        run = run_worker(
+            args.configs.split(","),
+            json.loads(args.sizes),
+            args.steps,
+            args.workdir,
+            args.count_torch,
+            (256,) if args.quick else (1024, 2048, 3072),
+        )
         print(json.dumps(run, default=str))
         return run
 
@@ -701,7 +958,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes.update(QUICK)
     names = args.configs.split(",")
     if unknown := [name for name in names if name not in sizes]:
-        parser.error(f"--configs: unknown {', '.join(unknown)}; expected a comma-separated subset of {', '.join(SIZES)}")
+        parser.error(
+            f"--configs: unknown {', '.join(unknown)}; expected a comma-separated subset of {', '.join(SIZES)}"
+        )
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats and --steps: expected at least 1, got {args.repeats} and {args.steps}")
     chosen = {name: sizes[name] for name in names}
@@ -710,9 +969,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Writes what is measured so far (after every run, so that a long job stopped early keeps its
         finished runs; `complete` says whether all of them and the scaling ran)."""
         rows = summarise(runs)
-        payload = {"settings": vars(args) | {"sizes": chosen}, "complete": complete,
-                   "matmul_peak": [run["matmul_peak"] for run in runs], "rows": rows, "runs": runs,
-                   "scaling": scaled, "table": tables(rows, scaled, runs)}
+        payload = {
+            "settings": vars(args) | {"sizes": chosen},
+            "complete": complete,
+            "matmul_peak": [run["matmul_peak"] for run in runs],
+            "rows": rows,
+            "runs": runs,
+            "scaling": scaled,
+            "table": tables(rows, scaled, runs),
+        }
         write_results("step", payload, args.out)
         return payload
 
@@ -721,15 +986,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = []
         for index in range(args.repeats):
             # PyTorch's flop counter checks the PyTorch count once, in the first run (an extra, untimed step).
-            arguments = ["--run-worker", "--configs", args.configs, "--steps", str(args.steps), "--workdir", str(workdir),
-                         "--sizes", json.dumps(chosen)] + ["--count-torch"] * (index == 0) + ["--quick"] * args.quick
+            arguments = (
+                [
+                    "--run-worker",
+                    "--configs",
+                    args.configs,
+                    "--steps",
+                    str(args.steps),
+                    "--workdir",
+                    str(workdir),
+                    "--sizes",
+                    json.dumps(chosen),
+                ]
+                + ["--count-torch"] * (index == 0)
+                + ["--quick"] * args.quick
+            )
             runs.append(_child(arguments, devices=1))
-            print(f"  run {index + 1}/{args.repeats}: PyTorch / opsd-jax "
-                  + ", ".join(f"{r['config']} {r['speedup']['total']:.2f}x" for r in runs[-1]["rows"]), flush=True)
+            print(
+                f"  run {index + 1}/{args.repeats}: PyTorch / opsd-jax "
+                + ", ".join(f"{r['config']} {r['speedup']['total']:.2f}x" for r in runs[-1]["rows"]),
+                flush=True,
+            )
             report(runs, [], complete=False)
         counts = [int(n) for n in args.scaling.split(",") if n]
-        scaled = (scaling(args.scaling_config, sizes[args.scaling_config], counts, args.prompts_per_device, args.steps,
-                          workdir) if counts else [])
+        scaled = (
+            scaling(
+                args.scaling_config, sizes[args.scaling_config], counts, args.prompts_per_device, args.steps, workdir
+            )
+            if counts
+            else []
+        )
     payload = report(runs, scaled, complete=True)
     print(payload["table"])
     print(f"wrote {args.out or RESULTS / 'step.json'}")

@@ -30,8 +30,8 @@ from typing import Any
 
 import grain
 import jax
-from etils import epath
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from opsd_jax.models.weights import CheckpointError
@@ -61,10 +61,13 @@ class RunCheckpointer:
         self.read_only = read_only
         keep: list[policies.PreservationPolicy] = [policies.LatestN(n=keep_last)]
         if keep_best:
-            keep.append(policies.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], n=keep_best,
-                keep_checkpoints_without_metrics=False,
-            ))
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
@@ -95,11 +98,13 @@ class RunCheckpointer:
         """Starts an (asynchronous) save; `metrics` take part in the keep-best ranking when they hold it."""
         items: dict[str, Any] = {
             "state": ocp.args.StandardSave(state),
-            "meta": ocp.args.JsonSave({
-                "step": int(step),
-                "rng": None if rng is None else jax.random.key_data(rng).tolist(),
-                "metrics": {k: float(v) for k, v in (metrics or {}).items()},
-            }),
+            "meta": ocp.args.JsonSave(
+                {
+                    "step": int(step),
+                    "rng": None if rng is None else jax.random.key_data(rng).tolist(),
+                    "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+                }
+            ),
         }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -107,7 +112,9 @@ class RunCheckpointer:
         self.wait()  # orbax waits for the previous save anyway; seal it first
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked, force=force)
 
-    def restore(self, step: int | None, abstract_state: Any, *, data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+    def restore(
+        self, step: int | None, abstract_state: Any, *, data_iterator: Any = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Restores `state` (onto the shardings of `abstract_state`) and the iterator in place.
 
         `step=None` takes the newest checkpoint that restores, skipping (with a warning) those that do not.
@@ -135,13 +142,17 @@ class RunCheckpointer:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; saved steps: "
-                                      f"{', '.join(map(str, sorted(steps))) or 'none'}")
+                raise CheckpointError(
+                    f"{self.directory}: no checkpoint at step {step}; saved steps: "
+                    f"{', '.join(map(str, sorted(steps))) or 'none'}"
+                )
             self.check_shapes(step, abstract_state)
             try:
                 return step, restore_one(step)
             except Exception as err:  # noqa: BLE001 - any storage failure: name the checkpoint, one line
-                raise CheckpointError(f"{self.directory}: checkpoint step {step} does not restore: {_first_line(err)}") from err
+                raise CheckpointError(
+                    f"{self.directory}: checkpoint step {step} does not restore: {_first_line(err)}"
+                ) from err
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         failures = []
@@ -151,8 +162,12 @@ class RunCheckpointer:
                 return candidate, restore_one(candidate)
             except Exception as err:  # noqa: BLE001 - a corrupt checkpoint: fall back to the previous one
                 failures.append(f"step {candidate}: {_first_line(err)}")
-                logger.warning("skipping checkpoint step %d in %s: it does not restore (%s)", candidate,
-                               self.directory, _first_line(err))
+                logger.warning(
+                    "skipping checkpoint step %d in %s: it does not restore (%s)",
+                    candidate,
+                    self.directory,
+                    _first_line(err),
+                )
         raise CheckpointError(f"no checkpoint in {self.directory} restores: {'; '.join(failures)}")
 
     def check_shapes(self, step: int, abstract_state: Any) -> None:

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import yaml
 
-
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -65,8 +64,12 @@ def _register_config(subparsers: argparse._SubParsersAction) -> None:
         "devices JAX sees, and prints the resolved configuration as YAML.",
     )
     parser.add_argument("--config", help="YAML file (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5 mesh.fsdp=4")
-    parser.add_argument("--no-device-check", action="store_true", help="skip checking the mesh against the device count")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5 mesh.fsdp=4"
+    )
+    parser.add_argument(
+        "--no-device-check", action="store_true", help="skip checking the mesh against the device count"
+    )
     parser.set_defaults(handler=_config_show)
 
 
@@ -77,13 +80,21 @@ def _train(args: argparse.Namespace) -> int:
     initialize_distributed()  # before the config asks JAX for the device count
     config = load_config(args.config, args.overrides)
     try:
-        summary = train(config, resume=args.resume, max_steps=args.max_steps, resume_step=args.step,
-                        require_checkpoint=args.require_checkpoint, overwrite=args.overwrite)
+        summary = train(
+            config,
+            resume=args.resume,
+            max_steps=args.max_steps,
+            resume_step=args.step,
+            require_checkpoint=args.require_checkpoint,
+            overwrite=args.overwrite,
+        )
     except TrainingDiverged as err:
         print(f"opsd-jax train: {err}", file=sys.stderr)
         return 1
-    print(f"trained to step {summary.steps} in {summary.seconds:.1f}s"
-          + (" (stopped by SIGTERM; rerun with --resume)" if summary.preempted else ""))
+    print(
+        f"trained to step {summary.steps} in {summary.seconds:.1f}s"
+        + (" (stopped by SIGTERM; rerun with --resume)" if summary.preempted else "")
+    )
     for name, value in sorted(summary.final_metrics.items()):
         print(f"  {name}: {value:.4g}")
     return 0
@@ -98,16 +109,29 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "divergence, an optax update. Every host of a pod runs the same command. Checkpoints, logs and "
         "the summary go to run.output_dir.",
     )
-    parser.add_argument("--config", required=True, help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint that restores (a corrupt one is skipped, with a "
-                        "warning); with none, start at step 0 and say so")
-    parser.add_argument("--require-checkpoint", action="store_true",
-                        help="like --resume, but refuse to start when run.output_dir holds no checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint that restores (a corrupt one is skipped, with a "
+        "warning); with none, start at step 0 and say so",
+    )
+    parser.add_argument(
+        "--require-checkpoint",
+        action="store_true",
+        help="like --resume, but refuse to start when run.output_dir holds no checkpoint",
+    )
     parser.add_argument("--step", type=int, help="resume from this checkpoint step (implies --resume)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="clear a previous run in run.output_dir (its checkpoints, logs, config.yaml) first")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear a previous run in run.output_dir (its checkpoints, logs, config.yaml) first",
+    )
     parser.add_argument("--max-steps", type=int, help="stop after this many more steps")
     parser.set_defaults(handler=_train)
 
@@ -118,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="OmniOPSD in JAX: rationale-privileged on-policy self-distillation for omni-modal "
         "(video + audio + text) emotion understanding with the Qwen2.5-Omni thinker.",
     )
-    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
-                        help="what the log shows, for every command (before it: opsd-jax --log-level debug train ...)")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default="info",
+        help="what the log shows, for every command (before it: opsd-jax --log-level debug train ...)",
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     _register_train(subparsers)

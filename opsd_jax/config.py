@@ -21,6 +21,7 @@ import yaml
 from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
+from opsd_jax.sharding.rules import AxisRules, resolve_rules
 
 
 class ConfigError(ValueError):
@@ -28,8 +29,10 @@ class ConfigError(ValueError):
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-REMOTE_HINT = ("only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
-               "(e.g. `gcloud storage cp -r`)")
+REMOTE_HINT = (
+    "only run.output_dir may be a gs:// URL; copy the files between the bucket and local disk "
+    "(e.g. `gcloud storage cp -r`)"
+)
 
 
 def local_path(text: str) -> Path:
@@ -65,6 +68,11 @@ class MeshConfig:
     # The TPU slice the config is written for, as GENERATION:CHIPGRID (e.g. v5p:4x4x2): `opsd-jax
     # compile-check` compiles for it, and training on a TPU refuses a slice of another size.
     topology: str | None = None
+
+    def axis_rules(self) -> AxisRules:
+        """The logical-axis table with `logical_axis_rules` applied: a run resolves it once and passes it to
+        every placement of parameters, batches and activations."""
+        return resolve_rules(self.logical_axis_rules)
 
     def validate(self, num_devices: int | None) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -178,6 +186,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    # The prompt lengths of generation from a run (`opsd-jax generate` / `eval`, whose prompts vary in
+    # length): a batch is left-padded to the smallest that holds it. The trainer's rollouts and held-out
+    # evaluation need none: their prompts are all `data.prompt_length` (one static shape already).
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
 
     def validate(self, num_devices: int | None) -> None:
@@ -301,8 +312,10 @@ class RunConfig:
             if not self.wandb_project.strip():
                 raise ConfigError("run.wandb_project: expected a project name, or null for no Weights & Biases")
             if importlib.util.find_spec("wandb") is None:
-                raise ConfigError(f"run.wandb_project: {self.wandb_project!r} is set but wandb is not installed; "
-                                  "pip install 'opsd-jax[wandb]', or set run.wandb_project: null")
+                raise ConfigError(
+                    f"run.wandb_project: {self.wandb_project!r} is set but wandb is not installed; "
+                    "pip install 'opsd-jax[wandb]', or set run.wandb_project: null"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,8 +359,11 @@ def shipped_configs() -> dict[str, Path]:
     from importlib import resources
 
     folder = resources.files("opsd_jax") / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-            if entry.name.endswith(".yaml")}
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -360,8 +376,9 @@ def resolve_config_path(path: str | Path) -> Path:
     name = path.stem if path.suffix in ("", ".yaml") and path.parent == Path(".") else None
     if name in named:
         return named[name]
-    raise ConfigError(f"config file {path} does not exist (nor is it a shipped config: "
-                      f"{', '.join(named) or 'none found'})")
+    raise ConfigError(
+        f"config file {path} does not exist (nor is it a shipped config: {', '.join(named) or 'none found'})"
+    )
 
 
 def load_config(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from opsd_jax.config import local_path
@@ -25,10 +24,12 @@ SHAPE_DEFAULTS = dict(num_frames=16, height=224, width=224, max_audio_seconds=30
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "data", help="convert MER-UniBench datasets to a manifest, build the TFDS dataset, check a manifest",
+        "data",
+        help="convert MER-UniBench datasets to a manifest, build the TFDS dataset, check a manifest",
         description="The data a run reads: `convert` a dataset folder to a JSONL manifest, `build` the manifest "
         "into a TFDS ArrayRecord dataset of decoded clips (the directory `data.train_dir` takes), `check` that "
-        "every clip of a manifest decodes, is labelled and fits a config's prompt buckets.")
+        "every clip of a manifest decodes, is labelled and fits a config's prompt buckets.",
+    )
     commands = parser.add_subparsers(title="data commands", metavar="COMMAND", required=True)
 
     convert = commands.add_parser("convert", help="a MER-UniBench dataset folder -> a JSONL clip manifest")
@@ -37,12 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--dataset", required=True, type=str.lower, choices=DATASETS)
     convert.add_argument("--root", required=True, type=local_path, help="the dataset folder as shipped")
     convert.add_argument("--out", required=True, type=local_path, help="the manifest to write (JSONL)")
-    convert.add_argument("--splits", help="comma-separated splits, e.g. train,test (default: every split the "
-                         "dataset has; the benchmark's is test)")
+    convert.add_argument(
+        "--splits",
+        help="comma-separated splits, e.g. train,test (default: every split the dataset has; the benchmark's is test)",
+    )
     convert.add_argument("--language", choices=tuple(SUBTITLE_COLUMNS), default="english", help="subtitle language")
     convert.add_argument("--subtitle-file", help="subtitle CSV (default: the first the dataset ships)")
-    convert.add_argument("--missing-media", choices=("error", "skip"), default="error",
-                         help="a clip without a video file: fail naming it, or leave it out")
+    convert.add_argument(
+        "--missing-media",
+        choices=("error", "skip"),
+        default="error",
+        help="a clip without a video file: fail naming it, or leave it out",
+    )
     convert.set_defaults(handler=_convert)
 
     build = commands.add_parser("build", help="a manifest -> a TFDS ArrayRecord dataset of decoded clips")
@@ -50,35 +57,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, type=local_path, help="the TFDS data directory")
     build.add_argument("--name", default="default", help="the dataset config name (default: default)")
     _add_shape_options(build)
-    build.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                       help="a clip whose media do not decode: fail, or leave it out (recorded in the metadata)")
+    build.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="a clip whose media do not decode: fail, or leave it out (recorded in the metadata)",
+    )
     build.add_argument("--overwrite", action="store_true", help="rebuild a dataset of the same name")
     build.set_defaults(handler=_build)
 
     check = commands.add_parser("check", help="every clip decodes, is labelled and fits the config's buckets")
     check.add_argument("--manifest", required=True, type=local_path)
-    check.add_argument("--config", help="a run config (file or shipped name): prompt lengths are counted with its "
-                       "model.checkpoint's tokenizer against data.prompt_length, data.teacher_prompt_length and "
-                       "sampling.prompt_buckets (without it, only media and labels are checked)")
+    check.add_argument(
+        "--config",
+        help="a run config (file or shipped name): prompt lengths are counted with its "
+        "model.checkpoint's tokenizer against data.prompt_length, data.teacher_prompt_length and "
+        "sampling.prompt_buckets (without it, only media and labels are checked)",
+    )
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of --config")
     _add_shape_options(check)
     check.set_defaults(handler=_check)
 
 
 def _add_shape_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-frames", type=int, default=SHAPE_DEFAULTS["num_frames"],
-                        help="frames per clip (even; default 16)")
+    parser.add_argument(
+        "--num-frames", type=int, default=SHAPE_DEFAULTS["num_frames"], help="frames per clip (even; default 16)"
+    )
     parser.add_argument("--height", type=int, default=SHAPE_DEFAULTS["height"], help="frame height, a multiple of 28")
     parser.add_argument("--width", type=int, default=SHAPE_DEFAULTS["width"], help="frame width, a multiple of 28")
-    parser.add_argument("--max-audio-seconds", type=float, default=SHAPE_DEFAULTS["max_audio_seconds"],
-                        help="audio kept per clip (default 30)")
+    parser.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=SHAPE_DEFAULTS["max_audio_seconds"],
+        help="audio kept per clip (default 30)",
+    )
 
 
 def _mer_config(args: argparse.Namespace, **extra: Any):
     from opsd_jax.data.builders import MerConfig
 
-    return MerConfig(num_frames=args.num_frames, height=args.height, width=args.width,
-                     max_audio_seconds=args.max_audio_seconds, **extra)
+    return MerConfig(
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        max_audio_seconds=args.max_audio_seconds,
+        **extra,
+    )
 
 
 def _fail(command: str, error: Exception) -> int:
@@ -92,8 +116,15 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         splits = None if args.splits is None else parse_splits(args.splits)
-        clips = convert(args.dataset, args.root, args.out, language=args.language, subtitle_file=args.subtitle_file,
-                        splits=splits, missing_media=args.missing_media)
+        clips = convert(
+            args.dataset,
+            args.root,
+            args.out,
+            language=args.language,
+            subtitle_file=args.subtitle_file,
+            splits=splits,
+            missing_media=args.missing_media,
+        )
     except (ConversionError, ManifestError, FileNotFoundError, ValueError) as error:
         return _fail("convert", error)
     counts = {split: sum(clip.split == split for clip in clips) for split in sorted({c.split for c in clips})}
@@ -136,8 +167,9 @@ def _check(args: argparse.Namespace) -> int:
         problems += prompt_check(decoded, config)
     total = len(clips) + len(line_problems)
     if not problems:
-        checked = "media, labels" + (" and prompt lengths" if prompt_check else " (no --config: prompt lengths "
-                                     "not counted)")
+        checked = "media, labels" + (
+            " and prompt lengths" if prompt_check else " (no --config: prompt lengths not counted)"
+        )
         print(f"{args.manifest}: {total} clips, no problems ({checked})")
         return 0
     width = max(len("clip"), *(len(clip_id) for clip_id, _ in problems))
@@ -177,16 +209,27 @@ def decode_clips(clips, config) -> tuple[list[tuple[Any, dict]], list[tuple[str,
     decoded, problems = [], []
     for clip in tqdm(clips, desc="decoding", unit="clip"):
         skipped = SkipCounter()
-        media = load_clip_media(clip, on_error="skip", skipped=skipped, num_frames=config.num_frames,
-                                size=(config.height, config.width))
+        media = load_clip_media(
+            clip, on_error="skip", skipped=skipped, num_frames=config.num_frames, size=(config.height, config.width)
+        )
         if media is None:
             problems.append((clip.id, f"media: {skipped.reasons[clip.id]}"))
             continue
         try:
-            example = clip_example(config, id=clip.id, frames=media.frames, sample_fps=media.sample_fps,
-                                   audio=media.audio, task=clip.task, subtitle=clip.subtitle, label=clip.label,
-                                   labels=clip.labels, sentiment=clip.sentiment, dataset=clip.dataset,
-                                   rationale=clip.rationale)
+            example = clip_example(
+                config,
+                id=clip.id,
+                frames=media.frames,
+                sample_fps=media.sample_fps,
+                audio=media.audio,
+                task=clip.task,
+                subtitle=clip.subtitle,
+                label=clip.label,
+                labels=clip.labels,
+                sentiment=clip.sentiment,
+                dataset=clip.dataset,
+                rationale=clip.rationale,
+            )
         except ValueError as error:
             problems.append((clip.id, f"media: {error}"))
             continue
@@ -202,8 +245,10 @@ def _prompt_checker(args: argparse.Namespace):
 
     run = load_config(args.config, args.overrides, num_devices=None)
     if not run.model.checkpoint:
-        raise ConfigError("model.checkpoint: empty; data check counts prompt tokens with the checkpoint's "
-                          "tokenizer (pass model.checkpoint=DIR)")
+        raise ConfigError(
+            "model.checkpoint: empty; data check counts prompt tokens with the checkpoint's "
+            "tokenizer (pass model.checkpoint=DIR)"
+        )
     builder = PromptBuilder.from_pretrained(run.model.checkpoint)
     student_limit = min(run.data.prompt_length, max(run.sampling.prompt_buckets))
     teacher_limit = run.data.teacher_prompt_length or run.data.prompt_length
@@ -217,19 +262,36 @@ def _prompt_checker(args: argparse.Namespace):
             return []
         first = decoded[0][1]
         grid = video_to_inputs(first["frames"], float(first["sample_fps"]))["video_grid_thw"][0]  # one shape for all
-        clips = [dict(video_grid_thw=grid, video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
-                      audio_frames=feature_frames(int(example["audio_length"]), config.max_audio_samples),
-                      subtitle=example["subtitle"], rationale=example["rationale"]) for _, example in decoded]
+        clips = [
+            dict(
+                video_grid_thw=grid,
+                video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
+                audio_frames=feature_frames(int(example["audio_length"]), config.max_audio_samples),
+                subtitle=example["subtitle"],
+                rationale=example["rationale"],
+            )
+            for _, example in decoded
+        ]
         lengths = prompt_lengths(builder, clips, run.prompt, use_audio_in_video=run.data.use_audio_in_video)
         problems = []
         for (clip, example), (student, teacher) in zip(decoded, lengths.tolist()):
             if student > student_limit:
-                problems.append((clip.id, f"prompt: {student} tokens, over {student_limit} (data.prompt_length="
-                                          f"{run.data.prompt_length}, largest of sampling.prompt_buckets="
-                                          f"{max(run.sampling.prompt_buckets)})"))
+                problems.append(
+                    (
+                        clip.id,
+                        f"prompt: {student} tokens, over {student_limit} (data.prompt_length="
+                        f"{run.data.prompt_length}, largest of sampling.prompt_buckets="
+                        f"{max(run.sampling.prompt_buckets)})",
+                    )
+                )
             if example["rationale"] and teacher > teacher_limit:
-                problems.append((clip.id, f"teacher prompt: {teacher} tokens with the rationale, over "
-                                          f"data.teacher_prompt_length={teacher_limit}"))
+                problems.append(
+                    (
+                        clip.id,
+                        f"teacher prompt: {teacher} tokens with the rationale, over "
+                        f"data.teacher_prompt_length={teacher_limit}",
+                    )
+                )
         return problems
 
     return check

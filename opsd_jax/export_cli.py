@@ -37,19 +37,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "config.json, tokenizer files), thinker-only, loadable by transformers and by opsd-jax. The output "
         "directory appears only once it is complete.",
     )
-    parser.add_argument("--checkpoint", required=True, type=local_path,
-                        help="the trained parameters: a training run directory (run.output_dir of `opsd-jax "
-                        "train`) or a Hugging Face checkpoint directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=local_path,
+        help="the trained parameters: a training run directory (run.output_dir of `opsd-jax "
+        "train`) or a Hugging Face checkpoint directory",
+    )
     parser.add_argument("--out", required=True, type=local_path, help="the directory to create")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="tensor dtype of the export (default: the parameters' own)")
-    parser.add_argument("--tokenizer-dir", type=local_path,
-                        help="copy tokenizer / processor / generation files from here (default: the base "
-                        "checkpoint directory, when it holds a tokenizer)")
-    parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
-                        help="at most this much per safetensors file, e.g. 5GB, 500MB (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new export is complete)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="tensor dtype of the export (default: the parameters' own)",
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        type=local_path,
+        help="copy tokenizer / processor / generation files from here (default: the base "
+        "checkpoint directory, when it holds a tokenizer)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default="5GB",
+        help="at most this much per safetensors file, e.g. 5GB, 500MB (default 5GB)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (once the new export is complete)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -94,10 +110,17 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer_dir is None and any((trained.base_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         tokenizer_dir = trained.base_dir
     summary = export_thinker(
-        trained.params, trained.base_dir, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-        tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
+        trained.params,
+        trained.base_dir,
+        args.out,
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_size,
+        tokenizer_dir=tokenizer_dir,
+        overwrite=args.overwrite,
     )
-    copied = sorted(name for name in TOKENIZER_FILES if tokenizer_dir is not None and (summary.directory / name).is_file())
+    copied = sorted(
+        name for name in TOKENIZER_FILES if tokenizer_dir is not None and (summary.directory / name).is_file()
+    )
     print(
         f"exported {summary.num_tensors} tensors ({summary.total_bytes / 1e6:.1f} MB, {summary.dtype}, "
         f"{'tied' if summary.tie_word_embeddings else 'untied'} embeddings) in {len(summary.shards)} file(s) "

@@ -28,8 +28,15 @@ logger = logging.getLogger(__name__)
 GPU_PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12))
 # `device_kind` of TPUs -> generation in `CHIPS` (one device per chip; v4 and v5p run their two
 # TensorCores as one device, whose peak is the chip's).
-TPU_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5p", "v5p"), ("v5", "v5p"),
-             ("v4", "v4"))
+TPU_KINDS = (
+    ("v5 lite", "v5e"),
+    ("v5e", "v5e"),
+    ("v6 lite", "v6e"),
+    ("v6e", "v6e"),
+    ("v5p", "v5p"),
+    ("v5", "v5p"),
+    ("v4", "v4"),
+)
 
 
 @functools.cache
@@ -85,13 +92,17 @@ def matmul_parameters(params: Any, *, tied_head: bool, vocab_size: int, hidden_s
 
     from opsd_jax.opsd.step import is_encoder_path
 
-    count = sum(int(math.prod(value.shape)) for path, value in nnx.to_flat_state(params)
-                if not is_encoder_path(path) and "embed_tokens" not in map(str, path))
+    count = sum(
+        int(math.prod(value.shape))
+        for path, value in nnx.to_flat_state(params)
+        if not is_encoder_path(path) and "embed_tokens" not in map(str, path)
+    )
     return count + (vocab_size * hidden_size if tied_head else 0)
 
 
-def step_model_flops(parameters: int, *, prompt_tokens: int, teacher_prompt_tokens: int, completion_tokens: int,
-                     num_samples: int) -> float:
+def step_model_flops(
+    parameters: int, *, prompt_tokens: int, teacher_prompt_tokens: int, completion_tokens: int, num_samples: int
+) -> float:
     """Model FLOPs of one training step, 2 per parameter per token forward and 4 backward, on the tokens the
     step uses (no padding): the rollouts' prefill (the prompts once) and decode (each completion token);
     the student's forward and backward and the teacher's forward over each rollout's prompt and completion.
@@ -115,8 +126,14 @@ class MetricsWriter:
     A resumed run continues its Weights & Biases run (its id is kept in `wandb_id` beside the JSONL).
     """
 
-    def __init__(self, directory: epath.Path, *, upload_every_s: float = 30.0, wandb_project: str | None = None,
-                 run_config: Any = None):
+    def __init__(
+        self,
+        directory: epath.Path,
+        *,
+        upload_every_s: float = 30.0,
+        wandb_project: str | None = None,
+        run_config: Any = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = directory / "metrics.jsonl"
         self.remote = "://" in str(directory)
@@ -195,6 +212,7 @@ class MetricsWriter:
 def _start_wandb(directory: epath.Path, project: str, run_config: Any):
     """A Weights & Biases run in `project`, its files under `directory/wandb` (offline with WANDB_MODE=offline)."""
     import wandb  # the config checked that it is installed
+
     id_file = directory / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)

@@ -36,11 +36,13 @@ from flax import nnx
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import Config, ConfigError
+from opsd_jax.data.audio_features import feature_frames
 from opsd_jax.data.builders import load_split
 from opsd_jax.data.chat_template import PromptBuilder
-from opsd_jax.data.audio_features import feature_frames
 from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterator
 from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
+from opsd_jax.eval.extract import answer_text
+from opsd_jax.eval.metrics import accuracy, macro_f1
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.monitor import MetricsWriter, matmul_parameters, peak_flops, step_model_flops
@@ -77,31 +79,35 @@ def check_slice(config: Config) -> None:
     """On a TPU, the slice must be the one `mesh.topology` names (its memory budget and compile check are)."""
     topology = config.mesh.topology
     if topology and jax.default_backend() == "tpu" and jax.device_count() != topology_chips(topology):
-        raise ConfigError(f"mesh.topology: the config is written for {topology} ({topology_chips(topology)} chips) but "
-                          f"this slice has {jax.device_count()} devices; use a config for this slice or set mesh.topology")
+        raise ConfigError(
+            f"mesh.topology: the config is written for {topology} ({topology_chips(topology)} chips) but "
+            f"this slice has {jax.device_count()} devices; use a config for this slice or set mesh.topology"
+        )
 
 
 def predicted_label(text: str, vocabulary: list[str]) -> str | None:
-    """The label of a free-text answer: within the `<answer>` part if present, the vocabulary word that
-    comes last (an explanation names its conclusion last, after any cue it weighs against)."""
-    lowered = text.lower()
-    start, end = lowered.find("<answer>"), lowered.find("</answer>")
-    if start >= 0 and end > start:
-        lowered = lowered[start + len("<answer>") : end]
+    """The label of a free-text answer: within its answer part (`opsd-jax eval`'s `answer_text`: the last
+    `<answer>` block, else all of it), the vocabulary word that comes last (an explanation names its
+    conclusion last, after any cue it weighs against)."""
+    lowered = answer_text(text).lower()
     hits = [(lowered.rfind(word), word) for word in vocabulary if word in lowered]
     return max(hits)[1] if hits else None
 
 
 def classification_scores(predicted: list[str | None], truth: list[str], vocabulary: list[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 over `vocabulary` (an unparseable answer counts as wrong)."""
-    correct = [p == t for p, t in zip(predicted, truth)]
-    f1s = []
-    for label in vocabulary:
-        tp = sum(p == label and t == label for p, t in zip(predicted, truth))
-        fp = sum(p == label and t != label for p, t in zip(predicted, truth))
-        fn = sum(p != label and t == label for p, t in zip(predicted, truth))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(correct)) if correct else 0.0, "macro_f1": float(np.mean(f1s))}
+    """Accuracy and macro-F1 over `vocabulary` (an unparseable answer, None, counts as wrong)."""
+    correct = accuracy(np.asarray(truth, object), np.asarray(predicted, object)) if truth else 0.0
+    return {"accuracy": correct, "macro_f1": macro_f1(truth, predicted, vocabulary)}
+
+
+def label_vocabulary(dataset_dir: str, split: str) -> list[str]:
+    """The sorted non-empty labels of a built split, read without decoding any clip's media."""
+    source = load_split(dataset_dir, split, decode_media=False)
+    labels = {
+        str(label.decode() if isinstance(label, bytes) else label)
+        for label in (source[i]["label"] for i in range(len(source)))
+    }
+    return sorted(label for label in labels if label)
 
 
 def _stable_hash(text: str) -> int:
@@ -161,10 +167,20 @@ class Trainer:
         self.config = config
         check_slice(config)
         self.mesh = make_mesh(config.mesh)
+        self.rules = config.mesh.axis_rules()  # resolved once: every placement below follows the config's table
         dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
         param_dtype = jnp.bfloat16 if config.model.param_dtype == "bfloat16" else jnp.float32
-        self.model = model if model is not None else from_pretrained(
-            config.model.checkpoint, dtype=dtype, mesh=self.mesh, param_dtype=param_dtype, remat=config.model.remat
+        self.model = (
+            model
+            if model is not None
+            else from_pretrained(
+                config.model.checkpoint,
+                dtype=dtype,
+                mesh=self.mesh,
+                rules=self.rules,
+                param_dtype=param_dtype,
+                remat=config.model.remat,
+            )
         )
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
         self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
@@ -172,33 +188,47 @@ class Trainer:
         self.tx = opsd_step.make_optimizer(config.train, params)
         self.schedule = opsd_step.learning_rate_schedule(config.train)
         self.settings = opsd_step.StepSettings(
-            graphdef=nnx.graphdef(self.model), tx=self.tx, loss=config.loss, teacher=config.teacher,
-            train_encoders=config.train.train_encoders, mesh=self.mesh,
+            graphdef=nnx.graphdef(self.model),
+            tx=self.tx,
+            loss=config.loss,
+            teacher=config.teacher,
+            train_encoders=config.train.train_encoders,
+            mesh=self.mesh,
+            rules=self.rules,
         )
         self.state = opsd_step.init_state(self.model, self.tx, config.teacher, self.mesh)
         self.step_fn = opsd_step.make_train_step(self.settings, self.state)
         self.key = jax.random.key(config.train.seed)
         self.checkpointer = RunCheckpointer(
-            self.output_dir / "checkpoints", keep_last=config.run.keep_last, keep_best=config.run.keep_best,
-            best_metric=config.run.best_metric, async_save=config.run.async_checkpointing,
+            self.output_dir / "checkpoints",
+            keep_last=config.run.keep_last,
+            keep_best=config.run.keep_best,
+            best_metric=config.run.best_metric,
+            async_save=config.run.async_checkpointing,
         )
         self.iterator = self._train_iterator()
         self.eval_indices: list[int] | None = None  # the held-out clips whose prompts fit (all of them by default)
         if config.data.eval_dir:
             source = load_split(config.data.eval_dir, config.data.eval_split)
-            fitting = clips_that_fit(self.builder, config, config.data.eval_dir, config.data.eval_split, source,
-                                     teacher=False)
+            fitting = clips_that_fit(
+                self.builder, config, config.data.eval_dir, config.data.eval_split, source, teacher=False
+            )
             self.eval_indices = list(range(len(source))) if fitting is None else fitting
         self.vocabulary: list[str] | None = None
         self._stop = False
         thinker = self.model.config
-        self.matmul_parameters = matmul_parameters(params, tied_head=thinker.tie_word_embeddings,
-                                                   vocab_size=thinker.text.vocab_size,
-                                                   hidden_size=thinker.text.hidden_size)
+        self.matmul_parameters = matmul_parameters(
+            params,
+            tied_head=thinker.tie_word_embeddings,
+            vocab_size=thinker.text.vocab_size,
+            hidden_size=thinker.text.hidden_size,
+        )
         self.peak_flops = peak_flops(self.mesh.devices.reshape(-1).tolist())
         if self.peak_flops is None:
-            logger.warning("no peak FLOP/s known for device kind %r: perf/mfu is not logged",
-                           self.mesh.devices.reshape(-1)[0].device_kind)
+            logger.warning(
+                "no peak FLOP/s known for device kind %r: perf/mfu is not logged",
+                self.mesh.devices.reshape(-1)[0].device_kind,
+            )
         self.rollout_time = RolloutTime()
 
     # ---------------------------------------------------------------------------------------- data
@@ -226,8 +256,12 @@ class Trainer:
             for clip in part:
                 clip.setdefault("rationale", "")
             inputs = encode_clip_batch(
-                self.builder, part, self.config.prompt, length=self.config.data.prompt_length,
-                use_audio_in_video=self.config.data.use_audio_in_video, with_teacher=True,
+                self.builder,
+                part,
+                self.config.prompt,
+                length=self.config.data.prompt_length,
+                use_audio_in_video=self.config.data.use_audio_in_video,
+                with_teacher=True,
                 teacher_length=self.config.data.teacher_prompt_length,
             )
             if not self.config.teacher.use_rationale:
@@ -237,9 +271,15 @@ class Trainer:
         return out
 
     def _prepare(self, inputs: dict[str, Any]):
-        media = {name: value for name, value in inputs.items() if not name.startswith(("input_ids", "attention_mask", "teacher_"))}
+        media = {
+            name: value
+            for name, value in inputs.items()
+            if not name.startswith(("input_ids", "attention_mask", "teacher_"))
+        }
         student = self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **media)
-        teacher = self.model.prepare_inputs(inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"], **media)
+        teacher = self.model.prepare_inputs(
+            inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"], **media
+        )
         return student, teacher
 
     # -------------------------------------------------------------------------------------- a step
@@ -250,7 +290,11 @@ class Trainer:
 
         def target(clip: dict[str, Any]) -> str:
             answer = self.config.prompt.answer_template.format(label=str(clip.get("label", "")))
-            return f"{clip.get('rationale', '')} {answer}" if self.config.teacher.label_ce_target == "rationale" else answer
+            return (
+                f"{clip.get('rationale', '')} {answer}"
+                if self.config.teacher.label_ce_target == "rationale"
+                else answer
+            )
 
         width = self.config.data.answer_length  # static: one compiled step for every batch
         rows = [(tokenizer(target(c))["input_ids"] + [tokenizer.eos_token_id])[-width:] for c in clips]
@@ -265,29 +309,35 @@ class Trainer:
         vocabulary = self._vocabulary()
         group = tokens.shape[0] // len(clips)
         texts = [self.builder.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(tokens, mask)]
-        return np.asarray([float(predicted_label(text, vocabulary) == str(clips[i // group].get("label", "")))
-                           for i, text in enumerate(texts)], np.float32)
+        return np.asarray(
+            [
+                float(predicted_label(text, vocabulary) == str(clips[i // group].get("label", "")))
+                for i, text in enumerate(texts)
+            ],
+            np.float32,
+        )
 
     def _vocabulary(self) -> list[str]:
         if self.vocabulary is None:
-            source = load_split(self.config.data.train_dir, self.config.data.train_split)
-            labels = {str(source[i]["label"].decode() if isinstance(source[i]["label"], bytes) else source[i]["label"])
-                      for i in range(len(source))}
-            self.vocabulary = sorted(label for label in labels if label)
+            self.vocabulary = label_vocabulary(self.config.data.train_dir, self.config.data.train_split)
         return self.vocabulary
 
     def _no_rollouts(self, prompts: int) -> GenerationOutput:
         """Empty completions for objectives that need none (pure cross-entropy): no sampling cost."""
         rows, new = prompts * self.config.sampling.num_samples, self.config.sampling.max_new_tokens
         zeros = jnp.zeros((rows, new), jnp.float32)
-        return GenerationOutput(tokens=jnp.full((rows, new), self.builder.pad_token_id, jnp.int32), logprobs=zeros,
-                                model_logprobs=zeros, mask=jnp.zeros((rows, new), bool))
+        return GenerationOutput(
+            tokens=jnp.full((rows, new), self.builder.pad_token_id, jnp.int32),
+            logprobs=zeros,
+            model_logprobs=zeros,
+            mask=jnp.zeros((rows, new), bool),
+        )
 
     def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
         sampling = self.config.sampling
         teacher = self.config.teacher
         micro = []
-        for index, (inputs, part) in enumerate(self._micro_batches(clips)):
+        for inputs, part in self._micro_batches(clips):
             student, teacher_inputs = self._prepare(inputs)
             # One key per clip, from its id: rollouts do not depend on the process layout or batch order.
             step_key = jax.random.fold_in(self.key, step)
@@ -297,21 +347,38 @@ class Trainer:
                 out = self._no_rollouts(len(part))
             else:
                 out = generate(
-                    self.model, student, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                    top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.builder.tokenizer.eos_token_id,
-                    pad_token_id=self.builder.pad_token_id, num_samples=sampling.num_samples, seed=key, mesh=self.mesh,
+                    self.model,
+                    student,
+                    max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    eos_token_id=self.builder.tokenizer.eos_token_id,
+                    pad_token_id=self.builder.pad_token_id,
+                    num_samples=sampling.num_samples,
+                    seed=key,
+                    mesh=self.mesh,
                 )
             tokens, mask = to_host(out.tokens), to_host(out.mask)  # waits for the rollouts
             self.rollout_time.add(time.perf_counter() - began, int(mask.sum()))
-            rewards = self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
+            rewards = (
+                self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
+            )
             label_ids, label_mask = self._label_ids(part)
-            micro.append(opsd_step.StepBatch(
-                student=student, teacher=teacher_inputs, completion=out.tokens, completion_mask=out.mask,
-                sampler_logprobs=out.logprobs, rewards=jnp.asarray(rewards), label_ids=jnp.asarray(label_ids),
-                label_mask=jnp.asarray(label_mask),
-            ))
+            micro.append(
+                opsd_step.StepBatch(
+                    student=student,
+                    teacher=teacher_inputs,
+                    completion=out.tokens,
+                    completion_mask=out.mask,
+                    sampler_logprobs=out.logprobs,
+                    rewards=jnp.asarray(rewards),
+                    label_ids=jnp.asarray(label_ids),
+                    label_mask=jnp.asarray(label_mask),
+                )
+            )
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro)
-        return opsd_step.place_step_batch(stacked, self.mesh)
+        return opsd_step.place_step_batch(stacked, self.mesh, self.rules)
 
     def step_performance(self, step: int, seconds: float, tokens: dict[str, int]) -> dict[str, float]:
         """The learning rate of update `step` (1-based), the step's wall time (data, rollouts and update), the
@@ -330,13 +397,16 @@ class Trainer:
             out["perf/mfu"] = flops / (seconds * self.peak_flops)
         return out
 
-    def inspect_rollouts(self, batch: opsd_step.StepBatch, clips: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    def inspect_rollouts(
+        self, batch: opsd_step.StepBatch, clips: list[dict[str, Any]], step: int
+    ) -> list[dict[str, Any]]:
         """The G rollouts of the step's first prompt, scored (`opsd_jax.opsd.diagnostics`): what
         `rollouts.jsonl` holds."""
         first = jax.tree.map(lambda x: x[0], batch)  # micro-batch 0, whose first G rows are clip 0's rollouts
         rows = self.config.sampling.num_samples
-        scored = inspect_rollouts(self.state.params, self.state.teacher_params, first, settings=self.settings,
-                                  rows=rows)
+        scored = inspect_rollouts(
+            self.state.params, self.state.teacher_params, first, settings=self.settings, rows=rows
+        )
         scored = {name: to_host(value) for name, value in scored.items()}
         tokens, mask = to_host(first.completion)[:rows], to_host(first.completion_mask)[:rows]
         decode = functools.partial(self.builder.tokenizer.decode, skip_special_tokens=False)
@@ -372,21 +442,39 @@ class Trainer:
         batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
         for start in range(0, count, batch_size):
             clips = [processor(source[indices[i]]) for i in range(start, min(count, start + batch_size))]
-            inputs = encode_clip_batch(self.builder, clips, self.config.prompt, length=data.prompt_length,
-                                       use_audio_in_video=data.use_audio_in_video, with_teacher=with_rationale,
-                                       teacher_length=data.teacher_prompt_length)
+            inputs = encode_clip_batch(
+                self.builder,
+                clips,
+                self.config.prompt,
+                length=data.prompt_length,
+                use_audio_in_video=data.use_audio_in_video,
+                with_teacher=with_rationale,
+                teacher_length=data.teacher_prompt_length,
+            )
             if with_rationale:
                 inputs["input_ids"] = inputs.pop("teacher_input_ids")
                 inputs["attention_mask"] = inputs.pop("teacher_attention_mask")
             ids = inputs.pop("input_ids")
-            out = generate(self.model, {"input_ids": ids, **inputs}, max_new_tokens=self.config.sampling.eval_max_new_tokens,
-                           temperature=0.0, eos_token_id=self.builder.tokenizer.eos_token_id,
-                           pad_token_id=self.builder.pad_token_id, mesh=self.mesh)
+            out = generate(
+                self.model,
+                {"input_ids": ids, **inputs},
+                max_new_tokens=self.config.sampling.eval_max_new_tokens,
+                temperature=0.0,
+                eos_token_id=self.builder.tokenizer.eos_token_id,
+                pad_token_id=self.builder.pad_token_id,
+                mesh=self.mesh,
+            )
             tokens, mask = to_host(out.tokens), to_host(out.mask)
             for clip, row, m in zip(clips, tokens, mask):
                 text = self.builder.tokenizer.decode(row[m], skip_special_tokens=True)
-                rows.append({"id": str(clip["id"]), "subtitle": str(clip.get("subtitle", "")),
-                             "label": str(clip["label"]), "predicted": predicted_label(text, vocabulary)})
+                rows.append(
+                    {
+                        "id": str(clip["id"]),
+                        "subtitle": str(clip.get("subtitle", "")),
+                        "label": str(clip["label"]),
+                        "predicted": predicted_label(text, vocabulary),
+                    }
+                )
         return rows
 
     # ------------------------------------------------------------------------------------- the loop
@@ -417,8 +505,11 @@ class Trainer:
     def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
         """Stops the run (`TrainingDiverged`, before anything of this step is logged or saved) when the loss or
         the gradient norm of `step` is NaN or infinite."""
-        bad = [f"{name} = {metrics[name]}" for name in ("train/loss", "train/grad_norm")
-               if name in metrics and not math.isfinite(metrics[name])]
+        bad = [
+            f"{name} = {metrics[name]}"
+            for name in ("train/loss", "train/grad_norm")
+            if name in metrics and not math.isfinite(metrics[name])
+        ]
         if bad:
             raise TrainingDiverged(step, ", ".join(bad), self.checkpointer.latest_step())
 
@@ -428,11 +519,19 @@ class Trainer:
         if not bool(_all_finite(self.state.params)):
             self.checkpointer.wait()
             raise TrainingDiverged(step, "parameters hold NaN or inf", self.checkpointer.latest_step())
-        self.checkpointer.save(step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force)
+        self.checkpointer.save(
+            step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force
+        )
 
-    def run(self, *, resume: bool = False, max_steps: int | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None, resume_step: int | None = None,
-            require_checkpoint: bool = False) -> TrainingSummary:
+    def run(
+        self,
+        *,
+        resume: bool = False,
+        max_steps: int | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        resume_step: int | None = None,
+        require_checkpoint: bool = False,
+    ) -> TrainingSummary:
         """Trains until `train.total_steps` (or `max_steps` more steps), then writes a summary.
 
         `resume` continues from checkpoint `resume_step` (default: the newest that restores); without it the
@@ -502,8 +601,14 @@ class Trainer:
             self.checkpointer.wait()
             writer.close()
             signal.signal(signal.SIGTERM, previous)
-        summary = TrainingSummary(steps=step, losses=losses, final_metrics=metrics, eval_history=evals,
-                                  seconds=time.perf_counter() - began, preempted=self._stop)
+        summary = TrainingSummary(
+            steps=step,
+            losses=losses,
+            final_metrics=metrics,
+            eval_history=evals,
+            seconds=time.perf_counter() - began,
+            preempted=self._stop,
+        )
         if jax.process_index() == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
             logger.info("trained to step %d in %.1fs; final %s", step, summary.seconds, metrics)
@@ -526,14 +631,21 @@ def step_token_counts(batch: opsd_step.StepBatch) -> dict[str, int]:
     """The tokens a step computes on (padding left out): the student's and the teacher's prompts (once per
     prompt) and the sampled completions; `step_model_flops`'s arguments."""
     count = lambda x: int(np.sum(to_host(x)))  # noqa: E731
-    return {"prompt_tokens": count(batch.student.attention_mask), "teacher_prompt_tokens": count(batch.teacher.attention_mask),
-            "completion_tokens": count(batch.completion_mask)}
+    return {
+        "prompt_tokens": count(batch.student.attention_mask),
+        "teacher_prompt_tokens": count(batch.teacher.attention_mask),
+        "completion_tokens": count(batch.completion_mask),
+    }
 
 
 def describe_step(metrics: dict[str, float]) -> str:
     """One log line of a step's metrics: loss, learning rate, time, rollout throughput, MFU, evaluation."""
-    parts = [f"loss {metrics['train/loss']:.4g}", f"lr {metrics['train/lr']:.3g}",
-             f"{metrics['perf/step_seconds']:.2f} s", f"{metrics['perf/rollout_tokens_per_second']:.0f} rollout tokens/s"]
+    parts = [
+        f"loss {metrics['train/loss']:.4g}",
+        f"lr {metrics['train/lr']:.3g}",
+        f"{metrics['perf/step_seconds']:.2f} s",
+        f"{metrics['perf/rollout_tokens_per_second']:.0f} rollout tokens/s",
+    ]
     if "perf/mfu" in metrics:
         parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
     parts += [f"{name} {value:.4g}" for name, value in sorted(metrics.items()) if name.startswith("eval/")]
@@ -553,8 +665,9 @@ class Subset:
         return self.source[self.indices[index]]
 
 
-def clips_that_fit(builder: PromptBuilder, config: Config, directory: str, split: str, source, *,
-                   teacher: bool) -> list[int] | None:
+def clips_that_fit(
+    builder: PromptBuilder, config: Config, directory: str, split: str, source, *, teacher: bool
+) -> list[int] | None:
     """Checks every clip's prompt length against the buckets (`data.prompt_length`, and with `teacher`
     `data.teacher_prompt_length`) before training starts: an index pass over the text fields, the media
     token counts from the static frame shape and each clip's audio length.
@@ -574,40 +687,61 @@ def clips_that_fit(builder: PromptBuilder, config: Config, directory: str, split
     for i in range(len(index)):
         example = index[i]
         ids.append(text(example["id"]))
-        clips.append(dict(
-            video_grid_thw=grid, video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
-            audio_frames=feature_frames(int(example["audio_length"]), max_samples),
-            subtitle=text(example["subtitle"]), rationale=text(example["rationale"]) if teacher else "",
-        ))
+        clips.append(
+            dict(
+                video_grid_thw=grid,
+                video_second_per_grid=TEMPORAL_PATCH_SIZE / float(example["sample_fps"]),
+                audio_frames=feature_frames(int(example["audio_length"]), max_samples),
+                subtitle=text(example["subtitle"]),
+                rationale=text(example["rationale"]) if teacher else "",
+            )
+        )
     lengths = prompt_lengths(builder, clips, config.prompt, use_audio_in_video=data.use_audio_in_video)
     teacher_limit = data.teacher_prompt_length or data.prompt_length
-    over = [i for i in range(len(ids))
-            if lengths[i, 0] > data.prompt_length or (teacher and lengths[i, 1] > teacher_limit)]
+    over = [
+        i for i in range(len(ids)) if lengths[i, 0] > data.prompt_length or (teacher and lengths[i, 1] > teacher_limit)
+    ]
     if not over:
         return None
     where = f"{directory} ({split})"
-    named = ", ".join(f"{ids[i]!r} ({lengths[i, 0]} student" + (f", {lengths[i, 1]} teacher" if teacher else "")
-                      + " tokens)" for i in over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+    named = ", ".join(
+        f"{ids[i]!r} ({lengths[i, 0]} student" + (f", {lengths[i, 1]} teacher" if teacher else "") + " tokens)"
+        for i in over[:5]
+    ) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
     limits = f"data.prompt_length={data.prompt_length}" + (
-        f" / data.teacher_prompt_length={teacher_limit}" if teacher else "")
+        f" / data.teacher_prompt_length={teacher_limit}" if teacher else ""
+    )
     if data.skip_long_prompts:
-        logger.warning("left out %d of %d clips of %s whose prompts exceed %s (data.skip_long_prompts): %s",
-                       len(over), len(ids), where, limits, named)
+        logger.warning(
+            "left out %d of %d clips of %s whose prompts exceed %s (data.skip_long_prompts): %s",
+            len(over),
+            len(ids),
+            where,
+            limits,
+            named,
+        )
         left_out = set(over)
         return [i for i in range(len(ids)) if i not in left_out]
     needed = f"data.prompt_length to {max(int(lengths[over, 0].max()), data.prompt_length)}" + (
-        f" and data.teacher_prompt_length to {max(int(lengths[over, 1].max()), teacher_limit)}" if teacher else "")
-    raise ConfigError(f"{where}: {len(over)} of {len(ids)} clips have prompts longer than {limits}: {named}; raise "
-                      f"{needed}, or set data.skip_long_prompts=true to leave them out")
+        f" and data.teacher_prompt_length to {max(int(lengths[over, 1].max()), teacher_limit)}" if teacher else ""
+    )
+    raise ConfigError(
+        f"{where}: {len(over)} of {len(ids)} clips have prompts longer than {limits}: {named}; raise "
+        f"{needed}, or set data.skip_long_prompts=true to leave them out"
+    )
 
 
 class TrainingDiverged(RuntimeError):
     """A step produced a non-finite loss, gradient norm or parameters; the run stops without saving it."""
 
     def __init__(self, step: int, what: str, last_checkpoint: int | None):
-        kept = "no checkpoint was saved" if last_checkpoint is None else f"the last checkpoint is step {last_checkpoint}"
-        super().__init__(f"step {step}: {what}; stopped without saving this step ({kept}); lower train.lr or "
-                         "train.max_grad_norm, or check the data of this step")
+        kept = (
+            "no checkpoint was saved" if last_checkpoint is None else f"the last checkpoint is step {last_checkpoint}"
+        )
+        super().__init__(
+            f"step {step}: {what}; stopped without saving this step ({kept}); lower train.lr or "
+            "train.max_grad_norm, or check the data of this step"
+        )
         self.step = step
 
 
@@ -664,8 +798,15 @@ def clear_run_directory(directory: str | os.PathLike) -> None:
         multihost_utils.sync_global_devices("opsd_jax.train.clear_run_directory")
 
 
-def train(config: Config, *, resume: bool = False, max_steps: int | None = None, resume_step: int | None = None,
-          require_checkpoint: bool = False, overwrite: bool = False) -> TrainingSummary:
+def train(
+    config: Config,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    resume_step: int | None = None,
+    require_checkpoint: bool = False,
+    overwrite: bool = False,
+) -> TrainingSummary:
     """Runs `opsd-jax train`. A run directory that already holds a run is refused before the model loads,
     unless `resume` (continue it) or `overwrite` (clear it first)."""
     initialize_distributed()
@@ -679,7 +820,8 @@ def train(config: Config, *, resume: bool = False, max_steps: int | None = None,
         raise RunDirectoryError(output_dir, existing)
     trainer = Trainer(config)
     try:
-        return trainer.run(resume=resume, max_steps=max_steps, resume_step=resume_step,
-                           require_checkpoint=require_checkpoint)
+        return trainer.run(
+            resume=resume, max_steps=max_steps, resume_step=resume_step, require_checkpoint=require_checkpoint
+        )
     finally:
         trainer.checkpointer.close()

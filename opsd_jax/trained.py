@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from opsd_jax.config import Config, load_config
 from opsd_jax.models.weights import CheckpointError
+from opsd_jax.sharding import AxisRules
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,14 @@ def saved_steps(run_dir: Path) -> list[int]:
         checkpointer.close()
 
 
-def open_source(path: str | Path, *, step: int | None = None, config_file: str | Path | None = None,
-                overrides: Sequence[str] = (), num_devices: int | None | Literal["auto"] = "auto") -> TrainedSource:
+def open_source(
+    path: str | Path,
+    *,
+    step: int | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    num_devices: int | None | Literal["auto"] = "auto",
+) -> TrainedSource:
     """Checks `path` (and `step`, the config and its overrides) without loading a model.
 
     Raises:
@@ -85,17 +92,22 @@ def open_source(path: str | Path, *, step: int | None = None, config_file: str |
         raise CheckpointError(f"--checkpoint {path}: does not exist")
     if is_huggingface_dir(path):
         if step is not None:
-            raise CheckpointError(f"--step {step}: {path} is a Hugging Face checkpoint directory (one set of "
-                                  "parameters); --step picks a checkpoint of a training run directory")
+            raise CheckpointError(
+                f"--step {step}: {path} is a Hugging Face checkpoint directory (one set of "
+                "parameters); --step picks a checkpoint of a training run directory"
+            )
         config = load_config(config_file, overrides, num_devices=num_devices)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, checkpoint=str(path)))
         return TrainedSource(path, path, None, None, config, configured=config_file is not None)
     if is_run_dir(path):
-        config = load_config(config_file if config_file is not None else path / RUN_CONFIG, overrides,
-                             num_devices=num_devices)
+        config = load_config(
+            config_file if config_file is not None else path / RUN_CONFIG, overrides, num_devices=num_devices
+        )
         base = Path(config.model.checkpoint)
         if not (base / "config.json").is_file():
-            raise CheckpointError(f"{path / RUN_CONFIG}: model.checkpoint {base} (the run's base checkpoint) is missing")
+            raise CheckpointError(
+                f"{path / RUN_CONFIG}: model.checkpoint {base} (the run's base checkpoint) is missing"
+            )
         steps = saved_steps(path)
         if (step is not None and step not in steps) or not steps:
             wanted = "no checkpoint" if step is None else f"no checkpoint at step {step}"
@@ -107,9 +119,11 @@ def open_source(path: str | Path, *, step: int | None = None, config_file: str |
     )
 
 
-def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh) -> tuple[Any, int | None]:
+def load_thinker(
+    source: TrainedSource, *, dtype: str, mesh: Mesh, rules: AxisRules | None = None
+) -> tuple[Any, int | None]:
     """The thinker of `source` in `dtype` ("float32" or "bfloat16", parameters and compute), every parameter
-    placed on `mesh` by the logical-axis rules as it is read (so no device ever holds the whole model), and
+    placed on `mesh` by the logical-axis table `rules` (the run's `mesh.axis_rules()`) as it is read (so no device ever holds the whole model), and
     for a run the trained parameters restored straight onto those shardings. Returns `(model, step)`, the
     step restored (None for a Hugging Face directory)."""
     from flax import nnx
@@ -117,14 +131,16 @@ def load_thinker(source: TrainedSource, *, dtype: str, mesh: Mesh) -> tuple[Any,
     from opsd_jax.checkpoint import RunCheckpointer
     from opsd_jax.models.qwen2_5_omni import from_pretrained
 
-    model = from_pretrained(source.base_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], mesh=mesh,
-                            remat=False)
+    model = from_pretrained(
+        source.base_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], mesh=mesh, rules=rules, remat=False
+    )
     if source.run_dir is None:
         return model, None
     checkpointer = RunCheckpointer(source.run_dir / "checkpoints", read_only=True)  # the run may still be training
     try:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                nnx.state(model, nnx.Param))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model, nnx.Param)
+        )
         step, params = checkpointer.restore_params(source.step, abstract)
     finally:
         checkpointer.close()

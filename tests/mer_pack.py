@@ -20,9 +20,11 @@ def write_mer2023_pack(root: Path, labels: dict[str, dict[str, dict[str, str]]],
     names = [name for corpus in labels.values() for name in corpus]
     for index, name in enumerate(names):
         tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * np.arange(12000) / 16000)).astype(np.float32)
-        media.write_video(root / "video" / f"{name}.mp4", rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), 8,
-                          audio=tone)
+        media.write_video(
+            root / "video" / f"{name}.mp4", rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), 8, audio=tone
+        )
     with (root / "subtitle_chieng.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["name", "chinese", "english"],
-                                      *([name, "", text] for name, text in subtitles.items())])
+        csv.writer(handle).writerows(
+            [["name", "chinese", "english"], *([name, "", text] for name, text in subtitles.items())]
+        )
     return root

@@ -22,7 +22,9 @@ def test_config_errors_exit_2_with_the_key(capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "opsd_jax.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "opsd_jax.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "config" in out and "OmniOPSD" in out
 
 

@@ -38,8 +38,12 @@ def loaded(request):
 
 def test_there_are_named_run_configs():
     names = {path.name for path in CONFIGS}
-    for expected in ("qwen2_5_omni_3b_v5e16.yaml", "qwen2_5_omni_7b_v5p64.yaml", "qwen2_5_omni_7b_v4_32.yaml",
-                     "gpu_1x_h100.yaml"):
+    for expected in (
+        "qwen2_5_omni_3b_v5e16.yaml",
+        "qwen2_5_omni_7b_v5p64.yaml",
+        "qwen2_5_omni_7b_v4_32.yaml",
+        "gpu_1x_h100.yaml",
+    ):
         assert expected in names
 
 
@@ -93,8 +97,18 @@ def test_memory_budget_matches_the_settings_and_fits(loaded):
 def test_memory_budget_arithmetic_against_reference_figures():
     # Reference §8.2: 16 B/param full fine-tune of the 7B thinker with frozen encoders is ~122 GB, and the
     # KV cache is 56 KiB per token (7B) and 36 KiB per token (3B).
-    config = load_config(None, ["teacher.mode=live", "mesh.fsdp=1", "train.batch_size=1", "sampling.num_samples=1",
-                                "data.prompt_length=8", "sampling.max_new_tokens=1"], num_devices=1)
+    config = load_config(
+        None,
+        [
+            "teacher.mode=live",
+            "mesh.fsdp=1",
+            "train.batch_size=1",
+            "sampling.num_samples=1",
+            "data.prompt_length=8",
+            "sampling.max_new_tokens=1",
+        ],
+        num_devices=1,
+    )
     state, _ = memory_budget(config, MODELS["7b"], {"data": 1, "fsdp": 1, "tensor": 1})
     assert state == pytest.approx(121.85 + 2.63, abs=0.01)
     for model, kib in (("7b", 56), ("3b", 36)):

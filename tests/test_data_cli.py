@@ -12,15 +12,18 @@ from opsd_jax.data.builders import load_split
 from tests.mer_pack import write_mer2023_pack
 
 SHAPE = ["--num-frames", "4", "--height", "56", "--width", "56", "--max-audio-seconds", "1"]
-LABELS = {"test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
-          "train_corpus": {"r1": {"emo": "angry"}, "r2": {"emo": "neutral"}, "r3": {"emo": "worried"}}}
+LABELS = {
+    "test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
+    "train_corpus": {"r1": {"emo": "angry"}, "r2": {"emo": "neutral"}, "r3": {"emo": "worried"}},
+}
 
 
 @pytest.fixture(scope="module")
 def mer2023(tmp_path_factory) -> Path:
     """A MER2023 pack as shipped: label-6way.npz, video/ with their own audio tracks, a subtitle CSV."""
-    return write_mer2023_pack(tmp_path_factory.mktemp("mer2023-dataset-process"), LABELS,
-                              {"t1": "I won!", "r1": "Go away."})
+    return write_mer2023_pack(
+        tmp_path_factory.mktemp("mer2023-dataset-process"), LABELS, {"t1": "I won!", "r1": "Go away."}
+    )
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -34,22 +37,52 @@ def manifest_ids(path: Path) -> dict[str, str]:
 
 
 def test_convert_writes_train_and_test_and_names_a_missing_split(mer2023, tmp_path, capsys):
-    code, out, _ = run(capsys, "data", "convert", "--dataset", "MER2023", "--root", str(mer2023),
-                       "--out", str(tmp_path / "all.jsonl"))
+    code, out, _ = run(
+        capsys, "data", "convert", "--dataset", "MER2023", "--root", str(mer2023), "--out", str(tmp_path / "all.jsonl")
+    )
     assert code == 0 and "wrote 5 clips (test: 2, train: 3)" in out
-    assert manifest_ids(tmp_path / "all.jsonl") == {"t1": "test", "t2": "test", "r1": "train", "r2": "train",
-                                                    "r3": "train"}
-    code, _, _ = run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023),
-                     "--out", str(tmp_path / "test.jsonl"), "--splits", "test")
+    assert manifest_ids(tmp_path / "all.jsonl") == {
+        "t1": "test",
+        "t2": "test",
+        "r1": "train",
+        "r2": "train",
+        "r3": "train",
+    }
+    code, _, _ = run(
+        capsys,
+        "data",
+        "convert",
+        "--dataset",
+        "mer2023",
+        "--root",
+        str(mer2023),
+        "--out",
+        str(tmp_path / "test.jsonl"),
+        "--splits",
+        "test",
+    )
     assert code == 0 and set(manifest_ids(tmp_path / "test.jsonl").values()) == {"test"}
-    code, _, err = run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023),
-                       "--out", str(tmp_path / "dev.jsonl"), "--splits", "train,dev")
+    code, _, err = run(
+        capsys,
+        "data",
+        "convert",
+        "--dataset",
+        "mer2023",
+        "--root",
+        str(mer2023),
+        "--out",
+        str(tmp_path / "dev.jsonl"),
+        "--splits",
+        "train,dev",
+    )
     assert code == 2 and "no 'dev' split; it has test, train" in err and not (tmp_path / "dev.jsonl").exists()
 
 
 def test_build_prints_the_train_dir_and_a_rerun_reuses_it(mer2023, tmp_path, capsys):
     manifest = mer2023 / "manifest.jsonl"
-    assert run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023), "--out", str(manifest))[0] == 0
+    assert (
+        run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023), "--out", str(manifest))[0] == 0
+    )
     argv = ["data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "tfds"), "--name", "mer2023", *SHAPE]
     code, out, _ = run(capsys, *argv)
     assert code == 0 and "test: 2 clips, train: 3 clips" in out
@@ -60,8 +93,9 @@ def test_build_prints_the_train_dir_and_a_rerun_reuses_it(mer2023, tmp_path, cap
     rerun = run(capsys, *argv)[1]
     assert "Downloading and preparing" in out and "Downloading and preparing" not in rerun  # reused as it is
     assert rerun.splitlines()[-2:] == out.splitlines()[-2:]
-    code, _, err = run(capsys, "data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "t"),
-                       "--num-frames", "3")
+    code, _, err = run(
+        capsys, "data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "t"), "--num-frames", "3"
+    )
     assert code == 2 and "num_frames must be a positive multiple of 2, got 3" in err
 
 
@@ -69,7 +103,9 @@ def test_check_tables_every_problem_by_clip_and_exits_nonzero(mer2023, tmp_path,
     from opsd_jax.testing.tokenizer import build_tiny_tokenizer
 
     manifest = tmp_path / "manifest.jsonl"
-    assert run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023), "--out", str(manifest))[0] == 0
+    assert (
+        run(capsys, "data", "convert", "--dataset", "mer2023", "--root", str(mer2023), "--out", str(manifest))[0] == 0
+    )
     checkpoint = tmp_path / "tokenizer"
     build_tiny_tokenizer(checkpoint)
     config = ["--config", "demo_tiny", f"model.checkpoint={checkpoint}"]
@@ -86,8 +122,11 @@ def test_check_tables_every_problem_by_clip_and_exits_nonzero(mer2023, tmp_path,
     manifest.write_text("".join(json.dumps(record) + "\n" for record in records))
     code, out, _ = run(capsys, "data", "check", "--manifest", str(manifest), *config, *SHAPE)
     assert code == 1
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| clip")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| clip")
+    }
     ids = [record["id"] for record in records]
     assert set(rows) == {ids[0], ids[1], ids[2], "x9"}, out
     assert rows[ids[0]].startswith("prompt: ") and "over 192 (data.prompt_length=192" in rows[ids[0]]

@@ -17,14 +17,24 @@ from opsd_jax import demo
 from opsd_jax.demo import report
 from opsd_jax.demo.run import QUICK
 
-REFERENCES = ("subtitle_only", "warm_start", "teacher_with_rationale", "teacher_with_label",
-              "teacher_with_mismatched_rationale")
+REFERENCES = (
+    "subtitle_only",
+    "warm_start",
+    "teacher_with_rationale",
+    "teacher_with_label",
+    "teacher_with_mismatched_rationale",
+)
 
 
 def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(tmp_path):
     env = {**os.environ, "XLA_FLAGS": with_host_device_count(os.environ.get("XLA_FLAGS", ""), 1)}
-    done = subprocess.run([sys.executable, "-m", "opsd_jax.demo", "--quick", "--arms", "all", "--workdir", str(tmp_path)],
-                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "opsd_jax.demo", "--quick", "--arms", "all", "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     [seed] = results["seeds"]
@@ -53,10 +63,20 @@ def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(t
 
 def test_report_gives_mean_and_sample_standard_deviation_over_seeds():
     def seed_result(seed: int, accuracy: float) -> dict:
-        scores = {"all/accuracy": accuracy, "all/macro_f1": accuracy, "misleading/accuracy": accuracy,
-                  "swapped/accuracy": 0.25, "media_reliance": accuracy - 0.25, "all/clips": 8.0}
-        return {"seed": seed, "conditions": {"standard": {"references": {"subtitle_only": scores},
-                                                          "arms": {"omniopsd": {"scores": scores}}}}}
+        scores = {
+            "all/accuracy": accuracy,
+            "all/macro_f1": accuracy,
+            "misleading/accuracy": accuracy,
+            "swapped/accuracy": 0.25,
+            "media_reliance": accuracy - 0.25,
+            "all/clips": 8.0,
+        }
+        return {
+            "seed": seed,
+            "conditions": {
+                "standard": {"references": {"subtitle_only": scores}, "arms": {"omniopsd": {"scores": scores}}}
+            },
+        }
 
     text = report.table([seed_result(0, 0.5), seed_result(1, 0.7)], "standard")
     row = next(line for line in text.splitlines() if line.startswith("| omniopsd |"))

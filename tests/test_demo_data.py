@@ -49,16 +49,28 @@ def test_warm_start_media_come_from_partners_independent_of_the_label(seed):
 
 
 def clips(count: int = 8) -> list[Clip]:
-    return [Clip(id=f"c{i}", video=Path(f"/v/{i}.mp4"), task="basic", subtitle=PHRASES[EMOTIONS[(i + 1) % 4]][0],
-                 label=EMOTIONS[i % 4], rationale=f"rationale number {i} shows {EMOTIONS[i % 4]}") for i in range(count)]
+    return [
+        Clip(
+            id=f"c{i}",
+            video=Path(f"/v/{i}.mp4"),
+            task="basic",
+            subtitle=PHRASES[EMOTIONS[(i + 1) % 4]][0],
+            label=EMOTIONS[i % 4],
+            rationale=f"rationale number {i} shows {EMOTIONS[i % 4]}",
+        )
+        for i in range(count)
+    ]
 
 
 def prompts(batch: list[Clip], builder) -> dict[str, list[str]]:
-    ids = encode_prompt_pairs(builder, [MEDIA] * len(batch), [c.subtitle for c in batch], [c.rationale for c in batch],
-                              CONFIG, length=160)
+    ids = encode_prompt_pairs(
+        builder, [MEDIA] * len(batch), [c.subtitle for c in batch], [c.rationale for c in batch], CONFIG, length=160
+    )
     decode = lambda rows, mask: [builder.tokenizer.decode(r[m.astype(bool)]) for r, m in zip(rows, mask)]  # noqa: E731
-    return {"student": decode(ids["student_input_ids"], ids["student_attention_mask"]),
-            "teacher": decode(ids["teacher_input_ids"], ids["teacher_attention_mask"])}
+    return {
+        "student": decode(ids["student_input_ids"], ids["student_attention_mask"]),
+        "teacher": decode(ids["teacher_input_ids"], ids["teacher_attention_mask"]),
+    }
 
 
 def test_label_and_mismatched_contexts_reach_only_the_teacher(tiny_prompt_builder):
@@ -74,7 +86,10 @@ def test_label_and_mismatched_contexts_reach_only_the_teacher(tiny_prompt_builde
         assert f"Evidence: The emotion is {clip.label}." in label["teacher"][i]
         assert "rationale number" not in label["teacher"][i]
         partner = original[partners[i]]
-        assert f"Evidence: {partner.rationale}" in mismatched["teacher"][i] and clip.rationale not in mismatched["teacher"][i]
+        assert (
+            f"Evidence: {partner.rationale}" in mismatched["teacher"][i]
+            and clip.rationale not in mismatched["teacher"][i]
+        )
     # The evaluation's prompt is `conversation` without a rationale: the privileged field cannot enter it.
     student_text = tiny_prompt_builder.render(conversation(MEDIA, original[0].subtitle, CONFIG))
     assert student_text == tiny_prompt_builder.render(conversation(MEDIA, original[0].subtitle, CONFIG, rationale=None))
@@ -85,7 +100,9 @@ def test_variants_change_only_their_field():
     partners = random_partners(len(original), 0)
     swapped = with_partner_media(original, partners)
     assert [c.video for c in swapped] == [original[j].video for j in partners]
-    assert [(c.label, c.subtitle, c.rationale) for c in swapped] == [(c.label, c.subtitle, c.rationale) for c in original]
+    assert [(c.label, c.subtitle, c.rationale) for c in swapped] == [
+        (c.label, c.subtitle, c.rationale) for c in original
+    ]
     assert all(c.subtitle == "" and c.video == o.video for c, o in zip(without_subtitles(original), original))
 
 
@@ -95,8 +112,10 @@ def test_media_swap_view_moves_a_media_reader_and_not_a_subtitle_reader():
     truth = {c.id: c.label for c in test}
     # A model that reads only the media answers the label of the clip whose media it sees.
     media_reader = [{"id": c.id, "subtitle": c.subtitle, "label": c.label, "predicted": c.label} for c in test]
-    media_reader_swapped = [{"id": c.id, "subtitle": c.subtitle, "label": c.label, "predicted": truth[test[j].id]}
-                            for c, j in zip(test, partners)]
+    media_reader_swapped = [
+        {"id": c.id, "subtitle": c.subtitle, "label": c.label, "predicted": truth[test[j].id]}
+        for c, j in zip(test, partners)
+    ]
     scores = view_scores(media_reader, media_reader_swapped, misleading_ids(test))
     assert scores["all/accuracy"] == 1.0 and scores["swapped/accuracy"] < 0.5 and scores["media_reliance"] > 0.5
     # A model that repeats the subtitle answers the same whatever the media.
@@ -113,7 +132,9 @@ def test_test_subtitles_can_agree_at_another_rate_than_training_ones(tmp_path):
 
     write_synthetic_manifest(tmp_path, 12, 12, seed=0, agree_probability=1.0, test_agree_probability=0.0)
     cues = [json.loads(line) for line in (tmp_path / "cues.jsonl").read_text().splitlines()]
-    agree = {split: [c["words_emotion"] == c["label"] for c in cues if c["split"] == split] for split in ("train", "test")}
+    agree = {
+        split: [c["words_emotion"] == c["label"] for c in cues if c["split"] == split] for split in ("train", "test")
+    }
     assert all(agree["train"]) and not any(agree["test"]) and len(agree["test"]) == 12
 
 

@@ -68,8 +68,14 @@ def gcs():
 def test_training_checkpoints_and_logs_on_gcs(run_setup, gcs):  # noqa: F811
     """Save (asynchronous), keep-last/best rotation, resume, metrics and TensorBoard events on gs://."""
     output = f"{gcs}/runs/train"
-    settings = [f"run.output_dir={output}", "run.save_every=1", "run.keep_last=2", "run.keep_best=1",
-                "run.eval_every=2", "run.async_checkpointing=true"]
+    settings = [
+        f"run.output_dir={output}",
+        "run.save_every=1",
+        "run.keep_last=2",
+        "run.keep_best=1",
+        "run.eval_every=2",
+        "run.async_checkpointing=true",
+    ]
     first = Trainer(config_for(run_setup, "unused", *settings))
     part = first.run(max_steps=3)
     first.checkpointer.close()
@@ -101,13 +107,26 @@ def test_training_checkpoints_and_logs_on_gcs(run_setup, gcs):  # noqa: F811
         train(config_for(run_setup, "unused", *settings))
 
 
-@pytest.mark.parametrize("command", [
-    ["rationales", "--manifest", "m.jsonl", "--out", "gs://b/rationales.jsonl", "--model", "m", "--base-url", "http://x"],
-    ["eval", "score", "--predictions", "gs://b/predictions.jsonl", "--wheel-dir", "w"],
-    ["eval", "--checkpoint", "c", "--data", "m.jsonl", "--wheel-dir", "w", "--out", "gs://b/eval"],
-    ["generate", "--checkpoint", "c", "--manifest", "m.jsonl", "--out", "gs://b/answers.jsonl"],
-    ["export", "--checkpoint", "gs://b/runs/train", "--out", "out"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "rationales",
+            "--manifest",
+            "m.jsonl",
+            "--out",
+            "gs://b/rationales.jsonl",
+            "--model",
+            "m",
+            "--base-url",
+            "http://x",
+        ],
+        ["eval", "score", "--predictions", "gs://b/predictions.jsonl", "--wheel-dir", "w"],
+        ["eval", "--checkpoint", "c", "--data", "m.jsonl", "--wheel-dir", "w", "--out", "gs://b/eval"],
+        ["generate", "--checkpoint", "c", "--manifest", "m.jsonl", "--out", "gs://b/answers.jsonl"],
+        ["export", "--checkpoint", "gs://b/runs/train", "--out", "out"],
+    ],
+)
 def test_paths_that_must_be_local_refuse_a_bucket_by_name(command, capsys):
     """Rationales, predictions and answers are appended and fsync'ed line by line, which an object store cannot
     do: those files are refused on gs:// (pathlib would have read gs://b/x as the local directory gs:/b/x)."""
@@ -120,8 +139,9 @@ def test_paths_that_must_be_local_refuse_a_bucket_by_name(command, capsys):
     assert "gs://b/" in err and "expected a local path; only run.output_dir may be a gs:// URL" in err
 
 
-@pytest.mark.parametrize("override", ["model.checkpoint=gs://b/thinker", "data.train_dir=gs://b/tfds",
-                                      "data.eval_dir=gs://b/tfds"])
+@pytest.mark.parametrize(
+    "override", ["model.checkpoint=gs://b/thinker", "data.train_dir=gs://b/tfds", "data.eval_dir=gs://b/tfds"]
+)
 def test_config_refuses_a_bucket_where_only_local_paths_work(override):
     from opsd_jax.config import ConfigError, load_config
 

@@ -18,15 +18,18 @@ class FakeDevice:
     device_kind: str
 
 
-@pytest.mark.parametrize("platform, kind, expected", [
-    ("tpu", "TPU v4", CHIPS["v4"].bf16_flops),
-    ("tpu", "TPU v5 lite", CHIPS["v5e"].bf16_flops),
-    ("tpu", "TPU v5p", CHIPS["v5p"].bf16_flops),
-    ("tpu", "TPU v6 lite", CHIPS["v6e"].bf16_flops),
-    ("gpu", "NVIDIA H100 80GB HBM3", 989e12),
-    ("gpu", "NVIDIA A100-SXM4-40GB", 312e12),
-    ("gpu", "Some Future GPU", None),
-])
+@pytest.mark.parametrize(
+    "platform, kind, expected",
+    [
+        ("tpu", "TPU v4", CHIPS["v4"].bf16_flops),
+        ("tpu", "TPU v5 lite", CHIPS["v5e"].bf16_flops),
+        ("tpu", "TPU v5p", CHIPS["v5p"].bf16_flops),
+        ("tpu", "TPU v6 lite", CHIPS["v6e"].bf16_flops),
+        ("gpu", "NVIDIA H100 80GB HBM3", 989e12),
+        ("gpu", "NVIDIA A100-SXM4-40GB", 312e12),
+        ("gpu", "Some Future GPU", None),
+    ],
+)
 def test_peaks_by_device_kind(platform, kind, expected):
     assert device_peak_flops(FakeDevice(platform, kind)) == expected
     devices = [FakeDevice(platform, kind)] * 4
@@ -61,4 +64,3 @@ def test_matmul_parameters_leave_out_the_encoders_and_the_embedding_lookup(tiny_
         embedding = text.vocab_size * text.hidden_size
         got = matmul_parameters(params, tied_head=tied, vocab_size=text.vocab_size, hidden_size=text.hidden_size)
         assert got == language - embedding + head + (embedding if tied else 0)
-

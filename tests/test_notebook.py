@@ -60,8 +60,14 @@ def test_notebook_opens_with_a_cell_that_shows_the_tpu_devices(notebook, tmp_pat
     (tmp_path / "cells.json").write_text(json.dumps([(0, source(first))]))
     # A TPU runtime as the cell detects one (the variable TPU VMs set); JAX itself is kept on the CPU.
     env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "cells.json")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(tmp_path / "cells.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TPU runtime ['TPU_ACCELERATOR_TYPE']" in result.stdout
     assert re.search(r"^TPU devices: \d+ \[CpuDevice\(id=0\)", result.stdout, re.MULTILINE), result.stdout
@@ -69,8 +75,9 @@ def test_notebook_opens_with_a_cell_that_shows_the_tpu_devices(notebook, tmp_pat
 
 def test_notebook_text_has_no_placeholder_one_time_estimate_and_no_pytorch_requirement(notebook):
     texts = [source(cell) for cell in notebook["cells"]]
-    assert not [url for text in texts for url in re.findall(r"https?://\S+", text)
-                if re.search(r"YOUR_|example\.|<[^>]*>", url)]
+    assert not [
+        url for text in texts for url in re.findall(r"https?://\S+", text) if re.search(r"YOUR_|example\.|<[^>]*>", url)
+    ]
     assert not any(re.search(r"YOUR_[A-Z]+|TODO|FIXME", text) for text in texts)
     assert len([text for text in texts if re.search(r"\bminutes?\b", text)]) == 1, "one time estimate, in one place"
     assert not any(re.search(r"needs? (also )?PyTorch|PyTorch,? which", text) for text in texts)
@@ -88,14 +95,26 @@ def test_install_cell_is_marked_and_chooses_the_tpu_extra(notebook):
 
 
 def test_cells_run_on_the_cpu(notebook, tmp_path):
-    cells = [(index, source(cell)) for index, cell in enumerate(notebook["cells"])
-             if cell["cell_type"] == "code" and not is_install_cell(cell)]
+    cells = [
+        (index, source(cell))
+        for index, cell in enumerate(notebook["cells"])
+        if cell["cell_type"] == "code" and not is_install_cell(cell)
+    ]
     cells_file = tmp_path / "cells.json"
     cells_file.write_text(json.dumps(cells))
     # One arm, a few steps: the whole demo has its own test (tests/test_demo.py).
-    env = {**os.environ, "OPSD_DEMO_ARGS": f"--quick --arms omniopsd --conditions standard --workdir {tmp_path / 'demo'}"}
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(cells_file)], cwd=NOTEBOOK.parent,
-                            capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "OPSD_DEMO_ARGS": f"--quick --arms omniopsd --conditions standard --workdir {tmp_path / 'demo'}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(cells_file)],
+        cwd=NOTEBOOK.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert f"project: {REPO}" in output

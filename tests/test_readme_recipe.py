@@ -39,8 +39,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## What a run looks like"
 
 # The pack: 2 training clips (one optimizer step of train.batch_size=2) and 2 test clips.
-LABELS = {"test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
-          "train_corpus": {"r1": {"emo": "angry"}, "r2": {"emo": "neutral"}}}
+LABELS = {
+    "test1_corpus": {"t1": {"emo": "happy"}, "t2": {"emo": "sad"}},
+    "train_corpus": {"r1": {"emo": "angry"}, "r2": {"emo": "neutral"}},
+}
 SUBTITLES = {"t1": "I won!", "r1": "Go away.", "r2": "Fine."}
 RATIONALE = "Brows drawn together, the jaw set, a clipped and forceful voice: the face, voice and words agree."
 API_KEY = "sk-readme-recipe-test"
@@ -56,8 +58,10 @@ PROMPT_LENGTH = 384  # the tiny clips' prompts, the teacher's with its rationale
 TINY_BUCKETS = [f"data.prompt_length={PROMPT_LENGTH}", f"sampling.prompt_buckets=[{PROMPT_LENGTH}]"]
 TINY_TRAINING = [
     "train.batch_size=2",  # 2 accumulation steps of 1 prompt x G = 8 rollouts: one row per device
-    "train.total_steps=2", "train.warmup_steps=0",
-    "sampling.max_new_tokens=4", "sampling.eval_max_new_tokens=4",
+    "train.total_steps=2",
+    "train.warmup_steps=0",
+    "sampling.max_new_tokens=4",
+    "sampling.eval_max_new_tokens=4",
     "data.eval_clips=2",  # the pack's test split
     "data.worker_count=0",  # no grain worker processes (memory on a shared machine)
 ]
@@ -68,8 +72,18 @@ APPENDED = {
     ("eval", "fetch-wheels"): ["--base-url", "{wheels_url}"],
 }
 # What the block runs, in order: a step added to or dropped from the README must be added here too.
-RECIPE = [("data", "convert"), ("rationales",), ("rationales", "merge"), ("data", "check"), ("data", "build"),
-          ("train",), ("export",), ("eval", "fetch-wheels"), ("eval",), ("generate",)]
+RECIPE = [
+    ("data", "convert"),
+    ("rationales",),
+    ("rationales", "merge"),
+    ("data", "check"),
+    ("data", "build"),
+    ("train",),
+    ("export",),
+    ("eval", "fetch-wheels"),
+    ("eval",),
+    ("generate",),
+]
 
 
 def readme_commands(text: str) -> list[list[str]]:
@@ -120,7 +134,7 @@ def substitute(words: list[str], placeholders: dict[str, str], used: set[str], *
             pattern = rf"(?:(?<==)|^){re.escape(placeholder)}(?=/|$)"
             if re.search(pattern, word):
                 used.add(placeholder)
-                word = re.sub(pattern, lambda _: value, word)
+                word = re.sub(pattern, lambda _, value=value: value, word)
         out.append(word)
     return out + [word.format(**urls) for word in APPENDED.get(command_key(words), [])]
 
@@ -166,8 +180,9 @@ def test_the_recipe_is_the_steps_this_test_knows_and_every_command_parses():
     assert [command_key(words) for words in commands] == RECIPE
     used: set[str] = set()
     for words in commands:  # a flag the parser does not know fails here in seconds, not after training
-        argv = substitute(words, {placeholder: placeholder for placeholder in PLACEHOLDERS}, used,
-                          wheels_url="http://127.0.0.1:1")
+        argv = substitute(
+            words, {placeholder: placeholder for placeholder in PLACEHOLDERS}, used, wheels_url="http://127.0.0.1:1"
+        )
         try:
             parse_command_line(argv)
         except SystemExit:
@@ -178,7 +193,9 @@ def test_the_recipe_is_the_steps_this_test_knows_and_every_command_parses():
 def test_every_command_of_the_recipe_succeeds(recipe):
     for key in RECIPE:
         ran = recipe.result(key)
-        assert ran.code == 0, f"`opsd-jax {shlex.join(ran.argv)}` exited {ran.code}:\n{ran.out[-2000:]}\n{ran.err[-3000:]}"
+        assert ran.code == 0, (
+            f"`opsd-jax {shlex.join(ran.argv)}` exited {ran.code}:\n{ran.out[-2000:]}\n{ran.err[-3000:]}"
+        )
     print({" ".join(key): round(ran.seconds, 1) for key, ran in recipe.ran.items()})
 
 
@@ -191,14 +208,19 @@ def test_rationales_are_written_for_the_training_clips_and_reach_the_dataset(rec
     assert {request["model"] for request in recipe.endpoint.requests} == {"gpt-4.1"}
     assert {headers["Authorization"] for headers in recipe.endpoint.headers} == {f"Bearer {API_KEY}"}
     merged = [json.loads(line) for line in (recipe.workdir / "mer2023_r.jsonl").read_text().splitlines()]
-    assert {clip["id"]: bool(clip.get("rationale")) for clip in merged} == {"t1": False, "t2": False, "r1": True,
-                                                                           "r2": True}
+    assert {clip["id"]: bool(clip.get("rationale")) for clip in merged} == {
+        "t1": False,
+        "t2": False,
+        "r1": True,
+        "r2": True,
+    }
     assert "no problems (media, labels and prompt lengths)" in recipe.result(("data", "check")).out
     # The directory `data build` prints is the one the README's train command names.
     printed = recipe.result(("data", "build")).out.strip().splitlines()[-1].removeprefix("data.train_dir=")
     assert f"data.train_dir={printed}" in recipe.result(("train",)).argv
-    assert {example["id"].decode(): example["rationale"].decode() for example in load_split(Path(printed), "train")} \
-        == {"r1": RATIONALE, "r2": RATIONALE}
+    assert {
+        example["id"].decode(): example["rationale"].decode() for example in load_split(Path(printed), "train")
+    } == {"r1": RATIONALE, "r2": RATIONALE}
 
 
 def test_training_checkpoints_and_the_readers_use_the_run(recipe):

@@ -47,13 +47,23 @@ def test_the_shipped_configs_include_remat_ones():
 def test_shipped_config_runs_its_first_step_shrunk(path, tiny_files, tmp_path):
     began = time.perf_counter()
     config = load_config(path, num_devices=None)
-    tiny = shrink_config(config, tiny_files, output_dir=tmp_path / "run", num_devices=jax.device_count(),
-                         prompt_lengths=longest_prompts(config, tiny_files))
+    tiny = shrink_config(
+        config,
+        tiny_files,
+        output_dir=tmp_path / "run",
+        num_devices=jax.device_count(),
+        prompt_lengths=longest_prompts(config, tiny_files),
+    )
     original, shrunk = flat_fields(config), flat_fields(tiny)
     kept = {name for name in original if name not in REPLACED_FIELDS}
     assert {name: shrunk[name] for name in kept} == {name: original[name] for name in kept}
-    assert tiny.train.batch_size // tiny.train.grad_accum_steps * tiny.sampling.num_samples % (
-        tiny.mesh.data * tiny.mesh.fsdp) == 0, "the rollout rows must shard over every batch-carrying device"
+    assert (
+        tiny.train.batch_size
+        // tiny.train.grad_accum_steps
+        * tiny.sampling.num_samples
+        % (tiny.mesh.data * tiny.mesh.fsdp)
+        == 0
+    ), "the rollout rows must shard over every batch-carrying device"
 
     trainer = Trainer(tiny)
     try:

@@ -67,14 +67,21 @@ def sandbox(tmp_path):
     home.mkdir()
     calls = tmp_path / "calls.jsonl"
     env = {key: value for key, value in os.environ.items() if not key.startswith("OPSD_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(home), FAKE_GCLOUD_CALLS=str(calls),
-               FAKE_STATES=str(tmp_path / "states"), TMPDIR=str(tmp_path), OPSD_JAX_PYTHON=sys.executable)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        HOME=str(home),
+        FAKE_GCLOUD_CALLS=str(calls),
+        FAKE_STATES=str(tmp_path / "states"),
+        TMPDIR=str(tmp_path),
+        OPSD_JAX_PYTHON=sys.executable,
+    )
     return env, calls, home
 
 
 def run(script: str, *args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPTS_DIR / script), *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPTS_DIR / script), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout
+    )
 
 
 def recorded(calls: Path) -> list[list[str]]:
@@ -145,8 +152,9 @@ def test_environment_supplies_name_and_zone(sandbox):
     env = dict(env, OPSD_TPU_NAME="from-env", OPSD_TPU_ZONE="europe-west4-b", OPSD_GCP_PROJECT="proj")
     result = run("logs.sh", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("gcloud compute tpus tpu-vm ssh from-env --worker=0 --zone=europe-west4-b "
-                                    "--project=proj ")
+    assert result.stdout.startswith(
+        "gcloud compute tpus tpu-vm ssh from-env --worker=0 --zone=europe-west4-b --project=proj "
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
@@ -169,9 +177,10 @@ def test_lint(script):
 
 def test_device_counts_per_accelerator_type():
     expected = {"v5litepod-16": 16, "v5litepod-8": 8, "v5p-64": 32, "v5p-8": 4, "v4-32": 16, "v4-8": 4, "v6e-8": 8}
-    program = "; ".join(f'devices_for_type {t}; echo' for t in expected)
-    result = subprocess.run(["bash", "-c", f"source {SCRIPTS_DIR / 'common.sh'}; {program}"], capture_output=True,
-                            text=True)
+    program = "; ".join(f"devices_for_type {t}; echo" for t in expected)
+    result = subprocess.run(
+        ["bash", "-c", f"source {SCRIPTS_DIR / 'common.sh'}; {program}"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert [int(n) for n in result.stdout.split()] == list(expected.values())
 
@@ -181,43 +190,86 @@ def test_device_counts_per_accelerator_type():
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accelerator, runtime, devices", [
-    ("v5litepod-16", "v2-alpha-tpuv5-lite", 16), ("v5p-64", "v2-alpha-tpuv5", 32), ("v4-32", "tpu-ubuntu2204-base", 16)])
+@pytest.mark.parametrize(
+    "accelerator, runtime, devices",
+    [
+        ("v5litepod-16", "v2-alpha-tpuv5-lite", 16),
+        ("v5p-64", "v2-alpha-tpuv5", 32),
+        ("v4-32", "tpu-ubuntu2204-base", 16),
+    ],
+)
 def test_create_dry_run(accelerator, runtime, devices, sandbox):
     env, _, _ = sandbox
-    result = run("create.sh", "--name", "opsd-test", "--zone", ZONE, "--accelerator-type", accelerator,
-                 "--project", "my-project", "--spot", "--dry-run", "--", "--labels=team=emotion", env=env)
+    result = run(
+        "create.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--accelerator-type",
+        accelerator,
+        "--project",
+        "my-project",
+        "--spot",
+        "--dry-run",
+        "--",
+        "--labels=team=emotion",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert f"# {accelerator}: {devices} JAX devices" in result.stdout
     create, describe = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-    assert create == (f"gcloud compute tpus queued-resources create opsd-test --node-id=opsd-test "
-                      f"--accelerator-type={accelerator} --runtime-version={runtime} --zone={ZONE} "
-                      f"--project=my-project --spot --labels=team=emotion")
-    assert describe == (f"gcloud compute tpus queued-resources describe opsd-test --zone={ZONE} "
-                        f"--project=my-project '--format=value(state.state)'")
+    assert create == (
+        f"gcloud compute tpus queued-resources create opsd-test --node-id=opsd-test "
+        f"--accelerator-type={accelerator} --runtime-version={runtime} --zone={ZONE} "
+        f"--project=my-project --spot --labels=team=emotion"
+    )
+    assert describe == (
+        f"gcloud compute tpus queued-resources describe opsd-test --zone={ZONE} "
+        f"--project=my-project '--format=value(state.state)'"
+    )
 
 
 def test_create_dry_run_variants(sandbox):
-    lines = dry_run("create.sh", "--name=opsd-test", f"--zone={ZONE}", "--runtime-version=my-image", "--reserved",
-                    "--no-wait", sandbox=sandbox)
-    assert lines == [f"gcloud compute tpus queued-resources create opsd-test --node-id=opsd-test "
-                     f"--accelerator-type=v5litepod-16 --runtime-version=my-image --zone={ZONE} --reserved"]
+    lines = dry_run(
+        "create.sh",
+        "--name=opsd-test",
+        f"--zone={ZONE}",
+        "--runtime-version=my-image",
+        "--reserved",
+        "--no-wait",
+        sandbox=sandbox,
+    )
+    assert lines == [
+        f"gcloud compute tpus queued-resources create opsd-test --node-id=opsd-test "
+        f"--accelerator-type=v5litepod-16 --runtime-version=my-image --zone={ZONE} --reserved"
+    ]
     lines = dry_run("create.sh", "--name", "opsd-test", "--zone", ZONE, "--wait-only", sandbox=sandbox)
     assert len(lines) == 1 and lines[0].startswith("gcloud compute tpus queued-resources describe opsd-test")
 
 
 def test_setup_dry_run_tarball(sandbox):
     env, _, _ = sandbox
-    lines = dry_run("setup.sh", "--name", "opsd-test", "--zone", ZONE, "--accelerator-type", "v5p-64",
-                    "--stage", "gs://b/ckpt/Qwen2.5-Omni-7B=/data/checkpoints/Qwen2.5-Omni-7B", sandbox=sandbox)
+    lines = dry_run(
+        "setup.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--accelerator-type",
+        "v5p-64",
+        "--stage",
+        "gs://b/ckpt/Qwen2.5-Omni-7B=/data/checkpoints/Qwen2.5-Omni-7B",
+        sandbox=sandbox,
+    )
     tar, scp, install, stage, check = lines
     tarball = f"{env['TMPDIR']}/opsd-jax-src-opsd-test.tar.gz"
     assert tar.startswith(f"tar -czf {tarball} --exclude=.git --exclude=.venv ")
     assert tar.endswith(f"-C {REPO} .")
     assert scp == f"gcloud compute tpus tpu-vm scp {tarball} opsd-test:opsd-jax-src.tar.gz --worker=all --zone={ZONE}"
     assert install.startswith(f"gcloud compute tpus tpu-vm ssh opsd-test --worker=all --zone={ZONE} '--command=")
-    assert "tar -xzf \"$HOME\"/opsd-jax-src.tar.gz -C \"$HOME\"/opsd-jax" in install
-    assert "python3 -m venv \"$HOME\"/opsd-jax/.venv" in install
+    assert 'tar -xzf "$HOME"/opsd-jax-src.tar.gz -C "$HOME"/opsd-jax' in install
+    assert 'python3 -m venv "$HOME"/opsd-jax/.venv' in install
     assert ".venv/bin/pip install -q -e '\\''.[tpu]'\\''" in install
     assert "gcloud storage rsync --recursive gs://b/ckpt/Qwen2.5-Omni-7B /data/checkpoints/Qwen2.5-Omni-7B" in stage
     assert check.startswith(f"gcloud compute tpus tpu-vm ssh opsd-test --worker=all --zone={ZONE} '--command=")
@@ -225,66 +277,125 @@ def test_setup_dry_run_tarball(sandbox):
 
 
 def test_setup_dry_run_git(sandbox):
-    lines = dry_run("setup.sh", "--name", "opsd-test", "--zone", ZONE, "--source", "git", "--repo-url",
-                    "https://github.com/example/opsd-jax.git", "--ref", "v0.1", "--worker", "0", "--extra", "",
-                    "--skip-check", sandbox=sandbox)
+    lines = dry_run(
+        "setup.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--source",
+        "git",
+        "--repo-url",
+        "https://github.com/example/opsd-jax.git",
+        "--ref",
+        "v0.1",
+        "--worker",
+        "0",
+        "--extra",
+        "",
+        "--skip-check",
+        sandbox=sandbox,
+    )
     (install,) = lines
     assert " --worker=0 " in install
-    assert "git clone -q https://github.com/example/opsd-jax.git \"$HOME\"/opsd-jax" in install
+    assert 'git clone -q https://github.com/example/opsd-jax.git "$HOME"/opsd-jax' in install
     assert "fetch -q origin v0.1" in install and "checkout -q --force FETCH_HEAD" in install
     assert "pip install -q -e .;" in install
 
 
 def test_launch_dry_run_validates_and_builds_the_worker_command(sandbox):
     env, _, _ = sandbox
-    result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/qwen2_5_omni_3b_v5e16.yaml",
-                 "--accelerator-type", "v5litepod-16", "--run-name", "exp1", "--resume", "--env", "EXTRA=a b",
-                 "--compile-cache", "gs://bucket/jax-cache", "--dry-run", "train.lr=1e-6", "--",
-                 "prompt.instruction=Name the emotion.", env=env)
+    result = run(
+        "launch.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--config",
+        "configs/qwen2_5_omni_3b_v5e16.yaml",
+        "--accelerator-type",
+        "v5litepod-16",
+        "--run-name",
+        "exp1",
+        "--resume",
+        "--env",
+        "EXTRA=a b",
+        "--compile-cache",
+        "gs://bucket/jax-cache",
+        "--dry-run",
+        "train.lr=1e-6",
+        "--",
+        "prompt.instruction=Name the emotion.",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "# validated configs/qwen2_5_omni_3b_v5e16.yaml for 16 devices (v5litepod-16)" in result.stdout
     scp, ssh = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-    assert scp == (f"gcloud compute tpus tpu-vm scp configs/qwen2_5_omni_3b_v5e16.yaml "
-                   f"opsd-test:.opsd-jax-launch-exp1.yaml --worker=all --zone={ZONE}")
+    assert scp == (
+        f"gcloud compute tpus tpu-vm scp configs/qwen2_5_omni_3b_v5e16.yaml "
+        f"opsd-test:.opsd-jax-launch-exp1.yaml --worker=all --zone={ZONE}"
+    )
     assert ssh.startswith(f"gcloud compute tpus tpu-vm ssh opsd-test --worker=all --zone={ZONE} '--command=set -e; ")
     for fragment in (
         "export JAX_COMPILATION_CACHE_DIR=gs://bucket/jax-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "
         "EXTRA='\\''a b'\\''",
-        "setsid nohup .venv/bin/opsd-jax train --config \"$HOME\"/opsd-runs/exp1/config.yaml --resume "
+        'setsid nohup .venv/bin/opsd-jax train --config "$HOME"/opsd-runs/exp1/config.yaml --resume '
         "train.lr=1e-6 '\\''prompt.instruction=Name the emotion.'\\'' >> \"$HOME\"/opsd-runs/exp1/train.log 2>&1 "
-        "< /dev/null & echo $! > \"$HOME\"/opsd-runs/exp1/train.pid",
+        '< /dev/null & echo $! > "$HOME"/opsd-runs/exp1/train.pid',
     ):
         assert fragment in ssh
 
 
 def test_launch_refuses_a_config_that_does_not_validate(sandbox):
     env, calls, _ = sandbox
-    result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/qwen2_5_omni_7b_v5p64.yaml",
-                 "--accelerator-type", "v5litepod-1", "--dry-run", env=env)  # mesh.data 4 needs a multiple of 4 chips
+    result = run(
+        "launch.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--config",
+        "configs/qwen2_5_omni_7b_v5p64.yaml",
+        "--accelerator-type",
+        "v5litepod-1",
+        "--dry-run",
+        env=env,
+    )  # mesh.data 4 needs a multiple of 4 chips
     assert result.returncode == 2
     assert "mesh" in result.stderr and "nothing was started" in result.stderr
-    result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/qwen2_5_omni_7b_v5p64.yaml",
-                 "train.lr=-1", env=env)  # not a dry run: it must fail before any gcloud call
+    result = run(
+        "launch.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--config",
+        "configs/qwen2_5_omni_7b_v5p64.yaml",
+        "train.lr=-1",
+        env=env,
+    )  # not a dry run: it must fail before any gcloud call
     assert result.returncode == 2
     assert "train.lr" in result.stderr
     assert recorded(calls) == []
 
 
 def test_logs_and_stop_dry_run(sandbox):
-    (logs,) = dry_run("logs.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "exp1", "--lines", "50", "-f",
-                      sandbox=sandbox)
+    (logs,) = dry_run(
+        "logs.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "exp1", "--lines", "50", "-f", sandbox=sandbox
+    )
     assert logs.startswith(f"gcloud compute tpus tpu-vm ssh opsd-test --worker=0 --zone={ZONE} '--command=")
-    assert "log=\"$HOME\"/opsd-runs/exp1/train.log" in logs and "tail -n 50 -F \"$log\"" in logs
+    assert 'log="$HOME"/opsd-runs/exp1/train.log' in logs and 'tail -n 50 -F "$log"' in logs
     (logs,) = dry_run("logs.sh", "--name", "opsd-test", "--zone", ZONE, "--worker", "all", sandbox=sandbox)
-    assert " --worker=all " in logs and "ls -t \"$HOME\"/opsd-runs/*/train.log" in logs and "sed -u" in logs
+    assert " --worker=all " in logs and 'ls -t "$HOME"/opsd-runs/*/train.log' in logs and "sed -u" in logs
 
-    (stop,) = dry_run("stop.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "exp1", "--grace", "5",
-                      sandbox=sandbox)
+    (stop,) = dry_run(
+        "stop.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "exp1", "--grace", "5", sandbox=sandbox
+    )
     assert stop.startswith(f"gcloud compute tpus tpu-vm ssh opsd-test --worker=all --zone={ZONE} '--command=")
-    assert "for f in \"$HOME\"/opsd-runs/exp1/train.pid;" in stop
+    assert 'for f in "$HOME"/opsd-runs/exp1/train.pid;' in stop
     assert "kill -TERM -- -$p" in stop and "[ $i -lt 5 ]" in stop and "kill -KILL -- -$p" in stop
     stop, delete = dry_run("stop.sh", "--name", "opsd-test", "--zone", ZONE, "--delete", "--yes", sandbox=sandbox)
-    assert "\"$HOME\"/opsd-runs/*/train.pid" in stop
+    assert '"$HOME"/opsd-runs/*/train.pid' in stop
     assert delete == f"gcloud compute tpus queued-resources delete opsd-test --zone={ZONE} --force --quiet"
     (delete,) = dry_run("stop.sh", "--name", "opsd-test", "--zone", ZONE, "--delete-only", sandbox=sandbox)
     assert delete == f"gcloud compute tpus queued-resources delete opsd-test --zone={ZONE} --force"
@@ -312,8 +423,9 @@ def test_create_reports_a_failed_request(sandbox):
     assert result.returncode == 2
     assert "queued resource opsd-test is FAILED" in result.stderr
     Path(env["FAKE_STATES"]).write_text("WAITING_FOR_RESOURCES")
-    result = run("create.sh", "--name", "opsd-test", "--zone", ZONE, "--wait-only", "--poll", "0", "--timeout", "0",
-                 env=env)
+    result = run(
+        "create.sh", "--name", "opsd-test", "--zone", ZONE, "--wait-only", "--poll", "0", "--timeout", "0", env=env
+    )
     assert result.returncode == 2
     assert "still WAITING_FOR_RESOURCES after 0s" in result.stderr
 
@@ -353,9 +465,21 @@ def _launched_pid(output: str) -> int:
 
 def test_launch_logs_stop_on_a_simulated_worker(sandbox):
     env, _, home = sandbox
-    result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/demo_tiny.yaml",
-                 "--no-validate", "--env", "EXTRA_SETTING=it's set", "train.lr=1e-6", "prompt.instruction=Who's sad?",
-                 env=env)
+    result = run(
+        "launch.sh",
+        "--name",
+        "opsd-test",
+        "--zone",
+        ZONE,
+        "--config",
+        "configs/demo_tiny.yaml",
+        "--no-validate",
+        "--env",
+        "EXTRA_SETTING=it's set",
+        "train.lr=1e-6",
+        "prompt.instruction=Who's sad?",
+        env=env,
+    )
     assert result.returncode == 1  # no project installed on the worker yet
     assert "no .venv/bin/opsd-jax in opsd-jax: run setup.sh first" in result.stderr
 
@@ -363,9 +487,21 @@ def test_launch_logs_stop_on_a_simulated_worker(sandbox):
     pids: list[int] = []
     run_dir = home / "opsd-runs" / "demo_tiny"
     try:
-        result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/demo_tiny.yaml",
-                     "--no-validate", "--env", "EXTRA_SETTING=it's set", "train.lr=1e-6",
-                     "prompt.instruction=Who's sad?", env=env)
+        result = run(
+            "launch.sh",
+            "--name",
+            "opsd-test",
+            "--zone",
+            ZONE,
+            "--config",
+            "configs/demo_tiny.yaml",
+            "--no-validate",
+            "--env",
+            "EXTRA_SETTING=it's set",
+            "train.lr=1e-6",
+            "prompt.instruction=Who's sad?",
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         pids.append(_launched_pid(result.stdout))
         assert (run_dir / "config.yaml").read_text() == (REPO / "configs" / "demo_tiny.yaml").read_text()
@@ -373,13 +509,24 @@ def test_launch_logs_stop_on_a_simulated_worker(sandbox):
         assert os.getpgid(pids[0]) == pids[0], "the run must lead its own process group"
         assert _group_alive(pids[0])
 
-        result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/demo_tiny.yaml",
-                     "--no-validate", env=env)
+        result = run(
+            "launch.sh",
+            "--name",
+            "opsd-test",
+            "--zone",
+            ZONE,
+            "--config",
+            "configs/demo_tiny.yaml",
+            "--no-validate",
+            env=env,
+        )
         assert result.returncode == 1
         assert "run demo_tiny is already running" in result.stderr
 
-        expected = (f"fake opsd-jax train --config {run_dir}/config.yaml train.lr=1e-6 prompt.instruction=Who's sad?\n"
-                    f"cache={home}/.cache/opsd-jax/jax offline=1 extra=it's set")
+        expected = (
+            f"fake opsd-jax train --config {run_dir}/config.yaml train.lr=1e-6 prompt.instruction=Who's sad?\n"
+            f"cache={home}/.cache/opsd-jax/jax offline=1 extra=it's set"
+        )
         for _ in range(50):  # the background process writes its first lines asynchronously
             result = run("logs.sh", "--name", "opsd-test", "--zone", ZONE, env=env)
             if expected in result.stdout:
@@ -396,12 +543,23 @@ def test_launch_logs_stop_on_a_simulated_worker(sandbox):
         assert "got SIGTERM" in (run_dir / "train.log").read_text()
 
         # A run that ignores SIGTERM is killed after the grace period; then nothing is left to stop.
-        result = run("launch.sh", "--name", "opsd-test", "--zone", ZONE, "--config", "configs/demo_tiny.yaml",
-                     "--no-validate", "--resume", env=dict(env, FAKE_IGNORE_TERM="1"))
+        result = run(
+            "launch.sh",
+            "--name",
+            "opsd-test",
+            "--zone",
+            ZONE,
+            "--config",
+            "configs/demo_tiny.yaml",
+            "--no-validate",
+            "--resume",
+            env=dict(env, FAKE_IGNORE_TERM="1"),
+        )
         assert result.returncode == 0, result.stderr
         pids.append(_launched_pid(result.stdout))
-        result = run("stop.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "demo_tiny", "--grace", "1",
-                     env=env)
+        result = run(
+            "stop.sh", "--name", "opsd-test", "--zone", ZONE, "--run-name", "demo_tiny", "--grace", "1", env=env
+        )
         assert result.returncode == 0, result.stderr
         assert f"SIGKILL to {pids[1]} after 1s" in result.stdout
         assert not _group_alive(pids[1])

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from opsd_jax import train as train_module
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import load_config
 from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
 from opsd_jax.testing.tiny_run import LABELS, build_tiny_run_files, tiny_affect_clips
-from opsd_jax.train import Trainer, classification_scores, predicted_label
+from opsd_jax.train import Trainer, classification_scores, label_vocabulary, predicted_label
+
 
 @pytest.fixture(scope="module")
 def run_setup(tiny_untied, tmp_path_factory):
@@ -28,13 +30,28 @@ def run_setup(tiny_untied, tmp_path_factory):
 
 def config_for(run_setup, output: str, *extra: str):
     checkpoint, dataset, root = run_setup
-    return load_config(None, [
-        f"model.checkpoint={checkpoint}", f"data.train_dir={dataset}", f"data.eval_dir={dataset}",
-        "data.prompt_length=160", "data.eval_clips=4", "train.batch_size=2", "train.total_steps=4", "train.lr=1e-3",
-        "sampling.num_samples=2", "sampling.max_new_tokens=4", "run.save_every=2", "run.eval_every=4",
-        f"run.output_dir={root / output}", "prompt.instruction=Which emotion? <answer></answer>",
-        "prompt.privileged_template=Evidence: {rationale}", "mesh.fsdp=-1", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.checkpoint={checkpoint}",
+            f"data.train_dir={dataset}",
+            f"data.eval_dir={dataset}",
+            "data.prompt_length=160",
+            "data.eval_clips=4",
+            "train.batch_size=2",
+            "train.total_steps=4",
+            "train.lr=1e-3",
+            "sampling.num_samples=2",
+            "sampling.max_new_tokens=4",
+            "run.save_every=2",
+            "run.eval_every=4",
+            f"run.output_dir={root / output}",
+            "prompt.instruction=Which emotion? <answer></answer>",
+            "prompt.privileged_template=Evidence: {rationale}",
+            "mesh.fsdp=-1",
+            *extra,
+        ],
+    )
 
 
 def params_of(trainer) -> list[np.ndarray]:
@@ -106,8 +123,15 @@ def test_importance_ratio_takes_the_distribution_rollouts_were_drawn_from(run_se
     from opsd_jax.train import _clips
 
     temperature, top_k = 0.7, 5
-    trainer = Trainer(config_for(run_setup, "ratio", f"sampling.temperature={temperature}", f"sampling.top_k={top_k}",
-                                 f"loss.temperature={temperature}"))
+    trainer = Trainer(
+        config_for(
+            run_setup,
+            "ratio",
+            f"sampling.temperature={temperature}",
+            f"sampling.top_k={top_k}",
+            f"loss.temperature={temperature}",
+        )
+    )
     batch = jax.tree.map(lambda x: x[0], trainer.make_step_batch(_clips(next(trainer.iterator)), step=0))
     hidden = completion_hidden(trainer.model, batch.student, batch.completion, batch.completion_mask)
     logits = np.asarray(hidden @ trainer.model.head_kernel(), np.float64) / temperature  # [N, C, V]
@@ -137,9 +161,22 @@ def test_label_parsing_and_scores():
     assert predicted_label("I think <answer>Sad</answer>", vocabulary) == "sad"
     assert predicted_label("the words sound angry, but the face says happy", vocabulary) == "happy"
     assert predicted_label("no idea", vocabulary) is None
+    # `opsd-jax eval`'s rule (`answer_text`): the last answer block, where a first one can be a draft.
+    assert predicted_label("<answer>sad</answer> On reflection: <answer>happy</answer>", vocabulary) == "happy"
+    assert predicted_label("<think>sad?</think><answer>angry", vocabulary) == "angry"
     scores = classification_scores(["happy", None, "sad", "sad"], ["happy", "sad", "sad", "angry"], vocabulary)
     assert scores["accuracy"] == 0.5
     assert scores["macro_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # sad: tp 1, fp 1, fn 1
+
+
+def test_the_label_vocabulary_is_read_without_decoding_media(run_setup, monkeypatch):
+    calls = []
+    load_split = train_module.load_split
+    monkeypatch.setattr(
+        train_module, "load_split", lambda *args, **kwargs: calls.append(kwargs) or load_split(*args, **kwargs)
+    )
+    assert label_vocabulary(str(run_setup[1]), "train") == sorted(LABELS)
+    assert calls == [{"decode_media": False}]
 
 
 def test_two_processes_match_one_process(run_setup):
@@ -150,24 +187,43 @@ def test_two_processes_match_one_process(run_setup):
 
     checkpoint, dataset, root = run_setup
     overrides = [
-        f"model.checkpoint={checkpoint}", f"data.train_dir={dataset}", "data.prompt_length=160", "train.batch_size=2",
-        "train.total_steps=3", "train.lr=1e-5", "sampling.num_samples=2", "sampling.max_new_tokens=4",
-        "run.eval_every=100", "run.save_every=100", "prompt.instruction=Which emotion? <answer></answer>",
-        "prompt.privileged_template=Evidence: {rationale}", "mesh.data=2", "mesh.fsdp=2",
+        f"model.checkpoint={checkpoint}",
+        f"data.train_dir={dataset}",
+        "data.prompt_length=160",
+        "train.batch_size=2",
+        "train.total_steps=3",
+        "train.lr=1e-5",
+        "sampling.num_samples=2",
+        "sampling.max_new_tokens=4",
+        "run.eval_every=100",
+        "run.save_every=100",
+        "prompt.instruction=Which emotion? <answer></answer>",
+        "prompt.privileged_template=Evidence: {rationale}",
+        "mesh.data=2",
+        "mesh.fsdp=2",
     ]
 
     def launch(devices: int, output: str, env: dict[str, str]):
         return subprocess.Popen(
-            [sys.executable, "-m", "opsd_jax.testing.multihost_worker", str(devices), *overrides,
-             f"run.output_dir={root / output}"],
-            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "opsd_jax.testing.multihost_worker",
+                str(devices),
+                *overrides,
+                f"run.output_dir={root / output}",
+            ],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def losses(process) -> list[float]:
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
         line = [row for row in out.splitlines() if row.startswith("LOSSES ")]
-        return json.loads(line[0][len("LOSSES "):]) if line else []
+        return json.loads(line[0][len("LOSSES ") :]) if line else []
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -191,8 +247,18 @@ def test_two_processes_match_one_process(run_setup):
 @pytest.fixture(scope="module")
 def finished_run(run_setup):
     """A 3-step run saving every step (checkpoints 1, 2, 3 kept) and its trainer; tests copy the directory."""
-    trainer = Trainer(config_for(run_setup, "finished", "train.total_steps=3", "run.save_every=1", "run.keep_last=3",
-                                 "run.keep_best=0", "run.eval_every=100", "data.eval_dir="))
+    trainer = Trainer(
+        config_for(
+            run_setup,
+            "finished",
+            "train.total_steps=3",
+            "run.save_every=1",
+            "run.keep_last=3",
+            "run.keep_best=0",
+            "run.eval_every=100",
+            "data.eval_dir=",
+        )
+    )
     trainer.run()
     trainer.checkpointer.close()
     return trainer, run_setup[2] / "finished"
@@ -248,7 +314,8 @@ def test_export_of_a_live_run_deletes_nothing(finished_run, tmp_path):
     shutil.copytree(directory / "checkpoints" / "3", pending)
     exported = load_trained_params(directory)
     assert pending.is_dir() and sorted(p.name for p in pending.iterdir()) == sorted(
-        p.name for p in (directory / "checkpoints" / "3").iterdir())
+        p.name for p in (directory / "checkpoints" / "3").iterdir()
+    )
     for a, b in zip(jax.tree.leaves(nnx.state(exported.params, nnx.Param)), params_of(finished_run[0])):
         np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -321,8 +388,18 @@ def test_resume_without_a_checkpoint_says_so_or_refuses(run_setup, caplog):
 def test_a_diverged_step_stops_the_run_and_keeps_the_good_checkpoints(run_setup, what):
     from opsd_jax.train import TrainingDiverged
 
-    trainer = Trainer(config_for(run_setup, f"diverged_{what}", "train.total_steps=4", "run.save_every=1",
-                                 "run.keep_last=2", "run.keep_best=0", "run.eval_every=100", "data.eval_dir="))
+    trainer = Trainer(
+        config_for(
+            run_setup,
+            f"diverged_{what}",
+            "train.total_steps=4",
+            "run.save_every=1",
+            "run.keep_last=2",
+            "run.keep_best=0",
+            "run.eval_every=100",
+            "data.eval_dir=",
+        )
+    )
     real_step = trainer.step_fn
 
     def step_that_diverges_at_3(state, batch):
@@ -342,8 +419,10 @@ def test_a_diverged_step_stops_the_run_and_keeps_the_good_checkpoints(run_setup,
     assert reader.all_steps() == [1, 2]
     state, meta = reader.restore(None, abstract_like(trainer.state))
     assert meta["step"] == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
-    logged = [json.loads(line)["step"] for line in
-              (run_setup[2] / f"diverged_{what}" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["step"]
+        for line in (run_setup[2] / f"diverged_{what}" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == [1, 2] + ([3] if what == "params" else [])
 
 
@@ -359,14 +438,26 @@ def test_prompts_longer_than_the_bucket_are_named_before_training_or_left_out(ru
                 clip["subtitle"] = "a long line said in the clip " * 12
             yield clip
 
-    dataset = build_synthetic_affect(tmp_path / "data", SyntheticAffectConfig(
-        name="long", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generate_long,
-        splits=("train", "test")))
+    dataset = build_synthetic_affect(
+        tmp_path / "data",
+        SyntheticAffectConfig(
+            name="long",
+            num_frames=2,
+            height=28,
+            width=28,
+            max_audio_seconds=0.5,
+            generator=generate_long,
+            splits=("train", "test"),
+        ),
+    )
     overrides = [f"data.train_dir={dataset}", f"data.eval_dir={dataset}", f"run.output_dir={tmp_path / 'run'}"]
-    with pytest.raises(ConfigError, match=r"\(train\): 1 of 8 clips have prompts longer than data\.prompt_length=160 / "
-                       r"data\.teacher_prompt_length=160: 'train5' \(\d+ student, \d+ teacher tokens\); raise "
-                       r"data\.prompt_length to \d+ and data\.teacher_prompt_length to \d+, or set "
-                       r"data\.skip_long_prompts=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\(train\): 1 of 8 clips have prompts longer than data\.prompt_length=160 / "
+        r"data\.teacher_prompt_length=160: 'train5' \(\d+ student, \d+ teacher tokens\); raise "
+        r"data\.prompt_length to \d+ and data\.teacher_prompt_length to \d+, or set "
+        r"data\.skip_long_prompts=true",
+    ):
         Trainer(config_for(run_setup, "long", *overrides))
     with caplog.at_level("WARNING"):
         trainer = Trainer(config_for(run_setup, "long", *overrides, "data.skip_long_prompts=true"))
@@ -393,8 +484,14 @@ def test_a_run_you_can_watch(run_setup, caplog, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = config_for(run_setup, "watched", "train.total_steps=3", "train.warmup_steps=2", "run.log_rollouts_every=2",
-                        "run.wandb_project=opsd-test")
+    config = config_for(
+        run_setup,
+        "watched",
+        "train.total_steps=3",
+        "train.warmup_steps=2",
+        "run.log_rollouts_every=2",
+        "run.wandb_project=opsd-test",
+    )
     with caplog.at_level(logging.INFO, logger="opsd_jax"):
         Trainer(config).run(max_steps=2)
     logs = run_setup[2] / "watched" / "logs"
@@ -427,7 +524,8 @@ def test_a_run_you_can_watch(run_setup, caplog, monkeypatch):
             history.setdefault(record.history.step.num, {}).update(items)
     for row in rows:
         assert {name: history[row["step"]][name] for name in row if name != "step"} == pytest.approx(
-            {name: value for name, value in row.items() if name != "step"})
+            {name: value for name, value in row.items() if name != "step"}
+        )
     assert history[2]["rollouts"].startswith("| prompt | sample |")
 
     caplog.clear()
@@ -445,8 +543,8 @@ def tensorboard_events(directory):
     for path in sorted(directory.glob("events.out.tfevents*")):
         data, offset = path.read_bytes(), 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            yield Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            yield Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
 
 
@@ -465,8 +563,8 @@ def wandb_records(path):
         if left < 7:  # a block's tail too short for a header is padding
             offset += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        pending += data[offset + 7:offset + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        pending += data[offset + 7 : offset + 7 + length]
         offset += 7 + length
         if kind in (1, 4):  # full, or the last piece of a record
             yield wandb_internal_pb2.Record.FromString(pending)

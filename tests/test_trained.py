@@ -26,8 +26,15 @@ def checkpoint(tiny_checkpoint):
 def run(checkpoint, tmp_path_factory):
     """(run directory, saved parameters of steps 1 and 2)."""
     output = tmp_path_factory.mktemp("trained_run") / "run"
-    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output}",
-                                "prompt.instruction=Which emotion?", "mesh.fsdp=-1"])
+    config = load_config(
+        None,
+        [
+            f"model.checkpoint={checkpoint}",
+            f"run.output_dir={output}",
+            "prompt.instruction=Which emotion?",
+            "mesh.fsdp=-1",
+        ],
+    )
     return output, write_tiny_run(config, (1, 2))
 
 
@@ -59,8 +66,12 @@ def test_bad_sources_are_named_before_anything_loads(run, checkpoint, tmp_path):
         open_source(output, overrides=["mesh.data=3", "mesh.fsdp=1"])
     moved = tmp_path / "moved"
     shutil.copytree(output, moved)
-    (moved / "config.yaml").write_text((moved / "config.yaml").read_text().replace(str(checkpoint), str(tmp_path / "gone")))
-    with pytest.raises(CheckpointError, match=r"config\.yaml: model\.checkpoint .*gone \(the run's base checkpoint\) is missing"):
+    (moved / "config.yaml").write_text(
+        (moved / "config.yaml").read_text().replace(str(checkpoint), str(tmp_path / "gone"))
+    )
+    with pytest.raises(
+        CheckpointError, match=r"config\.yaml: model\.checkpoint .*gone \(the run's base checkpoint\) is missing"
+    ):
         open_source(moved)
 
 

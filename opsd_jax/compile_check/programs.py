@@ -122,7 +122,7 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
                                                         remat=config.model.remat))
     graphdef, state = nnx.split(module)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), state)
-    return graphdef, _abstract(state, param_shardings(state, mesh))
+    return graphdef, _abstract(state, param_shardings(state, mesh, config.mesh.axis_rules()))
 
 
 def abstract_train_state(params: nnx.State, config: Config, mesh: Mesh) -> tuple[opsd_step.TrainState, Any]:
@@ -229,7 +229,7 @@ def abstract_step_batch(student: ThinkerInputs, teacher: ThinkerInputs, config: 
         label_mask=jax.ShapeDtypeStruct((prompts, answer), jnp.bool_),
     )
     stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro_batches,) + x.shape, x.dtype), batch)
-    return _abstract(stacked, opsd_step.step_batch_shardings(stacked, mesh))
+    return _abstract(stacked, opsd_step.step_batch_shardings(stacked, mesh, config.mesh.axis_rules()))
 
 
 def analyse(report: ProgramReport, compiled: jax.stages.Compiled, chip: Chip, *, resident: float = 0.0) -> None:
@@ -320,7 +320,8 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
                                use_audio_in_video=config.data.use_audio_in_video,
                                setting="data.teacher_prompt_length" if config.data.teacher_prompt_length else "data.prompt_length")
     settings = opsd_step.StepSettings(graphdef=graphdef, tx=tx, loss=config.loss, teacher=config.teacher,
-                                      train_encoders=config.train.train_encoders, mesh=mesh)
+                                      train_encoders=config.train.train_encoders, mesh=mesh,
+                                      rules=config.mesh.axis_rules())
     step_fn = opsd_step.make_train_step(settings, state)
 
     def train(micro_batches: int):
@@ -344,7 +345,7 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
                                 if master.dtype != copy.dtype])
     sampling = config.sampling
     inputs = _abstract_inputs(student)
-    inputs = _abstract(inputs, input_shardings(inputs, mesh))
+    inputs = _abstract(inputs, input_shardings(inputs, mesh, rules=config.mesh.axis_rules()))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     reader = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16",

@@ -39,8 +39,9 @@ def _mel_to_hertz(mels: np.ndarray) -> np.ndarray:
     return np.where(log_region, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mels - 15.0)), freq)
 
 
-def mel_filter_bank(*, num_mel_bins: int = NUM_MEL_BINS, n_fft: int = N_FFT,
-                    sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+def mel_filter_bank(
+    *, num_mel_bins: int = NUM_MEL_BINS, n_fft: int = N_FFT, sampling_rate: int = SAMPLING_RATE
+) -> np.ndarray:
     """`[n_fft // 2 + 1, num_mel_bins]` float64 triangular filters, Slaney scale and area normalisation, 0 Hz
     to 8 kHz (Whisper's bank; librosa's `filters.mel(norm="slaney")`)."""
     mel_edges = np.linspace(_hertz_to_mel(np.float64(0.0)), _hertz_to_mel(np.float64(8000.0)), num_mel_bins + 2)
@@ -76,8 +77,13 @@ def log_mel_spectrogram(padded: np.ndarray, filters: np.ndarray) -> np.ndarray:
     return ((log_mel + 4.0) / 4.0).astype(np.float32)
 
 
-def audio_to_inputs(waveforms: np.ndarray | Sequence[np.ndarray], *, sampling_rate: int = SAMPLING_RATE,
-                    max_samples: int = MAX_SAMPLES, truncation: bool = True) -> dict[str, np.ndarray]:
+def audio_to_inputs(
+    waveforms: np.ndarray | Sequence[np.ndarray],
+    *,
+    sampling_rate: int = SAMPLING_RATE,
+    max_samples: int = MAX_SAMPLES,
+    truncation: bool = True,
+) -> dict[str, np.ndarray]:
     """Mono waveforms -> `input_features [B, 128, max_samples // 160]` float32 and
     `feature_attention_mask [B, max_samples // 160]` int32 (1 on the ceil(len / 160) frames that hold audio).
 

@@ -28,7 +28,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -62,16 +62,20 @@ class SpecialTokens:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
         defaults = cls()
-        names = {field.name: getattr(tokenizer, f"{field.name}_token", None) or getattr(defaults, field.name)
-                 for field in dataclasses.fields(cls)}
+        names = {
+            field.name: getattr(tokenizer, f"{field.name}_token", None) or getattr(defaults, field.name)
+            for field in dataclasses.fields(cls)
+        }
         return cls(**names)
 
 
 def _grid(value: Sequence[int], name: str) -> tuple[int, int, int]:
     grid = tuple(int(v) for v in np.asarray(value).reshape(-1))
     if len(grid) != 3 or min(grid) < 1 or grid[1] % SPATIAL_MERGE_SIZE or grid[2] % SPATIAL_MERGE_SIZE:
-        raise ValueError(f"{name} must be (t, h, w) positive with h, w multiples of {SPATIAL_MERGE_SIZE}, "
-                         f"got {tuple(np.asarray(value).reshape(-1).tolist())}")
+        raise ValueError(
+            f"{name} must be (t, h, w) positive with h, w multiples of {SPATIAL_MERGE_SIZE}, "
+            f"got {tuple(np.asarray(value).reshape(-1).tolist())}"
+        )
     return grid
 
 
@@ -114,7 +118,7 @@ class AudioPart:
             raise ValueError(f"AudioPart.feature_length must be >= 1 mel frame, got {self.feature_length}")
 
 
-Part = Union[str, ImagePart, VideoPart, AudioPart]
+Part = str | ImagePart | VideoPart | AudioPart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +135,10 @@ class Message:
             object.__setattr__(self, "content", tuple(self.content))
             for index, part in enumerate(self.content):
                 if not isinstance(part, (str, ImagePart, VideoPart, AudioPart)):
-                    raise TypeError(f"Message.content[{index}] must be str, ImagePart, VideoPart or AudioPart, "
-                                    f"got {type(part).__name__}")
+                    raise TypeError(
+                        f"Message.content[{index}] must be str, ImagePart, VideoPart or AudioPart, "
+                        f"got {type(part).__name__}"
+                    )
 
 
 def vision_token_count(grid_thw: Sequence[int]) -> int:
@@ -162,8 +168,12 @@ def _chunk_sizes(time_ids: np.ndarray, tokens_per_chunk: int) -> list[int]:
     return sizes
 
 
-def audio_in_video_runs(video: VideoPart, *, position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                        seconds_per_chunk: float = SECONDS_PER_CHUNK) -> list[tuple[str, int]]:
+def audio_in_video_runs(
+    video: VideoPart,
+    *,
+    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+    seconds_per_chunk: float = SECONDS_PER_CHUNK,
+) -> list[tuple[str, int]]:
     """The interleaved placeholder runs of a video with its audio: `[("video", n0), ("audio", m0), ...]`.
 
     Video tokens carry the temporal id `k * second_per_grid * 25` of their temporal patch k, audio token i
@@ -189,9 +199,13 @@ def audio_in_video_runs(video: VideoPart, *, position_id_per_seconds: float = PO
     return runs
 
 
-def placeholder_expansion(part: ImagePart | VideoPart | AudioPart, tokens: SpecialTokens = SpecialTokens(), *,
-                          position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                          seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+def placeholder_expansion(
+    part: ImagePart | VideoPart | AudioPart,
+    tokens: SpecialTokens = SpecialTokens(),
+    *,
+    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+    seconds_per_chunk: float = SECONDS_PER_CHUNK,
+) -> str:
     """What replaces a medium's one placeholder token in the template's text (the processor's
     `replace_*_token`): the placeholder once per encoder row; a video with its own audio becomes
     `<|audio_bos|>` + the interleaved runs + `<|audio_eos|>`, inside the template's vision delimiters."""
@@ -202,21 +216,27 @@ def placeholder_expansion(part: ImagePart | VideoPart | AudioPart, tokens: Speci
     if isinstance(part, VideoPart):
         if part.audio_feature_length is None:
             return tokens.video * vision_token_count(part.grid_thw)
-        runs = audio_in_video_runs(part, position_id_per_seconds=position_id_per_seconds,
-                                   seconds_per_chunk=seconds_per_chunk)
+        runs = audio_in_video_runs(
+            part, position_id_per_seconds=position_id_per_seconds, seconds_per_chunk=seconds_per_chunk
+        )
         body = "".join((tokens.video if kind == "video" else tokens.audio) * count for kind, count in runs)
         return tokens.audio_bos + body + tokens.audio_eos
     raise TypeError(f"a media part must be ImagePart, VideoPart or AudioPart, got {type(part).__name__}")
 
 
-def render_part(part: Part, tokens: SpecialTokens = SpecialTokens(), *,
-                position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                seconds_per_chunk: float = SECONDS_PER_CHUNK) -> str:
+def render_part(
+    part: Part,
+    tokens: SpecialTokens = SpecialTokens(),
+    *,
+    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+    seconds_per_chunk: float = SECONDS_PER_CHUNK,
+) -> str:
     """One content part as Qwen2.5-Omni's template renders it (its delimiters), placeholders expanded."""
     if isinstance(part, str):
         return part
-    expansion = placeholder_expansion(part, tokens, position_id_per_seconds=position_id_per_seconds,
-                                      seconds_per_chunk=seconds_per_chunk)
+    expansion = placeholder_expansion(
+        part, tokens, position_id_per_seconds=position_id_per_seconds, seconds_per_chunk=seconds_per_chunk
+    )
     if isinstance(part, AudioPart):
         return tokens.audio_bos + expansion + tokens.audio_eos
     return tokens.vision_bos + expansion + tokens.vision_eos
@@ -233,15 +253,27 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
         else:
-            out.append({"role": message.role, "content": [
-                {"type": "text", "text": part} if isinstance(part, str) else {"type": MEDIA_KINDS[type(part)]}
-                for part in message.content]})
+            out.append(
+                {
+                    "role": message.role,
+                    "content": [
+                        {"type": "text", "text": part} if isinstance(part, str) else {"type": MEDIA_KINDS[type(part)]}
+                        for part in message.content
+                    ],
+                }
+            )
     return out
 
 
-def expand_placeholders(text: str, messages: Sequence[Message], tokens: SpecialTokens = SpecialTokens(), *,
-                        position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                        seconds_per_chunk: float = SECONDS_PER_CHUNK, template_name: str = "the chat template") -> str:
+def expand_placeholders(
+    text: str,
+    messages: Sequence[Message],
+    tokens: SpecialTokens = SpecialTokens(),
+    *,
+    position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+    seconds_per_chunk: float = SECONDS_PER_CHUNK,
+    template_name: str = "the chat template",
+) -> str:
     """`text` (a rendered chat template) with the k-th image / video / audio placeholder replaced by the
     expansion of the conversation's k-th part of that kind, in one pass (as the processor's
     `get_text_with_replacements`). A template that renders another number of placeholders than the
@@ -256,14 +288,19 @@ def expand_placeholders(text: str, messages: Sequence[Message], tokens: SpecialT
     matches = [placeholders[match.group(0)] for match in pattern.finditer(text)]
     for kind, parts in queues.items():
         if matches.count(kind) != len(parts):
-            raise ValueError(f"{template_name} renders {matches.count(kind)} {kind} placeholder(s) for the "
-                             f"conversation's {len(parts)} {kind} part(s); expected one {getattr(tokens, kind)!r} each")
+            raise ValueError(
+                f"{template_name} renders {matches.count(kind)} {kind} placeholder(s) for the "
+                f"conversation's {len(parts)} {kind} part(s); expected one {getattr(tokens, kind)!r} each"
+            )
     remaining = {kind: iter(parts) for kind, parts in queues.items()}
 
     def replace(match: re.Match) -> str:
-        return placeholder_expansion(next(remaining[placeholders[match.group(0)]]), tokens,
-                                     position_id_per_seconds=position_id_per_seconds,
-                                     seconds_per_chunk=seconds_per_chunk)
+        return placeholder_expansion(
+            next(remaining[placeholders[match.group(0)]]),
+            tokens,
+            position_id_per_seconds=position_id_per_seconds,
+            seconds_per_chunk=seconds_per_chunk,
+        )
 
     return pattern.sub(replace, text)
 
@@ -295,11 +332,19 @@ class PromptBuilder:
     """Renders conversations with a checkpoint's chat template and tokenizes them with its tokenizer into
     static batches."""
 
-    def __init__(self, tokenizer: Any, *, position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
-                 seconds_per_chunk: float = SECONDS_PER_CHUNK, source: str = "the tokenizer"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        position_id_per_seconds: float = POSITION_ID_PER_SECONDS,
+        seconds_per_chunk: float = SECONDS_PER_CHUNK,
+        source: str = "the tokenizer",
+    ):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{source} has no chat template (chat_template.jinja, or 'chat_template' in "
-                             f"tokenizer_config.json); copy the base model's")
+            raise ValueError(
+                f"{source} has no chat template (chat_template.jinja, or 'chat_template' in "
+                f"tokenizer_config.json); copy the base model's"
+            )
         self.tokenizer = tokenizer
         self.source = source
         self.tokens = SpecialTokens.from_tokenizer(tokenizer)
@@ -316,25 +361,36 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         check_tokenizer_directory(directory)
-        return cls(AutoTokenizer.from_pretrained(Path(directory), local_files_only=True),
-                   source=f"checkpoint directory {directory}", **kwargs)
+        return cls(
+            AutoTokenizer.from_pretrained(Path(directory), local_files_only=True),
+            source=f"checkpoint directory {directory}",
+            **kwargs,
+        )
 
     def _single_token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"the tokenizer splits the special token {text!r} into {len(ids)} tokens {ids}; "
-                             f"expected one (is it registered as a special token?)")
+            raise ValueError(
+                f"the tokenizer splits the special token {text!r} into {len(ids)} tokens {ids}; "
+                f"expected one (is it registered as a special token?)"
+            )
         return int(ids[0])
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The checkpoint's chat template applied to `messages`, media placeholders expanded."""
         if not messages:
             raise ValueError("render needs at least one message")
-        text = self.tokenizer.apply_chat_template(template_messages(messages), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-        return expand_placeholders(text, messages, self.tokens, position_id_per_seconds=self.position_id_per_seconds,
-                                   seconds_per_chunk=self.seconds_per_chunk,
-                                   template_name=f"the chat template of {self.source}")
+        text = self.tokenizer.apply_chat_template(
+            template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return expand_placeholders(
+            text,
+            messages,
+            self.tokens,
+            position_id_per_seconds=self.position_id_per_seconds,
+            seconds_per_chunk=self.seconds_per_chunk,
+            template_name=f"the chat template of {self.source}",
+        )
 
     def encode(self, texts: Sequence[str], *, length: int | None) -> dict[str, np.ndarray]:
         """Rendered texts -> `input_ids [B, length]` int32 (left-padded with the pad id) and
@@ -353,15 +409,20 @@ class PromptBuilder:
             for name in ("image", "video", "audio"):
                 expected = text.count(getattr(self.tokens, name))
                 if ids.count(self.token_ids[name]) != expected:
-                    raise ValueError(f"prompt {row}: {ids.count(self.token_ids[name])} {name} token ids for "
-                                     f"{expected} placeholders in the text")
+                    raise ValueError(
+                        f"prompt {row}: {ids.count(self.token_ids[name])} {name} token ids for "
+                        f"{expected} placeholders in the text"
+                    )
             if ids:
-                input_ids[row, length - len(ids):] = ids
-                attention_mask[row, length - len(ids):] = 1
+                input_ids[row, length - len(ids) :] = ids
+                attention_mask[row, length - len(ids) :] = 1
         return dict(input_ids=input_ids, attention_mask=attention_mask)
 
-    def __call__(self, conversations: Sequence[Sequence[Message]], *, length: int | None,
-                 add_generation_prompt: bool = True) -> dict[str, np.ndarray]:
+    def __call__(
+        self, conversations: Sequence[Sequence[Message]], *, length: int | None, add_generation_prompt: bool = True
+    ) -> dict[str, np.ndarray]:
         """A batch of conversations -> left-padded `input_ids` / `attention_mask` of `length` columns."""
-        return self.encode([self.render(messages, add_generation_prompt=add_generation_prompt)
-                            for messages in conversations], length=length)
+        return self.encode(
+            [self.render(messages, add_generation_prompt=add_generation_prompt) for messages in conversations],
+            length=length,
+        )

@@ -50,8 +50,12 @@ logger = logging.getLogger(__name__)
 MER_EMOTIONS = ("neutral", "angry", "happy", "sad", "worried", "surprise")
 MELD_EMOTIONS = ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise")
 IEMOCAP_EMOTIONS = ("happy", "sad", "neutral", "anger")
-SUBTITLE_FILES = ("subtitle_chieng.csv", "transcription-engchi-polish.csv", "transcription_merge.csv",
-                  "subtitle_eng.csv")
+SUBTITLE_FILES = (
+    "subtitle_chieng.csv",
+    "transcription-engchi-polish.csv",
+    "transcription_merge.csv",
+    "subtitle_eng.csv",
+)
 SUBTITLE_COLUMNS = {"english": ("english", "sentence"), "chinese": ("chinese",)}
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov")
 
@@ -150,36 +154,55 @@ def _mer_entries(*, semi_label_test: bool) -> Callable[[Path, bool], list[Entry]
         if semi_label_test and (root / "semi-label.csv").is_file():
             # The MER2024 benchmark split: the first half of the labelled MER-SEMI rows (AffectGPT's test1).
             rows = _read_csv(root / "semi-label.csv", ("name", "discrete"))
-            entries = [Entry(row["name"], "test", label=_emotion(row["discrete"], MER_EMOTIONS,
-                                                                 f"{root / 'semi-label.csv'} row {index + 2}"))
-                       for index, row in enumerate(rows[: len(rows) // 2])]
+            entries = [
+                Entry(
+                    row["name"],
+                    "test",
+                    label=_emotion(row["discrete"], MER_EMOTIONS, f"{root / 'semi-label.csv'} row {index + 2}"),
+                )
+                for index, row in enumerate(rows[: len(rows) // 2])
+            ]
         else:
-            entries = _corpus_entries(_require(root, "label-6way.npz"), {"test1_corpus": "test"}, "emo",
-                                      lambda value, where: {"label": _emotion(value, MER_EMOTIONS, where)})
+            entries = _corpus_entries(
+                _require(root, "label-6way.npz"),
+                {"test1_corpus": "test"},
+                "emo",
+                lambda value, where: {"label": _emotion(value, MER_EMOTIONS, where)},
+            )
         if include_train:
             if (root / "label-6way.npz").is_file():
-                entries += _corpus_entries(root / "label-6way.npz", {"train_corpus": "train"}, "emo",
-                                           lambda value, where: {"label": _emotion(value, MER_EMOTIONS, where)})
+                entries += _corpus_entries(
+                    root / "label-6way.npz",
+                    {"train_corpus": "train"},
+                    "emo",
+                    lambda value, where: {"label": _emotion(value, MER_EMOTIONS, where)},
+                )
             else:
                 path = _require(root, "label-disdim.csv")
-                entries += [Entry(row["name"], "train", label=_emotion(row["discrete"], MER_EMOTIONS,
-                                                                       f"{path} row {index + 2}"))
-                            for index, row in enumerate(_read_csv(path, ("name", "discrete")))]
+                entries += [
+                    Entry(
+                        row["name"], "train", label=_emotion(row["discrete"], MER_EMOTIONS, f"{path} row {index + 2}")
+                    )
+                    for index, row in enumerate(_read_csv(path, ("name", "discrete")))
+                ]
         return entries
 
     return read
 
 
-MELD_CSV_SPLITS = {"test": ("test_sent_emo.csv", "output_repeated_splits_test"),
-                   "train": ("train_sent_emo.csv", "train_splits"),
-                   "dev": ("dev_sent_emo.csv", "dev_splits_complete")}
+MELD_CSV_SPLITS = {
+    "test": ("test_sent_emo.csv", "output_repeated_splits_test"),
+    "train": ("train_sent_emo.csv", "train_splits"),
+    "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
+}
 
 
 def _meld_entries(root: Path, include_train: bool) -> list[Entry]:
     if (root / "label.npz").is_file():
         splits = {"test_corpus": "test"} | ({"train_corpus": "train", "val_corpus": "dev"} if include_train else {})
-        return _corpus_entries(root / "label.npz", splits, "emo",
-                               lambda value, where: {"label": _emotion(value, MELD_EMOTIONS, where)})
+        return _corpus_entries(
+            root / "label.npz", splits, "emo", lambda value, where: {"label": _emotion(value, MELD_EMOTIONS, where)}
+        )
     if not (root / "test_sent_emo.csv").is_file():
         raise ConversionError(f"{root}: found neither label.npz nor test_sent_emo.csv (MELD)")
     entries = []
@@ -189,9 +212,16 @@ def _meld_entries(root: Path, include_train: bool) -> list[Entry]:
         path = _require(root, file_name)
         for index, row in enumerate(_read_csv(path, ("Dialogue_ID", "Utterance_ID", "Emotion", "Utterance"))):
             name = f"dia{row['Dialogue_ID'].strip()}_utt{row['Utterance_ID'].strip()}"
-            entries.append(Entry(name if split == "test" else f"{split}_{name}", split, name=name,
-                                 label=_emotion(row["Emotion"], MELD_EMOTIONS, f"{path} row {index + 2}"),
-                                 text=row["Utterance"], video_dirs=(video_dir, "subvideo")))
+            entries.append(
+                Entry(
+                    name if split == "test" else f"{split}_{name}",
+                    split,
+                    name=name,
+                    label=_emotion(row["Emotion"], MELD_EMOTIONS, f"{path} row {index + 2}"),
+                    text=row["Utterance"],
+                    video_dirs=(video_dir, "subvideo"),
+                )
+            )
     return entries
 
 
@@ -220,20 +250,29 @@ def _sentiment_entries(label_csv: str) -> Callable[[Path, bool], list[Entry]]:
             for index, row in enumerate(_read_csv(path, ("video_id", "clip_id", "text", "label", "mode"))):
                 mode = row["mode"].strip().lower()
                 if mode not in MMSA_SPLITS:
-                    raise ConversionError(f"{path} row {index + 2}: mode {row['mode']!r} is not one of "
-                                          f"{', '.join(MMSA_SPLITS)}")
+                    raise ConversionError(
+                        f"{path} row {index + 2}: mode {row['mode']!r} is not one of {', '.join(MMSA_SPLITS)}"
+                    )
                 if mode != "test" and not include_train:
                     continue
                 video_id, clip_id = row["video_id"].strip(), row["clip_id"].strip()
-                entries.append(Entry(f"{video_id}_{clip_id}", MMSA_SPLITS[mode], text=row["text"],
-                                     sentiment=_sentiment(row["label"], f"{path} row {index + 2}"),
-                                     name=clip_id, video_dirs=(f"Raw/{video_id}",)))
+                entries.append(
+                    Entry(
+                        f"{video_id}_{clip_id}",
+                        MMSA_SPLITS[mode],
+                        text=row["text"],
+                        sentiment=_sentiment(row["label"], f"{path} row {index + 2}"),
+                        name=clip_id,
+                        video_dirs=(f"Raw/{video_id}",),
+                    )
+                )
             return entries
         if not (root / "label.npz").is_file():
             raise ConversionError(f"{root}: found neither {label_csv} nor label.npz")
         splits = {"test_corpus": "test"} | ({"train_corpus": "train", "val_corpus": "dev"} if include_train else {})
-        return _corpus_entries(root / "label.npz", splits, "val",
-                               lambda value, where: {"sentiment": _sentiment(value, where)})
+        return _corpus_entries(
+            root / "label.npz", splits, "val", lambda value, where: {"sentiment": _sentiment(value, where)}
+        )
 
     return read
 
@@ -251,8 +290,9 @@ def parse_openset(text: str) -> tuple[str, ...]:
 
 def _ovmerd_entries(root: Path, include_train: bool) -> list[Entry]:
     path = _require(root, "ovlabel.csv")
-    return [Entry(row["name"], "test", labels=parse_openset(row["openset"]))
-            for row in _read_csv(path, ("name", "openset"))]
+    return [
+        Entry(row["name"], "test", labels=parse_openset(row["openset"])) for row in _read_csv(path, ("name", "openset"))
+    ]
 
 
 def _require(root: Path, file_name: str) -> Path:
@@ -264,20 +304,39 @@ def _require(root: Path, file_name: str) -> Path:
 
 LAYOUTS: dict[str, Layout] = {
     "mer2023": Layout("basic", _mer_entries(semi_label_test=False), ("video",), ("audio",), classes=MER_EMOTIONS),
-    "mer2024": Layout("basic", _mer_entries(semi_label_test=True), ("video", "video-unlabeled", "video-labeled"),
-                      ("audio",), classes=MER_EMOTIONS),
-    "meld": Layout("basic", _meld_entries, ("subvideo", "output_repeated_splits_test"), ("subaudio", "audio"),
-                   classes=MELD_EMOTIONS),
-    "iemocapfour": Layout("basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio"),
-                          classes=IEMOCAP_EMOTIONS),
-    "cmumosi": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo", "video"), ("subaudio", "audio"),
-                      (-3.0, 3.0)),
-    "cmumosei": Layout("sentiment", _sentiment_entries("label.csv"), ("subvideo_new", "subvideo", "video"),
-                       ("subaudio", "audio"), (-3.0, 3.0)),
-    "sims": Layout("sentiment", _sentiment_entries("label.csv"), ("video", "subvideo"), ("audio", "subaudio"),
-                   (-1.0, 1.0)),
-    "simsv2": Layout("sentiment", _sentiment_entries("meta.csv"), ("video_new", "video"), ("audio", "subaudio"),
-                     (-1.0, 1.0)),
+    "mer2024": Layout(
+        "basic",
+        _mer_entries(semi_label_test=True),
+        ("video", "video-unlabeled", "video-labeled"),
+        ("audio",),
+        classes=MER_EMOTIONS,
+    ),
+    "meld": Layout(
+        "basic",
+        _meld_entries,
+        ("subvideo", "output_repeated_splits_test"),
+        ("subaudio", "audio"),
+        classes=MELD_EMOTIONS,
+    ),
+    "iemocapfour": Layout(
+        "basic", _iemocap_entries, ("subvideo-tgt", "subvideo"), ("subaudio", "audio"), classes=IEMOCAP_EMOTIONS
+    ),
+    "cmumosi": Layout(
+        "sentiment", _sentiment_entries("label.csv"), ("subvideo", "video"), ("subaudio", "audio"), (-3.0, 3.0)
+    ),
+    "cmumosei": Layout(
+        "sentiment",
+        _sentiment_entries("label.csv"),
+        ("subvideo_new", "subvideo", "video"),
+        ("subaudio", "audio"),
+        (-3.0, 3.0),
+    ),
+    "sims": Layout(
+        "sentiment", _sentiment_entries("label.csv"), ("video", "subvideo"), ("audio", "subaudio"), (-1.0, 1.0)
+    ),
+    "simsv2": Layout(
+        "sentiment", _sentiment_entries("meta.csv"), ("video_new", "video"), ("audio", "subaudio"), (-1.0, 1.0)
+    ),
     "ovmerdplus": Layout("fine_grained", _ovmerd_entries, ("video",), ("audio",)),
 }
 DATASETS = tuple(LAYOUTS)
@@ -294,8 +353,10 @@ def read_subtitles(path: Path, language: str = "english") -> dict[str, str]:
     columns = rows[0].keys() if rows else ()
     column = next((name for name in SUBTITLE_COLUMNS[language] if name in columns), None)
     if rows and column is None:
-        raise ConversionError(f"{path}: no {language} column (expected one of "
-                              f"{', '.join(SUBTITLE_COLUMNS[language])}); found {', '.join(columns)}")
+        raise ConversionError(
+            f"{path}: no {language} column (expected one of "
+            f"{', '.join(SUBTITLE_COLUMNS[language])}); found {', '.join(columns)}"
+        )
     # Empty cells (pandas' NaN in AffectGPT) are empty subtitles.
     return {row["name"]: (row[column] or "").strip() for row in rows}
 
@@ -309,9 +370,16 @@ def _find_media(root: Path, folders: Sequence[str], stem: str, extensions: Seque
     return None
 
 
-def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, language: str = "english",
-            subtitle_file: str | Path | None = None, splits: Sequence[str] | None = ("test",),
-            missing_media: str = "error") -> list[Clip]:
+def convert(
+    dataset_name: str,
+    root: str | Path,
+    out_manifest: str | Path,
+    *,
+    language: str = "english",
+    subtitle_file: str | Path | None = None,
+    splits: Sequence[str] | None = ("test",),
+    missing_media: str = "error",
+) -> list[Clip]:
     """Writes the manifest of `splits` (None: all) of one MER-UniBench dataset folder and returns its clips
     (see the module doc). A split the dataset does not have is an error naming the ones it has."""
     name = dataset_name.strip().lower()
@@ -346,15 +414,29 @@ def convert(dataset_name: str, root: str | Path, out_manifest: str | Path, *, la
             missing.append(f"{entry.id} (searched {', '.join(str(root / folder) for folder in folders)})")
             continue
         if layout.sentiment_range and not layout.sentiment_range[0] <= entry.sentiment <= layout.sentiment_range[1]:
-            raise ConversionError(f"{name} clip {entry.id!r}: sentiment {entry.sentiment} outside "
-                                  f"{list(layout.sentiment_range)} (is the label column right?)")
-        clips.append(Clip(
-            id=entry.id, video=video, task=layout.task, audio=_find_media(root, layout.audio_dirs, stem, (".wav",)),
-            subtitle=subtitles.get(entry.id, entry.text or "").strip(), label=entry.label,
-            labels=entry.labels, sentiment=entry.sentiment, dataset=name, split=entry.split))
+            raise ConversionError(
+                f"{name} clip {entry.id!r}: sentiment {entry.sentiment} outside "
+                f"{list(layout.sentiment_range)} (is the label column right?)"
+            )
+        clips.append(
+            Clip(
+                id=entry.id,
+                video=video,
+                task=layout.task,
+                audio=_find_media(root, layout.audio_dirs, stem, (".wav",)),
+                subtitle=subtitles.get(entry.id, entry.text or "").strip(),
+                label=entry.label,
+                labels=entry.labels,
+                sentiment=entry.sentiment,
+                dataset=name,
+                split=entry.split,
+            )
+        )
     if missing and missing_media == "error":
-        raise ConversionError(f"{name}: {len(missing)} clip(s) have no video file, e.g. {missing[0]}; pass "
-                              f"missing_media='skip' to leave them out")
+        raise ConversionError(
+            f"{name}: {len(missing)} clip(s) have no video file, e.g. {missing[0]}; pass "
+            f"missing_media='skip' to leave them out"
+        )
     if missing:
         logger.warning("%s: left out %d clip(s) without a video file, e.g. %s", name, len(missing), missing[0])
     write_manifest(out_manifest, clips)

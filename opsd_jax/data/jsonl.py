@@ -39,5 +39,7 @@ def decode_utf8(data: bytes, path: str | Path, error: type[Exception] = ValueErr
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                    "save the file as UTF-8") from None
+        raise error(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -132,8 +131,10 @@ def check_labels(task: str, label: str | None, labels, sentiment) -> tuple[tuple
     needed = {"basic": "label", "fine_grained": "labels", "sentiment": "sentiment"}[task]
     value = {"label": label, "labels": labels, "sentiment": sentiment}[needed]
     if value is None or (needed == "labels" and not value):
-        raise ManifestError(f"field '{needed}': missing; task '{task}' needs a {needed} "
-                            f"({'non-empty list' if needed == 'labels' else 'value'})")
+        raise ManifestError(
+            f"field '{needed}': missing; task '{task}' needs a {needed} "
+            f"({'non-empty list' if needed == 'labels' else 'value'})"
+        )
     return labels, sentiment
 
 
@@ -197,8 +198,9 @@ def scan_manifest(path: str | Path) -> tuple[list[Clip], list[tuple[int, str | N
             problems.append((number, record_id, str(error)))
             continue
         if clip.id in first_line:
-            problems.append((number, clip.id, f"field 'id': duplicate id {clip.id!r} (first on line "
-                                              f"{first_line[clip.id]})"))
+            problems.append(
+                (number, clip.id, f"field 'id': duplicate id {clip.id!r} (first on line {first_line[clip.id]})")
+            )
             continue
         first_line[clip.id] = number
         clips.append(clip.resolved(path.parent))

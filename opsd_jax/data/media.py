@@ -119,10 +119,20 @@ def _decode_frames(path: Path, record_id: str, indices: np.ndarray) -> tuple[dic
     return kept, decoded
 
 
-def read_video(path: str | Path, *, record_id: str = "", fps: float = FPS, min_frames: int = FPS_MIN_FRAMES,
-               max_frames: int | None = None, nframes: int | None = None, num_frames: int | None = None,
-               size: tuple[int, int] | None = None, min_pixels: int = VIDEO_MIN_PIXELS,
-               max_pixels: int | None = None, total_pixels: int = VIDEO_TOTAL_PIXELS) -> DecodedVideo:
+def read_video(
+    path: str | Path,
+    *,
+    record_id: str = "",
+    fps: float = FPS,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int | None = None,
+    nframes: int | None = None,
+    num_frames: int | None = None,
+    size: tuple[int, int] | None = None,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int | None = None,
+    total_pixels: int = VIDEO_TOTAL_PIXELS,
+) -> DecodedVideo:
     """Sampled, resized RGB frames of a video file.
 
     Frame count: `num_frames` exactly when given (short videos repeat frames: every clip gets the same
@@ -141,8 +151,13 @@ def read_video(path: str | Path, *, record_id: str = "", fps: float = FPS, min_f
         raise _error(path, record_id, "the video stream has no frame rate")
     for _ in range(2):  # a second pass only when the decoder disagrees with the packet count
         try:
-            count = int(num_frames) if num_frames is not None else smart_nframes(
-                total, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes)
+            count = (
+                int(num_frames)
+                if num_frames is not None
+                else smart_nframes(
+                    total, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
+                )
+            )
         except ValueError as error:
             raise _error(path, record_id, str(error)) from None
         indices = sample_frame_indices(total, count)
@@ -156,11 +171,16 @@ def read_video(path: str | Path, *, record_id: str = "", fps: float = FPS, min_f
         raise _error(path, record_id, "the decoder yields a different frame count on every pass")
     frames = np.stack([kept[int(index)] for index in indices])
     if size is None:
-        size = video_frame_size(frames.shape[1], frames.shape[2], count, min_pixels=min_pixels, max_pixels=max_pixels,
-                                total_pixels=total_pixels)
+        size = video_frame_size(
+            frames.shape[1],
+            frames.shape[2],
+            count,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            total_pixels=total_pixels,
+        )
     frames = resize_frames(frames, int(size[0]), int(size[1]))
-    return DecodedVideo(frames=frames, sample_fps=count / total * video_fps, video_fps=video_fps,
-                        total_frames=total)
+    return DecodedVideo(frames=frames, sample_fps=count / total * video_fps, video_fps=video_fps, total_frames=total)
 
 
 def read_audio(path: str | Path, *, record_id: str = "", sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -185,8 +205,14 @@ def read_audio(path: str | Path, *, record_id: str = "", sampling_rate: int = SA
     return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
 
 
-def load_clip_media(clip: Clip, *, on_error: str = "raise", skipped: SkipCounter | None = None,
-                    sampling_rate: int = SAMPLING_RATE, **video_options) -> ClipMedia | None:
+def load_clip_media(
+    clip: Clip,
+    *,
+    on_error: str = "raise",
+    skipped: SkipCounter | None = None,
+    sampling_rate: int = SAMPLING_RATE,
+    **video_options,
+) -> ClipMedia | None:
     """A clip's frames (`read_video(**video_options)`) and audio (its `audio` file, else the video's track).
 
     `on_error="skip"` returns None for an unreadable clip and records it in `skipped`.
@@ -195,8 +221,9 @@ def load_clip_media(clip: Clip, *, on_error: str = "raise", skipped: SkipCounter
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     try:
         video = read_video(clip.video, record_id=clip.id, **video_options)
-        audio = read_audio(clip.video if clip.audio is None else clip.audio, record_id=clip.id,
-                           sampling_rate=sampling_rate)
+        audio = read_audio(
+            clip.video if clip.audio is None else clip.audio, record_id=clip.id, sampling_rate=sampling_rate
+        )
     except MediaError as error:
         if on_error == "raise":
             raise
@@ -220,17 +247,26 @@ def _encode_audio(container, stream, audio: np.ndarray, sampling_rate: int) -> N
     layout = "mono" if audio.shape[0] == 1 else "stereo"
     chunk = 1024
     for start in range(0, audio.shape[1], chunk):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start:start + chunk]), format="fltp",
-                                           layout=layout)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(audio[:, start : start + chunk]), format="fltp", layout=layout
+        )
         frame.sample_rate = sampling_rate
         frame.pts = start
         container.mux(stream.encode(frame))
     container.mux(stream.encode(None))
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int, *, audio: np.ndarray | None = None,
-                sampling_rate: int = SAMPLING_RATE, codec: str = "mpeg4", bit_rate: int = 4_000_000,
-                audio_codec: str = "aac") -> Path:
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    *,
+    audio: np.ndarray | None = None,
+    sampling_rate: int = SAMPLING_RATE,
+    codec: str = "mpeg4",
+    bit_rate: int = 4_000_000,
+    audio_codec: str = "aac",
+) -> Path:
     """Encodes RGB frames `[T, H, W, 3]` uint8 (even H and W) at `fps`, with an optional audio track
     (`[samples]` or `[channels, samples]` float32 in [-1, 1]), into `path` (the container from its suffix).
     The default bit rate keeps small test frames within a few grey levels of the input."""

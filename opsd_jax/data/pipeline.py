@@ -31,8 +31,13 @@ from opsd_jax.data.vision_inputs import video_to_inputs
 Example = Mapping[str, Any]
 Preprocess = Callable[[Example], dict[str, Any]]
 TEXT_FIELDS = ("id", "subtitle", "task", "label", "dataset", "rationale")
-MODEL_INPUTS = ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "input_features",
-                "feature_attention_mask")
+MODEL_INPUTS = (
+    "pixel_values_videos",
+    "video_grid_thw",
+    "video_second_per_grid",
+    "input_features",
+    "feature_attention_mask",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,23 +147,30 @@ def make_dataset(source, config: PipelineConfig, preprocess: Preprocess | None =
     shard_index, shard_count = config.shard()
     shard_size = size // shard_count  # equal shards, so every process yields the same number of batches
     if shard_size < config.batch_size:
-        raise ValueError(f"a shard of {shard_size} examples ({size} examples over {shard_count} processes) cannot "
-                         f"fill one batch of batch_size={config.batch_size}")
-    dataset = dataset[shard_index: shard_size * shard_count: shard_count]
+        raise ValueError(
+            f"a shard of {shard_size} examples ({size} examples over {shard_count} processes) cannot "
+            f"fill one batch of batch_size={config.batch_size}"
+        )
+    dataset = dataset[shard_index : shard_size * shard_count : shard_count]
     dataset = dataset.repeat(config.num_epochs)
     dataset = dataset.map(preprocess or ProcessorInputs())
     dataset = dataset.batch(config.batch_size, drop_remainder=True)
-    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                                       prefetch_buffer_size=config.read_buffer_size))
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
+    )
     if config.worker_count:
         _allow_grain_workers_without_absl_app()
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
-                                                                 per_worker_buffer_size=config.worker_buffer_size))
+        stream = stream.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
+            )
+        )
     return stream
 
 
-def make_iterator(source, config: PipelineConfig, *, mesh=None,
-                  preprocess: Preprocess | None = None) -> grain.DatasetIterator:
+def make_iterator(
+    source, config: PipelineConfig, *, mesh=None, preprocess: Preprocess | None = None
+) -> grain.DatasetIterator:
     """An iterator of batches, on `mesh` when given; checkpoint it with `get_state()` / `set_state()`."""
     stream = make_dataset(source, config, preprocess)
     if mesh is not None:

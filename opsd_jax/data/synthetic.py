@@ -47,22 +47,57 @@ from opsd_jax.data.manifest import Clip, write_manifest
 from opsd_jax.data.media import write_video
 
 EMOTIONS = ("happy", "sad", "angry", "neutral")
-EMOTION_OF = {("positive", "high"): "happy", ("positive", "low"): "neutral",
-              ("negative", "high"): "angry", ("negative", "low"): "sad"}
+EMOTION_OF = {
+    ("positive", "high"): "happy",
+    ("positive", "low"): "neutral",
+    ("negative", "high"): "angry",
+    ("negative", "low"): "sad",
+}
 VALENCE_AROUSAL = {emotion: cues for cues, emotion in EMOTION_OF.items()}
 DATASET = "synthetic_affect"
 TASK = "basic"
 
 PHRASES = {
-    "happy": ("what a great day", "I can't stop smiling", "this is wonderful news", "we actually won",
-              "I love this so much", "best surprise ever", "everything worked out", "that made my week"),
-    "sad": ("I miss her so much", "nothing went right today", "I wish it were different", "it's over now",
-            "I feel so alone", "we lost everything", "he never came back", "I couldn't save it"),
-    "angry": ("how dare you do this", "get out of my way", "I told you a hundred times", "this is completely unfair",
-              "stop lying to me", "you ruined everything", "I've had enough of this", "don't you touch that"),
-    "neutral": ("the meeting starts at nine", "I'll take the bus home", "it's on the second shelf",
-                "we need more paper", "the report is on your desk", "turn left at the corner", "dinner is at seven",
-                "the train was on time"),
+    "happy": (
+        "what a great day",
+        "I can't stop smiling",
+        "this is wonderful news",
+        "we actually won",
+        "I love this so much",
+        "best surprise ever",
+        "everything worked out",
+        "that made my week",
+    ),
+    "sad": (
+        "I miss her so much",
+        "nothing went right today",
+        "I wish it were different",
+        "it's over now",
+        "I feel so alone",
+        "we lost everything",
+        "he never came back",
+        "I couldn't save it",
+    ),
+    "angry": (
+        "how dare you do this",
+        "get out of my way",
+        "I told you a hundred times",
+        "this is completely unfair",
+        "stop lying to me",
+        "you ruined everything",
+        "I've had enough of this",
+        "don't you touch that",
+    ),
+    "neutral": (
+        "the meeting starts at nine",
+        "I'll take the bus home",
+        "it's on the second shelf",
+        "we need more paper",
+        "the report is on your desk",
+        "turn left at the corner",
+        "dinner is at seven",
+        "the train was on time",
+    ),
 }
 _EMOTION_OF_PHRASE = {phrase: emotion for emotion, phrases in PHRASES.items() for phrase in phrases}
 
@@ -115,9 +150,15 @@ class Cues:
         return voice_arousal(self.pitch_hz)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mouth_curve": round(self.mouth_curve, 6), "brow_slant": round(self.brow_slant, 6),
-                "pitch_hz": round(self.pitch_hz, 4), "loudness": round(self.loudness, 6),
-                "words_emotion": self.words_emotion, "valence": self.valence, "arousal": self.arousal}
+        return {
+            "mouth_curve": round(self.mouth_curve, 6),
+            "brow_slant": round(self.brow_slant, 6),
+            "pitch_hz": round(self.pitch_hz, 4),
+            "loudness": round(self.loudness, 6),
+            "words_emotion": self.words_emotion,
+            "valence": self.valence,
+            "arousal": self.arousal,
+        }
 
 
 def face_valence(mouth_curve: float) -> str:
@@ -146,31 +187,37 @@ def _check_emotion(label: str) -> str:
     return label
 
 
-def sample_cues(rng: np.random.Generator, label: str, *,
-                agree_probability: float = AGREE_PROBABILITY) -> tuple[Cues, str]:
+def sample_cues(
+    rng: np.random.Generator, label: str, *, agree_probability: float = AGREE_PROBABILITY
+) -> tuple[Cues, str]:
     """(cues, subtitle) of a clip of emotion `label`."""
     valence, arousal = VALENCE_AROUSAL[_check_emotion(label)]
     if not 0.0 <= agree_probability <= 1.0:
         raise ValueError(f"agree_probability: expected a probability in [0, 1], got {agree_probability}")
     said = label if rng.random() < agree_probability else str(rng.choice([e for e in EMOTIONS if e != label]))
     subtitle = str(rng.choice(PHRASES[said]))
-    cues = Cues(mouth_curve=float(rng.uniform(*MOUTH_CURVE[valence])),
-                brow_slant=float(rng.uniform(*BROW_SLANT[valence])),
-                pitch_hz=float(rng.uniform(*PITCH_HZ[arousal])),
-                loudness=float(rng.uniform(*LOUDNESS[arousal])), words_emotion=said)
+    cues = Cues(
+        mouth_curve=float(rng.uniform(*MOUTH_CURVE[valence])),
+        brow_slant=float(rng.uniform(*BROW_SLANT[valence])),
+        pitch_hz=float(rng.uniform(*PITCH_HZ[arousal])),
+        loudness=float(rng.uniform(*LOUDNESS[arousal])),
+        words_emotion=said,
+    )
     return cues, subtitle
 
 
 # ----- the face --------------------------------------------------------------------------------------------
 
 
-def render_face(cues: Cues, rng: np.random.Generator, *, num_frames: int = NUM_FRAMES, height: int = SIZE,
-                width: int = SIZE) -> np.ndarray:
+def render_face(
+    cues: Cues, rng: np.random.Generator, *, num_frames: int = NUM_FRAMES, height: int = SIZE, width: int = SIZE
+) -> np.ndarray:
     """`[num_frames, height, width, 3]` uint8 frames of a face showing `cues` (mouth curvature, brow slant);
     colours, a one-pixel head jitter and the speaking mouth's opening vary at random."""
     if num_frames < 1 or height < SIZE or width < SIZE:
-        raise ValueError(f"num_frames, height, width: expected >= 1, >= {SIZE}, >= {SIZE}, got {num_frames}, "
-                         f"{height}, {width}")
+        raise ValueError(
+            f"num_frames, height, width: expected >= 1, >= {SIZE}, >= {SIZE}, got {num_frames}, {height}, {width}"
+        )
     background = rng.uniform(150, 230, 3)
     skin = np.array([rng.uniform(200, 240), rng.uniform(160, 200), rng.uniform(130, 170)])
     offsets = rng.integers(-1, 2, (num_frames, 2))  # head jitter, pixels (rows, columns)
@@ -183,8 +230,10 @@ def render_face(cues: Cues, rng: np.random.Generator, *, num_frames: int = NUM_F
         y = rows - offsets[t, 0]
         x = columns - offsets[t, 1]
         image = np.broadcast_to(background, (height, width, 3)).copy()
-        face = (((y - _FACE_CENTER[0] * height) / (_FACE_RADII[0] * height)) ** 2
-                + ((x - _FACE_CENTER[1] * width) / (_FACE_RADII[1] * width)) ** 2) <= 1.0
+        face = (
+            ((y - _FACE_CENTER[0] * height) / (_FACE_RADII[0] * height)) ** 2
+            + ((x - _FACE_CENTER[1] * width) / (_FACE_RADII[1] * width)) ** 2
+        ) <= 1.0
         image[face] = skin
         features = np.zeros((height, width), bool)
         for side, center in zip((1.0, -1.0), _BROW_COLUMNS):  # the inner end (towards the nose) drops by slant
@@ -233,8 +282,10 @@ def read_face(frames: np.ndarray) -> tuple[float, float]:
     mouth_rows = slice(*(int(round(f * height)) for f in _MOUTH_REGION))
     mouth_columns = slice(*(int(round((0.5 + s * 1.2 * _MOUTH_HALF_WIDTH) * width)) for s in (-1, 1)))
     brow_rows = slice(*(int(round(f * height)) for f in _BROW_REGION))
-    brow_columns = [slice(*(int(round((center + s * 1.2 * _BROW_HALF_LENGTH) * width)) for s in (-1, 1)))
-                    for center in _BROW_COLUMNS]
+    brow_columns = [
+        slice(*(int(round((center + s * 1.2 * _BROW_HALF_LENGTH) * width)) for s in (-1, 1)))
+        for center in _BROW_COLUMNS
+    ]
     curves, slants = [], []
     for image in dark:
         # The upper lip's top edge: the speaking mouth's opening moves only the lower lip.
@@ -252,16 +303,18 @@ def read_face(frames: np.ndarray) -> tuple[float, float]:
         if len(sides) == 2:
             slants.append(float(np.mean(sides)))
     if not curves or not slants:
-        raise ValueError(f"frames: no drawn face found (mouth in {len(curves)}, brows in {len(slants)} of "
-                         f"{len(frames)} frames)")
+        raise ValueError(
+            f"frames: no drawn face found (mouth in {len(curves)}, brows in {len(slants)} of {len(frames)} frames)"
+        )
     return float(np.median(curves)), float(np.median(slants))
 
 
 # ----- the voice -------------------------------------------------------------------------------------------
 
 
-def synthesize_voice(cues: Cues, rng: np.random.Generator, *, seconds: float,
-                     sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+def synthesize_voice(
+    cues: Cues, rng: np.random.Generator, *, seconds: float, sampling_rate: int = SAMPLING_RATE
+) -> np.ndarray:
     """`[round(seconds * sampling_rate)]` float32: hummed syllables at `cues.pitch_hz` (each within +-3 %),
     peaking near `cues.loudness`, with a faint noise floor."""
     samples = int(round(seconds * sampling_rate))
@@ -307,17 +360,32 @@ def read_cues(frames: np.ndarray, audio: np.ndarray, sampling_rate: int = SAMPLI
     mouth_curve, brow_slant = read_face(frames)
     pitch_hz, loudness = read_voice(audio, sampling_rate)
     valence, arousal = face_valence(mouth_curve), voice_arousal(pitch_hz)
-    return {"mouth_curve": mouth_curve, "brow_slant": brow_slant, "pitch_hz": pitch_hz, "loudness": loudness,
-            "valence": valence, "arousal": arousal, "emotion": emotion_of(valence, arousal),
-            "brows_agree": (brow_slant > BROW_THRESHOLD) == (valence == "negative"),
-            "loudness_agrees": (loudness > LOUDNESS_THRESHOLD) == (arousal == "high")}
+    return {
+        "mouth_curve": mouth_curve,
+        "brow_slant": brow_slant,
+        "pitch_hz": pitch_hz,
+        "loudness": loudness,
+        "valence": valence,
+        "arousal": arousal,
+        "emotion": emotion_of(valence, arousal),
+        "brows_agree": (brow_slant > BROW_THRESHOLD) == (valence == "negative"),
+        "loudness_agrees": (loudness > LOUDNESS_THRESHOLD) == (arousal == "high"),
+    }
 
 
 # ----- clips -----------------------------------------------------------------------------------------------
 
 
-def make_clip(rng: np.random.Generator, label: str, *, num_frames: int = NUM_FRAMES, height: int = SIZE,
-              width: int = SIZE, fps: int = FPS, agree_probability: float = AGREE_PROBABILITY) -> dict[str, Any]:
+def make_clip(
+    rng: np.random.Generator,
+    label: str,
+    *,
+    num_frames: int = NUM_FRAMES,
+    height: int = SIZE,
+    width: int = SIZE,
+    fps: int = FPS,
+    agree_probability: float = AGREE_PROBABILITY,
+) -> dict[str, Any]:
     """One clip of emotion `label`: `frames [num_frames, height, width, 3]` uint8, `audio [num_frames / fps *
     16000]` float32, `fps`, `subtitle`, `label` and the `cues` (a `Cues`) that produced them."""
     if fps < 1:
@@ -358,17 +426,41 @@ class SyntheticExamples:
         if split not in self.sizes:
             raise ValueError(f"split {split!r}: SyntheticExamples has sizes only for {', '.join(self.sizes)}")
         for index in range(self.sizes[split]):
-            clip = clip_at(config.seed, split, index, num_frames=config.num_frames, height=config.height,
-                           width=config.width, fps=self.fps, agree_probability=self.agree_probability)
-            yield dict(id=clip["id"], frames=clip["frames"], sample_fps=float(self.fps), audio=clip["audio"],
-                       task=TASK, subtitle=clip["subtitle"], label=clip["label"], dataset=DATASET,
-                       rationale=self.rationales.get(clip["id"]))
+            clip = clip_at(
+                config.seed,
+                split,
+                index,
+                num_frames=config.num_frames,
+                height=config.height,
+                width=config.width,
+                fps=self.fps,
+                agree_probability=self.agree_probability,
+            )
+            yield dict(
+                id=clip["id"],
+                frames=clip["frames"],
+                sample_fps=float(self.fps),
+                audio=clip["audio"],
+                task=TASK,
+                subtitle=clip["subtitle"],
+                label=clip["label"],
+                dataset=DATASET,
+                rationale=self.rationales.get(clip["id"]),
+            )
 
 
-def write_synthetic_manifest(directory: str | Path, n_train: int, n_test: int, seed: int = 0, *,
-                             num_frames: int = NUM_FRAMES, size: int = SIZE, fps: int = FPS,
-                             agree_probability: float = AGREE_PROBABILITY,
-                             test_agree_probability: float | None = None) -> Path:
+def write_synthetic_manifest(
+    directory: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    *,
+    num_frames: int = NUM_FRAMES,
+    size: int = SIZE,
+    fps: int = FPS,
+    agree_probability: float = AGREE_PROBABILITY,
+    test_agree_probability: float | None = None,
+) -> Path:
     """Writes `directory/video/<id>.mp4` (frames plus an AAC audio track), `directory/manifest.jsonl`
     (splits `train` and `test`) and `directory/cues.jsonl` (per clip: id, split, label, subtitle and the
     `Cues`); returns the manifest's path. `test_agree_probability` (default: `agree_probability`) lets the
@@ -378,17 +470,45 @@ def write_synthetic_manifest(directory: str | Path, n_train: int, n_test: int, s
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
     directory = Path(directory)
-    agree = {"train": agree_probability,
-             "test": agree_probability if test_agree_probability is None else test_agree_probability}
+    agree = {
+        "train": agree_probability,
+        "test": agree_probability if test_agree_probability is None else test_agree_probability,
+    }
     clips, cue_lines = [], []
     for split, count in (("train", n_train), ("test", n_test)):
         for index in range(count):
-            clip = clip_at(seed, split, index, num_frames=num_frames, height=size, width=size, fps=fps,
-                           agree_probability=agree[split])
+            clip = clip_at(
+                seed,
+                split,
+                index,
+                num_frames=num_frames,
+                height=size,
+                width=size,
+                fps=fps,
+                agree_probability=agree[split],
+            )
             video = write_video(directory / "video" / f"{clip['id']}.mp4", clip["frames"], fps, audio=clip["audio"])
-            clips.append(Clip(id=clip["id"], video=video.resolve(), task=TASK, subtitle=clip["subtitle"],
-                              label=clip["label"], dataset=DATASET, split=split))
-            cue_lines.append(json.dumps({"id": clip["id"], "split": split, "label": clip["label"],
-                                         "subtitle": clip["subtitle"], **clip["cues"].to_json()}))
+            clips.append(
+                Clip(
+                    id=clip["id"],
+                    video=video.resolve(),
+                    task=TASK,
+                    subtitle=clip["subtitle"],
+                    label=clip["label"],
+                    dataset=DATASET,
+                    split=split,
+                )
+            )
+            cue_lines.append(
+                json.dumps(
+                    {
+                        "id": clip["id"],
+                        "split": split,
+                        "label": clip["label"],
+                        "subtitle": clip["subtitle"],
+                        **clip["cues"].to_json(),
+                    }
+                )
+            )
     (directory / "cues.jsonl").write_text("".join(line + "\n" for line in cue_lines), encoding="utf-8")
     return write_manifest(directory / "manifest.jsonl", clips)

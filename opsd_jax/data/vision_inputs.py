@@ -55,8 +55,14 @@ def _check_size(height: int, width: int) -> None:
         )
 
 
-def smart_resize(height: int, width: int, *, factor: int = IMAGE_FACTOR, min_pixels: int = IMAGE_MIN_PIXELS,
-                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+) -> tuple[int, int]:
     """qwen-omni-utils' target size: sides rounded to multiples of `factor` (Python's half-to-even round),
     then scaled down (floor) into `max_pixels` or up (ceil) into `min_pixels`, keeping the aspect ratio."""
     _check_size(height, width)
@@ -75,9 +81,14 @@ def smart_resize(height: int, width: int, *, factor: int = IMAGE_FACTOR, min_pix
     return new_height, new_width
 
 
-def image_processor_smart_resize(height: int, width: int, *, factor: int = IMAGE_FACTOR,
-                                 min_pixels: int = PROCESSOR_MIN_PIXELS,
-                                 max_pixels: int = PROCESSOR_MAX_PIXELS) -> tuple[int, int]:
+def image_processor_smart_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = PROCESSOR_MIN_PIXELS,
+    max_pixels: int = PROCESSOR_MAX_PIXELS,
+) -> tuple[int, int]:
     """The transformers Qwen2-VL image processor's variant of `smart_resize`: the first rounding may reach 0
     (the min-pixels branch then fixes it) and the max-pixels branch keeps at least `factor`. It differs from
     qwen-omni-utils' only for sides below 14 pixels or extreme aspect ratios."""
@@ -95,8 +106,15 @@ def image_processor_smart_resize(height: int, width: int, *, factor: int = IMAGE
     return new_height, new_width
 
 
-def smart_nframes(total_frames: int, video_fps: float, *, fps: float = FPS, min_frames: int = FPS_MIN_FRAMES,
-                  max_frames: int | None = None, nframes: int | None = None) -> int:
+def smart_nframes(
+    total_frames: int,
+    video_fps: float,
+    *,
+    fps: float = FPS,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int | None = None,
+    nframes: int | None = None,
+) -> int:
     """How many frames qwen-omni-utils samples from a video of `total_frames` at `video_fps`: `fps` frames per
     second, clamped to [min_frames, max_frames] (max_frames defaults to min(768, total_frames)) and to the
     video, floored to an even count. An explicit `nframes` is rounded to even and capped by the video."""
@@ -124,8 +142,15 @@ def sample_frame_indices(total_frames: int, nframes: int) -> np.ndarray:
     return np.round(np.linspace(0, total_frames - 1, nframes)).astype(np.int64)
 
 
-def video_frame_size(height: int, width: int, nframes: int, *, min_pixels: int = VIDEO_MIN_PIXELS,
-                     max_pixels: int | None = None, total_pixels: int = VIDEO_TOTAL_PIXELS) -> tuple[int, int]:
+def video_frame_size(
+    height: int,
+    width: int,
+    nframes: int,
+    *,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int | None = None,
+    total_pixels: int = VIDEO_TOTAL_PIXELS,
+) -> tuple[int, int]:
     """Per-frame target size of qwen-omni-utils: at least `min_pixels`; at most 768 * 28^2 and an even share
     of `total_pixels` per pair of frames (that cap never below 1.05 * min_pixels); a given `max_pixels`
     can only lower the cap."""
@@ -144,13 +169,21 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     frames = _check_frames(frames, "frames")
     if frames.shape[1:3] == (height, width):
         return frames
-    return np.stack([np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC))
-                     for frame in frames])
+    return np.stack(
+        [np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC)) for frame in frames]
+    )
 
 
-def sample_video(frames: np.ndarray, video_fps: float, *, fps: float = FPS, nframes: int | None = None,
-                 min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
-                 total_pixels: int = VIDEO_TOTAL_PIXELS) -> tuple[np.ndarray, float]:
+def sample_video(
+    frames: np.ndarray,
+    video_fps: float,
+    *,
+    fps: float = FPS,
+    nframes: int | None = None,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int | None = None,
+    total_pixels: int = VIDEO_TOTAL_PIXELS,
+) -> tuple[np.ndarray, float]:
     """All decoded frames `[T_total, H, W, 3]` uint8 -> (sampled and resized frames `[T, h, w, 3]`, sample_fps).
 
     qwen-omni-utils' recipe: `smart_nframes` frames at `linspace` indices, then one `video_frame_size` for
@@ -160,8 +193,9 @@ def sample_video(frames: np.ndarray, video_fps: float, *, fps: float = FPS, nfra
     total = frames.shape[0]
     count = smart_nframes(total, video_fps, fps=fps, nframes=nframes)
     sampled = frames[sample_frame_indices(total, count)]
-    height, width = video_frame_size(frames.shape[1], frames.shape[2], count, min_pixels=min_pixels,
-                                     max_pixels=max_pixels, total_pixels=total_pixels)
+    height, width = video_frame_size(
+        frames.shape[1], frames.shape[2], count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels
+    )
     return resize_frames(sampled, height, width), count / total * video_fps
 
 
@@ -185,8 +219,17 @@ def patchify(pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
     """`[T, 3, H, W]` float32 (T even; H, W multiples of 28) -> (rows `[T/2 * H/14 * W/14, 1176]`, grid_thw)."""
     frames, channels, height, width = pixels.shape
     grid_t, grid_h, grid_w = frames // TEMPORAL_PATCH_SIZE, height // PATCH_SIZE, width // PATCH_SIZE
-    blocks = pixels.reshape(grid_t, TEMPORAL_PATCH_SIZE, channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE,
-                            grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
+    blocks = pixels.reshape(
+        grid_t,
+        TEMPORAL_PATCH_SIZE,
+        channels,
+        grid_h // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+        grid_w // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+    )
     # -> (t, block_y, block_x, y_in_block, x_in_block | channel, time, patch_y, patch_x)
     blocks = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return blocks.reshape(grid_t * grid_h * grid_w, -1), (grid_t, grid_h, grid_w)
@@ -236,14 +279,16 @@ def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
     return image
 
 
-def image_to_inputs(image: np.ndarray | Image.Image, *, min_pixels: int = PROCESSOR_MIN_PIXELS,
-                    max_pixels: int = PROCESSOR_MAX_PIXELS) -> dict[str, np.ndarray]:
+def image_to_inputs(
+    image: np.ndarray | Image.Image, *, min_pixels: int = PROCESSOR_MIN_PIXELS, max_pixels: int = PROCESSOR_MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """One image -> `pixel_values [h/14 * w/14, 1176]` float32 and `image_grid_thw [1, 3]` int64, as
     transformers' `Qwen2VLImageProcessorPil` computes them: bicubic resize to its `smart_resize` size,
     rescale, CLIP-normalise, and patchify with the image repeated for both temporal slots."""
     pixels = to_rgb_array(image)
-    height, width = image_processor_smart_resize(pixels.shape[0], pixels.shape[1], min_pixels=min_pixels,
-                                                 max_pixels=max_pixels)
+    height, width = image_processor_smart_resize(
+        pixels.shape[0], pixels.shape[1], min_pixels=min_pixels, max_pixels=max_pixels
+    )
     # Pillow returns a copy for an unchanged size, so resizing unconditionally matches the processor.
     pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))
     normalized = normalize(pixels)

@@ -140,7 +140,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         parse_dataset_names,
     )
     from opsd_jax.eval.wheels import load_emotion_wheels
-
     from opsd_jax.sampling.cli import load_reader, settings_from_config
     from opsd_jax.trained import open_source
 
@@ -152,17 +151,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
     settings = GenerationSettings(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, no_audio=args.no_audio,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        no_audio=args.no_audio,
         **settings_from_config(source, args),
     )
     out = args.out or Path("eval_results") / args.checkpoint.resolve().name
     # Everything that can fail is checked before the first answer is generated.
     wheels = load_emotion_wheels(args.wheel_dir)
     extractor = BuiltinExtractor(wheels) if args.extractor == "builtin" else _make_llm_extractor(args, out)
-    clips = collect_clips(args.data, datasets, args.split, settings, requested=args.datasets is not None,
-                          limit=args.limit)
-    generation = {"checkpoint": str(args.checkpoint.resolve()), "step": args.step, "dtype": args.dtype,
-                  "split": args.split, **dataclasses.asdict(settings)}
+    clips = collect_clips(
+        args.data, datasets, args.split, settings, requested=args.datasets is not None, limit=args.limit
+    )
+    generation = {
+        "checkpoint": str(args.checkpoint.resolve()),
+        "step": args.step,
+        "dtype": args.dtype,
+        "split": args.split,
+        **dataclasses.asdict(settings),
+    }
     generation = json.loads(json.dumps(generation))  # as generation.json holds it (lists, not tuples)
     check_generation_settings(out, generation)
 
@@ -172,14 +181,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_tokenizer_directory(source.base_dir)  # a missing tokenizer is named before the model loads
         return load_reader(source, args.dtype)
 
-    summary = generate_predictions(load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size,
-                                   progress=not args.no_progress)
-    print(f"{summary.generated} clip(s) generated, {summary.reused} already in {out / PREDICTIONS_FILE}",
-          file=sys.stderr)
+    summary = generate_predictions(
+        load_model, clips, settings, out / PREDICTIONS_FILE, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    print(
+        f"{summary.generated} clip(s) generated, {summary.reused} already in {out / PREDICTIONS_FILE}", file=sys.stderr
+    )
     metadata: dict[str, object] = {
-        "predictions": str(out / PREDICTIONS_FILE), "wheel_dir": str(args.wheel_dir),
-        "data": [str(path) for path in args.data], "datasets": sorted({clip.dataset for clip in clips}),
-        "limit": args.limit, "generation": generation, "generated": summary.generated, "reused": summary.reused,
+        "predictions": str(out / PREDICTIONS_FILE),
+        "wheel_dir": str(args.wheel_dir),
+        "data": [str(path) for path in args.data],
+        "datasets": sorted({clip.dataset for clip in clips}),
+        "limit": args.limit,
+        "generation": generation,
+        "generated": summary.generated,
+        "reused": summary.reused,
     }
     return _extract_score_report(summary.records, wheels, extractor, out, metadata)
 
@@ -216,8 +232,12 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--llm-model", help="model name on that endpoint (the benchmark uses Qwen2.5-7B-Instruct)")
     llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     llm.add_argument("--llm-cache", type=local_path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
-    llm.add_argument("--llm-params", type=_json_object, default={}, help="JSON merged into the sampling parameters, "
-                     'e.g. \'{"repetition_penalty": 1.05}\' for vLLM')
+    llm.add_argument(
+        "--llm-params",
+        type=_json_object,
+        default={},
+        help="JSON merged into the sampling parameters, e.g. '{\"repetition_penalty\": 1.05}' for vLLM",
+    )
     llm.add_argument("--llm-max-concurrency", type=int, default=8)
     llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
     llm.add_argument("--llm-max-retries", type=int, default=6)
@@ -229,34 +249,59 @@ def _add_run_arguments(group: argparse.ArgumentParser) -> None:
 
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
     add_checkpoint_arguments(run, required=False)
-    run.add_argument("--data", nargs="+", type=local_path, metavar="MANIFEST_OR_TFDS_DIR",
-                     help="clip manifests (JSONL) and/or built TFDS `mer` dataset directories; a clip's `dataset` "
-                     "field names its benchmark dataset")
-    run.add_argument("--datasets", help="comma-separated benchmark datasets (mer2023, mer2024, meld, iemocapfour, "
-                     "cmumosi, cmumosei, sims, simsv2, ovmerdplus, or all); each must have clips "
-                     "(default: every one present in the data)")
+    run.add_argument(
+        "--data",
+        nargs="+",
+        type=local_path,
+        metavar="MANIFEST_OR_TFDS_DIR",
+        help="clip manifests (JSONL) and/or built TFDS `mer` dataset directories; a clip's `dataset` "
+        "field names its benchmark dataset",
+    )
+    run.add_argument(
+        "--datasets",
+        help="comma-separated benchmark datasets (mer2023, mer2024, meld, iemocapfour, "
+        "cmumosi, cmumosei, sims, simsv2, ovmerdplus, or all); each must have clips "
+        "(default: every one present in the data)",
+    )
     run.add_argument("--split", default="test", help="the clips' split (default: %(default)s)")
     run.add_argument("--wheel-dir", type=local_path, help="directory with the 7 emotion-wheel files")
-    run.add_argument("--out", type=local_path, help="directory for predictions.jsonl (resumable), generation.json, "
-                     "scores.json, report.md (default: eval_results/<checkpoint name>)")
+    run.add_argument(
+        "--out",
+        type=local_path,
+        help="directory for predictions.jsonl (resumable), generation.json, "
+        "scores.json, report.md (default: eval_results/<checkpoint name>)",
+    )
     run.add_argument("--limit", type=int, help="at most this many clips per dataset (a quick partial run)")
     run.add_argument("--batch-size", type=int, default=4)
-    run.add_argument("--max-new-tokens", type=int, help="default: the config's sampling.eval_max_new_tokens, "
-                     f"without a config file {DEFAULT_MAX_NEW_TOKENS}")
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"default: the config's sampling.eval_max_new_tokens, without a config file {DEFAULT_MAX_NEW_TOKENS}",
+    )
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int)
     run.add_argument("--top-p", type=float)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--prompt", help="the instruction (default: the config's prompt.instruction); AffectGPT's zero-shot "
-                     "one is 'Please recognize all possible emotional states of the character.'")
+    run.add_argument(
+        "--prompt",
+        help="the instruction (default: the config's prompt.instruction); AffectGPT's zero-shot "
+        "one is 'Please recognize all possible emotional states of the character.'",
+    )
     add_frame_arguments(run)  # manifest clips
     run.add_argument("--no-audio", action="store_true", help="use the frames only")
-    run.add_argument("--separate-audio", action="store_true",
-                     help="give the audio as its own part instead of interleaving it with the video (default: the "
-                     "config's data.use_audio_in_video)")
-    run.add_argument("--extractor", choices=("builtin", "llm"), default="builtin",
-                     help="builtin (default): lexicon matching, no model; llm: the benchmark's extractor prompts "
-                     "on an OpenAI-compatible endpoint")
+    run.add_argument(
+        "--separate-audio",
+        action="store_true",
+        help="give the audio as its own part instead of interleaving it with the video (default: the "
+        "config's data.use_audio_in_video)",
+    )
+    run.add_argument(
+        "--extractor",
+        choices=("builtin", "llm"),
+        default="builtin",
+        help="builtin (default): lexicon matching, no model; llm: the benchmark's extractor prompts "
+        "on an OpenAI-compatible endpoint",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_llm_arguments(group)
 
@@ -316,7 +361,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "https://github.com/zeroQiaoba/AffectGPT, Apache-2.0) and checks them against the benchmark's version.",
     )
     fetch.add_argument("--dest", required=True, type=local_path, help="directory to write the files into")
-    fetch.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"where the files are (default: %(default)s)")
+    fetch.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where the files are (default: %(default)s)")
     fetch.add_argument("--no-verify", action="store_true", help="accept files that differ from the benchmark's version")
     fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
     fetch.set_defaults(handler=_guarded(_fetch_wheels))

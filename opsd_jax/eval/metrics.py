@@ -162,6 +162,26 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_true == y_pred))
 
 
+def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence) -> np.ndarray:
+    """F1 of each of `labels` (exact matches); an undefined one (the label neither true nor predicted)
+    counts as 0. y_true, y_pred: [N] (a prediction may be None: it matches no label). Returns [len(labels)]."""
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    _check_same_length(y_true, y_pred)
+    scores = []
+    for label in labels:
+        true_positive = np.sum((y_pred == label) & (y_true == label))
+        false_positive = np.sum((y_pred == label) & (y_true != label))
+        false_negative = np.sum((y_pred != label) & (y_true == label))
+        denominator = 2 * true_positive + false_positive + false_negative
+        scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return np.asarray(scores, dtype=np.float64)
+
+
+def macro_f1(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> float:
+    """The unweighted mean of `per_class_f1` over `labels` (a label never predicted scores 0)."""
+    return float(np.mean(per_class_f1(y_true, y_pred, labels)))
+
+
 def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """sklearn's f1_score(average='weighted'): per-class F1 over the classes seen in either array,
     weighted by true support; an undefined per-class F1 counts as 0. y_true, y_pred: [N]."""
@@ -169,14 +189,9 @@ def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     _check_same_length(y_true, y_pred)
     if y_true.size == 0:
         raise ValueError("weighted_f1: empty input")
-    total = 0.0
-    for label in np.union1d(y_true, y_pred):
-        true_positive = np.sum((y_pred == label) & (y_true == label))
-        false_positive = np.sum((y_pred == label) & (y_true != label))
-        false_negative = np.sum((y_pred != label) & (y_true == label))
-        denominator = 2 * true_positive + false_positive + false_negative
-        total += (2 * true_positive / denominator if denominator else 0.0) * (true_positive + false_negative)
-    return float(total / y_true.size)
+    labels = np.union1d(y_true, y_pred)
+    support = np.asarray([np.sum(y_true == label) for label in labels])
+    return float(np.sum(per_class_f1(y_true, y_pred, labels) * support) / y_true.size)
 
 
 def sentiment_scores(ground_truths: Sequence[float], responses: Sequence[str]) -> SentimentScores:

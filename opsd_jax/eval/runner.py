@@ -71,8 +71,10 @@ class GenerationSettings:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
         if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1:
-            raise ValueError(f"fps, max_frames, max_pixels: expected positive values, got {self.fps}, "
-                             f"{self.max_frames}, {self.max_pixels}")
+            raise ValueError(
+                f"fps, max_frames, max_pixels: expected positive values, got {self.fps}, "
+                f"{self.max_frames}, {self.max_pixels}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +97,12 @@ class BenchmarkClip:
 
 
 def parse_dataset_names(text: str | Sequence[str]) -> tuple[str, ...]:
-    """"mer2023,MELD" (or a list) -> ("mer2023", "meld") in benchmark order; "all" is all nine."""
+    """ "mer2023,MELD" (or a list) -> ("mer2023", "meld") in benchmark order; "all" is all nine."""
     names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
     if not names:
-        raise ValueError(f"datasets: expected a comma-separated list of {', '.join(DATASET_NAMES)} (or all), "
-                         f"got {text!r}")
+        raise ValueError(
+            f"datasets: expected a comma-separated list of {', '.join(DATASET_NAMES)} (or all), got {text!r}"
+        )
     if [name.lower() for name in names] == ["all"]:
         return DATASET_NAMES
     chosen = {get_dataset(name).name for name in names}
@@ -113,12 +116,15 @@ def parse_dataset_names(text: str | Sequence[str]) -> tuple[str, ...]:
 _TRUTH_FIELD = {"basic": "label", "fine_grained": "labels", "sentiment": "sentiment"}
 
 
-def _ground_truth(dataset: BenchmarkDataset, task: str, label: str, labels: Sequence[str], sentiment: float,
-                  where: str) -> GroundTruth:
+def _ground_truth(
+    dataset: BenchmarkDataset, task: str, label: str, labels: Sequence[str], sentiment: float, where: str
+) -> GroundTruth:
     """The benchmark ground truth of a clip, from the field of its task (which must be the dataset's)."""
     if task != dataset.task:
-        raise ValueError(f"{where}: field 'task' is {task!r}, but {dataset.name} is a {dataset.task!r} dataset "
-                         f"(its ground truth is the field {_TRUTH_FIELD[dataset.task]!r})")
+        raise ValueError(
+            f"{where}: field 'task' is {task!r}, but {dataset.name} is a {dataset.task!r} dataset "
+            f"(its ground truth is the field {_TRUTH_FIELD[dataset.task]!r})"
+        )
     if dataset.task == "basic":
         return label
     if dataset.task == "sentiment":
@@ -141,8 +147,9 @@ def _manifest_inputs(clip: Clip, settings: GenerationSettings) -> dict[str, Any]
     return inputs
 
 
-def manifest_clips(path: Path, datasets: Sequence[str], split: str,
-                   settings: GenerationSettings) -> list[BenchmarkClip]:
+def manifest_clips(
+    path: Path, datasets: Sequence[str], split: str, settings: GenerationSettings
+) -> list[BenchmarkClip]:
     """The clips of `split` whose `dataset` is one of `datasets`, in manifest order; media must exist."""
     from opsd_jax.data.manifest import read_manifest
 
@@ -154,8 +161,14 @@ def manifest_clips(path: Path, datasets: Sequence[str], split: str,
             continue
         dataset = get_dataset(name)
         where = f"{path}: clip {clip.id!r}"
-        truth = _ground_truth(dataset, clip.task, clip.label or "", clip.labels or (),
-                              math.nan if clip.sentiment is None else clip.sentiment, where)
+        truth = _ground_truth(
+            dataset,
+            clip.task,
+            clip.label or "",
+            clip.labels or (),
+            math.nan if clip.sentiment is None else clip.sentiment,
+            where,
+        )
         _check_media(clip.video, clip.id, str(path))
         if clip.audio is not None and not settings.no_audio:
             _check_media(clip.audio, clip.id, str(path))
@@ -175,8 +188,9 @@ def _tfds_inputs(source, index: int, no_audio: bool) -> dict[str, Any]:
     return {**{name: example[name] for name in names}, "subtitle": example["subtitle"]}
 
 
-def tfds_clips(dataset_dir: Path, datasets: Sequence[str], split: str,
-               settings: GenerationSettings) -> list[BenchmarkClip]:
+def tfds_clips(
+    dataset_dir: Path, datasets: Sequence[str], split: str, settings: GenerationSettings
+) -> list[BenchmarkClip]:
     """The clips of a built `mer` dataset's `split` whose `dataset` is one of `datasets`, in record order.
 
     An index pass reads the text fields only (frames and audio stay compressed); a clip's media are
@@ -195,15 +209,31 @@ def tfds_clips(dataset_dir: Path, datasets: Sequence[str], split: str,
             continue
         dataset, clip_id = get_dataset(name), _text(example["id"])
         where = f"{dataset_dir} ({split}): clip {clip_id!r}"
-        truth = _ground_truth(dataset, _text(example["task"]), _text(example["label"]),
-                              [_text(label) for label in example["labels"]], float(example["sentiment"]), where)
-        clips.append(BenchmarkClip(dataset.name, clip_id, truth,
-                                   functools.partial(_tfds_inputs, source, index, settings.no_audio)))
+        truth = _ground_truth(
+            dataset,
+            _text(example["task"]),
+            _text(example["label"]),
+            [_text(label) for label in example["labels"]],
+            float(example["sentiment"]),
+            where,
+        )
+        clips.append(
+            BenchmarkClip(
+                dataset.name, clip_id, truth, functools.partial(_tfds_inputs, source, index, settings.no_audio)
+            )
+        )
     return clips
 
 
-def collect_clips(data: Sequence[Path], datasets: Sequence[str], split: str, settings: GenerationSettings, *,
-                  requested: bool = True, limit: int | None = None) -> list[BenchmarkClip]:
+def collect_clips(
+    data: Sequence[Path],
+    datasets: Sequence[str],
+    split: str,
+    settings: GenerationSettings,
+    *,
+    requested: bool = True,
+    limit: int | None = None,
+) -> list[BenchmarkClip]:
     """The benchmark clips of every data path (a manifest file or a built TFDS dataset directory).
 
     Args:
@@ -224,8 +254,9 @@ def collect_clips(data: Sequence[Path], datasets: Sequence[str], split: str, set
         elif path.is_file():
             found = manifest_clips(path, datasets, split, settings)
         else:
-            raise FileNotFoundError(f"data: {path} does not exist (expected a manifest JSONL file or a built "
-                                    "TFDS dataset directory)")
+            raise FileNotFoundError(
+                f"data: {path} does not exist (expected a manifest JSONL file or a built TFDS dataset directory)"
+            )
         for clip in found:
             if clip.key in origin:
                 raise ValueError(f"data: clip {clip.dataset}/{clip.id} appears twice ({origin[clip.key]} and {path})")
@@ -235,8 +266,10 @@ def collect_clips(data: Sequence[Path], datasets: Sequence[str], split: str, set
     missing = [name for name in datasets if name not in present]
     if (requested and missing) or not clips:
         shown = ", ".join(map(str, data))
-        raise ValueError(f"datasets: no {split!r} clip of {', '.join(missing)} in {shown} (a clip's 'dataset' "
-                         f"field names its benchmark dataset; present: {', '.join(sorted(present)) or 'none'})")
+        raise ValueError(
+            f"datasets: no {split!r} clip of {', '.join(missing)} in {shown} (a clip's 'dataset' "
+            f"field names its benchmark dataset; present: {', '.join(sorted(present)) or 'none'})"
+        )
     if limit is not None:
         seen: collections.Counter[str] = collections.Counter()
         kept = []
@@ -284,11 +317,16 @@ def check_generation_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     has_predictions = predictions.is_file() and predictions.stat().st_size > 0
     if has_predictions and path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{key}={recorded.get(key)!r} there, {settings.get(key)!r} now"
-                   for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+        changed = [
+            f"{key}={recorded.get(key)!r} there, {settings.get(key)!r} now"
+            for key in sorted(set(recorded) | set(settings))
+            if recorded.get(key) != settings.get(key)
+        ]
         if changed:
-            raise ValueError(f"{path}: the predictions in {out_dir} were generated with other settings "
-                             f"({'; '.join(changed)}); pass another --out, or delete that directory to start over")
+            raise ValueError(
+                f"{path}: the predictions in {out_dir} were generated with other settings "
+                f"({'; '.join(changed)}); pass another --out, or delete that directory to start over"
+            )
         return
     # No predictions yet: settings recorded by a run that failed before its first answer do not bind.
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +335,7 @@ def check_generation_settings(out_dir: Path, settings: dict[str, Any]) -> None:
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,9 +345,15 @@ class GenerationSummary:
     reused: int  # clips whose answers were already in the file
 
 
-def generate_predictions(load_model: Callable[[], tuple[Any, Any]], clips: Sequence[BenchmarkClip],
-                         settings: GenerationSettings, predictions_path: Path, *, batch_size: int,
-                         progress: bool = True) -> GenerationSummary:
+def generate_predictions(
+    load_model: Callable[[], tuple[Any, Any]],
+    clips: Sequence[BenchmarkClip],
+    settings: GenerationSettings,
+    predictions_path: Path,
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> GenerationSummary:
     """Answers every clip not yet in `predictions_path` and appends them there, batch by batch.
 
     Args:
@@ -331,14 +375,18 @@ def generate_predictions(load_model: Callable[[], tuple[Any, Any]], clips: Seque
     for clip in clips:
         saved = done.get(clip.key)
         if saved is not None and saved.ground_truth != clip.ground_truth:
-            raise ValueError(f"{predictions_path}: {clip.dataset}/{clip.id} was saved with ground truth "
-                             f"{saved.ground_truth!r}, the data now says {clip.ground_truth!r}; pass another --out")
+            raise ValueError(
+                f"{predictions_path}: {clip.dataset}/{clip.id} was saved with ground truth "
+                f"{saved.ground_truth!r}, the data now says {clip.ground_truth!r}; pass another --out"
+            )
     todo = [clip for clip in clips if clip.key not in done]
     if todo:
         reader = load_model()
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        with predictions_path.open("a", encoding="utf-8") as handle, \
-                tqdm(total=len(todo), desc="generate", unit="clip", disable=not progress) as bar:
+        with (
+            predictions_path.open("a", encoding="utf-8") as handle,
+            tqdm(total=len(todo), desc="generate", unit="clip", disable=not progress) as bar,
+        ):
             for number, batch in enumerate(_batches(todo, batch_size)):
                 batch_settings = dataclasses.replace(settings, seed=settings.seed + number)
                 texts = answer(reader, [clip.load() for clip in batch], batch_settings)

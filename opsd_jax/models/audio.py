@@ -43,8 +43,16 @@ class AudioConfig:
     output_dim: int = 3584
 
     def __post_init__(self) -> None:
-        for name in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-                     "max_source_positions", "n_window", "output_dim"):
+        for name in (
+            "num_mel_bins",
+            "d_model",
+            "encoder_layers",
+            "encoder_attention_heads",
+            "encoder_ffn_dim",
+            "max_source_positions",
+            "n_window",
+            "output_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"audio_config.{name}: expected a positive integer, got {value!r}")
@@ -72,13 +80,17 @@ class AudioConfig:
         return self.n_window
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "AudioConfig":
+    def from_hf(cls, cfg: Mapping[str, Any]) -> AudioConfig:
         """From the `audio_config` block of a transformers config.json; missing keys take the reference's defaults."""
         activation = cfg.get("activation_function", "gelu")
         if activation != "gelu":
-            raise ValueError(f"audio_config.activation_function: only 'gelu' (exact erf) is supported, got {activation!r}")
+            raise ValueError(
+                f"audio_config.activation_function: only 'gelu' (exact erf) is supported, got {activation!r}"
+            )
         defaults = cls()
-        return cls(**{field.name: cfg.get(field.name, getattr(defaults, field.name)) for field in dataclasses.fields(cls)})
+        return cls(
+            **{field.name: cfg.get(field.name, getattr(defaults, field.name)) for field in dataclasses.fields(cls)}
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,8 +241,12 @@ def _pack(input_features, feature_attention_mask, lens: np.ndarray, config: Audi
 
 
 def prepare_audio(
-    input_features, feature_attention_mask, config: AudioConfig, *,
-    chunk_bucket: int | None = None, token_bucket: int | None = None,
+    input_features,
+    feature_attention_mask,
+    config: AudioConfig,
+    *,
+    chunk_bucket: int | None = None,
+    token_bucket: int | None = None,
 ) -> tuple[np.ndarray, AudioPlan]:
     """`(chunks [chunk_bucket, mel, 2 * n_window], plan)` for `AudioEncoder.__call__`."""
     lens = audio_feature_lengths(input_features, feature_attention_mask, config)
@@ -258,8 +274,16 @@ class Conv1d(nnx.Module):
     """`torch.nn.Conv1d` on channel-last input: kernel `[kernel_size, in, out]` (torch's reversed), bias `[out]`."""
 
     def __init__(
-        self, in_features: int, out_features: int, *, kernel_size: int, stride: int, padding: int,
-        axes: tuple[str | None, str | None, str | None], dtype: jnp.dtype, rngs: nnx.Rngs,
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        axes: tuple[str | None, str | None, str | None],
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
     ):
         self.stride = stride
         self.padding = padding
@@ -271,8 +295,10 @@ class Conv1d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[batch, length, in] -> [batch, (length + 2 * padding - kernel_size) // stride + 1, out]`."""
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride,), padding=((self.padding, self.padding),),
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride,),
+            padding=((self.padding, self.padding),),
             dimension_numbers=("NWC", "WIO", "NWC"),
         )
         return y + self.bias[...].astype(self.dtype)
@@ -294,7 +320,10 @@ class AudioAttention(nnx.Module):
     def __call__(self, x: jax.Array, key_valid: jax.Array) -> jax.Array:
         """`x [chunks, tokens, d_model]`, `key_valid [chunks, 1, tokens]` -> `[chunks, tokens, d_model]`."""
         chunks, tokens, width = x.shape
-        split = lambda y: y.reshape(chunks, tokens, self.num_heads, self.head_dim)
+
+        def split(y):
+            return y.reshape(chunks, tokens, self.num_heads, self.head_dim)
+
         out = dot_product_attention(
             split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), key_valid, scale=self.head_dim**-0.5
         )
@@ -325,8 +354,9 @@ class AudioEncoder(nnx.Module):
         self.dtype = dtype
         kw = dict(dtype=dtype, rngs=rngs)
         conv = dict(kernel_size=3, padding=1, **kw)
-        self.conv1 = Conv1d(cfg.num_mel_bins, cfg.d_model, stride=1,
-                            axes=("encoder_kernel", "encoder_patch", "encoder_embed"), **conv)
+        self.conv1 = Conv1d(
+            cfg.num_mel_bins, cfg.d_model, stride=1, axes=("encoder_kernel", "encoder_patch", "encoder_embed"), **conv
+        )
         self.conv2 = Conv1d(cfg.d_model, cfg.d_model, stride=2, axes=("encoder_kernel", None, "encoder_embed"), **conv)
         self.layers = nnx.List([AudioEncoderLayer(cfg, **kw) for _ in range(cfg.encoder_layers)])
         self.ln_post = LayerNorm(cfg.d_model, eps=1e-5, axis="encoder_norm", dtype=dtype)
@@ -378,8 +408,12 @@ class AudioEncoder(nnx.Module):
         return jnp.where(plan.valid_rows[:, None], out, jnp.zeros((), out.dtype))
 
     def encode(
-        self, input_features, feature_attention_mask, *,
-        chunk_bucket: int | None = None, token_bucket: int | None = None,
+        self,
+        input_features,
+        feature_attention_mask,
+        *,
+        chunk_bucket: int | None = None,
+        token_bucket: int | None = None,
     ) -> jax.Array:
         """The processor's arrays -> `[total audio tokens, output_dim]`, like the reference's `get_audio_features`.
 

@@ -93,12 +93,18 @@ def folded_kernel_shapes(config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
     vision = config.vision
     return {
         "visual.patch_embed.proj.weight": (
-            vision.hidden_size, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size,
+            vision.hidden_size,
+            vision.in_channels,
+            vision.temporal_patch_size,
+            vision.patch_size,
+            vision.patch_size,
         )
     }
 
 
-def to_checkpoint_layout(kind: str, tensor: np.ndarray, name: str, folded_shape: tuple[int, ...] | None = None) -> np.ndarray:
+def to_checkpoint_layout(
+    kind: str, tensor: np.ndarray, name: str, folded_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """The inverse of `weights.to_flax_layout`: a Flax parameter of `kind` in its checkpoint layout.
 
     Args:
@@ -113,7 +119,12 @@ def to_checkpoint_layout(kind: str, tensor: np.ndarray, name: str, folded_shape:
       to `folded_shape`; everything else unchanged.
     """
     if folded_shape is not None:
-        if kind != "kernel" or tensor.ndim != 2 or tensor.size != int(np.prod(folded_shape)) or tensor.shape[1] != folded_shape[0]:
+        if (
+            kind != "kernel"
+            or tensor.ndim != 2
+            or tensor.size != int(np.prod(folded_shape))
+            or tensor.shape[1] != folded_shape[0]
+        ):
             raise ExportError(
                 f"tensor {name}: a {kind} of shape {tuple(tensor.shape)} cannot be unfolded to the convolution "
                 f"weight {tuple(folded_shape)} the config describes"
@@ -341,7 +352,9 @@ def export_thinker(
                     "weight_map": {name: file for file, names in zip(files, shards) for name in names},
                 }
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            hf_config.update(architectures=[THINKER_ARCHITECTURE], model_type=THINKER_MODEL_TYPE, tie_word_embeddings=tied)
+            hf_config.update(
+                architectures=[THINKER_ARCHITECTURE], model_type=THINKER_MODEL_TYPE, tie_word_embeddings=tied
+            )
             if isinstance(hf_config.get("text_config"), dict):
                 hf_config["text_config"]["tie_word_embeddings"] = tied
             _set_dtype(hf_config, dtype_name)
@@ -358,8 +371,14 @@ def export_thinker(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"opsd_jax export {out_dir}")
-    logger.info("exported %d tensors (%d bytes, %s) in %d file(s) to %s", summary.num_tensors, summary.total_bytes,
-                dtype_name, len(files), out_dir)
+    logger.info(
+        "exported %d tensors (%d bytes, %s) in %d file(s) to %s",
+        summary.num_tensors,
+        summary.total_bytes,
+        dtype_name,
+        len(files),
+        out_dir,
+    )
     return summary
 
 
@@ -384,7 +403,9 @@ def export_roundtrip(model_or_params, config_source, out_dir: str | Path, **expo
     """
     summary = export_thinker(model_or_params, config_source, out_dir, **export_kwargs)
     reloaded = from_pretrained(summary.directory)
-    written_dtypes = {name: entry.dtype for name, entry in weights.SafetensorsCheckpoint.open(summary.directory).entries.items()}
+    written_dtypes = {
+        name: entry.dtype for name, entry in weights.SafetensorsCheckpoint.open(summary.directory).entries.items()
+    }
     original = flat_parameters(model_or_params)
     back = flat_parameters(reloaded)
     if set(back) != set(original):

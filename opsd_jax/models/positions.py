@@ -49,7 +49,7 @@ class PositionConfig:
                 raise ValueError(f"PositionConfig.{name}: expected a positive int, got {getattr(self, name)}")
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "PositionConfig":
+    def from_hf(cls, cfg: Mapping[str, Any]) -> PositionConfig:
         """From a thinker config.json dict, or a full Omni one (which nests it under `thinker_config`).
 
         Accepts both spellings of the placeholder ids (`image_token_index`, written by config.json, and
@@ -291,8 +291,10 @@ class _RowLayout:
 
     def _check_run(self, start: int, length: int, token_id: int, what: str) -> None:
         run = self.tokens[start : start + length]
-        if len(run) != length or np.any(run != token_id) or (
-            start + length < len(self.tokens) and self.tokens[start + length] == token_id
+        if (
+            len(run) != length
+            or np.any(run != token_id)
+            or (start + length < len(self.tokens) and self.tokens[start + length] == token_id)
         ):
             actual = int(np.sum(np.cumprod(self.tokens[start:] == token_id)))
             raise ValueError(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from opsd_jax.models import weights
 from opsd_jax.models.audio import AudioConfig, AudioEncoder, AudioPlan, prepare_audio
@@ -31,6 +31,7 @@ from opsd_jax.models.merge import check_placeholder_count, merge_modal_embedding
 from opsd_jax.models.positions import PositionConfig, rope_index
 from opsd_jax.models.text import TextConfig, TextModel, causal_padding_mask
 from opsd_jax.models.vision import VisionConfig, VisionEncoder, VisionPlan, pad_patches, vision_plan
+from opsd_jax.sharding import AxisRules, logical_to_spec, param_shardings, resolve_rules
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ThinkerConfig:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config") -> "ThinkerConfig":
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config") -> ThinkerConfig:
         """From a thinker config or a full Omni config (which nests it under `thinker_config`)."""
         if "thinker_config" in cfg:
             cfg = cfg["thinker_config"]
@@ -134,7 +135,9 @@ class Qwen2_5OmniThinker(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(text.hidden_size, text.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+            else Linear(
+                text.hidden_size, text.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+            )
         )
 
     def __call__(
@@ -221,8 +224,11 @@ class Qwen2_5OmniThinker(nnx.Module):
             if feature_attention_mask is None:
                 raise ValueError("input_features were given without feature_attention_mask")
             chunks, plan = prepare_audio(
-                input_features, feature_attention_mask, self.config.audio,
-                chunk_bucket=buckets.audio_chunks, token_bucket=buckets.audio_tokens,
+                input_features,
+                feature_attention_mask,
+                self.config.audio,
+                chunk_bucket=buckets.audio_chunks,
+                token_bucket=buckets.audio_tokens,
             )
             check_placeholder_count(ids, tokens.audio_token_id, int(np.count_nonzero(plan.valid_rows)), "audio")
             media["audio_chunks"], media["audio_plan"] = jnp.asarray(chunks), plan
@@ -233,9 +239,14 @@ class Qwen2_5OmniThinker(nnx.Module):
             position_ids = np.asarray(text_position_ids(jnp.asarray(mask)))
         else:
             position_ids, _ = rope_index(
-                ids, mask, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                video_second_per_grid=video_second_per_grid, audio_seqlens=audio_lengths,
-                use_audio_in_video=use_audio_in_video, config=tokens,
+                ids,
+                mask,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                video_second_per_grid=video_second_per_grid,
+                audio_seqlens=audio_lengths,
+                use_audio_in_video=use_audio_in_video,
+                config=tokens,
             )
         # One convention for every branch: the position after the prompt's last, minus its real length.
         real = mask.astype(bool)
@@ -260,7 +271,9 @@ class Qwen2_5OmniThinker(nnx.Module):
             video = self.visual(inputs.video_pixels, inputs.video_plan)
         return MediaFeatures(audio=audio, image=image, video=video)
 
-    def embed_inputs(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
+    def embed_inputs(
+        self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1
+    ) -> jax.Array:
         """Token embeddings with the media features merged in, `[batch, seq, hidden]`.
 
         Audio, then images, then videos, in the order the reference scatters them. `features` are
@@ -272,15 +285,29 @@ class Qwen2_5OmniThinker(nnx.Module):
         tokens = self.config.positions
         embeds = self.model.embed_tokens(inputs.input_ids)
         for feats, count, token_id in (
-            (features.audio, None if inputs.audio_plan is None else jnp.sum(inputs.audio_plan.valid_rows), tokens.audio_token_id),
-            (features.image, None if inputs.image_plan is None else inputs.image_plan.num_tokens, tokens.image_token_id),
-            (features.video, None if inputs.video_plan is None else inputs.video_plan.num_tokens, tokens.video_token_id),
+            (
+                features.audio,
+                None if inputs.audio_plan is None else jnp.sum(inputs.audio_plan.valid_rows),
+                tokens.audio_token_id,
+            ),
+            (
+                features.image,
+                None if inputs.image_plan is None else inputs.image_plan.num_tokens,
+                tokens.image_token_id,
+            ),
+            (
+                features.video,
+                None if inputs.video_plan is None else inputs.video_plan.num_tokens,
+                tokens.video_token_id,
+            ),
         ):
             if feats is not None:
                 embeds = merge_modal_embeddings(embeds, inputs.input_ids, token_id, feats, count, repeats=repeats)
         return embeds
 
-    def hidden_states(self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1) -> jax.Array:
+    def hidden_states(
+        self, inputs: ThinkerInputs, features: MediaFeatures | None = None, *, repeats: int = 1
+    ) -> jax.Array:
         """Final-norm hidden states `[batch, seq, hidden]` of a cache-free forward."""
         embeds = self.embed_inputs(inputs, features, repeats=repeats)
         hidden, _ = self.model(embeds, inputs.position_ids, causal_padding_mask(inputs.attention_mask))
@@ -307,17 +334,16 @@ class Qwen2_5OmniThinker(nnx.Module):
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
 
 
-def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+def input_shardings(
+    inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0, rules: AxisRules | None = None
+) -> ThinkerInputs:
     """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, media replicated.
 
     A tree like `inputs` of `NamedSharding`s (for `jax.device_put`, or abstract inputs of an ahead-of-time
     compile). `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches).
+    `rules`: the run's logical-axis table (`MeshConfig.axis_rules`; default: the default table).
     """
-    from jax.sharding import NamedSharding
-
-    from opsd_jax.sharding import logical_to_spec, resolve_rules
-
-    rules = resolve_rules()
+    rules = resolve_rules() if rules is None else rules
 
     def sharding(x, batch_axis: int | None):
         axes: list[str | None] = [None] * x.ndim
@@ -330,9 +356,11 @@ def input_shardings(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0)
     return media.replace(**rows)
 
 
-def place_inputs(inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0) -> ThinkerInputs:
+def place_inputs(
+    inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0, rules: AxisRules | None = None
+) -> ThinkerInputs:
     """Puts prepared inputs on the mesh (`input_shardings`). Every process passes the same global inputs."""
-    return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes))
+    return jax.device_put(inputs, input_shardings(inputs, mesh, leading_axes=leading_axes, rules=rules))
 
 
 def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_mask: jax.Array) -> ThinkerInputs:
@@ -382,6 +410,7 @@ def from_pretrained(
     *,
     dtype: jnp.dtype = jnp.float32,
     mesh: Mesh | None = None,
+    rules: AxisRules | None = None,
     param_dtype: jnp.dtype | None = None,
     remat: bool = False,
 ) -> Qwen2_5OmniThinker:
@@ -389,8 +418,9 @@ def from_pretrained(
 
     Accepts full Omni checkpoints (`thinker.*` names; talker and token2wav tensors are skipped and
     counted) and thinker-only ones. A checkpoint without `lm_head.weight` has tied embeddings. With a
-    `mesh`, every parameter is placed by the logical-axis rules as it is read, so a model larger than
-    one device's memory never sits whole on one device. `dtype` is the compute dtype; `param_dtype`
+    `mesh`, every parameter is placed by the logical-axis table `rules` (the run's `MeshConfig.axis_rules`;
+    default: the default table) as it is read, so a model larger than one device's memory never sits whole
+    on one device. `dtype` is the compute dtype; `param_dtype`
     (default: the same) is the stored one, e.g. float32 master weights for bfloat16 training.
     `remat` recomputes decoder-layer activations in the backward pass.
     """
@@ -406,9 +436,7 @@ def from_pretrained(
     flat = dict(nnx.to_flat_state(state))
 
     if mesh is not None:
-        from opsd_jax.sharding import param_shardings
-
-        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
+        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
 
     def place(param_path: tuple, tensor: np.ndarray) -> jax.Array:
         array = np.asarray(tensor).astype(param_dtype or flat[param_path].get_value().dtype)

@@ -46,7 +46,7 @@ class TextConfig:
             )
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "TextConfig":
+    def from_hf(cls, cfg: Mapping[str, Any]) -> TextConfig:
         """From the `text_config` block of a transformers config.json (4.x or 5.x spelling)."""
         try:
             rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -122,7 +122,9 @@ class Qwen2Attention(nnx.Module):
         """
         batch, seq, _ = x.shape
         heads = functools.partial(constrain_activation, logical_axes=("batch", "length", "activation_heads", None))
-        kv_heads = functools.partial(constrain_activation, logical_axes=("batch", "length", "activation_kv_heads", None))
+        kv_heads = functools.partial(
+            constrain_activation, logical_axes=("batch", "length", "activation_kv_heads", None)
+        )
         q = heads(self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim))
         k = kv_heads(self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
         v = kv_heads(self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))

@@ -76,8 +76,18 @@ class VisionConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):
+        for name in (
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "window_size",
+            "out_hidden_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"vision_config.{name}: expected a positive integer, got {value!r}")
@@ -104,7 +114,7 @@ class VisionConfig:
             )
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "VisionConfig":
+    def from_hf(cls, cfg: Mapping[str, Any]) -> VisionConfig:
         """From the `vision_config` block of a transformers config.json (4.x or 5.x spelling).
 
         Keys it leaves out take the reference config class's defaults, as transformers does; note that
@@ -274,9 +284,9 @@ def vision_plan(grid_thw: Any, config: VisionConfig, patch_bucket: int | None = 
     longest_frame, longest_window = np.bincount(full_segments).max(), np.bincount(window_segments).max()
     return VisionPlan(
         patch_order=np.concatenate([patch_order, np.arange(num_patches, bucket)]).astype(np.int32),
-        token_restore=np.concatenate(
-            [np.argsort(window_index), np.arange(num_tokens, num_tokens + pad_tokens)]
-        ).astype(np.int32),
+        token_restore=np.concatenate([np.argsort(window_index), np.arange(num_tokens, num_tokens + pad_tokens)]).astype(
+            np.int32
+        ),
         positions=np.pad(np.stack([patch_h, patch_w], axis=-1), ((0, pad), (0, 0))).astype(np.int32),
         full_segments=np.pad(full_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
         window_segments=np.pad(window_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
@@ -392,8 +402,14 @@ class PatchEmbed(nnx.Module):
     """The reference's Conv3d with kernel = stride = patch, as a dense layer on flattened patches."""
 
     def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, axes=("encoder_patch", "encoder_embed"),
-                           dtype=dtype, rngs=rngs)
+        self.proj = Linear(
+            cfg.patch_dim,
+            cfg.hidden_size,
+            use_bias=False,
+            axes=("encoder_patch", "encoder_embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         return self.proj(pixel_values)
@@ -416,7 +432,10 @@ class VisionAttention(nnx.Module):
         around each block of `span` queries where that is cheaper (`uses_band`), else a dense `[P, P]` mask.
         """
         patches = x.shape[0]
-        split = lambda y: y.reshape(patches, self.num_heads, self.head_dim)
+
+        def split(y):
+            return y.reshape(patches, self.num_heads, self.head_dim)
+
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         # The reference rotates in float32 whatever the compute dtype, then casts back.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(q.dtype)
@@ -465,11 +484,13 @@ class PatchMerger(nnx.Module):
         self.merged_dim = cfg.hidden_size * cfg.merge_unit
         kw = dict(use_bias=True, dtype=dtype, rngs=rngs)
         self.ln_q = RMSNorm(cfg.hidden_size, eps=_NORM_EPS, axis="encoder_norm", dtype=dtype)
-        self.mlp = nnx.List([
-            Linear(self.merged_dim, self.merged_dim, axes=("encoder_embed", "encoder_mlp"), **kw),
-            gelu,
-            Linear(self.merged_dim, cfg.out_hidden_size, axes=("encoder_mlp", "embed"), **kw),
-        ])
+        self.mlp = nnx.List(
+            [
+                Linear(self.merged_dim, self.merged_dim, axes=("encoder_embed", "encoder_mlp"), **kw),
+                gelu,
+                Linear(self.merged_dim, cfg.out_hidden_size, axes=("encoder_mlp", "embed"), **kw),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[P, hidden]` (merge blocks contiguous) -> `[P / 4, out_hidden]`."""

@@ -82,7 +82,7 @@ class SafetensorsCheckpoint:
     _maps: dict[Path, np.memmap] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str | Path) -> "SafetensorsCheckpoint":
+    def open(cls, directory: str | Path) -> SafetensorsCheckpoint:
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -111,7 +111,9 @@ class SafetensorsCheckpoint:
                     raise CheckpointError(f"{file}: tensor {raw_name} duplicates {name} from {entries[name].file}")
                 entries[name] = entry
         if skipped:
-            logger.info("checkpoint %s: skipped %d talker/token2wav tensors (not part of the thinker)", directory, skipped)
+            logger.info(
+                "checkpoint %s: skipped %d talker/token2wav tensors (not part of the thinker)", directory, skipped
+            )
         return cls(directory=directory, entries=entries, skipped=skipped)
 
     def __contains__(self, name: str) -> bool:
@@ -185,7 +187,7 @@ def to_flax_layout(kind: str, tensor: np.ndarray, target_shape: tuple[int, ...],
 
 
 def load_into(
-    flat_params: dict[tuple, "object"],
+    flat_params: dict[tuple, object],
     checkpoint: SafetensorsCheckpoint,
     *,
     place: Callable[[tuple, np.ndarray], object],
@@ -226,7 +228,10 @@ def load_into(
         )
     if tolerated:
         logger.warning(
-            "checkpoint %s: %d tensor(s) not used by this model (first %s)", checkpoint.directory, len(tolerated), tolerated[0]
+            "checkpoint %s: %d tensor(s) not used by this model (first %s)",
+            checkpoint.directory,
+            len(tolerated),
+            tolerated[0],
         )
     placed = {}
     for name, path in expected.items():

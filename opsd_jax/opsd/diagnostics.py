@@ -26,8 +26,9 @@ TOP_TOKENS = 5  # the teacher's most likely tokens shown where the student diver
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "rows"))
-def inspect_rollouts(params: nnx.State, teacher_params: nnx.State | None, batch: StepBatch, *,
-                     settings: StepSettings, rows: int) -> dict[str, jax.Array]:
+def inspect_rollouts(
+    params: nnx.State, teacher_params: nnx.State | None, batch: StepBatch, *, settings: StepSettings, rows: int
+) -> dict[str, jax.Array]:
     """The first `rows` rollouts of one micro-batch `batch` (no leading micro-batch axis), scored.
 
     `teacher_params`: the frozen / EMA teacher's, None when the teacher is the live student.
@@ -35,7 +36,7 @@ def inspect_rollouts(params: nnx.State, teacher_params: nnx.State | None, batch:
     and the sampled tokens' log-probabilities at `loss.temperature`), `teacher_top_logprobs` `[rows, C, K]`
     and `teacher_top_ids` `[rows, C, K]` int32 (K = `TOP_TOKENS`, or the vocabulary when smaller).
     """
-    with activation_sharding(settings.mesh):
+    with activation_sharding(settings.mesh, settings.rules):
         config = settings.loss
         model = nnx.merge(settings.graphdef, params)
         teacher = model if teacher_params is None else nnx.merge(settings.graphdef, teacher_params)
@@ -44,11 +45,16 @@ def inspect_rollouts(params: nnx.State, teacher_params: nnx.State | None, batch:
         teacher_hidden = completion_hidden(teacher, batch.teacher, batch.completion, batch.completion_mask)[:rows]
         head, teacher_head = model.head_kernel(), teacher.head_kernel()
         per_token = losses.chunked_per_token_divergence(
-            config, student_hidden, head, completion_ids=completion, sampler_logprobs=batch.sampler_logprobs[:rows],
+            config,
+            student_hidden,
+            head,
+            completion_ids=completion,
+            sampler_logprobs=batch.sampler_logprobs[:rows],
             **signal_from_hidden(teacher_hidden, teacher_head, completion, config),
         )
-        scores = functools.partial(losses.chunked_teacher_scores, temperature=config.temperature,
-                                   chunk_size=config.chunk_size)
+        scores = functools.partial(
+            losses.chunked_teacher_scores, temperature=config.temperature, chunk_size=config.chunk_size
+        )
         student = scores(student_hidden, head, completion, top_k=1)
         teacher_scores = scores(teacher_hidden, teacher_head, completion, top_k=min(TOP_TOKENS, head.shape[-1]))
         zero = functools.partial(jnp.where, mask)
@@ -61,8 +67,9 @@ def inspect_rollouts(params: nnx.State, teacher_params: nnx.State | None, batch:
         }
 
 
-def rollout_records(step: int, prompt_id: str, tokens: np.ndarray, mask: np.ndarray, scored: dict[str, np.ndarray],
-                    decode: Any) -> list[dict[str, Any]]:
+def rollout_records(
+    step: int, prompt_id: str, tokens: np.ndarray, mask: np.ndarray, scored: dict[str, np.ndarray], decode: Any
+) -> list[dict[str, Any]]:
     """One JSON-ready record per rollout: its text, its divergence summary over its tokens (mean, max and
     where), and at the position of the largest divergence the token the student drew, both models'
     log-probabilities of it and the teacher's top tokens.
@@ -75,13 +82,22 @@ def rollout_records(step: int, prompt_id: str, tokens: np.ndarray, mask: np.ndar
         valid = np.asarray(mask[row], bool)
         divergence = np.asarray(scored["divergence"][row], np.float64)
         count = int(valid.sum())
-        record: dict[str, Any] = {"step": step, "prompt_id": prompt_id, "sample": row, "tokens": count,
-                                  "text": decode(_ids(tokens[row][valid]))}
+        record: dict[str, Any] = {
+            "step": step,
+            "prompt_id": prompt_id,
+            "sample": row,
+            "tokens": count,
+            "text": decode(_ids(tokens[row][valid])),
+        }
         if count:
             at = int(np.argmax(np.where(valid, divergence, -np.inf)))
             top = zip(_ids(scored["teacher_top_ids"][row, at]), np.exp(scored["teacher_top_logprobs"][row, at]))
-            record["divergence"] = {"mean": float(divergence[valid].mean()), "max": float(divergence[at]),
-                                    "max_position": at, "max_token": decode([int(tokens[row, at])])}
+            record["divergence"] = {
+                "mean": float(divergence[valid].mean()),
+                "max": float(divergence[at]),
+                "max_position": at,
+                "max_token": decode([int(tokens[row, at])]),
+            }
             record["at_max"] = {
                 "student_logprob": float(scored["student_logprob"][row, at]),
                 "teacher_logprob": float(scored["teacher_logprob"][row, at]),
@@ -97,7 +113,10 @@ def _ids(values: Sequence[Any]) -> list[int]:
 
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     """The records as a Markdown table (TensorBoard's text panel renders it)."""
-    lines = ["| prompt | sample | divergence mean / max | at max: drawn -> teacher's top | text |", "|---|---|---|---|---|"]
+    lines = [
+        "| prompt | sample | divergence mean / max | at max: drawn -> teacher's top | text |",
+        "|---|---|---|---|---|",
+    ]
     for record in records:
         summary = record.get("divergence")
         cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -105,6 +124,8 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
             lines.append(f"| {cell(record['prompt_id'])} | {record['sample']} | (no tokens) | | |")
             continue
         top = ", ".join(f"{cell(t['token'])!r} {t['prob']:.2f}" for t in record["at_max"]["teacher_top"])
-        lines.append(f"| {cell(record['prompt_id'])} | {record['sample']} | {summary['mean']:.4f} / {summary['max']:.4f} "
-                     f"| {cell(summary['max_token'])!r} -> {top} | {cell(record['text'])} |")
+        lines.append(
+            f"| {cell(record['prompt_id'])} | {record['sample']} | {summary['mean']:.4f} / {summary['max']:.4f} "
+            f"| {cell(summary['max_token'])!r} -> {top} | {cell(record['text'])} |"
+        )
     return "\n".join(lines)

@@ -128,8 +128,9 @@ def encode_prompt_pairs(
     }
 
 
-def clip_parts(video_grid_thw, video_second_per_grid: float, audio_frames: int | None, *,
-               use_audio_in_video: bool) -> list[Part]:
+def clip_parts(
+    video_grid_thw, video_second_per_grid: float, audio_frames: int | None, *, use_audio_in_video: bool
+) -> list[Part]:
     """The placeholder parts of one clip: its video, with its audio interleaved or as a separate audio."""
     grid = tuple(int(v) for v in np.asarray(video_grid_thw).reshape(-1))
     if audio_frames is None:
@@ -161,18 +162,30 @@ def encode_clip_batch(
     if any(has_audio) and not all(has_audio):
         raise ValueError("clips of one batch must all have audio or all have none")
     media = [
-        clip_parts(c["video_grid_thw"], c["video_second_per_grid"],
-                   int(np.sum(c["feature_attention_mask"])) if "input_features" in c else None,
-                   use_audio_in_video=use_audio_in_video)
+        clip_parts(
+            c["video_grid_thw"],
+            c["video_second_per_grid"],
+            int(np.sum(c["feature_attention_mask"])) if "input_features" in c else None,
+            use_audio_in_video=use_audio_in_video,
+        )
         for c in clips
     ]
     subtitles = [str(c.get("subtitle", "")) for c in clips]
     if with_teacher:
-        text = encode_prompt_pairs(builder, media, subtitles, [str(c["rationale"]) for c in clips], config,
-                                   length=length, teacher_length=teacher_length)
+        text = encode_prompt_pairs(
+            builder,
+            media,
+            subtitles,
+            [str(c["rationale"]) for c in clips],
+            config,
+            length=length,
+            teacher_length=teacher_length,
+        )
         inputs: dict[str, np.ndarray | bool] = {
-            "input_ids": text["student_input_ids"], "attention_mask": text["student_attention_mask"],
-            "teacher_input_ids": text["teacher_input_ids"], "teacher_attention_mask": text["teacher_attention_mask"],
+            "input_ids": text["student_input_ids"],
+            "attention_mask": text["student_attention_mask"],
+            "teacher_input_ids": text["teacher_input_ids"],
+            "teacher_attention_mask": text["teacher_attention_mask"],
         }
     else:
         inputs = dict(builder([conversation(m, s, config) for m, s in zip(media, subtitles)], length=length))
@@ -209,10 +222,18 @@ def prompt_lengths(
     out = np.zeros((len(clips), 2), np.int64)
     for start in range(0, len(clips), chunk):
         part = clips[start : start + chunk]
-        media = [clip_parts(c["video_grid_thw"], c["video_second_per_grid"], c["audio_frames"],
-                            use_audio_in_video=use_audio_in_video) for c in part]
-        text = encode_prompt_pairs(builder, media, [str(c["subtitle"]) for c in part],
-                                   [str(c["rationale"]) for c in part], config, length=None)
+        media = [
+            clip_parts(
+                c["video_grid_thw"],
+                c["video_second_per_grid"],
+                c["audio_frames"],
+                use_audio_in_video=use_audio_in_video,
+            )
+            for c in part
+        ]
+        text = encode_prompt_pairs(
+            builder, media, [str(c["subtitle"]) for c in part], [str(c["rationale"]) for c in part], config, length=None
+        )
         out[start : start + len(part), 0] = text["student_attention_mask"].sum(axis=1)
         out[start : start + len(part), 1] = text["teacher_attention_mask"].sum(axis=1)
     return out

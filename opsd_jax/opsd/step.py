@@ -29,7 +29,7 @@ from opsd_jax.config import TeacherConfig, TrainConfig
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
-from opsd_jax.sharding import activation_sharding, constrain, logical_to_spec, resolve_rules
+from opsd_jax.sharding import AxisRules, activation_sharding, constrain, logical_to_spec, resolve_rules
 
 ENCODER_PREFIXES = ("audio_tower", "visual")
 
@@ -66,12 +66,12 @@ class TrainState:
     teacher_params: nnx.State | None
 
 
-def step_batch_shardings(batches: StepBatch, mesh: Mesh) -> StepBatch:
+def step_batch_shardings(batches: StepBatch, mesh: Mesh, rules: AxisRules | None = None) -> StepBatch:
     """The placement of stacked micro-batches `[k, ...]`: rows over (data, fsdp), media replicated.
 
     A tree like `batches` of `NamedSharding`s (for `jax.device_put`, or an ahead-of-time compile).
     """
-    rules = resolve_rules()
+    rules = resolve_rules() if rules is None else rules
 
     def sharding(x):
         axes = [None, "batch"] + [None] * (x.ndim - 2)
@@ -80,15 +80,15 @@ def step_batch_shardings(batches: StepBatch, mesh: Mesh) -> StepBatch:
     rows = {name: sharding(getattr(batches, name)) for name in
             ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")}
     return batches.replace(
-        student=input_shardings(batches.student, mesh, leading_axes=1),
-        teacher=input_shardings(batches.teacher, mesh, leading_axes=1),
+        student=input_shardings(batches.student, mesh, leading_axes=1, rules=rules),
+        teacher=input_shardings(batches.teacher, mesh, leading_axes=1, rules=rules),
         **rows,
     )
 
 
-def place_step_batch(batches: StepBatch, mesh: Mesh) -> StepBatch:
+def place_step_batch(batches: StepBatch, mesh: Mesh, rules: AxisRules | None = None) -> StepBatch:
     """Puts stacked micro-batches `[k, ...]` on the mesh (`step_batch_shardings`)."""
-    return jax.device_put(batches, step_batch_shardings(batches, mesh))
+    return jax.device_put(batches, step_batch_shardings(batches, mesh, rules))
 
 
 def is_encoder_path(path: tuple) -> bool:
@@ -153,6 +153,7 @@ class StepSettings:
     teacher: TeacherConfig
     train_encoders: bool
     mesh: Mesh | None = None  # pins the loss's layouts (rows sharded, output head gathered) under a mesh
+    rules: AxisRules | None = None  # the run's logical-axis table (`MeshConfig.axis_rules`); None: the default
 
 
 def batch_counts(batches: StepBatch) -> dict[str, jax.Array]:
@@ -179,9 +180,10 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     # vocabulary over all of them moves a small fraction of that: each chip computes every row's
     # logits for its slice of the vocabulary, and the reductions over the vocabulary (log-sum-exp,
     # the divergence's sum) all-reduce `[rows, C]` numbers.
-    gather_rows = functools.partial(constrain, logical_axes=(None, None, "activation_embed"), mesh=settings.mesh)
+    gather_rows = functools.partial(constrain, logical_axes=(None, None, "activation_embed"), mesh=settings.mesh,
+                                    rules=settings.rules)
     gather_kernel = functools.partial(constrain, logical_axes=("activation_embed", "activation_vocab"),
-                                      mesh=settings.mesh)
+                                      mesh=settings.mesh, rules=settings.rules)
     student_hidden = gather_rows(completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features))
     head = gather_kernel(model.head_kernel())
 
@@ -222,7 +224,7 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     advantage = teacher_token - student_scores.token_logprobs
 
     if settings.teacher.label_pg_weight > 0 or settings.teacher.label_ce_weight > 0:
-        loss = loss + _ablation_terms(model, batch, student_hidden, head, counts, settings)
+        loss = loss + _ablation_terms(model, batch, student_hidden, head, features, counts, settings)
 
     def masked_sum(x):
         return jnp.sum(jnp.where(mask, x, 0.0))
@@ -247,8 +249,11 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     return loss, metrics
 
 
-def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, settings) -> jax.Array:
-    """Label-reward policy gradient (GRPO-style) and label cross-entropy, for the paper's ablations."""
+def _ablation_terms(model, batch: StepBatch, student_hidden, head, features, counts, settings) -> jax.Array:
+    """Label-reward policy gradient (GRPO-style) and label cross-entropy, for the paper's ablations.
+
+    `features`: the micro-batch's media features as the step encoded them (student and teacher prompts share
+    the media), so the cross-entropy term does not run the encoders again."""
     total = jnp.float32(0.0)
     mask = batch.completion_mask
     if settings.teacher.label_pg_weight > 0:
@@ -261,7 +266,7 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, counts, setti
     if settings.teacher.label_ce_weight > 0:
         label_mask = batch.label_mask.astype(bool)
         prompt = batch.teacher if settings.teacher.label_ce_prompt == "teacher" else batch.student
-        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask)
+        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask, features)
         logits = jnp.einsum("bch,hv->bcv", label_hidden, head, preferred_element_type=jnp.float32)
         per_token = losses.label_cross_entropy(logits, batch.label_ids, label_mask)
         total += settings.teacher.label_ce_weight * jnp.sum(per_token) / jnp.maximum(counts["label_tokens"], 1.0)
@@ -288,7 +293,7 @@ def train_step(state: TrainState, batches: StepBatch, *, settings: StepSettings)
     Returns the new state and the step's metrics (means over the batch's completion tokens). Pure:
     jit it with `make_train_step`.
     """
-    with activation_sharding(settings.mesh):  # rows sharded at every layer boundary (FSDP gathers weights)
+    with activation_sharding(settings.mesh, settings.rules):  # rows sharded at every layer boundary (FSDP gathers weights)
         return _train_step(state, batches, settings)
 
 

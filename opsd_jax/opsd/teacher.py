@@ -24,8 +24,6 @@ from opsd_jax.models.qwen2_5_omni import MediaFeatures, Qwen2_5OmniThinker, Thin
 from opsd_jax.models.text import LayerCache, causal_padding_mask
 from opsd_jax.opsd.losses import LossConfig, chunked_teacher_scores
 
-TEACHER_MODES = ("live", "frozen", "ema")
-
 
 def completion_hidden(
     model: Qwen2_5OmniThinker,
@@ -46,9 +44,13 @@ def completion_hidden(
     repeats = rows // batch
     text = model.config.text
     shape = (batch, prompt_len + length, text.num_key_value_heads, text.head_dim)
-    cache = [LayerCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(text.num_hidden_layers)]
+    cache = [
+        LayerCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(text.num_hidden_layers)
+    ]
     prompt_mask = jnp.pad(causal_padding_mask(prompt.attention_mask), ((0, 0), (0, 0), (0, length)))
-    prefix, cache = model.model(model.embed_inputs(prompt, features), prompt.position_ids, prompt_mask, cache, jnp.int32(0))
+    prefix, cache = model.model(
+        model.embed_inputs(prompt, features), prompt.position_ids, prompt_mask, cache, jnp.int32(0)
+    )
 
     # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
     # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
@@ -90,15 +92,21 @@ def teacher_signal(
     return signal_from_hidden(hidden, teacher.head_kernel(), completion, config)
 
 
-def signal_from_hidden(hidden: jax.Array, kernel: jax.Array, completion: jax.Array, config: LossConfig) -> dict[str, Any]:
+def signal_from_hidden(
+    hidden: jax.Array, kernel: jax.Array, completion: jax.Array, config: LossConfig
+) -> dict[str, Any]:
     """`teacher_signal` from the teacher's hidden states `[B * G, C, hidden]` and output head `[hidden, V]`."""
     hidden, kernel = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kernel)
     teacher_support = config.divergence in ("topk", "topk_rkl") and config.top_k_support == "teacher"
     if config.divergence != "sampled_rkl" and not teacher_support:
         return {"teacher_hidden": hidden, "teacher_head_kernel": kernel}
     scores = chunked_teacher_scores(
-        hidden, kernel, completion, top_k=config.top_k if teacher_support else 1,
-        temperature=config.temperature, chunk_size=config.chunk_size,
+        hidden,
+        kernel,
+        completion,
+        top_k=config.top_k if teacher_support else 1,
+        temperature=config.temperature,
+        chunk_size=config.chunk_size,
     )
     signal = {"teacher_token_logprobs": scores.token_logprobs}
     if teacher_support:

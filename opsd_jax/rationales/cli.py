@@ -65,13 +65,20 @@ def _generate(args: argparse.Namespace) -> int:
     from opsd_jax.rationales.generate import DEFAULT_REQUEST_PARAMS, ValidationRules, generate_rationales
     from opsd_jax.rationales.prompt import PromptOptions
 
-    missing = [flag for flag, value in (("--manifest", args.manifest), ("--out", args.out), ("--model", args.model),
-                                        ("--base-url", args.base_url)) if value is None]
+    missing = [
+        flag
+        for flag, value in (
+            ("--manifest", args.manifest),
+            ("--out", args.out),
+            ("--model", args.model),
+            ("--base-url", args.base_url),
+        )
+        if value is None
+    ]
     if missing:
         return _error(f"{', '.join(missing)} required (or use `opsd-jax rationales merge ...`); see --help")
     if not os.environ.get(args.api_key_env):
-        print(f"opsd-jax rationales: ${args.api_key_env} is not set; sending no Authorization header",
-              file=sys.stderr)
+        print(f"opsd-jax rationales: ${args.api_key_env} is not set; sending no Authorization header", file=sys.stderr)
     client = ChatClient(
         args.base_url,
         args.model,
@@ -84,8 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
         cost_per_1k_completion_tokens=args.cost_per_1k_output,
         max_response_bytes=args.max_response_bytes,
     )
-    params = {**DEFAULT_REQUEST_PARAMS, "temperature": args.temperature, "max_tokens": args.max_tokens,
-              **args.params}
+    params = {**DEFAULT_REQUEST_PARAMS, "temperature": args.temperature, "max_tokens": args.max_tokens, **args.params}
     options = PromptOptions(max_words=args.max_words, max_side=args.max_side, image_detail=args.image_detail)
     summary = generate_rationales(
         args.manifest,
@@ -107,8 +113,11 @@ def _generate(args: argparse.Namespace) -> int:
         left_out = summary.remaining - summary.unfinished
         reasons = [f"{summary.unfinished} met endpoint errors"] if summary.unfinished else []
         reasons += [f"{left_out} were left for later by --limit"] if left_out else []
-        print(f"opsd-jax rationales: {summary.remaining} clips have no line yet ({', '.join(reasons)}); "
-              "rerun the same command to continue", file=sys.stderr)
+        print(
+            f"opsd-jax rationales: {summary.remaining} clips have no line yet ({', '.join(reasons)}); "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -116,8 +125,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from opsd_jax.rationales.generate import merge_rationales
 
-    summary = merge_rationales(args.merge_manifest, args.merge_rationales, args.merge_out,
-                               require_split=args.require_split)
+    summary = merge_rationales(
+        args.merge_manifest, args.merge_rationales, args.merge_out, require_split=args.require_split
+    )
     print(f"{summary}; wrote {args.merge_out}")
     return 0
 
@@ -149,65 +159,134 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--out", type=local_path, help="rationale JSONL, created or resumed; required")
     io.add_argument("--split", help="only the clips of this split, e.g. train (default: every clip)")
     io.add_argument("--limit", type=int, help="attempt at most N clips that still lack a line (a trial, a budget)")
-    io.add_argument("--retry-failed", action="store_true",
-                    help="drop the failed lines of --out and try those clips again")
+    io.add_argument(
+        "--retry-failed", action="store_true", help="drop the failed lines of --out and try those clips again"
+    )
 
     endpoint = parser.add_argument_group("endpoint")
     endpoint.add_argument("--model", help="model name on the endpoint, e.g. gpt-4o; required")
-    endpoint.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
-                          "http://localhost:8000/v1; required")
-    endpoint.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                          help="environment variable holding the API key (default: %(default)s); unset = no key")
-    endpoint.add_argument("--concurrency", type=_positive_int, default=8,
-                          help="requests in flight (default: %(default)s)")
-    endpoint.add_argument("--timeout", type=float, default=60.0,
-                          help="wall-clock seconds per request, connecting and reading together (default: %(default)s)")
-    endpoint.add_argument("--max-response-bytes", type=_positive_int, default=16 * 2**20,
-                          help="refuse a response larger than this (default: %(default)s, 16 MiB)")
-    endpoint.add_argument("--max-retries", type=int, default=5,
-                          help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)")
-    endpoint.add_argument("--backoff-base", type=float, default=1.0,
-                          help="first backoff delay in seconds, doubled per retry (default: %(default)s)")
-    endpoint.add_argument("--cost-per-1k-input", type=float, default=0.0,
-                          help="price of 1000 prompt tokens, for the summary")
-    endpoint.add_argument("--cost-per-1k-output", type=float, default=0.0,
-                          help="price of 1000 completion tokens, for the summary")
+    endpoint.add_argument(
+        "--base-url",
+        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1; required",
+    )
+    endpoint.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default: %(default)s); unset = no key",
+    )
+    endpoint.add_argument(
+        "--concurrency", type=_positive_int, default=8, help="requests in flight (default: %(default)s)"
+    )
+    endpoint.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="wall-clock seconds per request, connecting and reading together (default: %(default)s)",
+    )
+    endpoint.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=16 * 2**20,
+        help="refuse a response larger than this (default: %(default)s, 16 MiB)",
+    )
+    endpoint.add_argument(
+        "--max-retries",
+        type=int,
+        default=5,
+        help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)",
+    )
+    endpoint.add_argument(
+        "--backoff-base",
+        type=float,
+        default=1.0,
+        help="first backoff delay in seconds, doubled per retry (default: %(default)s)",
+    )
+    endpoint.add_argument(
+        "--cost-per-1k-input", type=float, default=0.0, help="price of 1000 prompt tokens, for the summary"
+    )
+    endpoint.add_argument(
+        "--cost-per-1k-output", type=float, default=0.0, help="price of 1000 completion tokens, for the summary"
+    )
 
     request = parser.add_argument_group("prompt and answers")
-    request.add_argument("--frames", type=_positive_int, default=8,
-                         help="frames per clip, evenly spaced (default: %(default)s)")
-    request.add_argument("--max-side", type=_positive_int, default=512,
-                         help="longest side of each JPEG frame in pixels (default: %(default)s)")
-    request.add_argument("--image-detail", choices=("low", "high", "auto"),
-                         help="OpenAI image detail level (default: not sent, the endpoint decides)")
-    request.add_argument("--audio", action="store_true",
-                         help="also send each clip's audio as an input_audio part (audio-capable models only)")
-    request.add_argument("--max-words", type=_positive_int, default=120,
-                         help="length asked for; answers over 1.25x this are rejected (default: %(default)s)")
-    request.add_argument("--min-words", type=_positive_int, default=15,
-                         help="shorter answers are rejected (default: %(default)s)")
-    request.add_argument("--validation-retries", type=int, default=2,
-                         help="times to ask again after an invalid answer before the clip is recorded as failed "
-                         "(default: %(default)s)")
+    request.add_argument(
+        "--frames", type=_positive_int, default=8, help="frames per clip, evenly spaced (default: %(default)s)"
+    )
+    request.add_argument(
+        "--max-side",
+        type=_positive_int,
+        default=512,
+        help="longest side of each JPEG frame in pixels (default: %(default)s)",
+    )
+    request.add_argument(
+        "--image-detail",
+        choices=("low", "high", "auto"),
+        help="OpenAI image detail level (default: not sent, the endpoint decides)",
+    )
+    request.add_argument(
+        "--audio",
+        action="store_true",
+        help="also send each clip's audio as an input_audio part (audio-capable models only)",
+    )
+    request.add_argument(
+        "--max-words",
+        type=_positive_int,
+        default=120,
+        help="length asked for; answers over 1.25x this are rejected (default: %(default)s)",
+    )
+    request.add_argument(
+        "--min-words", type=_positive_int, default=15, help="shorter answers are rejected (default: %(default)s)"
+    )
+    request.add_argument(
+        "--validation-retries",
+        type=int,
+        default=2,
+        help="times to ask again after an invalid answer before the clip is recorded as failed (default: %(default)s)",
+    )
     request.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (default: %(default)s)")
-    request.add_argument("--max-tokens", type=_positive_int, default=512,
-                         help="completion token limit per answer (default: %(default)s)")
-    request.add_argument("--params", type=_json_object, default={},
-                         help='JSON merged into every request, e.g. \'{"top_p": 0.9}\' (overrides the two above)')
+    request.add_argument(
+        "--max-tokens", type=_positive_int, default=512, help="completion token limit per answer (default: %(default)s)"
+    )
+    request.add_argument(
+        "--params",
+        type=_json_object,
+        default={},
+        help="JSON merged into every request, e.g. '{\"top_p\": 0.9}' (overrides the two above)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_guarded(_generate))
 
     commands = parser.add_subparsers(title="subcommands", metavar="merge")
-    merge = commands.add_parser("merge", help="write a manifest with the rationales merged in",
-                                description=MERGE_DESCRIPTION)
-    merge.add_argument("--manifest", dest="merge_manifest", metavar="MANIFEST", type=local_path, required=True,
-                       help="the manifest the rationales were written for")
-    merge.add_argument("--rationales", dest="merge_rationales", metavar="RATIONALES", type=local_path, required=True,
-                       help="the JSONL written by `opsd-jax rationales`")
-    merge.add_argument("--out", dest="merge_out", metavar="OUT", type=local_path, required=True,
-                       help="the new manifest (must differ from MANIFEST)")
-    merge.add_argument("--require-split", metavar="SPLIT",
-                       help="fail unless every clip of this split (e.g. train) has a rationale")
+    merge = commands.add_parser(
+        "merge", help="write a manifest with the rationales merged in", description=MERGE_DESCRIPTION
+    )
+    merge.add_argument(
+        "--manifest",
+        dest="merge_manifest",
+        metavar="MANIFEST",
+        type=local_path,
+        required=True,
+        help="the manifest the rationales were written for",
+    )
+    merge.add_argument(
+        "--rationales",
+        dest="merge_rationales",
+        metavar="RATIONALES",
+        type=local_path,
+        required=True,
+        help="the JSONL written by `opsd-jax rationales`",
+    )
+    merge.add_argument(
+        "--out",
+        dest="merge_out",
+        metavar="OUT",
+        type=local_path,
+        required=True,
+        help="the new manifest (must differ from MANIFEST)",
+    )
+    merge.add_argument(
+        "--require-split", metavar="SPLIT", help="fail unless every clip of this split (e.g. train) has a rationale"
+    )
     merge.set_defaults(handler=_guarded(_merge))
 
 

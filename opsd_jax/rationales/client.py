@@ -176,8 +176,9 @@ def _read_capped(response, limit: int, url: str) -> bytes:
     """The body of `response`, refusing more than `limit` bytes (before reading them, when announced)."""
     announced = response.headers.get("Content-Length")
     if announced and announced.strip().isdigit() and int(announced) > limit:
-        raise ChatClientError(f"{url} announced a {int(announced)}-byte response, over the {limit}-byte limit "
-                              "(max_response_bytes)")
+        raise ChatClientError(
+            f"{url} announced a {int(announced)}-byte response, over the {limit}-byte limit (max_response_bytes)"
+        )
     chunks, total = [], 0
     while chunk := response.read(1 << 16):
         total += len(chunk)
@@ -208,8 +209,11 @@ class ChatClient:
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected an http(s) URL such as https://api.openai.com/v1, got {base_url!r}")
-        for name, value in (("timeout_s", timeout_s), ("max_concurrency", max_concurrency),
-                            ("max_response_bytes", max_response_bytes)):
+        for name, value in (
+            ("timeout_s", timeout_s),
+            ("max_concurrency", max_concurrency),
+            ("max_response_bytes", max_response_bytes),
+        ):
             if value <= 0:
                 raise ValueError(f"{name}: expected a positive value, got {value}")
         if max_retries < 0:
@@ -279,7 +283,9 @@ class ChatClient:
             raise
         except (OSError, http.client.HTTPException) as err:
             if deadline.expired:
-                raise _Retryable(f"no complete response from {self.url} within the {self.timeout_s} s deadline") from None
+                raise _Retryable(
+                    f"no complete response from {self.url} within the {self.timeout_s} s deadline"
+                ) from None
             if isinstance(err, urllib.error.URLError):
                 if isinstance(err.reason, (TimeoutError, socket.timeout)):
                     raise _Retryable(f"timed out after {self.timeout_s} s connecting to {self.url}") from None

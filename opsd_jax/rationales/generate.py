@@ -87,11 +87,13 @@ class ValidationRules:
 
     def __post_init__(self):
         if not 1 <= self.min_words <= self.max_words:
-            raise ValueError(f"min_words/max_words: expected 1 <= min_words <= max_words, got {self.min_words}, "
-                             f"{self.max_words}")
+            raise ValueError(
+                f"min_words/max_words: expected 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}"
+            )
         if not 1 <= self.min_chars <= self.max_chars:
-            raise ValueError(f"min_chars/max_chars: expected 1 <= min_chars <= max_chars, got {self.min_chars}, "
-                             f"{self.max_chars}")
+            raise ValueError(
+                f"min_chars/max_chars: expected 1 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}"
+            )
 
     @classmethod
     def for_prompt(cls, max_words: int, min_words: int = 15) -> ValidationRules:
@@ -144,8 +146,9 @@ def _parse_lines(data: bytes, path: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not record["id"]:
             raise RationaleFileError(f"{where}: field 'id': expected a JSON object with a non-empty string id")
         if record.get("status") not in (STATUS_OK, STATUS_FAILED):
-            raise RationaleFileError(f"{where}: field 'status': expected 'ok' or 'failed', "
-                                     f"got {record.get('status')!r}")
+            raise RationaleFileError(
+                f"{where}: field 'status': expected 'ok' or 'failed', got {record.get('status')!r}"
+            )
         if record["status"] == STATUS_OK and not (isinstance(record.get("rationale"), str) and record["rationale"]):
             raise RationaleFileError(f"{where}: field 'rationale': expected a non-empty string for status 'ok'")
         if record["id"] in records:
@@ -160,7 +163,7 @@ def read_rationales(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"rationale file {path} does not exist")
     data = path.read_bytes()  # read-only: a running generation may still complete that line
-    return _parse_lines(data[:complete_length(data, path)], path)
+    return _parse_lines(data[: complete_length(data, path)], path)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -298,15 +301,21 @@ def load_frames(clip: Clip, frames_per_clip: int, max_side: int) -> np.ndarray:
     because the video is shorter than `frames_per_clip` are sent once. Raises `MediaError`."""
     # Decode near the size the prompt sends (it shrinks further to `max_side`), never upscaling to the
     # encoder's minimum size.
-    video = read_video(clip.video, record_id=clip.id, num_frames=frames_per_clip, min_pixels=IMAGE_FACTOR**2,
-                       max_pixels=max(max_side, IMAGE_FACTOR) ** 2)
+    video = read_video(
+        clip.video,
+        record_id=clip.id,
+        num_frames=frames_per_clip,
+        min_pixels=IMAGE_FACTOR**2,
+        max_pixels=max(max_side, IMAGE_FACTOR) ** 2,
+    )
     frames = video.frames
     keep = [0] + [i for i in range(1, len(frames)) if not np.array_equal(frames[i], frames[i - 1])]
     return frames[keep]
 
 
-def _prepare(clips: Sequence[Clip], frames_per_clip: int, options: PromptOptions,
-             include_audio: bool) -> list[_Job | dict[str, Any]]:
+def _prepare(
+    clips: Sequence[Clip], frames_per_clip: int, options: PromptOptions, include_audio: bool
+) -> list[_Job | dict[str, Any]]:
     """Each clip's request, or its failed record when its media cannot be read."""
     prepared: list[_Job | dict[str, Any]] = []
     for clip in clips:
@@ -386,15 +395,18 @@ def generate_rationales(
         todo = [clip for clip in selected if clip.id not in output.records]
         skipped = len(selected) - len(todo)
         todo = todo if limit is None else todo[:limit]
-        chunks = iter([todo[start:start + chunk_size] for start in range(0, len(todo), chunk_size)])
+        chunks = iter([todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)])
         bar = tqdm(total=len(todo), desc="rationales", unit="clip", disable=not progress)
         run = _Run(client, output, rules, validation_retries, params, bar)
         with bar, concurrent.futures.ThreadPoolExecutor(max_workers=1) as decoder:
 
             def decode_next_chunk() -> concurrent.futures.Future | None:
                 chunk = next(chunks, None)
-                return None if chunk is None else decoder.submit(
-                    _prepare, chunk, frames_per_clip, prompt_options, include_audio)
+                return (
+                    None
+                    if chunk is None
+                    else decoder.submit(_prepare, chunk, frames_per_clip, prompt_options, include_audio)
+                )
 
             upcoming = decode_next_chunk()
             retries: list[_Job] = []
@@ -412,19 +424,33 @@ def generate_rationales(
         remaining = sum(clip.id not in output.records for clip in selected)
     usage_after = client.usage
     return RunSummary(
-        selected=len(selected), skipped=skipped, done=run.done, failed=run.failed, unfinished=run.unfinished,
-        remaining=remaining, retried_failed=retried_failed, requests=run.requests,
+        selected=len(selected),
+        skipped=skipped,
+        done=run.done,
+        failed=run.failed,
+        unfinished=run.unfinished,
+        remaining=remaining,
+        retried_failed=retried_failed,
+        requests=run.requests,
         prompt_tokens=usage_after.prompt_tokens - usage_before.prompt_tokens,
         completion_tokens=usage_after.completion_tokens - usage_before.completion_tokens,
-        cost=usage_after.cost - usage_before.cost, first_error=run.first_error,
+        cost=usage_after.cost - usage_before.cost,
+        first_error=run.first_error,
     )
 
 
 class _Run:
     """Sends jobs, judges the answers and writes each finished clip's line; counts what happened."""
 
-    def __init__(self, client: ChatClient, output: RationaleFile, rules: ValidationRules, validation_retries: int,
-                 params: Mapping[str, Any], bar: tqdm):
+    def __init__(
+        self,
+        client: ChatClient,
+        output: RationaleFile,
+        rules: ValidationRules,
+        validation_retries: int,
+        params: Mapping[str, Any],
+        bar: tqdm,
+    ):
         self.client, self.output, self.rules, self.bar = client, output, rules, bar
         self.validation_retries = validation_retries
         self.params = params
@@ -450,8 +476,14 @@ class _Run:
                     self.first_error = self.first_error or f"clip {job.clip.id!r}: {value}"
                     self.bar.update(1)
                 elif kind == "failed":
-                    record = {"id": job.clip.id, "status": STATUS_FAILED, "error": f"clip {job.clip.id!r}: {value}",
-                              "video": str(job.clip.video), "usage": self._usage(job), "attempts": job.attempts}
+                    record = {
+                        "id": job.clip.id,
+                        "status": STATUS_FAILED,
+                        "error": f"clip {job.clip.id!r}: {value}",
+                        "video": str(job.clip.video),
+                        "usage": self._usage(job),
+                        "attempts": job.attempts,
+                    }
                     if isinstance(value, InvalidRationale):
                         record["last_answer"] = result.text[:2000]
                     self.write_failed(record)
@@ -460,14 +492,25 @@ class _Run:
         return retries
 
     def _usage(self, job: _Job) -> dict[str, Any]:
-        cost = (job.prompt_tokens * self.client.cost_per_1k_prompt_tokens
-                + job.completion_tokens * self.client.cost_per_1k_completion_tokens) / 1000
+        cost = (
+            job.prompt_tokens * self.client.cost_per_1k_prompt_tokens
+            + job.completion_tokens * self.client.cost_per_1k_completion_tokens
+        ) / 1000
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens, "cost": cost}
 
     def _write_ok(self, job: _Job, rationale: str, result: ChatResponse) -> None:
-        record = {"id": job.clip.id, "status": STATUS_OK, "rationale": rationale, "model": self.client.model,
-                  "usage": self._usage(job), "attempts": job.attempts, "frames": job.frames, "audio": job.audio,
-                  "prompt_sha": PROMPT_SHA, "created": _utc_now()}
+        record = {
+            "id": job.clip.id,
+            "status": STATUS_OK,
+            "rationale": rationale,
+            "model": self.client.model,
+            "usage": self._usage(job),
+            "attempts": job.attempts,
+            "frames": job.frames,
+            "audio": job.audio,
+            "prompt_sha": PROMPT_SHA,
+            "created": _utc_now(),
+        }
         if result.raw.get("model") not in (None, self.client.model):
             record["served_model"] = result.raw["model"]
         self.output.append(record)
@@ -476,16 +519,20 @@ class _Run:
 
     def write_failed(self, record: dict[str, Any]) -> None:
         """Writes a failed line (media failures arrive with only id, error and paths)."""
-        defaults = {"model": self.client.model, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0},
-                    "attempts": 0}
+        defaults = {
+            "model": self.client.model,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0},
+            "attempts": 0,
+        }
         self.output.append({**defaults, **record, "created": _utc_now()})
         self.failed += 1
         self.first_error = self.first_error or record["error"]
         self.bar.update(1)
 
 
-def _settle(job: _Job, result: ChatResponse | ChatClientError, rules: ValidationRules,
-            validation_retries: int) -> tuple[str, Any]:
+def _settle(
+    job: _Job, result: ChatResponse | ChatClientError, rules: ValidationRules, validation_retries: int
+) -> tuple[str, Any]:
     """What one answer means for its clip: ("ok", rationale), ("retry", reason), ("unfinished", error: a
     rerun retries) or ("failed", error to record). An error that every request would hit is raised."""
     if isinstance(result, ChatClientError):
@@ -514,12 +561,15 @@ class MergeSummary:
     unmatched: int  # rationales whose id is not in the manifest
 
     def __str__(self) -> str:
-        return (f"merged {self.merged} of {self.clips} clips' rationales ({self.without} without one); "
-                f"{self.failed} failed lines and {self.unmatched} ids not in the manifest were left out")
+        return (
+            f"merged {self.merged} of {self.clips} clips' rationales ({self.without} without one); "
+            f"{self.failed} failed lines and {self.unmatched} ids not in the manifest were left out"
+        )
 
 
-def merge_rationales(manifest: str | Path, rationales: str | Path, out: str | Path, *,
-                     require_split: str | None = None) -> MergeSummary:
+def merge_rationales(
+    manifest: str | Path, rationales: str | Path, out: str | Path, *, require_split: str | None = None
+) -> MergeSummary:
     """Writes `out`: `manifest` with each clip's `rationale` set from the file's ok lines (other clips keep
     theirs). With `require_split`, every clip of that split must get one."""
     manifest, rationales, out = Path(manifest), Path(rationales), Path(out)
@@ -533,14 +583,22 @@ def merge_rationales(manifest: str | Path, rationales: str | Path, out: str | Pa
     if texts and not merged:
         raise RationaleFileError(f"{rationales}: none of its {len(texts)} ids is in {manifest} (another manifest?)")
     if require_split is not None:
-        missing = [clip.id for clip in _select(clips, require_split, str(manifest))
-                   if clip.id not in texts and not clip.rationale]
+        missing = [
+            clip.id
+            for clip in _select(clips, require_split, str(manifest))
+            if clip.id not in texts and not clip.rationale
+        ]
         if missing:
-            raise RationaleFileError(f"{rationales}: {len(missing)} clips of split {require_split!r} have no rationale "
-                                     f"(first: {', '.join(missing[:5])}); rerun `opsd-jax rationales` for them")
+            raise RationaleFileError(
+                f"{rationales}: {len(missing)} clips of split {require_split!r} have no rationale "
+                f"(first: {', '.join(missing[:5])}); rerun `opsd-jax rationales` for them"
+            )
     updated = [dataclasses.replace(clip, rationale=texts[clip.id]) if clip.id in texts else clip for clip in clips]
     write_manifest(out, updated)
-    return MergeSummary(clips=len(clips), merged=merged, without=sum(not clip.rationale for clip in updated),
-                        failed=sum(record["status"] == STATUS_FAILED for record in records.values()),
-                        unmatched=sum(key not in ids for key in texts))
-
+    return MergeSummary(
+        clips=len(clips),
+        merged=merged,
+        without=sum(not clip.rationale for clip in updated),
+        failed=sum(record["status"] == STATUS_FAILED for record in records.values()),
+        unmatched=sum(key not in ids for key in texts),
+    )

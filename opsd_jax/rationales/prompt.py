@@ -75,8 +75,7 @@ given to you, and do not use the words "label", "annotation" or "ground truth".
 TASK_FOCUS = {
     "basic": "It is one basic emotion category: point out the cues that set it apart from similar emotions.",
     "fine_grained": "They are open-vocabulary emotion words that may co-occur: account for each of them.",
-    "sentiment": "It is the overall valence of what the person expresses: explain both its polarity and its "
-    "strength.",
+    "sentiment": "It is the overall valence of what the person expresses: explain both its polarity and its strength.",
 }
 LABEL_KIND = {"basic": "emotion", "fine_grained": "emotions", "sentiment": "sentiment"}
 VOICE_CUES_WITH_AUDIO = "pitch, energy, tempo and tone of voice, as heard in the attached audio"
@@ -90,8 +89,16 @@ NO_TRANSCRIPT = "(none: the clip has no transcript)"
 
 PROMPT_SHA = hashlib.sha256(
     "\x00".join(
-        [RATIONALE_PROMPT, *TASK_FOCUS.values(), *LABEL_KIND.values(), VOICE_CUES_WITH_AUDIO,
-         VOICE_CUES_WITHOUT_AUDIO, WORD_CUES, NO_WORD_CUES, NO_TRANSCRIPT]
+        [
+            RATIONALE_PROMPT,
+            *TASK_FOCUS.values(),
+            *LABEL_KIND.values(),
+            VOICE_CUES_WITH_AUDIO,
+            VOICE_CUES_WITHOUT_AUDIO,
+            WORD_CUES,
+            NO_WORD_CUES,
+            NO_TRANSCRIPT,
+        ]
     ).encode()
 ).hexdigest()[:12]
 
@@ -116,8 +123,9 @@ class PromptOptions:
         if not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"jpeg_quality: expected 1..95, got {self.jpeg_quality}")
         if self.image_detail is not None and self.image_detail not in IMAGE_DETAILS:
-            raise ValueError(f"image_detail: expected one of {', '.join(IMAGE_DETAILS)} or None, "
-                             f"got {self.image_detail!r}")
+            raise ValueError(
+                f"image_detail: expected one of {', '.join(IMAGE_DETAILS)} or None, got {self.image_detail!r}"
+            )
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds: expected a positive number, got {self.max_audio_seconds}")
 

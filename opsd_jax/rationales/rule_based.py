@@ -56,8 +56,11 @@ _EMOTION = re.compile(r"^The clip's emotion: (.+)\.$", re.MULTILINE)
 
 FACE_WORDS = {
     "positive": ("The mouth curves up and the brows lie level", "a relaxed, pleasant face", "a pleasant face"),
-    "negative": ("The mouth curves down and the brows are drawn together, slanting toward the nose",
-                 "a tense, displeased face", "a displeased face"),
+    "negative": (
+        "The mouth curves down and the brows are drawn together, slanting toward the nose",
+        "a tense, displeased face",
+        "a displeased face",
+    ),
 }
 VOICE_WORDS = {
     "high": ("The voice is high-pitched and loud", "an energetic voice", "an energetic voice"),
@@ -90,8 +93,10 @@ def write_rationale(valence: str, arousal: str, subtitle: str, emotion: str) -> 
         words = f'The words "{subtitle}" fit that.'
     else:
         words = f'The words "{subtitle}" sound {said}, but the face and the voice outweigh them.'
-    return (f"{face}: {face_reading}. {voice}: {voice_reading}. {words} "
-            f"{face_short.capitalize()} with {voice_short} makes this {emotion}.")
+    return (
+        f"{face}: {face_reading}. {voice}: {voice_reading}. {words} "
+        f"{face_short.capitalize()} with {voice_short} makes this {emotion}."
+    )
 
 
 # ----- reading a request -----------------------------------------------------------------------------------
@@ -133,8 +138,10 @@ def _prompt_fields(text: str) -> tuple[str, str]:
     """(transcript, emotion) from the filled `RATIONALE_PROMPT` of a basic-emotion clip."""
     transcript, emotion = _TRANSCRIPT.search(text), _EMOTION.search(text)
     if transcript is None or emotion is None:
-        raise Unanswerable("the prompt holds no 'Transcript of what the person says:' line or no "
-                           "\"The clip's emotion: ...\" line (only basic-emotion rationale prompts are answered)")
+        raise Unanswerable(
+            "the prompt holds no 'Transcript of what the person says:' line or no "
+            '"The clip\'s emotion: ..." line (only basic-emotion rationale prompts are answered)'
+        )
     quoted = transcript.group(1).strip()
     if quoted == NO_TRANSCRIPT:
         return "", emotion.group(1)
@@ -152,9 +159,11 @@ def answer(messages: Sequence[dict[str, Any]]) -> str:
     sounds = [_audio(part) for part in parts if part.get("type") == "input_audio"]
     texts = [part.get("text", "") for part in parts if part.get("type") == "text"]
     if not frames or len(sounds) != 1 or not texts:
-        raise Unanswerable(f"content: expected image_url parts, one input_audio part and the prompt text, got "
-                           f"{len(frames)} images, {len(sounds)} audio parts, {len(texts)} texts "
-                           f"(send the audio: generate_rationales(..., include_audio=True))")
+        raise Unanswerable(
+            f"content: expected image_url parts, one input_audio part and the prompt text, got "
+            f"{len(frames)} images, {len(sounds)} audio parts, {len(texts)} texts "
+            f"(send the audio: generate_rationales(..., include_audio=True))"
+        )
     subtitle, emotion = _prompt_fields(texts[-1])
     if {frame.shape for frame in frames} != {frames[0].shape}:
         raise Unanswerable(f"image_url: expected frames of one size, got {sorted({f.shape for f in frames})}")
@@ -163,8 +172,11 @@ def answer(messages: Sequence[dict[str, Any]]) -> str:
     except ValueError as err:
         raise Unanswerable(f"the media show no synthetic-task cues: {err}", status=422) from None
     if cues["emotion"] != emotion:
-        raise Unanswerable(f"the face ({cues['valence']} valence) and the voice ({cues['arousal']} arousal) show "
-                           f"{cues['emotion']}, not {emotion!r}; no rationale for it", status=422)
+        raise Unanswerable(
+            f"the face ({cues['valence']} valence) and the voice ({cues['arousal']} arousal) show "
+            f"{cues['emotion']}, not {emotion!r}; no rationale for it",
+            status=422,
+        )
     return write_rationale(cues["valence"], cues["arousal"], subtitle, emotion)
 
 
@@ -193,8 +205,10 @@ class RuleBasedServer:
                     return self._send(404, _error(f"no route {self.path}; POST /v1/chat/completions"))
                 length = int(self.headers.get("Content-Length") or 0)
                 if length <= 0 or length > max_body_bytes:
-                    return self._send(413 if length > 0 else 411,
-                                      _error(f"Content-Length {length}: expected 1 to {max_body_bytes} bytes"))
+                    return self._send(
+                        413 if length > 0 else 411,
+                        _error(f"Content-Length {length}: expected 1 to {max_body_bytes} bytes"),
+                    )
                 try:
                     body = json.loads(self.rfile.read(length))
                     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
@@ -206,17 +220,30 @@ class RuleBasedServer:
                     return self._send(err.status, _error(str(err)))
                 with owner._lock:
                     owner.requests += 1
-                prompt_words = sum(len(str(part.get("text", "")).split()) for message in body["messages"]
-                                   for part in (message.get("content") or []) if isinstance(part, dict))
+                prompt_words = sum(
+                    len(str(part.get("text", "")).split())
+                    for message in body["messages"]
+                    for part in (message.get("content") or [])
+                    if isinstance(part, dict)
+                )
                 completion_words = len(text.split())
-                self._send(200, {
-                    "id": f"chatcmpl-rule-{owner.requests}", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model") or MODEL_NAME,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": completion_words,
-                              "total_tokens": prompt_words + completion_words},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-rule-{owner.requests}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model") or MODEL_NAME,
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt_words,
+                            "completion_tokens": completion_words,
+                            "total_tokens": prompt_words + completion_words,
+                        },
+                    },
+                )
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -235,8 +262,7 @@ class RuleBasedServer:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def __enter__(self) -> RuleBasedServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="rule-based-rationales",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="rule-based-rationales", daemon=True)
         self._thread.start()
         return self
 
@@ -251,14 +277,29 @@ def _error(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error"}}
 
 
-def write_rule_based_rationales(manifest: str | Path | Sequence[Clip], out_jsonl: str | Path, *,
-                                split: str | None = "train", frames_per_clip: int = synthetic.NUM_FRAMES,
-                                concurrency: int = 2, limit: int | None = None,
-                                progress: bool = False) -> RunSummary:
+def write_rule_based_rationales(
+    manifest: str | Path | Sequence[Clip],
+    out_jsonl: str | Path,
+    *,
+    split: str | None = "train",
+    frames_per_clip: int = synthetic.NUM_FRAMES,
+    concurrency: int = 2,
+    limit: int | None = None,
+    progress: bool = False,
+) -> RunSummary:
     """Starts a `RuleBasedServer`, runs `generate_rationales` against it (frames and audio sent) for the
     clips of `split` (None: all) that `out_jsonl` lacks, stops the server; returns the run's summary."""
     with RuleBasedServer() as server:
-        client = ChatClient(server.base_url, MODEL_NAME, api_key_env=None, timeout_s=60.0, max_retries=2,
-                            max_concurrency=concurrency)
-        return generate_rationales(manifest, out_jsonl, client, frames_per_clip=frames_per_clip, split=split,
-                                   limit=limit, include_audio=True, progress=progress)
+        client = ChatClient(
+            server.base_url, MODEL_NAME, api_key_env=None, timeout_s=60.0, max_retries=2, max_concurrency=concurrency
+        )
+        return generate_rationales(
+            manifest,
+            out_jsonl,
+            client,
+            frames_per_clip=frames_per_clip,
+            split=split,
+            limit=limit,
+            include_audio=True,
+            progress=progress,
+        )

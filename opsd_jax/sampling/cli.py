@@ -34,17 +34,30 @@ DEFAULT_MAX_NEW_TOKENS = 128  # without a config file; with one, its sampling.ev
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--checkpoint, --step, --config, --dtype: where the model comes from (`opsd_jax.trained`)."""
-    parser.add_argument("--checkpoint", type=local_path, required=required,
-                        help="a training run directory (run.output_dir of `opsd-jax train`: its config.yaml gives "
-                        "the prompt, audio layout, prompt buckets, answer length and mesh) or a Hugging Face "
-                        "checkpoint directory (with tokenizer files)")
-    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint step (default: the newest "
-                        "that restores)")
-    parser.add_argument("--config", type=local_path, help="a YAML run config to use instead of the run's config.yaml "
-                        "(with a Hugging Face directory: instead of the defaults); KEY=VALUE words after the flags "
-                        "override it as in `opsd-jax train`, e.g. mesh.fsdp=4 prompt.instruction=...")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                        help="parameters and compute (default: %(default)s), sharded over the config's mesh")
+    parser.add_argument(
+        "--checkpoint",
+        type=local_path,
+        required=required,
+        help="a training run directory (run.output_dir of `opsd-jax train`: its config.yaml gives "
+        "the prompt, audio layout, prompt buckets, answer length and mesh) or a Hugging Face "
+        "checkpoint directory (with tokenizer files)",
+    )
+    parser.add_argument(
+        "--step", type=int, help="with a run directory: the checkpoint step (default: the newest that restores)"
+    )
+    parser.add_argument(
+        "--config",
+        type=local_path,
+        help="a YAML run config to use instead of the run's config.yaml "
+        "(with a Hugging Face directory: instead of the defaults); KEY=VALUE words after the flags "
+        "override it as in `opsd-jax train`, e.g. mesh.fsdp=4 prompt.instruction=...",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
+        help="parameters and compute (default: %(default)s), sharded over the config's mesh",
+    )
 
 
 FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
@@ -80,19 +93,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=local_path, help="answers JSONL (with --manifest)")
     parser.add_argument("--split", help="only clips of this split (with --manifest)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, help="default: the config's sampling.eval_max_new_tokens, "
-                        f"without a config file {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"default: the config's sampling.eval_max_new_tokens, without a config file {DEFAULT_MAX_NEW_TOKENS}",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     add_frame_arguments(parser)
-    parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                        help="a manifest clip whose media cannot be read: raise (stop, exit 2; default) or skip "
-                        "it (counted and named at the end, exit 1; a rerun tries it again)")
-    parser.add_argument("--separate-audio", action="store_true",
-                        help="give the audio as its own part instead of interleaving it with the video (default: "
-                        "the config's data.use_audio_in_video)")
+    parser.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="raise",
+        help="a manifest clip whose media cannot be read: raise (stop, exit 2; default) or skip "
+        "it (counted and named at the end, exit 1; a rerun tries it again)",
+    )
+    parser.add_argument(
+        "--separate-audio",
+        action="store_true",
+        help="give the audio as its own part instead of interleaving it with the video (default: "
+        "the config's data.use_audio_in_video)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -113,13 +136,23 @@ def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
 
         clip_shape = training_clip_shape(config)
         if clip_shape is not None:
-            logger.info("clips are brought to the run's training clips: %d frames of %d x %d, %d audio samples (%s)",
-                        clip_shape.num_frames, clip_shape.height, clip_shape.width, clip_shape.audio_samples,
-                        config.data.train_dir)
+            logger.info(
+                "clips are brought to the run's training clips: %d frames of %d x %d, %d audio samples (%s)",
+                clip_shape.num_frames,
+                clip_shape.height,
+                clip_shape.width,
+                clip_shape.audio_samples,
+                config.data.train_dir,
+            )
     frames = {name: FRAME_DEFAULTS[name] if value is None else value for name, value in frames.items()}
-    return dict(prompt_config=prompt, prompt_buckets=tuple(config.sampling.prompt_buckets),
-                separate_audio=args.separate_audio or not config.data.use_audio_in_video, max_new_tokens=max_new_tokens,
-                clip_shape=clip_shape, **frames)
+    return dict(
+        prompt_config=prompt,
+        prompt_buckets=tuple(config.sampling.prompt_buckets),
+        separate_audio=args.separate_audio or not config.data.use_audio_in_video,
+        max_new_tokens=max_new_tokens,
+        clip_shape=clip_shape,
+        **frames,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +174,7 @@ def load_reader(source, dtype: str) -> Reader:
 
     builder = PromptBuilder.from_pretrained(source.base_dir)
     mesh = make_mesh(source.config.mesh)
-    model, step = load_thinker(source, dtype=dtype, mesh=mesh)
+    model, step = load_thinker(source, dtype=dtype, mesh=mesh, rules=source.config.mesh.axis_rules())
     return Reader(model, builder, mesh, step)
 
 
@@ -154,8 +187,9 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
     if shape is not None:
         decoded = read_video(video, record_id=record_id, num_frames=shape.num_frames, size=(shape.height, shape.width))
     else:
-        decoded = read_video(video, record_id=record_id, fps=args.fps, max_frames=args.max_frames,
-                             max_pixels=args.max_pixels)
+        decoded = read_video(
+            video, record_id=record_id, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels
+        )
     arrays = video_to_inputs(decoded.frames, decoded.sample_fps)
     clip = {
         "pixel_values_videos": arrays["pixel_values_videos"],
@@ -166,7 +200,9 @@ def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argpa
         waveform = read_audio(audio or video, record_id=record_id)
         # A training clip's audio was cut to (or padded to) the dataset's length; other audio keeps its own.
         features = audio_to_inputs(waveform, max_samples=shape.audio_samples if shape is not None else waveform.size)
-        clip.update(input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0])
+        clip.update(
+            input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0]
+        )
     return clip
 
 
@@ -175,8 +211,9 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def answer(reader: Reader, clips: list[dict[str, Any]], settings, *, model_context: int | None = None,
-           ids: Sequence[str] = ()) -> list[str]:
+def answer(
+    reader: Reader, clips: list[dict[str, Any]], settings, *, model_context: int | None = None, ids: Sequence[str] = ()
+) -> list[str]:
     """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`), batched over the reader's
     mesh; a prompt that does not fit `model_context` with the new tokens is refused (`GenerateError` naming
     its clip of `ids`). `settings`: `opsd-jax generate`'s arguments completed by `settings_from_config`, or an
@@ -186,17 +223,26 @@ def answer(reader: Reader, clips: list[dict[str, Any]], settings, *, model_conte
     from opsd_jax.sharding import to_host
 
     builder = reader.builder
-    inputs = encode_clip_batch(builder, clips, settings.prompt_config, length=None,
-                               use_audio_in_video=not settings.separate_audio)
+    inputs = encode_clip_batch(
+        builder, clips, settings.prompt_config, length=None, use_audio_in_video=not settings.separate_audio
+    )
     _fits(model_context, inputs, settings, list(ids) or [str(i) for i in range(len(clips))])
     length = inputs["input_ids"].shape[1]
     # Left-padded to the config's bucket, so that batches of nearby lengths share one compiled program; a
     # prompt longer than every bucket runs at its own length.
     buckets = [bucket for bucket in settings.prompt_buckets if bucket >= length] or None
     out = generate(
-        reader.model, inputs, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_k=settings.top_k, top_p=settings.top_p, eos_token_id=builder.tokenizer.eos_token_id,
-        pad_token_id=builder.pad_token_id, seed=settings.seed, prompt_buckets=buckets, mesh=reader.mesh,
+        reader.model,
+        inputs,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        eos_token_id=builder.tokenizer.eos_token_id,
+        pad_token_id=builder.pad_token_id,
+        seed=settings.seed,
+        prompt_buckets=buckets,
+        mesh=reader.mesh,
     )
     tokens, mask = to_host(out.tokens), to_host(out.mask)
     return [builder.tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]
@@ -260,11 +306,13 @@ def read_answered(path: Path) -> dict[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise GenerateError(f"{path}:{number}: not an answers line (invalid JSON); move the file away or pick "
-                                "another --out") from None
+            raise GenerateError(
+                f"{path}:{number}: not an answers line (invalid JSON); move the file away or pick another --out"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("id"), str) or "output" not in record:
-            raise GenerateError(f"{path}:{number}: expected {{\"id\", \"output\", ...}}; move the file away or "
-                                "pick another --out")
+            raise GenerateError(
+                f'{path}:{number}: expected {{"id", "output", ...}}; move the file away or pick another --out'
+            )
         answered[record["id"]] = line
     return answered
 
@@ -309,8 +357,10 @@ def _run(args: argparse.Namespace) -> int:
         clips = [c for c in every if args.split is None or c.split == args.split]
         if not clips:
             splits = sorted({c.split for c in every})
-            raise GenerateError(f"--manifest {args.manifest}: no clip" + (
-                f" of split {args.split!r}; it has {', '.join(splits)}" if every else "; the file is empty"))
+            raise GenerateError(
+                f"--manifest {args.manifest}: no clip"
+                + (f" of split {args.split!r}; it has {', '.join(splits)}" if every else "; the file is empty")
+            )
     reader = load_reader(source, args.dtype)
     if args.video is not None:
         clip = _clip_inputs(args.video, args.audio, record_id=args.video.name, args=args)
@@ -325,16 +375,19 @@ def _run(args: argparse.Namespace) -> int:
     todo = [c for c in clips if c.id not in answered]
     skipped = SkipCounter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "w", encoding="utf-8") as handle, \
-            tqdm(total=len(clips), initial=len(clips) - len(todo), desc="generate", unit="clip") as bar:
+    with (
+        open(partial, "w", encoding="utf-8") as handle,
+        tqdm(total=len(clips), initial=len(clips) - len(todo), desc="generate", unit="clip") as bar,
+    ):
         handle.writelines(line + "\n" for clip_id, line in answered.items() if clip_id in wanted)
         handle.flush()
         for batch in _batches(todo, args.batch_size):
             prepared, kept = [], []
             for clip in batch:
                 try:
-                    inputs = _clip_inputs(Path(clip.video), None if clip.audio is None else Path(clip.audio),
-                                          record_id=clip.id, args=args)
+                    inputs = _clip_inputs(
+                        Path(clip.video), None if clip.audio is None else Path(clip.audio), record_id=clip.id, args=args
+                    )
                 except MediaError as err:
                     if args.on_error == "raise":
                         raise
@@ -346,14 +399,20 @@ def _run(args: argparse.Namespace) -> int:
             if kept:
                 texts = answer(reader, prepared, args, model_context=model_context, ids=[c.id for c in kept])
                 for clip, text in zip(kept, texts):
-                    handle.write(json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text},
-                                            ensure_ascii=False) + "\n")
+                    handle.write(
+                        json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text}, ensure_ascii=False) + "\n"
+                    )
                 handle.flush()
                 os.fsync(handle.fileno())
             bar.update(len(batch))
     os.replace(partial, args.out)
     done = len(clips) - skipped.count
-    print(f"wrote {done} answers to {args.out} ({len(clips) - len(todo)} from an earlier run)"
-          + (f"; skipped {skipped.count} clip(s) whose media could not be read: "
-             + "; ".join(skipped.reasons.values()) if skipped.count else ""))
+    print(
+        f"wrote {done} answers to {args.out} ({len(clips) - len(todo)} from an earlier run)"
+        + (
+            f"; skipped {skipped.count} clip(s) whose media could not be read: " + "; ".join(skipped.reasons.values())
+            if skipped.count
+            else ""
+        )
+    )
     return 1 if skipped.count else 0

@@ -11,10 +11,11 @@ from opsd_jax.sharding.mesh import (
     shard_module,
     to_host,
 )
-from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, resolve_rules
+from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, AxisRules, resolve_rules
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
+    "AxisRules",
     "MESH_AXES",
     "activation_sharding",
     "constrain",

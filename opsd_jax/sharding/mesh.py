@@ -107,12 +107,13 @@ def constrain_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> ja
     return constrain(x, logical_axes, mesh, rules)
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> Any:
-    """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable.
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
+    """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable under `rules`
+    (a resolved table, `resolve_rules`; default: the default table).
 
     Variables without `logical_axes` metadata are replicated.
     """
-    rules = resolve_rules(rule_overrides)
+    rules = resolve_rules() if rules is None else rules
 
     def sharding_of(variable: nnx.Variable) -> nnx.Variable:
         axes = getattr(variable, "logical_axes", None)
@@ -123,21 +124,21 @@ def param_shardings(state: nnx.State, mesh: Mesh, rule_overrides: Mapping[str, M
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_module(module: nnx.Module, mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> None:
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> None:
     """Places every variable of `module` on `mesh` in place, by its logical axes."""
     state = nnx.state(module)
-    shardings = param_shardings(state, mesh, rule_overrides)
+    shardings = param_shardings(state, mesh, rules)
     nnx.update(module, jax.device_put(state, shardings))
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rule_overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, Any]:
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> dict[str, Any]:
     """Puts each array of `batch` on the mesh with its leading axis over the batch mesh axes.
 
     Arrays whose leading axis the batch axes do not divide are replicated (for example packed media
     patches, whose leading axis counts patches, not rows). With several processes, every process
     passes the same global batch (see `opsd_jax.train.gather_global_batch`).
     """
-    rules = resolve_rules(rule_overrides)
+    rules = resolve_rules() if rules is None else rules
     out: dict[str, Any] = {}
     for name, value in batch.items():
         if not hasattr(value, "shape") or value.ndim == 0:

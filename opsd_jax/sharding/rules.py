@@ -7,7 +7,7 @@ config may override single entries (`mesh.logical_axis_rules`).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -44,11 +44,41 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
 }
 
 
-def resolve_rules(overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, MeshAxes]:
-    """The default table with `overrides` applied; lists become tuples."""
+class AxisRules(Mapping[str, MeshAxes]):
+    """A resolved table (logical name -> mesh axes): read-only and hashable, so that a jitted program can
+    take it as a static argument (a run's `StepSettings` carries it)."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: Mapping[str, MeshAxes]):
+        self._table = dict(table)
+
+    def __getitem__(self, name: str) -> MeshAxes:
+        return self._table[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._table.items())))
+
+    def __repr__(self) -> str:
+        return f"AxisRules({self._table!r})"
+
+
+def resolve_rules(overrides: Mapping[str, MeshAxes] | None = None) -> AxisRules:
+    """The default table with `overrides` (a config's `mesh.logical_axis_rules`) applied; lists become tuples.
+
+    A run resolves its table once (`MeshConfig.axis_rules`) and passes it to every placement: parameters
+    (`from_pretrained`, `param_shardings`), batches (`place_inputs`, `place_step_batch`, `shard_batch`) and
+    activations (`constrain`, `activation_sharding`). Without one, those use this default table.
+    """
     rules = dict(LOGICAL_AXIS_RULES)
     for name, target in (overrides or {}).items():
         if name not in rules:
             raise KeyError(f"unknown logical axis {name!r}; known: {sorted(rules)}")
         rules[name] = tuple(target) if isinstance(target, (list, tuple)) else target
-    return rules
+    return AxisRules(rules)

@@ -40,18 +40,38 @@ def tiny_thinker_config_dict(
     """Keyword arguments of `Qwen2_5OmniThinkerConfig` for a tiny thinker with every path of the real one."""
     return dict(
         audio_config=dict(
-            d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2, num_mel_bins=128,
-            max_source_positions=1500, n_window=n_window, output_dim=hidden_size,
+            d_model=32,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            encoder_layers=2,
+            num_mel_bins=128,
+            max_source_positions=1500,
+            n_window=n_window,
+            output_dim=hidden_size,
         ),
         vision_config=dict(
-            depth=4, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=hidden_size,
-            fullatt_block_indexes=[1, 3], hidden_act="silu",
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            in_channels=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[1, 3],
+            hidden_act="silu",
         ),
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-            rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=tie_word_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section)},
         ),
         position_id_per_seconds=25,
@@ -107,8 +127,15 @@ def save_reference_thinker(model, directory: str | Path) -> Path:
     return directory
 
 
-def rewrite_checkpoint(source: str | Path, dest: str | Path, *, rename=None, extra: dict[str, np.ndarray] | None = None,
-                       shards: int = 1, drop: tuple[str, ...] = ()) -> Path:
+def rewrite_checkpoint(
+    source: str | Path,
+    dest: str | Path,
+    *,
+    rename=None,
+    extra: dict[str, np.ndarray] | None = None,
+    shards: int = 1,
+    drop: tuple[str, ...] = (),
+) -> Path:
     """Copies a saved checkpoint with renamed / dropped / extra tensors, optionally split into shards
     with a `model.safetensors.index.json`, to test the loader on every layout real checkpoints use."""
     from safetensors.numpy import load_file, save_file

@@ -18,8 +18,9 @@ import json
 CPU_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def train_step_memory(*, remat: bool, layers: int = 4, prompt_length: int = 512, completion_length: int = 512,
-                      num_samples: int = 2) -> dict[str, int]:
+def train_step_memory(
+    *, remat: bool, layers: int = 4, prompt_length: int = 512, completion_length: int = 512, num_samples: int = 2
+) -> dict[str, int]:
     """Compiles (does not run) the jitted train step of one prompt with `num_samples` completions on one
     device and returns `memory_analysis()`'s figures in bytes: temporaries, arguments, outputs.
 
@@ -43,19 +44,28 @@ def train_step_memory(*, remat: bool, layers: int = 4, prompt_length: int = 512,
     prompt = model.prepare_inputs(np.ones((1, prompt_length), np.int32), attention_mask=mask)
     rows = num_samples
     batch = step.StepBatch(
-        student=prompt, teacher=prompt, completion=jnp.ones((rows, completion_length), jnp.int32),
-        completion_mask=jnp.ones((rows, completion_length), bool), sampler_logprobs=jnp.zeros((rows, completion_length)),
-        rewards=jnp.zeros(rows), label_ids=jnp.ones((1, 4), jnp.int32), label_mask=jnp.ones((1, 4), bool),
+        student=prompt,
+        teacher=prompt,
+        completion=jnp.ones((rows, completion_length), jnp.int32),
+        completion_mask=jnp.ones((rows, completion_length), bool),
+        sampler_logprobs=jnp.zeros((rows, completion_length)),
+        rewards=jnp.zeros(rows),
+        label_ids=jnp.ones((1, 4), jnp.int32),
+        label_mask=jnp.ones((1, 4), bool),
     )
     batches = jax.tree.map(lambda x: x[None], batch)  # one micro-batch
     train, teacher = TrainConfig(lr=1e-3, total_steps=10), TeacherConfig(mode="frozen")
     tx = step.make_optimizer(train, nnx.state(model, nnx.Param))
-    settings = step.StepSettings(graphdef=nnx.graphdef(model), tx=tx, loss=LossConfig(), teacher=teacher,
-                                 train_encoders=False)
+    settings = step.StepSettings(
+        graphdef=nnx.graphdef(model), tx=tx, loss=LossConfig(), teacher=teacher, train_encoders=False
+    )
     state = step.init_state(model, tx, teacher)
     stats = step.make_train_step(settings).lower(state, batches).compile().memory_analysis()
-    return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
-            "output_bytes": int(stats.output_size_in_bytes)}
+    return {
+        "temp_bytes": int(stats.temp_size_in_bytes),
+        "argument_bytes": int(stats.argument_size_in_bytes),
+        "output_bytes": int(stats.output_size_in_bytes),
+    }
 
 
 if __name__ == "__main__":

@@ -24,11 +24,26 @@ LABELS = ("happy", "sad")
 PROMPT_BUCKET_MULTIPLE = 64
 TINY_NEW_TOKENS = 4  # rollout and evaluation answer lengths: the decode loop runs, a few steps suffice
 # Every setting `shrink_config` replaces (dotted); it keeps all others.
-REPLACED_FIELDS = frozenset({
-    "model.checkpoint", "mesh.data", "mesh.fsdp", "mesh.tensor", "train.batch_size", "sampling.max_new_tokens",
-    "sampling.eval_max_new_tokens", "sampling.prompt_buckets", "data.train_dir", "data.eval_dir", "data.train_split",
-    "data.eval_split", "data.prompt_length", "data.teacher_prompt_length", "data.eval_clips", "run.output_dir",
-})
+REPLACED_FIELDS = frozenset(
+    {
+        "model.checkpoint",
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.tensor",
+        "train.batch_size",
+        "sampling.max_new_tokens",
+        "sampling.eval_max_new_tokens",
+        "sampling.prompt_buckets",
+        "data.train_dir",
+        "data.eval_dir",
+        "data.train_split",
+        "data.eval_split",
+        "data.prompt_length",
+        "data.teacher_prompt_length",
+        "data.eval_clips",
+        "run.output_dir",
+    }
+)
 
 
 def tiny_affect_clips(split: str, config, *, train_clips: int = 8, test_clips: int = 4) -> Iterator[dict]:
@@ -37,9 +52,15 @@ def tiny_affect_clips(split: str, config, *, train_clips: int = 8, test_clips: i
     for index in range(train_clips if split == "train" else test_clips):
         label = LABELS[index % 2]
         yield dict(
-            id=f"{split}{index}", frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8), sample_fps=2.0,
-            audio=0.1 * rng.standard_normal(6000).astype(np.float32), task="basic", label=label,
-            subtitle="hi" if label == "happy" else "oh", dataset="toy", rationale=f"it is {label}",
+            id=f"{split}{index}",
+            frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8),
+            sample_fps=2.0,
+            audio=0.1 * rng.standard_normal(6000).astype(np.float32),
+            task="basic",
+            label=label,
+            subtitle="hi" if label == "happy" else "oh",
+            dataset="toy",
+            rationale=f"it is {label}",
         )
 
 
@@ -49,10 +70,18 @@ def build_tiny_affect_dataset(directory: Path, *, train_clips: int = 8, test_cli
     from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
 
     generator = functools.partial(tiny_affect_clips, train_clips=train_clips, test_clips=test_clips)
-    return build_synthetic_affect(Path(directory), SyntheticAffectConfig(
-        name="toy", num_frames=2, height=28, width=28, max_audio_seconds=0.5, generator=generator,
-        splits=("train", "test"),
-    ))
+    return build_synthetic_affect(
+        Path(directory),
+        SyntheticAffectConfig(
+            name="toy",
+            num_frames=2,
+            height=28,
+            width=28,
+            max_audio_seconds=0.5,
+            generator=generator,
+            splits=("train", "test"),
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +120,9 @@ def longest_prompts(config: Config, files: TinyRunFiles) -> tuple[int, int]:
     for split in ("train", "test"):
         source = load_split(files.dataset, split)
         clips += [processor(source[i]) for i in range(len(source))]
-    inputs = encode_clip_batch(builder, clips, config.prompt, length=None, with_teacher=True,
-                               use_audio_in_video=config.data.use_audio_in_video)
+    inputs = encode_clip_batch(
+        builder, clips, config.prompt, length=None, with_teacher=True, use_audio_in_video=config.data.use_audio_in_video
+    )
     return inputs["input_ids"].shape[1], inputs["teacher_input_ids"].shape[1]
 
 
@@ -173,12 +203,20 @@ def shrink_config(
         mesh=dataclasses.replace(config.mesh, data=data, fsdp=fsdp, tensor=tensor),
         train=dataclasses.replace(config.train, batch_size=prompts * micro_batches),
         sampling=dataclasses.replace(
-            config.sampling, max_new_tokens=TINY_NEW_TOKENS, eval_max_new_tokens=TINY_NEW_TOKENS,
+            config.sampling,
+            max_new_tokens=TINY_NEW_TOKENS,
+            eval_max_new_tokens=TINY_NEW_TOKENS,
             prompt_buckets=(prompt_length,),
         ),
         data=dataclasses.replace(
-            config.data, train_dir=str(files.dataset), eval_dir=str(files.dataset), train_split="train",
-            eval_split="test", prompt_length=prompt_length, teacher_prompt_length=teacher_length, eval_clips=prompts,
+            config.data,
+            train_dir=str(files.dataset),
+            eval_dir=str(files.dataset),
+            train_split="train",
+            eval_split="test",
+            prompt_length=prompt_length,
+            teacher_prompt_length=teacher_length,
+            eval_clips=prompts,
         ),
         run=dataclasses.replace(config.run, output_dir=str(output_dir)),
     )
@@ -206,15 +244,19 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(output_dir, config)
     mesh = make_mesh(config.mesh)
-    model = from_pretrained(config.model.checkpoint, mesh=mesh)
+    model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=config.mesh.axis_rules())
     params = nnx.state(model, nnx.Param)
     tx = opsd_step.make_optimizer(config.train, params)
     checkpointer = RunCheckpointer(output_dir / "checkpoints", keep_last=len(steps), keep_best=0, async_save=False)
     saved = []
     for step in steps:
         rng = np.random.default_rng(step)
-        noisy = jax.tree.map(lambda x: jax.device_put(np.asarray(x) + noise * rng.standard_normal(x.shape).astype(
-            np.float32), x.sharding), params)
+        noisy = jax.tree.map(
+            lambda x, rng=rng: jax.device_put(
+                np.asarray(x) + noise * rng.standard_normal(x.shape).astype(np.float32), x.sharding
+            ),
+            params,
+        )
         nnx.update(model, noisy)
         checkpointer.save(step, opsd_step.init_state(model, tx, config.teacher, mesh), rng=jax.random.key(0))
         saved.append(jax.tree.map(np.asarray, noisy))
@@ -227,7 +269,8 @@ def tiny_run_directory(checkpoint: Path, output_dir: Path, *overrides: str, step
     returns the run directory."""
     from opsd_jax.config import load_config
 
-    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output_dir}", "mesh.fsdp=-1",
-                                *overrides])
+    config = load_config(
+        None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output_dir}", "mesh.fsdp=-1", *overrides]
+    )
     write_tiny_run(config, steps)
     return Path(output_dir)

@@ -68,7 +68,7 @@ TRAINING_SENTENCES = (
     "He looks sad and worried, speaking slowly with a low voice.",
     "A neutral face and a calm, flat tone: no clear emotion.",
     "They seem surprised, then fearful, and finally disgusted.",
-    "Subtitle: \"I can't believe you did that!\" (laughs)",
+    'Subtitle: "I can\'t believe you did that!" (laughs)',
     "Rationale: the raised eyebrows and the rising pitch suggest surprise.",
     "happy sad angry neutral surprise fear disgust worried excited calm",
 )
@@ -94,27 +94,42 @@ def build_tiny_tokenizer(directory: str | Path):
     alphabet = _ascii_byte_alphabet()
     trainer_model = Tokenizer(models.BPE())
     # The same pre-tokenisation as Qwen2Tokenizer, so the merges are the ones it will apply.
-    trainer_model.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=NUM_REGULAR_TOKENS, initial_alphabet=alphabet,
-                                  limit_alphabet=len(alphabet), special_tokens=[], show_progress=False)
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=NUM_REGULAR_TOKENS,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        special_tokens=[],
+        show_progress=False,
+    )
     trainer_model.train_from_iterator(TRAINING_SENTENCES, trainer)
     trained = json.loads(trainer_model.to_str())["model"]
     vocab = dict(trained["vocab"])
     if sorted(vocab.values()) != list(range(NUM_REGULAR_TOKENS)) or set(vocab) & set(SPECIAL_TOKEN_IDS):
-        raise RuntimeError(f"the trained BPE vocabulary must fill ids 0-{NUM_REGULAR_TOKENS - 1} exactly, "
-                           f"got {len(vocab)} tokens")
+        raise RuntimeError(
+            f"the trained BPE vocabulary must fill ids 0-{NUM_REGULAR_TOKENS - 1} exactly, got {len(vocab)} tokens"
+        )
     vocab.update(SPECIAL_TOKEN_IDS)
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in trained["merges"]]
 
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                               extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS),
+    )
     # Registering them as added special tokens makes them atomic in text; being in the vocabulary already,
     # they keep their fixed ids.
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKEN_IDS],
-                         special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKEN_IDS], special_tokens=True
+    )
     tokenizer.chat_template = QWEN2_5_OMNI_CHAT_TEMPLATE
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,6 +138,8 @@ def build_tiny_tokenizer(directory: str | Path):
     loaded = AutoTokenizer.from_pretrained(directory)
     ids = {token: loaded.convert_tokens_to_ids(token) for token in SPECIAL_TOKEN_IDS}
     if ids != SPECIAL_TOKEN_IDS or len(loaded) != NUM_REGULAR_TOKENS + len(SPECIAL_TOKEN_IDS):
-        raise RuntimeError(f"saved tokenizer has special ids {ids} and {len(loaded)} tokens; "
-                           f"expected {SPECIAL_TOKEN_IDS} and {NUM_REGULAR_TOKENS + len(SPECIAL_TOKEN_IDS)}")
+        raise RuntimeError(
+            f"saved tokenizer has special ids {ids} and {len(loaded)} tokens; "
+            f"expected {SPECIAL_TOKEN_IDS} and {NUM_REGULAR_TOKENS + len(SPECIAL_TOKEN_IDS)}"
+        )
     return loaded

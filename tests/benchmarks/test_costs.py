@@ -64,5 +64,6 @@ def test_repeated_step_flops_count_each_rollouts_prompt_and_every_positions_head
     # rollout's attention over its growing cache instead of the whole one).
     single = StepShape(prompts=3, samples=1, prompt_len=10, teacher_len=14, completion_len=5)
     head_on_prompts = 2 * shape.hidden * shape.vocab * 3 * (14 + 3 * 10)
-    assert repeated_step_flops(shape, single)["model_train"] - step_flops(shape, single)["model_train"] == pytest.approx(
-        head_on_prompts)
+    assert repeated_step_flops(shape, single)["model_train"] - step_flops(shape, single)[
+        "model_train"
+    ] == pytest.approx(head_on_prompts)

@@ -46,7 +46,8 @@ def test_step_benchmark_runs(tmp_path, capsys):
                 assert times["total"] == pytest.approx(times["prepare"] + times["rollout"] + times["train_step"])
                 # Each side's utilisation is its own work over its own time.
                 assert measured["utilisation"][side]["train_step"] == pytest.approx(
-                    row["flops"][side]["model_train"] / times["train_step"] / peak["flops_per_s"])
+                    row["flops"][side]["model_train"] / times["train_step"] / peak["flops_per_s"]
+                )
         ratios = [run["rows"][index]["speedup"]["total"] for run in payload["runs"]]
         assert row["speedup"]["total"] == {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     assert [s["devices"] for s in payload["scaling"]] == [1, 2]
@@ -61,9 +62,13 @@ def test_step_benchmark_runs(tmp_path, capsys):
 def test_repeat_prompts_repeats_each_prompt_with_its_media():
     import numpy as np
 
-    inputs = {"input_ids": np.array([[1, 2], [3, 4]]), "attention_mask": np.ones((2, 2)),
-              "video_grid_thw": np.array([[1, 2, 2], [1, 2, 4]]), "pixel_values_videos": np.arange(12)[:, None],
-              "use_audio_in_video": True}
+    inputs = {
+        "input_ids": np.array([[1, 2], [3, 4]]),
+        "attention_mask": np.ones((2, 2)),
+        "video_grid_thw": np.array([[1, 2, 2], [1, 2, 4]]),
+        "pixel_values_videos": np.arange(12)[:, None],
+        "use_audio_in_video": True,
+    }
     rows = step.repeat_prompts(inputs, 2)
     assert rows["input_ids"].tolist() == [[1, 2], [1, 2], [3, 4], [3, 4]]
     assert rows["video_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2], [1, 2, 4], [1, 2, 4]]

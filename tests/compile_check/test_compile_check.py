@@ -20,7 +20,18 @@ from opsd_jax.sharding.topology import TopologyError, parse_topology, topology_d
 
 
 TOPOLOGY = "v5e:2x2"
-CLIP = ["--frames", "4", "--frame-size", "56x56", "--audio-seconds", "2", "--text-tokens", "40", "--rationale-tokens", "60"]
+CLIP = [
+    "--frames",
+    "4",
+    "--frame-size",
+    "56x56",
+    "--audio-seconds",
+    "2",
+    "--text-tokens",
+    "40",
+    "--rationale-tokens",
+    "60",
+]
 CONFIG = """
 model: {{checkpoint: "{checkpoint}", dtype: bfloat16, param_dtype: float32, remat: true}}
 mesh: {{data: 1, fsdp: -1, tensor: 1, topology: "v5e:2x2"}}
@@ -47,8 +58,16 @@ def test_every_program_compiles_and_the_report_is_filled(report):
     code, result, _ = report
     assert code == 0
     programs = {p["name"]: p for p in result["programs"]}
-    assert set(programs) == {"train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill",
-                             "eval_decode", "reader_prefill", "reader_decode"}
+    assert set(programs) == {
+        "train_step",
+        "train_micro_step",
+        "rollout_prefill",
+        "rollout_decode",
+        "eval_prefill",
+        "eval_decode",
+        "reader_prefill",
+        "reader_decode",
+    }
     for program in programs.values():
         assert program["compiled"], program["error"]
         assert program["memory"]["arguments"] > 0 and program["peak"] > 0
@@ -70,7 +89,9 @@ def test_every_program_compiles_and_the_report_is_filled(report):
     # `opsd-jax eval` from the run: the weights alone, in bfloat16 (half the float32 master weights), on the mesh.
     reader, during_training = programs["reader_decode"], programs["eval_decode"]
     assert reader["memory"]["resident"] == 0
-    assert reader["per_token"]["weight_bytes"] == pytest.approx(during_training["per_token"]["weight_bytes"] / 2, rel=0.01)
+    assert reader["per_token"]["weight_bytes"] == pytest.approx(
+        during_training["per_token"]["weight_bytes"] / 2, rel=0.01
+    )
 
 
 def test_no_parameter_sized_gather_inside_the_decode_loop(report):
@@ -91,8 +112,18 @@ def test_a_config_too_large_for_the_slice_exits_non_zero_naming_the_program(repo
     config = tmp_path / "huge.yaml"
     config.write_text(CONFIG.format(checkpoint=checkpoint))
     # 64k-token prompts: the prefill's attention scores alone are 64k x 64k per head.
-    code = main(["compile-check", "--config", str(config), "--programs", "eval_prefill", *CLIP,
-                 "data.prompt_length=65536", "train.batch_size=16"])
+    code = main(
+        [
+            "compile-check",
+            "--config",
+            str(config),
+            "--programs",
+            "eval_prefill",
+            *CLIP,
+            "data.prompt_length=65536",
+            "train.batch_size=16",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "eval_prefill" in err and ("does not fit" in err or "does not compile" in err)
@@ -108,7 +139,9 @@ def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count(counter):
         # A shift along the sharded axis moves rows between chips: a collective every iteration.
         return jax.lax.with_sharding_constraint(jnp.roll(jnp.sin(carry), 1, axis=0), sharded)
 
-    fn = jax.jit(lambda x: jax.lax.fori_loop(counter(0), counter(5), body, x), in_shardings=sharded, out_shardings=sharded)
+    fn = jax.jit(
+        lambda x: jax.lax.fori_loop(counter(0), counter(5), body, x), in_shardings=sharded, out_shardings=sharded
+    )
     compiled = fn.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=sharded)).compile()
     summary = summarize(compiled.as_text())
     assert [count for _, count in summary.loops] == [5]

@@ -26,15 +26,24 @@ def waveforms():
     rng = np.random.default_rng(0)
     seconds = np.arange(16000 * 5) / 16000
     # 5 s: a 440 Hz tone in noise, with a loudness envelope; 0.70 s of quiet noise (not a multiple of 160).
-    tonal = (0.3 * np.sin(2 * np.pi * 440 * seconds) * (1 + 0.5 * np.sin(2 * np.pi * 0.7 * seconds))
-             + 0.05 * rng.standard_normal(seconds.shape))
+    tonal = 0.3 * np.sin(2 * np.pi * 440 * seconds) * (
+        1 + 0.5 * np.sin(2 * np.pi * 0.7 * seconds)
+    ) + 0.05 * rng.standard_normal(seconds.shape)
     short = 0.1 * rng.standard_normal(11234)
     return [short.astype(np.float32), tonal.astype(np.float32)]
 
 
 def processor_call(extractor, waveforms, max_samples, **kwargs):
-    return extractor(waveforms, sampling_rate=16000, return_attention_mask=True, padding="max_length",
-                     max_length=max_samples, truncation=True, return_tensors="np", **kwargs)
+    return extractor(
+        waveforms,
+        sampling_rate=16000,
+        return_attention_mask=True,
+        padding="max_length",
+        max_length=max_samples,
+        truncation=True,
+        return_tensors="np",
+        **kwargs,
+    )
 
 
 def test_mel_filter_bank_equals_whisper(extractor):
@@ -83,5 +92,6 @@ def test_bad_audio_is_rejected():
     with pytest.raises(ValueError, match=r"waveforms\[0\] must be mono \(1-D\), got shape \(2, 1600\)"):
         af.audio_to_inputs([np.zeros((2, 1600), np.float32)], max_samples=16000)
     with pytest.raises(ValueError, match=r"waveforms\[1\] has 20000 samples, more than max_samples=16000"):
-        af.audio_to_inputs([np.zeros(100, np.float32), np.zeros(20000, np.float32)], max_samples=16000,
-                           truncation=False)
+        af.audio_to_inputs(
+            [np.zeros(100, np.float32), np.zeros(20000, np.float32)], max_samples=16000, truncation=False
+        )

@@ -39,12 +39,34 @@ def write_dataset(root: Path) -> Path:
     media.write_video(root / "video/c.mp4", frames(20), 10, audio=sine(2.0, 700))
     media.write_video(root / "video/d.mp4", frames(9), 10, audio=sine(1.0, 900))
     records = [
-        {"id": "a", "video": "video/a.mp4", "subtitle": "I won!", "task": "basic", "label": "happy",
-         "dataset": "mer2023", "split": "train", "rationale": "Smiling; cheerful voice."},
-        {"id": "b", "video": "video/b.mp4", "audio": "audio/b.wav", "task": "fine_grained",
-         "labels": ["sad", "tired"], "dataset": "ovmerdplus", "split": "train"},
-        {"id": "c", "video": "video/c.mp4", "subtitle": "Fine.", "task": "sentiment", "sentiment": -1.25,
-         "dataset": "cmumosi", "split": "test"},
+        {
+            "id": "a",
+            "video": "video/a.mp4",
+            "subtitle": "I won!",
+            "task": "basic",
+            "label": "happy",
+            "dataset": "mer2023",
+            "split": "train",
+            "rationale": "Smiling; cheerful voice.",
+        },
+        {
+            "id": "b",
+            "video": "video/b.mp4",
+            "audio": "audio/b.wav",
+            "task": "fine_grained",
+            "labels": ["sad", "tired"],
+            "dataset": "ovmerdplus",
+            "split": "train",
+        },
+        {
+            "id": "c",
+            "video": "video/c.mp4",
+            "subtitle": "Fine.",
+            "task": "sentiment",
+            "sentiment": -1.25,
+            "dataset": "cmumosi",
+            "split": "test",
+        },
         {"id": "d", "video": "video/d.mp4", "task": "basic", "label": "angry", "split": "train"},
     ]
     manifest = root / "manifest.jsonl"
@@ -67,7 +89,9 @@ def by_id(source) -> dict[str, dict]:
 def test_mer_writes_array_record_splits(built):
     _, dataset_dir = built
     assert sorted(path.name for path in dataset_dir.glob("*.array_record*")) == [
-        "mer-test.array_record-00000-of-00001", "mer-train.array_record-00000-of-00001"]
+        "mer-test.array_record-00000-of-00001",
+        "mer-train.array_record-00000-of-00001",
+    ]
     assert sorted(by_id(load_split(dataset_dir, "train"))) == ["a", "b", "d"]
     assert sorted(by_id(load_split(dataset_dir, "test"))) == ["c"]
     with pytest.raises(ValueError, match="split 'validation' is not in .*; it has test, train"):
@@ -97,12 +121,18 @@ def test_mer_examples_hold_the_decoded_media_at_static_shapes(built):
 def test_mer_examples_carry_the_manifest_fields(built):
     _, dataset_dir = built
     examples = by_id(load_split(dataset_dir, "train")) | by_id(load_split(dataset_dir, "test"))
-    text = {name: {field: examples[name][field].decode() for field in
-                   ("subtitle", "task", "label", "dataset", "rationale")} for name in examples}
-    assert text["a"] == {"subtitle": "I won!", "task": "basic", "label": "happy", "dataset": "mer2023",
-                         "rationale": "Smiling; cheerful voice."}
-    assert text["b"] == {"subtitle": "", "task": "fine_grained", "label": "", "dataset": "ovmerdplus",
-                         "rationale": ""}
+    text = {
+        name: {field: examples[name][field].decode() for field in ("subtitle", "task", "label", "dataset", "rationale")}
+        for name in examples
+    }
+    assert text["a"] == {
+        "subtitle": "I won!",
+        "task": "basic",
+        "label": "happy",
+        "dataset": "mer2023",
+        "rationale": "Smiling; cheerful voice.",
+    }
+    assert text["b"] == {"subtitle": "", "task": "fine_grained", "label": "", "dataset": "ovmerdplus", "rationale": ""}
     assert [label.decode() for label in examples["b"]["labels"]] == ["sad", "tired"]
     assert len(examples["a"]["labels"]) == 0 and np.isnan(examples["a"]["sentiment"])
     assert examples["c"]["sentiment"] == np.float32(-1.25) and text["c"]["task"] == "sentiment"
@@ -139,7 +169,9 @@ def test_an_interrupted_build_leaves_no_dataset_and_resumes_where_it_stopped(bui
     assert not list(data_dir.rglob("dataset_info.json"))  # no half-written dataset in place
     first_run = list(decoded)
     decoded.clear()
-    monkeypatch.setattr(mer, "load_clip_media", lambda clip, **options: decoded.append(clip.id) or real(clip, **options))
+    monkeypatch.setattr(
+        mer, "load_clip_media", lambda clip, **options: decoded.append(clip.id) or real(clip, **options)
+    )
     dataset_dir = build_mer(manifest, data_dir, config)
     assert len(first_run) == 2 and sorted(decoded) == sorted({"a", "b", "c", "d"} - set(first_run))
     for split in ("train", "test"):
@@ -155,8 +187,10 @@ def test_unreadable_media_raise_or_are_skipped_and_recorded(built, tmp_path):
     manifest, _ = built
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 512)
     broken = tmp_path / "broken.jsonl"
-    records = [{"id": "a", "video": str(manifest.parent / "video/a.mp4"), "task": "basic", "label": "happy"},
-               {"id": "z", "video": "broken.mp4", "task": "basic", "label": "sad"}]
+    records = [
+        {"id": "a", "video": str(manifest.parent / "video/a.mp4"), "task": "basic", "label": "happy"},
+        {"id": "z", "video": "broken.mp4", "task": "basic", "label": "sad"},
+    ]
     broken.write_text("".join(json.dumps(record) + "\n" for record in records))
     with pytest.raises(media.MediaError, match=r"clip 'z': cannot read .*broken.mp4"):
         build_mer(broken, tmp_path / "tfds", MerConfig(name="strict", **CONFIG))
@@ -168,18 +202,23 @@ def test_unreadable_media_raise_or_are_skipped_and_recorded(built, tmp_path):
 
 def test_a_bad_manifest_names_line_and_field(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text('{"id": "a", "video": "a.mp4", "task": "basic", "label": "happy"}\n'
-                        '{"id": "b", "video": "b.mp4", "task": "sentiment"}\n')
+    manifest.write_text(
+        '{"id": "a", "video": "a.mp4", "task": "basic", "label": "happy"}\n'
+        '{"id": "b", "video": "b.mp4", "task": "sentiment"}\n'
+    )
     with pytest.raises(ManifestError, match=r"manifest.jsonl:2: field 'sentiment': missing"):
         build_mer(manifest, tmp_path / "tfds", MerConfig(name="bad", **CONFIG))
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(num_frames=3), "num_frames must be a positive multiple of 2"),
-    (dict(height=50), "height must be a positive multiple of 28"),
-    (dict(width=0), "width must be a positive multiple of 28"),
-    (dict(max_audio_seconds=0.01), "max_audio_seconds must give at least 400 samples"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(num_frames=3), "num_frames must be a positive multiple of 2"),
+        (dict(height=50), "height must be a positive multiple of 28"),
+        (dict(width=0), "width must be a positive multiple of 28"),
+        (dict(max_audio_seconds=0.01), "max_audio_seconds must give at least 400 samples"),
+    ],
+)
 def test_config_shapes_are_checked(override, message):
     with pytest.raises(ValueError, match=message):
         ClipConfig(name="x", **(CONFIG | override))
@@ -191,14 +230,19 @@ def affect_examples(split: str, config: SyntheticAffectConfig):
     """A stand-in for the synthetic task's content: seeded frames, a tone and a label per example."""
     rng = np.random.default_rng([config.seed, len(split)])
     for index in range(3):
-        yield dict(id=f"{split}_{index}", frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8),
-                   sample_fps=2.0, audio=rng.standard_normal(8000 + 4000 * index).astype(np.float32) * 0.1,
-                   task="basic", label=("happy", "sad", "angry")[index], subtitle=f"line {index}")
+        yield dict(
+            id=f"{split}_{index}",
+            frames=rng.integers(0, 256, config.frame_shape, dtype=np.uint8),
+            sample_fps=2.0,
+            audio=rng.standard_normal(8000 + 4000 * index).astype(np.float32) * 0.1,
+            task="basic",
+            label=("happy", "sad", "angry")[index],
+            subtitle=f"line {index}",
+        )
 
 
 def test_synthetic_affect_writes_what_its_generator_yields(tmp_path):
-    config = SyntheticAffectConfig(name="toy", generator=affect_examples, splits=("train", "test"), seed=3,
-                                   **CONFIG)
+    config = SyntheticAffectConfig(name="toy", generator=affect_examples, splits=("train", "test"), seed=3, **CONFIG)
     dataset_dir = build_synthetic_affect(tmp_path, config)
     assert dataset_dir.parent.parent.name == "synthetic_affect"
     for split in ("train", "test"):
@@ -215,8 +259,14 @@ def test_synthetic_affect_writes_what_its_generator_yields(tmp_path):
 
 def test_synthetic_affect_rejects_examples_off_the_static_shape(tmp_path):
     def wrong_shape(split, config):
-        yield dict(id="x", frames=np.zeros((2, 56, 56, 3), np.uint8), sample_fps=2.0,
-                   audio=np.zeros(100, np.float32), task="basic", label="happy")
+        yield dict(
+            id="x",
+            frames=np.zeros((2, 56, 56, 3), np.uint8),
+            sample_fps=2.0,
+            audio=np.zeros(100, np.float32),
+            task="basic",
+            label="happy",
+        )
 
     with pytest.raises(ValueError, match=r"clip 'x': frames must be uint8 of shape \(4, 56, 56, 3\)"):
         build_synthetic_affect(tmp_path, SyntheticAffectConfig(name="bad", generator=wrong_shape, **CONFIG))

@@ -68,8 +68,9 @@ def processor_video_replacement(processor, video: ct.VideoPart) -> str:
     if video.audio_feature_length is None:
         return processor.replace_video_token(video_inputs, 0, load_audio_from_video=False)
     audio_inputs = dict(num_audio_tokens=processor_audio_tokens([video.audio_feature_length]))
-    return processor.replace_video_with_audio_token(video_inputs, 0, audio_inputs, 0, position_id_per_seconds=25,
-                                                    seconds_per_chunk=2.0)
+    return processor.replace_video_with_audio_token(
+        video_inputs, 0, audio_inputs, 0, position_id_per_seconds=25, seconds_per_chunk=2.0
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -88,8 +89,10 @@ def test_tiny_tokenizer_files_and_special_ids(tokenizer_dir, tokenizer):
 
 
 def test_tiny_tokenizer_round_trip(tokenizer):
-    text = ("<|im_start|>user\n<|vision_bos|><|VIDEO|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
-            "Is she happy, sad or angry? (say \"neutral\" if unsure)<|im_end|>\n<|im_start|>assistant\n")
+    text = (
+        "<|im_start|>user\n<|vision_bos|><|VIDEO|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
+        'Is she happy, sad or angry? (say "neutral" if unsure)<|im_end|>\n<|im_start|>assistant\n'
+    )
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids) == text
     assert ids[:7] == [208, *tokenizer("user\n")["input_ids"], 205, 202, 202, 206, 203][:7]
@@ -99,15 +102,18 @@ def test_tiny_tokenizer_round_trip(tokenizer):
 # ------------------------------------------------------------------------------------ placeholder layout
 
 
-@pytest.mark.parametrize("video", [
-    ct.VideoPart((4, 20, 28), 1.0, 400),        # the reference doc's example (4 s, 8 frames)
-    ct.VideoPart((2, 4, 4), 1.0, 350),          # 87 audio tokens over two chunks, video in one
-    ct.VideoPart((3, 4, 6), 4.0, 1000),         # 4 s per temporal patch: gaps wider than a chunk
-    ct.VideoPart((5, 6, 4), 2 / 1.7, 777),      # fractional seconds per patch
-    ct.VideoPart((6, 2, 2), 1.0, 60),           # audio much shorter than the video
-    ct.VideoPart((1, 2, 2), 1.0, 3001),         # audio much longer than the video
-    ct.VideoPart((3, 4, 4), 0.5),               # no audio track
-])
+@pytest.mark.parametrize(
+    "video",
+    [
+        ct.VideoPart((4, 20, 28), 1.0, 400),  # the reference doc's example (4 s, 8 frames)
+        ct.VideoPart((2, 4, 4), 1.0, 350),  # 87 audio tokens over two chunks, video in one
+        ct.VideoPart((3, 4, 6), 4.0, 1000),  # 4 s per temporal patch: gaps wider than a chunk
+        ct.VideoPart((5, 6, 4), 2 / 1.7, 777),  # fractional seconds per patch
+        ct.VideoPart((6, 2, 2), 1.0, 60),  # audio much shorter than the video
+        ct.VideoPart((1, 2, 2), 1.0, 3001),  # audio much longer than the video
+        ct.VideoPart((3, 4, 4), 0.5),  # no audio track
+    ],
+)
 def test_video_placeholders_equal_processor_replacement(processor, video):
     expected = "<|vision_bos|>" + processor_video_replacement(processor, video) + "<|vision_eos|>"
     assert ct.render_part(video) == expected
@@ -139,28 +145,38 @@ def template_message(part):
     if isinstance(part, str):
         return {"type": "text", "text": part}
     kind = {ct.ImagePart: "image", ct.AudioPart: "audio", ct.VideoPart: "video"}[type(part)]
-    return {"type": kind, kind: f"clip.{ {'image': 'jpg', 'audio': 'wav', 'video': 'mp4'}[kind]}"}
+    return {"type": kind, kind: f"clip.{ {'image': 'jpg', 'audio': 'wav', 'video': 'mp4'}[kind] }"}
 
 
 @pytest.mark.parametrize("system_prompt", [None, ct.QWEN_OMNI_SYSTEM_PROMPT])
 def test_full_prompt_equals_chat_template_plus_processor_expansion(builder, tokenizer, processor, system_prompt):
     image, audio, video_with_audio, silent_video = conversation_parts()
-    parts = [video_with_audio, "Subtitle: \"I can't believe it!\"", image, audio, silent_video, "Which emotion?"]
-    messages = [ct.Message("user", "Describe the clip."), ct.Message("assistant", "A person talks."),
-                ct.Message("user", parts)]
+    parts = [video_with_audio, 'Subtitle: "I can\'t believe it!"', image, audio, silent_video, "Which emotion?"]
+    messages = [
+        ct.Message("user", "Describe the clip."),
+        ct.Message("assistant", "A person talks."),
+        ct.Message("user", parts),
+    ]
     if system_prompt is not None:
         messages.insert(0, ct.Message("system", system_prompt))
 
-    template_messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                          else [template_message(part) for part in m.content]} for m in messages]
+    template_messages = [
+        {
+            "role": m.role,
+            "content": m.content if isinstance(m.content, str) else [template_message(part) for part in m.content],
+        }
+        for m in messages
+    ]
     text = processor.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
     image_inputs = dict(image_grid_thw=np.asarray([image.grid_thw]))
     audio_inputs = dict(num_audio_tokens=processor_audio_tokens([audio.feature_length]))
     expected, _ = processor.get_text_with_replacements(
         [text],
         images_replacements=[processor.replace_image_token(image_inputs, 0)],
-        videos_replacements=[processor_video_replacement(processor, video_with_audio),
-                             processor_video_replacement(processor, silent_video)],
+        videos_replacements=[
+            processor_video_replacement(processor, video_with_audio),
+            processor_video_replacement(processor, silent_video),
+        ],
         audio_replacements=[processor.replace_audio_token(audio_inputs, 0)],
     )
     got = builder.render(messages)
@@ -176,7 +192,8 @@ def test_full_prompt_equals_chat_template_plus_processor_expansion(builder, toke
 
 # Qwen2.5-Omni's template with another default system prompt and a label before each video.
 VARIANT_TEMPLATE = QWEN2_5_OMNI_CHAT_TEMPLATE.replace("You are a helpful assistant.", "You read faces.").replace(
-    "<|vision_bos|><|VIDEO|>", "Clip: <|vision_bos|><|VIDEO|>")
+    "<|vision_bos|><|VIDEO|>", "Clip: <|vision_bos|><|VIDEO|>"
+)
 
 
 def checkpoint_with_template(source, directory, template: str):
@@ -186,7 +203,9 @@ def checkpoint_with_template(source, directory, template: str):
 
 
 def test_the_checkpoint_template_reaches_the_input_ids(builder, tokenizer_dir, tmp_path):
-    variant = ct.PromptBuilder.from_pretrained(checkpoint_with_template(tokenizer_dir, tmp_path / "v", VARIANT_TEMPLATE))
+    variant = ct.PromptBuilder.from_pretrained(
+        checkpoint_with_template(tokenizer_dir, tmp_path / "v", VARIANT_TEMPLATE)
+    )
     video = ct.VideoPart((2, 4, 4), 1.0, 120)
     messages = ct.user_prompt([video, "Which emotion?"])
     default_ids = builder([messages], length=None)["input_ids"][0].tolist()
@@ -195,8 +214,9 @@ def test_the_checkpoint_template_reaches_the_input_ids(builder, tokenizer_dir, t
     text = variant.tokenizer.decode(variant_ids)
     assert text.startswith("<|im_start|>system\nYou read faces.<|im_end|>\n<|im_start|>user\nClip: <|vision_bos|>")
     # The expansion is the same under either template: the same placeholder runs.
-    assert text.replace("You read faces.", ct.DEFAULT_SYSTEM_PROMPT).replace("Clip: ", "") == \
-        builder.tokenizer.decode(default_ids)
+    assert text.replace("You read faces.", ct.DEFAULT_SYSTEM_PROMPT).replace("Clip: ", "") == builder.tokenizer.decode(
+        default_ids
+    )
     assert variant_ids.count(SPECIAL_TOKEN_IDS["<|VIDEO|>"]) == ct.vision_token_count(video.grid_thw)
 
 
@@ -229,23 +249,35 @@ def test_placeholder_counts_equal_reference_encoder_outputs(builder, reference_t
     images = image_to_inputs(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8))  # resized to 112x140
     videos = video_to_inputs(rng.integers(0, 256, (5, 56, 84, 3), dtype=np.uint8), sample_fps=2.0)
     # A standalone 2.3 s audio and the video's own 2.9 s track, in the order their tokens appear.
-    audios = audio_to_inputs([0.1 * rng.standard_normal(36800), 0.1 * rng.standard_normal(46400)],
-                             max_samples=48000)
+    audios = audio_to_inputs([0.1 * rng.standard_normal(36800), 0.1 * rng.standard_normal(46400)], max_samples=48000)
     lengths = audios["feature_attention_mask"].sum(-1).tolist()
-    parts = [ct.ImagePart(images["image_grid_thw"][0]), ct.AudioPart(lengths[0]),
-             ct.VideoPart(videos["video_grid_thw"][0], 2 / 2.0, lengths[1]), "How does she feel?"]
+    parts = [
+        ct.ImagePart(images["image_grid_thw"][0]),
+        ct.AudioPart(lengths[0]),
+        ct.VideoPart(videos["video_grid_thw"][0], 2 / 2.0, lengths[1]),
+        "How does she feel?",
+    ]
     batch = builder([ct.user_prompt(parts), ct.user_prompt(["Hello."])], length=320)
     ids = batch["input_ids"][0]
 
     model = reference_thinker.model
     tensor = torch.from_numpy
     with torch.no_grad():
-        image_rows = sum(len(x) for x in model.get_image_features(
-            tensor(images["pixel_values"]), tensor(images["image_grid_thw"])).pooler_output)
-        video_rows = sum(len(x) for x in model.get_video_features(
-            tensor(videos["pixel_values_videos"]), tensor(videos["video_grid_thw"])).pooler_output)
-        audio_rows = model.get_audio_features(tensor(audios["input_features"]),
-                                              tensor(audios["feature_attention_mask"]).long()).last_hidden_state
+        image_rows = sum(
+            len(x)
+            for x in model.get_image_features(
+                tensor(images["pixel_values"]), tensor(images["image_grid_thw"])
+            ).pooler_output
+        )
+        video_rows = sum(
+            len(x)
+            for x in model.get_video_features(
+                tensor(videos["pixel_values_videos"]), tensor(videos["video_grid_thw"])
+            ).pooler_output
+        )
+        audio_rows = model.get_audio_features(
+            tensor(audios["input_features"]), tensor(audios["feature_attention_mask"]).long()
+        ).last_hidden_state
     assert (ids == 201).sum() == image_rows == 8 * 10 // 4
     assert (ids == 202).sum() == video_rows == 3 * 4 * 6 // 4
     # 230 and 290 mel frames: (230 - 1) // 2 + 1 = 115 -> (115 - 2) // 2 + 1 = 57; 145 -> 72.
@@ -254,12 +286,16 @@ def test_placeholder_counts_equal_reference_encoder_outputs(builder, reference_t
 
     with torch.no_grad():  # the whole reference forward accepts the batch (it checks image / video counts)
         logits = reference_thinker(
-            input_ids=tensor(batch["input_ids"]).long(), attention_mask=tensor(batch["attention_mask"]).long(),
-            pixel_values=tensor(images["pixel_values"]), image_grid_thw=tensor(images["image_grid_thw"]),
-            pixel_values_videos=tensor(videos["pixel_values_videos"]), video_grid_thw=tensor(videos["video_grid_thw"]),
+            input_ids=tensor(batch["input_ids"]).long(),
+            attention_mask=tensor(batch["attention_mask"]).long(),
+            pixel_values=tensor(images["pixel_values"]),
+            image_grid_thw=tensor(images["image_grid_thw"]),
+            pixel_values_videos=tensor(videos["pixel_values_videos"]),
+            video_grid_thw=tensor(videos["video_grid_thw"]),
             video_second_per_grid=tensor(videos["video_second_per_grid"]),
             input_features=tensor(audios["input_features"]),
-            feature_attention_mask=tensor(audios["feature_attention_mask"]).long(), use_audio_in_video=True,
+            feature_attention_mask=tensor(audios["feature_attention_mask"]).long(),
+            use_audio_in_video=True,
         ).logits
     assert logits.shape == (2, 320, 256) and torch.isfinite(logits).all()
 
@@ -273,7 +309,7 @@ def test_encode_left_pads_to_the_length_bucket(builder, tokenizer):
     assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (2, 64)
     for row, text in enumerate(texts):
         ids = tokenizer(text)["input_ids"]
-        np.testing.assert_array_equal(batch["input_ids"][row, 64 - len(ids):], ids)
+        np.testing.assert_array_equal(batch["input_ids"][row, 64 - len(ids) :], ids)
         assert (batch["input_ids"][row, : 64 - len(ids)] == 207).all()
         assert batch["attention_mask"][row].tolist() == [0] * (64 - len(ids)) + [1] * len(ids)
     assert tokenizer.decode(batch["input_ids"][1][batch["attention_mask"][1] == 1]) == texts[1]

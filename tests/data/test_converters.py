@@ -36,8 +36,15 @@ def records(path: Path) -> dict[str, dict]:
 
 
 def clip(video, *, audio=None, subtitle="", task="basic", dataset, split="test", **labels) -> dict:
-    return {"video": video, "audio": audio, "subtitle": subtitle, "task": task, **labels, "dataset": dataset,
-            "split": split}
+    return {
+        "video": video,
+        "audio": audio,
+        "subtitle": subtitle,
+        "task": task,
+        **labels,
+        "dataset": dataset,
+        "split": split,
+    }
 
 
 def without_ids(found: dict[str, dict]) -> dict[str, dict]:
@@ -47,13 +54,18 @@ def without_ids(found: dict[str, dict]) -> dict[str, dict]:
 @pytest.fixture
 def mer2023(tmp_path):
     root = tmp_path / "mer2023-dataset-process"
-    save_npz(root / "label-6way.npz",
-                        train_corpus={"sample_t1": {"emo": "happy", "val": 2.0}},
-                        test1_corpus={"sample_a": {"emo": "worried", "val": -1.0}, "sample_b": {"emo": "Neutral"}},
-                        test2_corpus={"sample_z": {"emo": "sad"}})
+    save_npz(
+        root / "label-6way.npz",
+        train_corpus={"sample_t1": {"emo": "happy", "val": 2.0}},
+        test1_corpus={"sample_a": {"emo": "worried", "val": -1.0}, "sample_b": {"emo": "Neutral"}},
+        test2_corpus={"sample_z": {"emo": "sad"}},
+    )
     touch(root, "video/sample_a.mp4", "video/sample_b.avi", "video/sample_t1.mp4", "audio/sample_a.wav")
-    write_csv(root / "subtitle_chieng.csv", ["name", "chinese", "english"],
-              [["sample_a", "你好", " Hello there. "], ["sample_b", "", ""], ["sample_t1", "走", "Go"]])
+    write_csv(
+        root / "subtitle_chieng.csv",
+        ["name", "chinese", "english"],
+        [["sample_a", "你好", " Hello there. "], ["sample_b", "", ""], ["sample_t1", "走", "Go"]],
+    )
     return root
 
 
@@ -62,15 +74,22 @@ def test_mer2023_test1_corpus_with_subtitles_and_audio(mer2023, tmp_path):
     clips = convert("MER2023", mer2023, out)
     assert len(clips) == 2
     expected = {
-        "sample_a": clip(str(mer2023 / "video/sample_a.mp4"), audio=str(mer2023 / "audio/sample_a.wav"),
-                         subtitle="Hello there.", label="worried", dataset="mer2023"),
+        "sample_a": clip(
+            str(mer2023 / "video/sample_a.mp4"),
+            audio=str(mer2023 / "audio/sample_a.wav"),
+            subtitle="Hello there.",
+            label="worried",
+            dataset="mer2023",
+        ),
         "sample_b": clip(str(mer2023 / "video/sample_b.avi"), label="neutral", dataset="mer2023"),
     }
     assert without_ids(records(out)) == expected
     chinese = convert("mer2023", mer2023, tmp_path / "zh.jsonl", language="chinese", splits=None)
     assert {c.id: (c.subtitle, c.split, c.label) for c in chinese} == {
-        "sample_a": ("你好", "test", "worried"), "sample_b": ("", "test", "neutral"),
-        "sample_t1": ("走", "train", "happy")}
+        "sample_a": ("你好", "test", "worried"),
+        "sample_b": ("", "test", "neutral"),
+        "sample_t1": ("走", "train", "happy"),
+    }
 
 
 def test_manifest_written_inside_the_dataset_uses_relative_paths(mer2023):
@@ -80,8 +99,11 @@ def test_manifest_written_inside_the_dataset_uses_relative_paths(mer2023):
 
 def test_mer2024_first_half_of_semi_label(tmp_path):
     root = tmp_path / "mer2024"
-    write_csv(root / "semi-label.csv", ["name", "discrete"],
-              [["s1", "angry"], ["s2", "surprise"], ["s3", "sad"], ["s4", "happy"], ["s5", "neutral"]])
+    write_csv(
+        root / "semi-label.csv",
+        ["name", "discrete"],
+        [["s1", "angry"], ["s2", "surprise"], ["s3", "sad"], ["s4", "happy"], ["s5", "neutral"]],
+    )
     touch(root, *(f"video-unlabeled/s{index}.mp4" for index in range(1, 6)))
     clips = convert("mer2024", root, tmp_path / "m.jsonl")
     assert [(c.id, c.label, c.split) for c in clips] == [("s1", "angry", "test"), ("s2", "surprise", "test")]
@@ -93,12 +115,17 @@ def test_mer2024_first_half_of_semi_label(tmp_path):
 
 def test_meld_npz_class_indices_and_official_csv(tmp_path):
     packed = tmp_path / "meld-process"
-    save_npz(packed / "label.npz",
-                        test_corpus={"dia0_utt0": {"emo": 1}, "dia0_utt1": {"emo": "disgust"}},
-                        train_corpus={"dia9_utt0": {"emo": 0}}, val_corpus={})
+    save_npz(
+        packed / "label.npz",
+        test_corpus={"dia0_utt0": {"emo": 1}, "dia0_utt1": {"emo": "disgust"}},
+        train_corpus={"dia9_utt0": {"emo": 0}},
+        val_corpus={},
+    )
     touch(packed, "subvideo/dia0_utt0.mp4", "subvideo/dia0_utt1.mp4", "subaudio/dia0_utt1.wav")
     assert [(c.id, c.label, c.audio is None) for c in convert("meld", packed, tmp_path / "a.jsonl")] == [
-        ("dia0_utt0", "joy", True), ("dia0_utt1", "disgust", False)]
+        ("dia0_utt0", "joy", True),
+        ("dia0_utt1", "disgust", False),
+    ]
 
     official = tmp_path / "MELD.Raw"
     header = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"]
@@ -108,25 +135,43 @@ def test_meld_npz_class_indices_and_official_csv(tmp_path):
     touch(official, "output_repeated_splits_test/dia3_utt2.mp4", "train_splits/dia3_utt2.mp4")
     convert("meld", official, official / "m.jsonl", splits=None)
     assert without_ids(records(official / "m.jsonl")) == {
-        "dia3_utt2": clip("output_repeated_splits_test/dia3_utt2.mp4", subtitle="Oh my God!", label="surprise",
-                          dataset="meld"),
+        "dia3_utt2": clip(
+            "output_repeated_splits_test/dia3_utt2.mp4", subtitle="Oh my God!", label="surprise", dataset="meld"
+        ),
         # The official release reuses ids across splits; outside the test split they carry the split.
-        "train_dia3_utt2": clip("train_splits/dia3_utt2.mp4", subtitle="Okay.", label="neutral", dataset="meld",
-                                split="train"),
+        "train_dia3_utt2": clip(
+            "train_splits/dia3_utt2.mp4", subtitle="Okay.", label="neutral", dataset="meld", split="train"
+        ),
     }
 
 
 def test_iemocap_session_five_is_the_test_split(tmp_path):
     root = tmp_path / "iemocap-process"
-    save_npz(root / "label_4way.npz", whole_corpus={
-        "Ses01F_impro01_F000": {"emo": 0}, "Ses05M_script02_M010": {"emo": 3}, "Ses05F_impro03_F001": {"emo": 1}})
-    touch(root, "subvideo-tgt/Ses01F_impro01_F000.avi", "subvideo-tgt/Ses05M_script02_M010.avi",
-          "subvideo-tgt/Ses05F_impro03_F001.avi", "subaudio/Ses05M_script02_M010.wav")
-    write_csv(root / "transcription-engchi-polish.csv", ["name", "chinese", "english"],
-              [["Ses05M_script02_M010", "不", "No."]])
+    save_npz(
+        root / "label_4way.npz",
+        whole_corpus={
+            "Ses01F_impro01_F000": {"emo": 0},
+            "Ses05M_script02_M010": {"emo": 3},
+            "Ses05F_impro03_F001": {"emo": 1},
+        },
+    )
+    touch(
+        root,
+        "subvideo-tgt/Ses01F_impro01_F000.avi",
+        "subvideo-tgt/Ses05M_script02_M010.avi",
+        "subvideo-tgt/Ses05F_impro03_F001.avi",
+        "subaudio/Ses05M_script02_M010.wav",
+    )
+    write_csv(
+        root / "transcription-engchi-polish.csv",
+        ["name", "chinese", "english"],
+        [["Ses05M_script02_M010", "不", "No."]],
+    )
     clips = convert("iemocapfour", root, tmp_path / "m.jsonl")
     assert [(c.id, c.label, c.subtitle, c.audio is not None) for c in clips] == [
-        ("Ses05M_script02_M010", "anger", "No.", True), ("Ses05F_impro03_F001", "sad", "", False)]
+        ("Ses05M_script02_M010", "anger", "No.", True),
+        ("Ses05F_impro03_F001", "sad", "", False),
+    ]
     assert len(convert("iemocapfour", root, tmp_path / "m.jsonl", splits=None)) == 3
     train = convert("iemocapfour", root, tmp_path / "m.jsonl", splits=("train",))
     assert [(c.id, c.split) for c in train] == [("Ses01F_impro01_F000", "train")]
@@ -136,28 +181,45 @@ def test_iemocap_session_five_is_the_test_split(tmp_path):
 
 def test_mmsa_sentiment_csv_and_npz(tmp_path):
     mosi = tmp_path / "MOSI"
-    write_csv(mosi / "label.csv", ["video_id", "clip_id", "text", "label", "label_T", "annotation", "mode"], [
-        ["03bSnISJMiM", "11", "a lot of sad parts", -2.4, 0, "Negative", "test"],
-        ["03bSnISJMiM", "12", "but it was good", 1.8, 0, "Positive", "train"],
-        ["0h-zjBukYpk", "2", "meh", 0.0, 0, "Neutral", "valid"]])
+    write_csv(
+        mosi / "label.csv",
+        ["video_id", "clip_id", "text", "label", "label_T", "annotation", "mode"],
+        [
+            ["03bSnISJMiM", "11", "a lot of sad parts", -2.4, 0, "Negative", "test"],
+            ["03bSnISJMiM", "12", "but it was good", 1.8, 0, "Positive", "train"],
+            ["0h-zjBukYpk", "2", "meh", 0.0, 0, "Neutral", "valid"],
+        ],
+    )
     touch(mosi, "Raw/03bSnISJMiM/11.mp4", "Raw/03bSnISJMiM/12.mp4", "Raw/0h-zjBukYpk/2.mp4")
     convert("cmumosi", mosi, mosi / "m.jsonl", splits=None)
     assert without_ids(records(mosi / "m.jsonl")) == {
-        "03bSnISJMiM_11": clip("Raw/03bSnISJMiM/11.mp4", subtitle="a lot of sad parts", task="sentiment",
-                               sentiment=-2.4, dataset="cmumosi"),
-        "03bSnISJMiM_12": clip("Raw/03bSnISJMiM/12.mp4", subtitle="but it was good", task="sentiment",
-                               sentiment=1.8, dataset="cmumosi", split="train"),
-        "0h-zjBukYpk_2": clip("Raw/0h-zjBukYpk/2.mp4", subtitle="meh", task="sentiment", sentiment=0.0,
-                              dataset="cmumosi", split="dev"),
+        "03bSnISJMiM_11": clip(
+            "Raw/03bSnISJMiM/11.mp4", subtitle="a lot of sad parts", task="sentiment", sentiment=-2.4, dataset="cmumosi"
+        ),
+        "03bSnISJMiM_12": clip(
+            "Raw/03bSnISJMiM/12.mp4",
+            subtitle="but it was good",
+            task="sentiment",
+            sentiment=1.8,
+            dataset="cmumosi",
+            split="train",
+        ),
+        "0h-zjBukYpk_2": clip(
+            "Raw/0h-zjBukYpk/2.mp4", subtitle="meh", task="sentiment", sentiment=0.0, dataset="cmumosi", split="dev"
+        ),
     }
     sims = tmp_path / "sims-process"
     save_npz(sims / "label.npz", test_corpus={"video_0001_0001": {"val": -0.8}})
     touch(sims, "video/video_0001_0001.mp4")
     assert [(c.id, c.sentiment, c.task) for c in convert("sims", sims, tmp_path / "s.jsonl")] == [
-        ("video_0001_0001", -0.8, "sentiment")]
+        ("video_0001_0001", -0.8, "sentiment")
+    ]
     simsv2 = tmp_path / "ch-simsv2s"
-    write_csv(simsv2 / "meta.csv", ["video_id", "clip_id", "text", "label", "mode"],
-              [["aqgy3_0001", "00000", "好", 0.6, "test"]])
+    write_csv(
+        simsv2 / "meta.csv",
+        ["video_id", "clip_id", "text", "label", "mode"],
+        [["aqgy3_0001", "00000", "好", 0.6, "test"]],
+    )
     touch(simsv2, "Raw/aqgy3_0001/00000.mp4")
     assert [(c.id, c.sentiment) for c in convert("simsv2", simsv2, tmp_path / "v.jsonl")] == [("aqgy3_0001_00000", 0.6)]
 
@@ -172,23 +234,38 @@ def test_sentiment_outside_the_dataset_range_is_an_error(tmp_path):
 
 def test_ovmerd_plus_open_set_labels(tmp_path):
     root = tmp_path / "ovmerdplus-process"
-    write_csv(root / "ovlabel.csv", ["name", "openset"],
-              [["samplenew3_1", "[happy, 'proud', \"excited\"]"], ["samplenew3_2", "[]"]])
+    write_csv(
+        root / "ovlabel.csv",
+        ["name", "openset"],
+        [["samplenew3_1", "[happy, 'proud', \"excited\"]"], ["samplenew3_2", "[]"]],
+    )
     write_csv(root / "subtitle_eng.csv", ["name", "sentence"], [["samplenew3_1", "We won!"]])
     touch(root, "video/samplenew3_1.mp4", "video/samplenew3_2.mp4", "audio/samplenew3_2.wav")
     convert("ovmerdplus", root, root / "m.jsonl")
     assert without_ids(records(root / "m.jsonl")) == {
-        "samplenew3_1": clip("video/samplenew3_1.mp4", subtitle="We won!", task="fine_grained",
-                             labels=["happy", "proud", "excited"], dataset="ovmerdplus"),
-        "samplenew3_2": clip("video/samplenew3_2.mp4", audio="audio/samplenew3_2.wav", task="fine_grained",
-                             labels=["neutral"], dataset="ovmerdplus"),
+        "samplenew3_1": clip(
+            "video/samplenew3_1.mp4",
+            subtitle="We won!",
+            task="fine_grained",
+            labels=["happy", "proud", "excited"],
+            dataset="ovmerdplus",
+        ),
+        "samplenew3_2": clip(
+            "video/samplenew3_2.mp4",
+            audio="audio/samplenew3_2.wav",
+            task="fine_grained",
+            labels=["neutral"],
+            dataset="ovmerdplus",
+        ),
     }
     with pytest.raises(ConversionError, match=r"subtitle_eng.csv: no chinese column"):
         convert("ovmerdplus", root, root / "m.jsonl", language="chinese")
 
 
-@pytest.mark.parametrize("text, words", [("[a, b]", ("a", "b")), ("['a','b c']", ("a", "b c")), ("", ("neutral",)),
-                                         ("[ ]", ("neutral",)), ("x", ("x",))])
+@pytest.mark.parametrize(
+    "text, words",
+    [("[a, b]", ("a", "b")), ("['a','b c']", ("a", "b c")), ("", ("neutral",)), ("[ ]", ("neutral",)), ("x", ("x",))],
+)
 def test_parse_openset(text, words):
     assert parse_openset(text) == words
 

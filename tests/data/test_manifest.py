@@ -17,8 +17,16 @@ def write_lines(path: Path, lines: list) -> Path:
 
 def test_round_trip_resolves_paths_against_the_manifest(tmp_path):
     clips = [
-        Clip(id="a", video=tmp_path / "video" / "a.mp4", audio=tmp_path / "audio" / "a.wav", task="basic",
-             label="angry", subtitle="Why?", dataset="mer2023", split="test"),
+        Clip(
+            id="a",
+            video=tmp_path / "video" / "a.mp4",
+            audio=tmp_path / "audio" / "a.wav",
+            task="basic",
+            label="angry",
+            subtitle="Why?",
+            dataset="mer2023",
+            split="test",
+        ),
         Clip(id="b", video=Path("/elsewhere/b.avi"), task="fine_grained", labels=["sad", "tired"], rationale="R."),
         Clip(id="c", video=tmp_path / "c.mp4", task="sentiment", sentiment=-1.4, label="sad"),
     ]
@@ -40,26 +48,29 @@ def test_relative_paths_resolve_against_the_manifest_directory_not_the_cwd(tmp_p
     assert clip.subtitle == "" and clip.dataset == "" and clip.split == "train"
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"id": "x", "video": ', "invalid JSON"),
-    ('["not", "an", "object"]', "expected a JSON object"),
-    (json.dumps({"video": "v.mp4", "task": "basic", "label": "happy"}), "field 'id': missing"),
-    (json.dumps(GOOD | {"id": 7}), "field 'id': expected a string, got 7"),
-    (json.dumps(GOOD | {"id": "  "}), "field 'id': expected a non-empty string"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "video"}), "field 'video': missing"),
-    (json.dumps(GOOD | {"audio": 3}), "field 'audio': expected a path string or null"),
-    (json.dumps(GOOD | {"task": "emotion"}), "field 'task': expected one of basic, fine_grained, sentiment"),
-    (json.dumps(GOOD | {"label": None}), "field 'label': missing; task 'basic'"),
-    (json.dumps(GOOD | {"task": "fine_grained", "labels": []}), "field 'labels': missing; task 'fine_grained'"),
-    (json.dumps(GOOD | {"task": "fine_grained", "labels": "happy"}), "field 'labels': expected a list of strings"),
-    (json.dumps(GOOD | {"labels": ["ok", ""]}), "field 'labels[1]': expected a non-empty string"),
-    (json.dumps(GOOD | {"task": "sentiment"}), "field 'sentiment': missing; task 'sentiment'"),
-    (json.dumps(GOOD | {"sentiment": "high"}), "field 'sentiment': expected a finite number"),
-    (json.dumps(GOOD | {"sentiment": True}), "field 'sentiment': expected a finite number"),
-    (json.dumps(GOOD | {"split": "test-1"}), "field 'split': expected letters, digits and '_'"),
-    (json.dumps(GOOD | {"subtitle": ["a"]}), "field 'subtitle': expected a string"),
-    (json.dumps(GOOD | {"lable": "sad"}), "field 'lable': unknown field"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"id": "x", "video": ', "invalid JSON"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+        (json.dumps({"video": "v.mp4", "task": "basic", "label": "happy"}), "field 'id': missing"),
+        (json.dumps(GOOD | {"id": 7}), "field 'id': expected a string, got 7"),
+        (json.dumps(GOOD | {"id": "  "}), "field 'id': expected a non-empty string"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "video"}), "field 'video': missing"),
+        (json.dumps(GOOD | {"audio": 3}), "field 'audio': expected a path string or null"),
+        (json.dumps(GOOD | {"task": "emotion"}), "field 'task': expected one of basic, fine_grained, sentiment"),
+        (json.dumps(GOOD | {"label": None}), "field 'label': missing; task 'basic'"),
+        (json.dumps(GOOD | {"task": "fine_grained", "labels": []}), "field 'labels': missing; task 'fine_grained'"),
+        (json.dumps(GOOD | {"task": "fine_grained", "labels": "happy"}), "field 'labels': expected a list of strings"),
+        (json.dumps(GOOD | {"labels": ["ok", ""]}), "field 'labels[1]': expected a non-empty string"),
+        (json.dumps(GOOD | {"task": "sentiment"}), "field 'sentiment': missing; task 'sentiment'"),
+        (json.dumps(GOOD | {"sentiment": "high"}), "field 'sentiment': expected a finite number"),
+        (json.dumps(GOOD | {"sentiment": True}), "field 'sentiment': expected a finite number"),
+        (json.dumps(GOOD | {"split": "test-1"}), "field 'split': expected letters, digits and '_'"),
+        (json.dumps(GOOD | {"subtitle": ["a"]}), "field 'subtitle': expected a string"),
+        (json.dumps(GOOD | {"lable": "sad"}), "field 'lable': unknown field"),
+    ],
+)
 def test_errors_name_file_line_and_field(tmp_path, line, message):
     path = write_lines(tmp_path / "m.jsonl", [GOOD | {"id": "first"}, "", line])
     with pytest.raises(ManifestError) as error:

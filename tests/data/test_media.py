@@ -21,7 +21,7 @@ def moving_colour(count: int, height: int = 48, width: int = 64) -> np.ndarray:
     frames = np.zeros((count, height, width, 3), np.uint8)
     frames[..., 0] = (np.arange(count) * RED_STEP)[:, None, None]
     for index in range(count):
-        frames[index, :, 2 * index % width: 2 * index % width + 4, 1] = 255
+        frames[index, :, 2 * index % width : 2 * index % width + 4, 1] = 255
     return frames
 
 
@@ -123,14 +123,17 @@ def test_decoding_is_deterministic(clips):
     np.testing.assert_array_equal(media.read_audio(clips["av"]), media.read_audio(clips["av"]))
 
 
-@pytest.mark.parametrize("name, reader, reason", [
-    ("corrupt", media.read_video, "not a readable media file"),
-    ("truncated", media.read_video, "not a readable media file"),
-    ("empty", media.read_audio, "not a readable media file"),
-    ("missing", media.read_video, "no such file"),
-    ("silent", media.read_audio, "no audio track"),
-    ("wav", media.read_video, "no video stream"),
-])
+@pytest.mark.parametrize(
+    "name, reader, reason",
+    [
+        ("corrupt", media.read_video, "not a readable media file"),
+        ("truncated", media.read_video, "not a readable media file"),
+        ("empty", media.read_audio, "not a readable media file"),
+        ("missing", media.read_video, "no such file"),
+        ("silent", media.read_audio, "no audio track"),
+        ("wav", media.read_video, "no video stream"),
+    ],
+)
 def test_errors_name_the_clip_and_the_path(clips, tmp_path, name, reader, reason):
     path = clips.get(name, tmp_path / "missing.mp4")
     with pytest.raises(media.MediaError) as error:
@@ -145,8 +148,10 @@ def test_clip_media_from_the_audio_file_or_the_video_track_and_skipping(clips):
     own_track = media.load_clip_media(Clip(id="b", video=clips["av"], task="basic", label="sad"))
     assert peak_hz(own_track.audio) == pytest.approx(TONE_HZ, abs=1.0)
 
-    broken = [Clip(id="c", video=clips["corrupt"], task="basic", label="sad"),
-              Clip(id="d", video=clips["silent"], task="basic", label="sad")]
+    broken = [
+        Clip(id="c", video=clips["corrupt"], task="basic", label="sad"),
+        Clip(id="d", video=clips["silent"], task="basic", label="sad"),
+    ]
     with pytest.raises(media.MediaError, match="clip 'c': cannot read"):
         media.load_clip_media(broken[0])
     skipped = media.SkipCounter()

@@ -28,16 +28,28 @@ def dataset(tmp_path_factory):
     lines, paths = [], {}
     for index in range(NUM_CLIPS):
         seconds = 0.6 + 0.1 * index
-        tone = (0.3 * np.sin(2 * np.pi * (200 + 100 * index) * np.arange(int(seconds * 16000)) / 16000))
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 100 * index) * np.arange(int(seconds * 16000)) / 16000)
         frames = rng.integers(0, 256, (int(seconds * 10), 48, 64, 3), dtype=np.uint8)
         video = media.write_video(root / f"clip{index}.mp4", frames, 10, audio=None if index % 2 else tone)
         audio = media.write_wav(root / f"clip{index}.wav", tone) if index % 2 else None
         paths[f"clip{index}"] = (video, audio or video)
-        lines.append({"id": f"clip{index}", "video": video.name, "audio": audio and audio.name, "task": "basic",
-                      "label": ("happy", "sad")[index % 2], "subtitle": f"line {index}", "dataset": "test"})
+        lines.append(
+            {
+                "id": f"clip{index}",
+                "video": video.name,
+                "audio": audio and audio.name,
+                "task": "basic",
+                "label": ("happy", "sad")[index % 2],
+                "subtitle": f"line {index}",
+                "dataset": "test",
+            }
+        )
     (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    dataset_dir = build_mer(root / "manifest.jsonl", tmp_path_factory.mktemp("tfds"),
-                            MerConfig(name="pipeline", num_frames=4, height=56, width=56, max_audio_seconds=1.0))
+    dataset_dir = build_mer(
+        root / "manifest.jsonl",
+        tmp_path_factory.mktemp("tfds"),
+        MerConfig(name="pipeline", num_frames=4, height=56, width=56, max_audio_seconds=1.0),
+    )
     return load_split(dataset_dir, "train"), paths
 
 
@@ -81,21 +93,25 @@ def test_batches_hold_the_processor_arrays_of_the_written_media(dataset):
 
 def test_process_shards_are_disjoint_complete_and_equal(dataset):
     source, _ = dataset
-    shards = [ids(make_iterator(source, PipelineConfig(batch_size=2, seed=5, num_epochs=1, shard_index=index,
-                                                       shard_count=2))) for index in range(2)]
+    shards = [
+        ids(make_iterator(source, PipelineConfig(batch_size=2, seed=5, num_epochs=1, shard_index=index, shard_count=2)))
+        for index in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == NUM_CLIPS // 2
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(f"clip{index}" for index in range(NUM_CLIPS))
     # 8 clips over 3 processes: 2 each (the 2 left over are dropped, so every process runs as many steps).
-    thirds = [ids(make_iterator(source, PipelineConfig(batch_size=1, seed=5, num_epochs=1, shard_index=index,
-                                                       shard_count=3))) for index in range(3)]
+    thirds = [
+        ids(make_iterator(source, PipelineConfig(batch_size=1, seed=5, num_epochs=1, shard_index=index, shard_count=3)))
+        for index in range(3)
+    ]
     assert [len(shard) for shard in thirds] == [2, 2, 2] and len(set(sum(thirds, []))) == 6
 
 
 def test_every_epoch_is_a_new_seeded_permutation(dataset):
     source, _ = dataset
     stream = ids(make_iterator(source, single_process(num_epochs=3, seed=7)))
-    epochs = [stream[start:start + NUM_CLIPS] for start in range(0, 3 * NUM_CLIPS, NUM_CLIPS)]
+    epochs = [stream[start : start + NUM_CLIPS] for start in range(0, 3 * NUM_CLIPS, NUM_CLIPS)]
     for epoch in epochs:
         assert sorted(epoch) == sorted(f"clip{index}" for index in range(NUM_CLIPS))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
@@ -155,18 +171,24 @@ def test_a_caller_preprocess_replaces_the_default(dataset):
 
 
 def test_a_shard_smaller_than_a_batch_is_an_error(dataset):
-    with pytest.raises(ValueError, match=r"a shard of 4 examples \(8 examples over 2 processes\) cannot fill one "
-                                         r"batch of batch_size=5"):
+    with pytest.raises(
+        ValueError,
+        match=r"a shard of 4 examples \(8 examples over 2 processes\) cannot fill one "
+        r"batch of batch_size=5",
+    ):
         make_iterator(dataset[0], PipelineConfig(batch_size=5, shard_index=0, shard_count=2))
 
 
-@pytest.mark.parametrize("config, message", [
-    (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(batch_size=2, shard_index=1), "shard_index and shard_count must be given together"),
-    (dict(batch_size=2, shard_index=2, shard_count=2), r"shard_index must be in \[0, shard_count=2\)"),
-    (dict(batch_size=2, num_epochs=0), "num_epochs must be >= 1 or None"),
-    (dict(batch_size=2, worker_count=-1), "worker_count must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(batch_size=2, shard_index=1), "shard_index and shard_count must be given together"),
+        (dict(batch_size=2, shard_index=2, shard_count=2), r"shard_index must be in \[0, shard_count=2\)"),
+        (dict(batch_size=2, num_epochs=0), "num_epochs must be >= 1 or None"),
+        (dict(batch_size=2, worker_count=-1), "worker_count must be >= 0"),
+    ],
+)
 def test_config_errors(config, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig(**config)

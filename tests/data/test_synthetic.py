@@ -33,8 +33,11 @@ def drawn_clips() -> list[dict]:
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
-    return {path.relative_to(directory).as_posix(): path.read_bytes()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(directory).as_posix(): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_same_seed_gives_the_same_bytes(manifest_dir, tmp_path):
@@ -87,10 +90,8 @@ def test_classes_are_balanced_and_no_single_cue_decides(drawn_clips):
     agree = np.mean([clip["cues"].words_emotion == clip["label"] for clip in drawn_clips])
     assert 0.39 < agree < 0.61
     rng = np.random.default_rng(0)
-    assert all(synthetic.make_clip(rng, "sad", agree_probability=1.0)["cues"].words_emotion == "sad"
-               for _ in range(20))
-    assert all(synthetic.make_clip(rng, "sad", agree_probability=0.0)["cues"].words_emotion != "sad"
-               for _ in range(20))
+    assert all(synthetic.make_clip(rng, "sad", agree_probability=1.0)["cues"].words_emotion == "sad" for _ in range(20))
+    assert all(synthetic.make_clip(rng, "sad", agree_probability=0.0)["cues"].words_emotion != "sad" for _ in range(20))
 
 
 def test_the_cues_read_back_from_the_drawn_media(drawn_clips):
@@ -122,8 +123,16 @@ def test_bad_inputs_are_named():
 
 def test_the_tfds_builder_writes_the_generated_clips(tmp_path):
     examples = synthetic.SyntheticExamples({"train": 6, "test": 2}, rationales={"train_00001": "A reason."})
-    config = SyntheticAffectConfig(name="tiny", generator=examples, splits=("train", "test"), seed=SEED,
-                                   num_frames=4, height=56, width=56, max_audio_seconds=1.5)
+    config = SyntheticAffectConfig(
+        name="tiny",
+        generator=examples,
+        splits=("train", "test"),
+        seed=SEED,
+        num_frames=4,
+        height=56,
+        width=56,
+        max_audio_seconds=1.5,
+    )
     dataset_dir = build_synthetic_affect(tmp_path, config)
     for split, size in (("train", 6), ("test", 2)):
         written = {example["id"].decode(): example for example in load_split(dataset_dir, split)}
@@ -152,10 +161,19 @@ def test_the_manifest_media_decode_and_show_their_cues(manifest_dir):
     largest_error = 0
     for clip, row in zip(clips, cue_table):
         expected = synthetic.clip_at(SEED, clip.split, int(clip.id.split("_")[1]))
-        assert (clip.label, clip.subtitle, clip.task, clip.dataset) == (expected["label"], expected["subtitle"],
-                                                                        "basic", "synthetic_affect")
-        assert row == {"id": clip.id, "split": clip.split, "label": clip.label, "subtitle": clip.subtitle,
-                       **expected["cues"].to_json()}
+        assert (clip.label, clip.subtitle, clip.task, clip.dataset) == (
+            expected["label"],
+            expected["subtitle"],
+            "basic",
+            "synthetic_affect",
+        )
+        assert row == {
+            "id": clip.id,
+            "split": clip.split,
+            "label": clip.label,
+            "subtitle": clip.subtitle,
+            **expected["cues"].to_json(),
+        }
         video = read_video(clip.video, record_id=clip.id, num_frames=4, size=(56, 56))
         audio = read_audio(clip.video, record_id=clip.id)
         assert video.frames.shape == (4, 56, 56, 3) and video.sample_fps == synthetic.FPS

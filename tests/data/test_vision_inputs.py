@@ -41,14 +41,17 @@ def reference_video_patchify():
 # Hand-derived: 100/28 = 3.57 -> 4; 70/28 = 2.5 and 98/28 = 3.5 round half to even (2 and 4);
 # 10x10 is below 4*28^2 so it is scaled up by sqrt(3136/100) = 5.6 -> 56; 1080x1920 rounds to
 # 1092x1932 > 768*28^2, beta = sqrt(1080*1920/602112) = 1.856 -> floor(20.8)*28, floor(36.9)*28.
-@pytest.mark.parametrize("size, kwargs, expected", [
-    ((100, 100), {}, (112, 112)),
-    ((70, 70), {}, (56, 56)),
-    ((98, 98), {}, (112, 112)),
-    ((10, 10), {}, (56, 56)),
-    ((1080, 1920), dict(max_pixels=768 * 28 * 28), (560, 1008)),
-    ((10, 1000), {}, (28, 1008)),
-])
+@pytest.mark.parametrize(
+    "size, kwargs, expected",
+    [
+        ((100, 100), {}, (112, 112)),
+        ((70, 70), {}, (56, 56)),
+        ((98, 98), {}, (112, 112)),
+        ((10, 10), {}, (56, 56)),
+        ((1080, 1920), dict(max_pixels=768 * 28 * 28), (560, 1008)),
+        ((10, 1000), {}, (28, 1008)),
+    ],
+)
 def test_smart_resize_known_values(size, kwargs, expected):
     assert vi.smart_resize(*size, **kwargs) == expected
 
@@ -58,8 +61,10 @@ def test_smart_resize_agrees_with_transformers_where_the_rules_coincide():
 
     for height in range(28, 2000, 97):
         for width in range(28, 2000, 89):
-            for bounds in [dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
-                           dict(min_pixels=128 * 784, max_pixels=768 * 784)]:
+            for bounds in [
+                dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
+                dict(min_pixels=128 * 784, max_pixels=768 * 784),
+            ]:
                 expected = reference(height, width, factor=28, **bounds)
                 assert vi.smart_resize(height, width, **bounds) == expected
                 assert vi.image_processor_smart_resize(height, width, **bounds) == expected
@@ -81,18 +86,21 @@ def test_smart_resize_rejects_extreme_aspect_ratios():
 
 # total_frames, video_fps, kwargs -> frames: 10 s at 2 fps; at least 4; no more than the video (floored
 # to even); at most 768; floored to even; an explicit count rounded half to even and capped.
-@pytest.mark.parametrize("total, fps, kwargs, expected", [
-    (250, 25.0, {}, 20),
-    (30, 30.0, {}, 4),
-    (5, 25.0, {}, 4),
-    (3, 25.0, {}, 2),
-    (30000, 30.0, {}, 768),
-    (183, 25.0, {}, 14),
-    (100, 25.0, dict(nframes=7), 8),
-    (100, 25.0, dict(nframes=5), 4),
-    (6, 25.0, dict(nframes=9), 6),
-    (100, 25.0, dict(fps=1.0, max_frames=3), 2),
-])
+@pytest.mark.parametrize(
+    "total, fps, kwargs, expected",
+    [
+        (250, 25.0, {}, 20),
+        (30, 30.0, {}, 4),
+        (5, 25.0, {}, 4),
+        (3, 25.0, {}, 2),
+        (30000, 30.0, {}, 768),
+        (183, 25.0, {}, 14),
+        (100, 25.0, dict(nframes=7), 8),
+        (100, 25.0, dict(nframes=5), 4),
+        (6, 25.0, dict(nframes=9), 6),
+        (100, 25.0, dict(fps=1.0, max_frames=3), 2),
+    ],
+)
 def test_smart_nframes_known_values(total, fps, kwargs, expected):
     assert vi.smart_nframes(total, fps, **kwargs) == expected
 
@@ -152,8 +160,9 @@ def test_video_rows_equal_the_reference_video_patchify(reference_video_patchify,
     frames = np.random.default_rng(num_frames).integers(0, 256, (num_frames, 56, 84, 3), dtype=np.uint8)
     got = vi.video_to_inputs(frames, sample_fps=2.0)
     normalized = torch.from_numpy(vi.normalize(frames))[None]  # [1, T, C, H, W]; odd T padded by the reference
-    rows, grid_t, grid_h, grid_w = reference_video_patchify(None, normalized, patch_size=14, merge_size=2,
-                                                            temporal_patch_size=2)
+    rows, grid_t, grid_h, grid_w = reference_video_patchify(
+        None, normalized, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     np.testing.assert_array_equal(got["pixel_values_videos"], rows[0].numpy())
     np.testing.assert_array_equal(got["video_grid_thw"], [[grid_t, grid_h, grid_w]])
     assert got["video_grid_thw"].tolist() == [[(num_frames + 1) // 2, 4, 6]]

@@ -60,13 +60,26 @@ _BRANCHES = {
     "surprise": {"amazed": ["astonished"]},
     "disgust": {"revulsion": ["loathing"]},
 }
-_WHEEL_LEVEL1 = {k: [w for w in _BRANCHES if (w != "surprise" or k <= 4) and (w != "disgust" or k in (1, 2, 4))]
-                 for k in range(1, 6)}
+_WHEEL_LEVEL1 = {
+    k: [w for w in _BRANCHES if (w != "surprise" or k <= 4) and (w != "disgust" or k in (1, 2, 4))] for k in range(1, 6)
+}
 _SYNONYMS = {"happy": "[glad, cheerful]", "sad": "[unhappy]"}  # in run 1 only; the other runs list none
-_FORMS = {"happy": "happy, happier", "glad": "glad", "cheerful": "cheerful", "joy": "joy", "excited": "excited",
-          "relieved": "relieved", "sad": "sad, sadder", "unhappy": "unhappy", "angry": "angry, angrier",
-          "anger": "anger", "worried": "worried, worry", "nervous": "nervous", "surprise": "surprise, surprised",
-          "disgust": "disgust, disgusted"}
+_FORMS = {
+    "happy": "happy, happier",
+    "glad": "glad",
+    "cheerful": "cheerful",
+    "joy": "joy",
+    "excited": "excited",
+    "relieved": "relieved",
+    "sad": "sad, sadder",
+    "unhappy": "unhappy",
+    "angry": "angry, angrier",
+    "anger": "anger",
+    "worried": "worried, worry",
+    "nervous": "nervous",
+    "surprise": "surprise, surprised",
+    "disgust": "disgust, disgusted",
+}
 
 
 def write_tiny_wheels(directory: Path) -> Path:
@@ -88,7 +101,9 @@ def write_tiny_wheels(directory: Path) -> Path:
     sheet = book.active
     sheet.append([name for run in range(1, SYNONYM_RUNS + 1) for name in (f"word_run{run}", f"synonym_run{run}")])
     for word in dict.fromkeys(words):
-        sheet.append([cell for run in range(SYNONYM_RUNS) for cell in (word, _SYNONYMS.get(word) if run == 0 else None)])
+        sheet.append(
+            [cell for run in range(SYNONYM_RUNS) for cell in (word, _SYNONYMS.get(word) if run == 0 else None)]
+        )
     book.save(directory / "synonym.xlsx")
     with (directory / "format.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

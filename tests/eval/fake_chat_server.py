@@ -75,10 +75,18 @@ class FakeChatServer:
                             "id": "chatcmpl-test",
                             "object": "chat.completion",
                             "model": body["model"],
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                                         "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": answer.text},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": {
+                                "prompt_tokens": answer.prompt_tokens,
+                                "completion_tokens": answer.completion_tokens,
+                                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                            },
                         }
                     else:
                         message = answer.error_message or f"status {answer.status}"
@@ -97,7 +105,7 @@ class FakeChatServer:
                     self.end_headers()
                     if answer.drip_s:
                         for index in range(len(data)):
-                            self.wfile.write(data[index:index + 1])
+                            self.wfile.write(data[index : index + 1])
                             self.wfile.flush()
                             time.sleep(answer.drip_s)
                     else:
@@ -121,7 +129,7 @@ class FakeChatServer:
         with self._lock:
             return sum(predicate(last_user_message(request)) for request in self.requests)
 
-    def __enter__(self) -> "FakeChatServer":
+    def __enter__(self) -> FakeChatServer:
         self._thread.start()
         return self
 

@@ -105,9 +105,23 @@ def test_score_with_the_llm_extractor_resumes_from_its_cache(predictions_file, t
     wheel_dir = tiny_wheel_dir
     out = tmp_path / "llm"
     with FakeChatServer(_echo_llm) as server:
-        options = ["--out", out, "--extractor", "llm", "--llm-base-url", server.base_url, "--llm-model", "fake-qwen",
-                   "--llm-timeout", 5, "--llm-max-retries", 1, "--no-progress",
-                   "--llm-params", '{"repetition_penalty": 1.05}']
+        options = [
+            "--out",
+            out,
+            "--extractor",
+            "llm",
+            "--llm-base-url",
+            server.base_url,
+            "--llm-model",
+            "fake-qwen",
+            "--llm-timeout",
+            5,
+            "--llm-max-retries",
+            1,
+            "--no-progress",
+            "--llm-params",
+            '{"repetition_penalty": 1.05}',
+        ]
         assert _score(predictions_file, wheel_dir, *options) == 0
         first = json.loads((out / "scores.json").read_text())
         sent = server.count()

@@ -8,7 +8,17 @@ from opsd_jax.eval.datasets import DATASET_NAMES, DATASETS, REFERENCE_RESULTS, g
 
 
 def test_benchmark_order_tasks_and_lookup():
-    assert DATASET_NAMES == ("mer2023", "mer2024", "meld", "iemocapfour", "cmumosi", "cmumosei", "sims", "simsv2", "ovmerdplus")
+    assert DATASET_NAMES == (
+        "mer2023",
+        "mer2024",
+        "meld",
+        "iemocapfour",
+        "cmumosi",
+        "cmumosei",
+        "sims",
+        "simsv2",
+        "ovmerdplus",
+    )
     assert [d.primary_metric for d in DATASETS] == ["HIT"] * 4 + ["WAF"] * 4 + ["F_s"]
     assert get_dataset("IEMOCAPFour").test_size == 1241 and get_dataset(" OVMERDPlus ").task == "fine_grained"
     with pytest.raises(ValueError, match="unknown MER-UniBench dataset 'iemocap'; expected one of mer2023"):

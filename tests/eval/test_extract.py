@@ -91,7 +91,9 @@ def test_builtin_extractor_agrees_with_the_benchmark_extraction_on_affectgpt_ans
 
 def test_prompts_are_the_benchmarks_verbatim():
     document = (merunibench_dir().parent / "reference" / "merunibench.md").read_text(encoding="utf-8")
-    openset_line = next(line.strip(" ") for line in document.splitlines() if "Please assume the role of an expert" in line)
+    openset_line = next(
+        line.strip(" ") for line in document.splitlines() if "Please assume the role of an expert" in line
+    )
     sentiment_line = next(line.strip(" ") for line in document.splitlines() if "We provide a few words" in line)
     assert OPENSET_PROMPT == openset_line + " "
     assert SENTIMENT_PROMPT.count(" " * 13) == 6  # one space + the source's 12 of indentation, 6 times
@@ -155,8 +157,16 @@ def _records():
 
 
 def _extractor(server, cache_path):
-    client = ChatClient(server.base_url, "fake-qwen", timeout_s=0.3, max_retries=2, max_concurrency=3,
-                        backoff_base_s=0.01, sleep=SleepRecorder(), seed=0)
+    client = ChatClient(
+        server.base_url,
+        "fake-qwen",
+        timeout_s=0.3,
+        max_retries=2,
+        max_concurrency=3,
+        backoff_base_s=0.01,
+        sleep=SleepRecorder(),
+        seed=0,
+    )
     return LLMExtractor(client, cache_path, progress=False)
 
 
@@ -188,9 +198,14 @@ def test_llm_extractor_retries_caches_and_resumes(tmp_path):
 
 def test_llm_extractor_failure_keeps_the_successes_and_a_rerun_sends_only_the_rest(tmp_path):
     cache_path = tmp_path / "cache.jsonl"
-    records = [PredictionRecord("mer2023", "x", "happy REJECT", "happy"), PredictionRecord("mer2023", "y", "sad", "sad")]
+    records = [
+        PredictionRecord("mer2023", "x", "happy REJECT", "happy"),
+        PredictionRecord("mer2023", "y", "sad", "sad"),
+    ]
     with FakeChatServer(_fake_extractor_llm) as server:
-        with pytest.raises(ExtractionError, match="1 of 2 extractor requests failed.*prompt rejected.*1 answers are cached"):
+        with pytest.raises(
+            ExtractionError, match="1 of 2 extractor requests failed.*prompt rejected.*1 answers are cached"
+        ):
             _extractor(server, cache_path).extract(records)
         assert server.count() == 2
         rerun = _extractor(server, cache_path)

@@ -36,7 +36,7 @@ class StaticServer:
 
     @property
     def url(self) -> str:
-        return "http://127.0.0.1:%d" % self._server.server_address[1]
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self):
         self._thread.start()
@@ -90,6 +90,19 @@ def test_cli_fetch_wheels(tmp_path, wheel_dir, capsys):
     with StaticServer(wheel_dir) as server:
         assert main(["eval", "fetch-wheels", "--dest", str(tmp_path), "--base-url", server.url, "--timeout", "5"]) == 0
         assert len(capsys.readouterr().out.split()) == 7
-        assert main(["eval", "fetch-wheels", "--dest", str(tmp_path / "x"), "--base-url", server.url + "/nope",
-                     "--timeout", "5"]) == 2
+        assert (
+            main(
+                [
+                    "eval",
+                    "fetch-wheels",
+                    "--dest",
+                    str(tmp_path / "x"),
+                    "--base-url",
+                    server.url + "/nope",
+                    "--timeout",
+                    "5",
+                ]
+            )
+            == 2
+        )
     assert "HTTP 404" in capsys.readouterr().err

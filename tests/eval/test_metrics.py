@@ -160,7 +160,9 @@ def test_fine_grained_on_affectgpt_predictions(wheels, reference):
     vocabulary = sorted({label for item in items for label in _parse(item)})
     ground_truth = [list(rng.choice(vocabulary, size=rng.integers(0, 5), replace=False)) for _ in names]
     # Make some ground truths overlap the prediction so the score is not near zero.
-    ground_truth = [truth + _parse(item)[:1] if i % 2 else truth for i, (truth, item) in enumerate(zip(ground_truth, items))]
+    ground_truth = [
+        truth + _parse(item)[:1] if i % 2 else truth for i, (truth, item) in enumerate(zip(ground_truth, items))
+    ]
     result = metrics.fine_grained_scores(ground_truth, items, wheels)
 
     truth_sets = [_independent_sets([t.lower() for t in truth], reference) for truth in ground_truth]
@@ -175,7 +177,11 @@ def test_fine_grained_on_affectgpt_predictions(wheels, reference):
             p_list.append(len(g & p) / len(p) if p else 0.0)
             r_list.append(len(g & p) / len(g))
         precision, recall = sum(p_list) / len(p_list), sum(r_list) / len(r_list)
-        precisions.append(precision), recalls.append(recall), f_scores.append(2 * precision * recall / (precision + recall))
+        (
+            precisions.append(precision),
+            recalls.append(recall),
+            f_scores.append(2 * precision * recall / (precision + recall)),
+        )
     assert result.f_score == pytest.approx(sum(f_scores) / 5, abs=1e-12)
     assert result.precision == pytest.approx(sum(precisions) / 5, abs=1e-12)
     assert result.recall == pytest.approx(sum(recalls) / 5, abs=1e-12)

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from opsd_jax.eval.predictions import PredictionRecord, PredictionsError, parse_record, read_predictions, write_predictions
+from opsd_jax.eval.predictions import (
+    PredictionRecord,
+    PredictionsError,
+    parse_record,
+    read_predictions,
+    write_predictions,
+)
 
 
 def _write_lines(path, objects):
@@ -18,7 +24,14 @@ def test_round_trip_and_ground_truth_forms(tmp_path):
     lines = [
         {"dataset": "MER2023", "id": "s1", "output": "happy", "ground_truth": "happy"},
         {"dataset": "ovmerdplus", "id": 7, "output": "x", "ground_truth": "[happy, 'sad']", "extra": 1},
-        {"dataset": "ovmerdplus", "id": "8", "output": "x", "ground_truth": ["calm"], "labels": ["calm"], "extractor": "me"},
+        {
+            "dataset": "ovmerdplus",
+            "id": "8",
+            "output": "x",
+            "ground_truth": ["calm"],
+            "labels": ["calm"],
+            "extractor": "me",
+        },
         {"dataset": "cmumosi", "id": "s1", "output": "x", "ground_truth": -2, "labels": [], "sentiment": "negative"},
     ]
     records = read_predictions(_write_lines(tmp_path / "p.jsonl", lines))
@@ -34,14 +47,29 @@ def test_round_trip_and_ground_truth_forms(tmp_path):
     "line, message",
     [
         ({"id": "1", "output": "", "ground_truth": "happy"}, "missing field 'dataset'"),
-        ({"dataset": "mer2025", "id": "1", "output": "", "ground_truth": "happy"}, "unknown MER-UniBench dataset 'mer2025'"),
+        (
+            {"dataset": "mer2025", "id": "1", "output": "", "ground_truth": "happy"},
+            "unknown MER-UniBench dataset 'mer2025'",
+        ),
         ({"dataset": "meld", "id": "1", "ground_truth": "joy"}, "missing field 'output'"),
         ({"dataset": "meld", "id": "1", "output": 3, "ground_truth": "joy"}, "field 'output' must be str"),
-        ({"dataset": "meld", "id": "1", "output": "", "ground_truth": ["joy"]}, "meld ground_truth must be one label word"),
-        ({"dataset": "sims", "id": "1", "output": "", "ground_truth": "positive"}, "sims ground_truth must be a finite number"),
+        (
+            {"dataset": "meld", "id": "1", "output": "", "ground_truth": ["joy"]},
+            "meld ground_truth must be one label word",
+        ),
+        (
+            {"dataset": "sims", "id": "1", "output": "", "ground_truth": "positive"},
+            "sims ground_truth must be a finite number",
+        ),
         ({"dataset": "sims", "id": "1", "output": "", "ground_truth": True}, "field 'ground_truth' must be"),
-        ({"dataset": "ovmerdplus", "id": "1", "output": "", "ground_truth": [1]}, "ovmerdplus ground_truth must be a list of words"),
-        ({"dataset": "meld", "id": "1", "output": "", "ground_truth": "joy", "labels": "joy"}, "field 'labels' must be list"),
+        (
+            {"dataset": "ovmerdplus", "id": "1", "output": "", "ground_truth": [1]},
+            "ovmerdplus ground_truth must be a list of words",
+        ),
+        (
+            {"dataset": "meld", "id": "1", "output": "", "ground_truth": "joy", "labels": "joy"},
+            "field 'labels' must be list",
+        ),
         ("[1, 2]", "expected a JSON object"),
         ("{not json", "not valid JSON"),
     ],

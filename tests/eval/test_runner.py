@@ -63,8 +63,18 @@ def manifest(tmp_path_factory):
         tone = (0.3 * np.sin(2 * np.pi * (200 + 50 * index) * np.arange(16000) / 16000)).astype(np.float32)
         video = write_video(directory / f"{clip_id}.mp4", frames, fps=4)
         audio = write_wav(directory / f"{clip_id}.wav", tone)
-        clips.append(Clip(id=clip_id, video=str(video), audio=str(audio), subtitle="I can't believe it!",
-                          task=task, dataset=dataset, split=split, **{field: value}))
+        clips.append(
+            Clip(
+                id=clip_id,
+                video=str(video),
+                audio=str(audio),
+                subtitle="I can't believe it!",
+                task=task,
+                dataset=dataset,
+                split=split,
+                **{field: value},
+            )
+        )
     return write_manifest(directory / "manifest.jsonl", clips)
 
 
@@ -88,9 +98,26 @@ def generate_calls(monkeypatch):
 
 
 def _eval(checkpoint, data, tiny_wheel_dir, out, *options):
-    return main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--wheel-dir", str(tiny_wheel_dir),
-                 "--out", str(out), "--batch-size", "2", "--max-new-tokens", "5", "--no-progress", *MEDIA,
-                 *map(str, options)])
+    return main(
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--wheel-dir",
+            str(tiny_wheel_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--no-progress",
+            *MEDIA,
+            *map(str, options),
+        ]
+    )
 
 
 def _lines(path):
@@ -108,7 +135,7 @@ def manifest_run(checkpoint, manifest, tiny_wheel_dir, tmp_path_factory):
         assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,CMUMOSI", "--limit", "1") == 0
         first = list(batches)
         assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,cmumosi") == 0
-    return out, first, batches[len(first):]
+    return out, first, batches[len(first) :]
 
 
 def test_predictions_hold_one_answer_per_asked_clip(manifest_run):
@@ -116,8 +143,12 @@ def test_predictions_hold_one_answer_per_asked_clip(manifest_run):
     # --limit 1: the first clip of each dataset, in one batch; the rerun answers only the other two.
     assert first == [2] and second == [2]
     rows = _lines(out / PREDICTIONS_FILE)
-    assert [(row["dataset"], row["id"]) for row in rows] == [("mer2023", "m1"), ("cmumosi", "s1"),
-                                                            ("mer2023", "m2"), ("cmumosi", "s2")]
+    assert [(row["dataset"], row["id"]) for row in rows] == [
+        ("mer2023", "m1"),
+        ("cmumosi", "s1"),
+        ("mer2023", "m2"),
+        ("cmumosi", "s2"),
+    ]
     truths = {row["id"]: row["ground_truth"] for row in rows}
     assert truths == {"m1": "happy", "s1": 1.5, "m2": "sad", "s2": -2.0}
     assert all(isinstance(row["output"], str) and "labels" not in row for row in rows)
@@ -134,8 +165,21 @@ def test_scores_and_report_match_eval_score(manifest_run, tiny_wheel_dir, tmp_pa
     extracted = _lines(out / "predictions.extracted.jsonl")
     assert len(extracted) == 4 and all(row["extractor"] == "builtin-lexicon" for row in extracted)
 
-    assert main(["eval", "score", "--predictions", str(out / PREDICTIONS_FILE), "--wheel-dir", str(tiny_wheel_dir),
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                "--predictions",
+                str(out / PREDICTIONS_FILE),
+                "--wheel-dir",
+                str(tiny_wheel_dir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rescored = json.loads((tmp_path / "scores.json").read_text())
     assert rescored["datasets"] == scores["datasets"] and rescored["partial_mean"] == scores["partial_mean"]
     report = (out / "report.md").read_text()
@@ -164,13 +208,31 @@ def _llm_lists_known_words(request, attempt):
     return Reply(text="[" + ", ".join(re.findall(r"\b(happy|sad|angry)\b", payload.lower())) + "]")
 
 
-def test_a_finished_run_rescored_with_the_llm_extractor(manifest_run, checkpoint, manifest, tiny_wheel_dir, tmp_path,
-                                                         generate_calls, capsys):
+def test_a_finished_run_rescored_with_the_llm_extractor(
+    manifest_run, checkpoint, manifest, tiny_wheel_dir, tmp_path, generate_calls, capsys
+):
     out = tmp_path / "llm"
     shutil.copytree(manifest_run[0], out)
     with FakeChatServer(_llm_lists_known_words) as server:
-        assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023,cmumosi", "--extractor", "llm",
-                     "--llm-base-url", server.base_url, "--llm-model", "fake-qwen", "--llm-max-retries", "1") == 0
+        assert (
+            _eval(
+                checkpoint,
+                manifest,
+                tiny_wheel_dir,
+                out,
+                "--datasets",
+                "mer2023,cmumosi",
+                "--extractor",
+                "llm",
+                "--llm-base-url",
+                server.base_url,
+                "--llm-model",
+                "fake-qwen",
+                "--llm-max-retries",
+                "1",
+            )
+            == 0
+        )
         sent = server.count()
     assert generate_calls == []
     scores = json.loads((out / "scores.json").read_text())
@@ -183,13 +245,16 @@ def test_a_finished_run_rescored_with_the_llm_extractor(manifest_run, checkpoint
     capsys.readouterr()
 
 
-def test_a_built_tfds_dataset_gives_the_same_answers(manifest_run, checkpoint, manifest, tiny_wheel_dir,
-                                                      tmp_path_factory, generate_calls):
+def test_a_built_tfds_dataset_gives_the_same_answers(
+    manifest_run, checkpoint, manifest, tiny_wheel_dir, tmp_path_factory, generate_calls
+):
     """The TFDS dataset stores the frames the manifest path decodes (same count, same resize), so greedy
     answers agree clip by clip; clips of other datasets and splits are left out."""
-    dataset_dir = build_mer(manifest, tmp_path_factory.mktemp("eval_tfds"),
-                            MerConfig(name="eval", num_frames=4, height=FRAME_SIDE, width=FRAME_SIDE,
-                                      max_audio_seconds=1.0))
+    dataset_dir = build_mer(
+        manifest,
+        tmp_path_factory.mktemp("eval_tfds"),
+        MerConfig(name="eval", num_frames=4, height=FRAME_SIDE, width=FRAME_SIDE, max_audio_seconds=1.0),
+    )
     out = tmp_path_factory.mktemp("eval_tfds_out")
     assert _eval(checkpoint, dataset_dir, tiny_wheel_dir, out, "--datasets", "cmumosi,mer2023") == 0
     assert generate_calls == [2, 2]
@@ -221,14 +286,17 @@ def test_bad_requests_fail_before_generating(checkpoint, manifest, tiny_wheel_di
         shutil.copy(checkpoint / name, weights_only / name)
     assert _eval(weights_only, manifest, tiny_wheel_dir, tmp_path / "d", "--datasets", "mer2023") == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines()[-1] == (f"opsd-jax: error: checkpoint directory {weights_only} has no tokenizer files "
-                                    "(tokenizer.json or vocab.json or tokenizer.model); copy them from the base model, "
-                                    "or export with `opsd-jax export --tokenizer-dir`")
+    assert err.splitlines()[-1] == (
+        f"opsd-jax: error: checkpoint directory {weights_only} has no tokenizer files "
+        "(tokenizer.json or vocab.json or tokenizer.model); copy them from the base model, "
+        "or export with `opsd-jax export --tokenizer-dir`"
+    )
     assert generate_calls == []
 
 
-def test_a_rerun_with_other_settings_is_refused(manifest_run, checkpoint, manifest, tiny_wheel_dir, generate_calls,
-                                                capsys):
+def test_a_rerun_with_other_settings_is_refused(
+    manifest_run, checkpoint, manifest, tiny_wheel_dir, generate_calls, capsys
+):
     out, _, _ = manifest_run
     assert _eval(checkpoint, manifest, tiny_wheel_dir, out, "--datasets", "mer2023", "--temperature", "0.7") == 2
     err = capsys.readouterr().err
@@ -253,8 +321,14 @@ def test_clip_selection(manifest, tmp_path):
 
     # A clip whose task is not its dataset's: the error names the clip, the field and the dataset's task.
     mislabeled = tmp_path / "mislabeled.jsonl"
-    record = {"id": "x", "video": str(manifest.parent / "m1.mp4"), "task": "basic", "label": "happy",
-              "dataset": "cmumosi", "split": "test"}
+    record = {
+        "id": "x",
+        "video": str(manifest.parent / "m1.mp4"),
+        "task": "basic",
+        "label": "happy",
+        "dataset": "cmumosi",
+        "split": "test",
+    }
     mislabeled.write_text(json.dumps(record) + "\n")
     with pytest.raises(ValueError, match=r"clip 'x': field 'task' is 'basic', but cmumosi is a 'sentiment'"):
         collect_clips([mislabeled], ("cmumosi",), "test", settings)
@@ -289,8 +363,13 @@ def test_generation_settings_bind_only_once_there_are_predictions(tmp_path):
 def run_dir(checkpoint, tmp_path_factory):
     """A training run directory of the tiny thinker whose config sets the instruction, answer length and
     prompt buckets; its mesh takes every device there is (mesh.fsdp: -1)."""
-    return tiny_run_directory(checkpoint, tmp_path_factory.mktemp("eval_run") / "run", "sampling.eval_max_new_tokens=5",
-                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[512]")
+    return tiny_run_directory(
+        checkpoint,
+        tmp_path_factory.mktemp("eval_run") / "run",
+        "sampling.eval_max_new_tokens=5",
+        "prompt.instruction=Name the feeling.",
+        "sampling.prompt_buckets=[512]",
+    )
 
 
 def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manifest, tiny_wheel_dir, tmp_path):
@@ -300,12 +379,31 @@ def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manif
     import subprocess
     import sys
 
-    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
-               "--datasets", "mer2023,cmumosi", "--batch-size", "2", "--no-progress", *MEDIA, "--step", "2"]
+    command = [
+        "eval",
+        "--checkpoint",
+        str(run_dir),
+        "--data",
+        str(manifest),
+        "--wheel-dir",
+        str(tiny_wheel_dir),
+        "--datasets",
+        "mer2023,cmumosi",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *MEDIA,
+        "--step",
+        "2",
+    ]
     assert main([*command, "--out", str(tmp_path / "eight")]) == 0
-    single = subprocess.run([sys.executable, "-m", "opsd_jax.cli", *command, "--out", str(tmp_path / "one")],
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, "-m", "opsd_jax.cli", *command, "--out", str(tmp_path / "one")],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     eight, one = _lines(tmp_path / "eight" / PREDICTIONS_FILE), _lines(tmp_path / "one" / PREDICTIONS_FILE)
     assert {(row["dataset"], row["id"]) for row in eight} == ASKED
@@ -315,18 +413,41 @@ def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manif
     assert generation["step"] == 2 and generation["dtype"] == "bfloat16" and generation["prompt_buckets"] == [512]
 
 
-def test_eval_overrides_apply_and_a_bad_source_stops_before_loading(run_dir, manifest, tiny_wheel_dir, tmp_path,
-                                                                     generate_calls, capsys):
-    command = ["eval", "--checkpoint", str(run_dir), "--data", str(manifest), "--wheel-dir", str(tiny_wheel_dir),
-               "--datasets", "mer2023", "--limit", "1", "--batch-size", "1", "--no-progress", *MEDIA]
-    assert main([*command, "prompt.instruction=Which one?", "--out", str(tmp_path / "a"), "sampling.eval_max_new_tokens=2"]) == 0
+def test_eval_overrides_apply_and_a_bad_source_stops_before_loading(
+    run_dir, manifest, tiny_wheel_dir, tmp_path, generate_calls, capsys
+):
+    command = [
+        "eval",
+        "--checkpoint",
+        str(run_dir),
+        "--data",
+        str(manifest),
+        "--wheel-dir",
+        str(tiny_wheel_dir),
+        "--datasets",
+        "mer2023",
+        "--limit",
+        "1",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        *MEDIA,
+    ]
+    assert (
+        main(
+            [*command, "prompt.instruction=Which one?", "--out", str(tmp_path / "a"), "sampling.eval_max_new_tokens=2"]
+        )
+        == 0
+    )
     generation = json.loads((tmp_path / "a" / GENERATION_FILE).read_text())
     assert generation["prompt_config"]["instruction"] == "Which one?" and generation["max_new_tokens"] == 2
     assert generate_calls == [1]
     capsys.readouterr()
-    for extra, expected in ((["--step", "9"], "no checkpoint at step 9; saved steps: 1, 2"),
-                            (["mesh.data=3"], "mesh.fsdp: -1 cannot fill the mesh: 8 devices"),
-                            (["--checkpoint", str(tmp_path)], "neither a Hugging Face checkpoint directory")):
+    for extra, expected in (
+        (["--step", "9"], "no checkpoint at step 9; saved steps: 1, 2"),
+        (["mesh.data=3"], "mesh.fsdp: -1 cannot fill the mesh: 8 devices"),
+        (["--checkpoint", str(tmp_path)], "neither a Hugging Face checkpoint directory"),
+    ):
         assert main([*command, "--out", str(tmp_path / "b"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err

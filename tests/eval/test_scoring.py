@@ -16,14 +16,21 @@ def _record(dataset, index, truth, labels=(), sentiment=None):
 
 def test_each_task_uses_its_metric(any_wheels):
     wheels = any_wheels
-    basic = [_record("meld", 0, "joy", ["happy"]), _record("meld", 1, "neutral", ["sad"]), _record("meld", 2, "anger", ["sad"])]
+    basic = [
+        _record("meld", 0, "joy", ["happy"]),
+        _record("meld", 1, "neutral", ["sad"]),
+        _record("meld", 2, "anger", ["sad"]),
+    ]
     score = score_dataset("meld", basic, wheels)
     assert score.metric == "HIT" and score.primary == pytest.approx(0.5, abs=1e-15)
     assert score.num_samples == 3 and score.expected_samples == 2610 and not score.complete
     assert [w["num_scored"] for w in score.details["per_wheel"]] == [2] * 5
 
-    sentiment = [_record("sims", 0, 0.8, sentiment="positive"), _record("sims", 1, -0.2, sentiment="mixed"),
-                 _record("sims", 2, 0.0, sentiment="negative")]
+    sentiment = [
+        _record("sims", 0, 0.8, sentiment="positive"),
+        _record("sims", 1, -0.2, sentiment="mixed"),
+        _record("sims", 2, 0.0, sentiment="negative"),
+    ]
     score = score_dataset("sims", sentiment, wheels)
     assert score.metric == "WAF" and score.primary == 1.0 and score.secondary == {"ACC": 1.0}
     assert score.details == {"num_scored": 2, "num_zero_ground_truth_dropped": 1, "num_unrecognised_sentiment": 1}

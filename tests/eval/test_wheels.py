@@ -71,7 +71,11 @@ def test_basic_labels_map_as_in_the_reference_table(wheels):
 
 def test_named_quirks(wheels):
     assert wheels.normalise(["neutral"], 1) == frozenset()  # neutral is in no file
-    assert [wheels.map_word("fear", k) for k in (2, 3, 4)] == ["happy", "joyful", "genius"]  # fear is a form of fearless
+    assert [wheels.map_word("fear", k) for k in (2, 3, 4)] == [
+        "happy",
+        "joyful",
+        "genius",
+    ]  # fear is a form of fearless
     assert wheels.map_word("happy", 5) == "powerful"
     assert wheels.map_word("surprise", 5) is None and wheels.map_word("surprise", 3) == "powerful"
     assert wheels.map_word("disgust", 3) is None and wheels.map_word("disgust", 5) is None
@@ -96,7 +100,11 @@ def test_level_structure_and_sizes(wheel_dir, wheels):
     for k, (expected_words, (n1, n2, n3)) in enumerate(zip(LEVEL1_WORDS, LEVEL_COUNTS), start=1):
         tree = read_wheel(wheel_dir / f"wheel{k}.xlsx")
         assert set(tree) == expected_words == set(wheels.level1_words[k - 1])
-        assert (len(tree), sum(map(len, tree.values())), sum(len(l3) for b in tree.values() for l3 in b.values())) == (n1, n2, n3)
+        assert (len(tree), sum(map(len, tree.values())), sum(len(l3) for b in tree.values() for l3 in b.values())) == (
+            n1,
+            n2,
+            n3,
+        )
     assert len(wheels.vocabulary) == 7386
     trees = [read_wheel(wheel_dir / f"wheel{k}.xlsx") for k in range(1, 6)]
     wheel_words = {w for tree in trees for w in innermost_level_map(tree)}
@@ -114,6 +122,7 @@ def test_blank_cells_carry_down(wheel_dir, wheels):
 def _independent_normalisation(wheel_dir):
     """A direct transcription of upstream's read_format2raws / read_candidate_synonym_merge /
     func_get_wheel_cluster / func_backward_case3, built from the raw files with csv and openpyxl."""
+
     def to_list(text):
         if not text:
             return []
@@ -178,8 +187,13 @@ def test_missing_directory_and_files_name_the_file_and_the_remedy(tmp_path, tiny
     with pytest.raises(WheelFilesError) as info:
         load_emotion_wheels(tmp_path)
     message = str(info.value)
-    for needed in ("synonym.xlsx", "synonyms", "AffectGPT/emotion_wheel/synonym.xlsx", "zeroQiaoba/AffectGPT",
-                   "opsd-jax eval fetch-wheels"):
+    for needed in (
+        "synonym.xlsx",
+        "synonyms",
+        "AffectGPT/emotion_wheel/synonym.xlsx",
+        "zeroQiaoba/AffectGPT",
+        "opsd-jax eval fetch-wheels",
+    ):
         assert needed in message
 
 

@@ -83,15 +83,19 @@ def small_window(tmp_path_factory):
 def batch_case(tiny_untied, untied_encoder):
     """(features, mask, reference output, our output) for audios of BATCH_LENGTHS frames."""
     features, mask = processor_batch(BATCH_LENGTHS, seed=1)
-    return features, mask, reference_features(tiny_untied[0], features, mask), np.asarray(
-        untied_encoder.encode(features, mask)
+    return (
+        features,
+        mask,
+        reference_features(tiny_untied[0], features, mask),
+        np.asarray(untied_encoder.encode(features, mask)),
     )
 
 
 @pytest.mark.parametrize("n_window, lengths", [(100, BATCH_LENGTHS), (SMALL_WINDOW, SMALL_WINDOW_LENGTHS)])
 def test_plan_matches_reference_chunking_and_pooling(n_window, lengths):
-    config = AudioConfig(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=1,
-                         n_window=n_window, output_dim=64)
+    config = AudioConfig(
+        d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=1, n_window=n_window, output_dim=64
+    )
     features, mask = processor_batch(lengths, seed=3)
     lens = torch.from_numpy(mask.sum(-1))
     packed = torch.from_numpy(features).permute(0, 2, 1)[torch.from_numpy(mask).bool()].permute(1, 0)

@@ -37,7 +37,9 @@ def flax_text_logits(model) -> np.ndarray:
 
 def torch_text_logits(model) -> np.ndarray:
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(IDS).long(), attention_mask=torch.from_numpy(MASK).long()).logits.numpy()
+        return model(
+            input_ids=torch.from_numpy(IDS).long(), attention_mask=torch.from_numpy(MASK).long()
+        ).logits.numpy()
 
 
 def load_in_transformers(directory):
@@ -49,7 +51,7 @@ def load_in_transformers(directory):
 def perturb(model, seed: int) -> None:
     """Moves every parameter by ~2% of its own scale, so an export that copied the input files would fail."""
     rng = np.random.default_rng(seed)
-    for path, variable in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda item: str(item[0])):
+    for _path, variable in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda item: str(item[0])):
         value = np.asarray(variable.get_value())
         scale = 0.02 * (np.abs(value).mean() + 1e-3)
         variable.set_value(jnp.asarray(value + scale * rng.standard_normal(value.shape).astype(np.float32)))
@@ -64,7 +66,12 @@ def exported(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param + "_export") / "export"
     summary = export.export_thinker(model, checkpoint, out)
     return types.SimpleNamespace(
-        name=request.param, reference=reference, checkpoint=checkpoint, model=model, out=out, summary=summary,
+        name=request.param,
+        reference=reference,
+        checkpoint=checkpoint,
+        model=model,
+        out=out,
+        summary=summary,
         hf=load_in_transformers(out),
     )
 
@@ -83,8 +90,10 @@ def test_layout_is_the_inverse_of_to_flax_layout():
         ("bias", rng.standard_normal(7), None),
     ]
     for kind, torch_layout, folded in cases:
-        flax_shape = (int(np.prod(torch_layout.shape[1:])), torch_layout.shape[0]) if folded else (
-            tuple(reversed(torch_layout.shape)) if kind == "kernel" else torch_layout.shape
+        flax_shape = (
+            (int(np.prod(torch_layout.shape[1:])), torch_layout.shape[0])
+            if folded
+            else (tuple(reversed(torch_layout.shape)) if kind == "kernel" else torch_layout.shape)
         )
         flax_layout = weights.to_flax_layout(kind, torch_layout, flax_shape, "t")
         back = export.to_checkpoint_layout(kind, flax_layout, "t", folded)
@@ -143,8 +152,13 @@ def test_thinker_only_config_and_tied_head(exported):
 
 def test_full_omni_config_gives_the_same_thinker_config(exported, tmp_path):
     thinker = json.loads((exported.checkpoint / "config.json").read_text())
-    full = {"architectures": ["Qwen2_5OmniForConditionalGeneration"], "model_type": "qwen2_5_omni",
-            "thinker_config": thinker, "talker_config": {"hidden_size": 8}, "enable_audio_output": True}
+    full = {
+        "architectures": ["Qwen2_5OmniForConditionalGeneration"],
+        "model_type": "qwen2_5_omni",
+        "thinker_config": thinker,
+        "talker_config": {"hidden_size": 8},
+        "enable_audio_output": True,
+    }
     export.export_thinker(exported.model, full, tmp_path / "from_full")
     assert (tmp_path / "from_full" / "config.json").read_text() == (exported.out / "config.json").read_text()
 
@@ -275,8 +289,18 @@ def test_cli_exports_bfloat16_shards_with_tokenizer(tiny_untied, tmp_path, capsy
     reference, checkpoint = tiny_untied
     build_tiny_tokenizer(tmp_path / "tok")
     out = tmp_path / "out"
-    argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "bfloat16",
-            "--tokenizer-dir", str(tmp_path / "tok"), "--max-shard-size", "300KB"]
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--tokenizer-dir",
+        str(tmp_path / "tok"),
+        "--max-shard-size",
+        "300KB",
+    ]
     assert export_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "exported 136 tensors" in printed and "bfloat16" in printed and "tokenizer.json" in printed

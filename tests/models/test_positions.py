@@ -131,8 +131,13 @@ def test_worked_example_of_the_reference_doc(reference, config):
     layout = [VISION_BOS, AUDIO_BOS] + [VIDEO] * 8 + [AUDIO] * 87 + [AUDIO_EOS, VISION_EOS]
     assert row == text(1, 2) + layout + text(3, 4)
     positions, deltas = assert_matches_reference(
-        reference, config, [row], use_audio_in_video=True,
-        video_grids=[(2, 4, 4)], seconds_per_grid=[1.0], mel_frames=[350],
+        reference,
+        config,
+        [row],
+        use_audio_in_video=True,
+        video_grids=[(2, 4, 4)],
+        seconds_per_grid=[1.0],
+        mel_frames=[350],
     )
     expected_t = [0, 1, 2, 2, 3, 3, 3, 3, 28, 28, 28, 28, *range(3, 53), *range(53, 90), 90, 90, 91, 92]
     np.testing.assert_array_equal(positions[0, 0], expected_t)
@@ -175,16 +180,26 @@ def test_audio_only_batch_is_sequential(reference, config):
 def test_video_with_its_audio(reference, config, grid, seconds_per_grid, mel_frames):
     rows = [text(1) + video_with_audio(grid, seconds_per_grid, mel_frames) + text(2, 3)]
     assert_matches_reference(
-        reference, config, rows, use_audio_in_video=True,
-        video_grids=[grid], seconds_per_grid=[seconds_per_grid], mel_frames=[mel_frames],
+        reference,
+        config,
+        rows,
+        use_audio_in_video=True,
+        video_grids=[grid],
+        seconds_per_grid=[seconds_per_grid],
+        mel_frames=[mel_frames],
     )
 
 
 def test_two_videos_with_audio_in_one_row(reference, config):
     rows = [text(1) + video_with_audio((2, 4, 4), 1.0, 350) + text(2) + video_with_audio((6, 2, 2), 0.5, 240) + text(3)]
     assert_matches_reference(
-        reference, config, rows, use_audio_in_video=True,
-        video_grids=[(2, 4, 4), (6, 2, 2)], seconds_per_grid=[1.0, 0.5], mel_frames=[350, 240],
+        reference,
+        config,
+        rows,
+        use_audio_in_video=True,
+        video_grids=[(2, 4, 4), (6, 2, 2)],
+        seconds_per_grid=[1.0, 0.5],
+        mel_frames=[350, 240],
     )
 
 
@@ -195,9 +210,13 @@ def test_left_padded_batch_mixing_modalities(reference, config):
         text(6) + image((1, 2, 6)) + video((2, 4, 4)) + text(7),
     ]
     assert_matches_reference(
-        reference, config, rows,
+        reference,
+        config,
+        rows,
         image_grids=[(1, 4, 4), (1, 2, 4), (1, 2, 6)],
-        video_grids=[(2, 4, 4)], seconds_per_grid=[1.0], mel_frames=[350],
+        video_grids=[(2, 4, 4)],
+        seconds_per_grid=[1.0],
+        mel_frames=[350],
     )
 
 
@@ -208,8 +227,13 @@ def test_left_padded_batch_with_audio_in_video(reference, config):
         text(6, 7),  # no media at all in a batch that has some
     ]
     assert_matches_reference(
-        reference, config, rows, use_audio_in_video=True,
-        image_grids=[(1, 2, 2)], video_grids=[(2, 4, 4), (4, 2, 2)], seconds_per_grid=[1.0, 1.0],
+        reference,
+        config,
+        rows,
+        use_audio_in_video=True,
+        image_grids=[(1, 2, 2)],
+        video_grids=[(2, 4, 4), (4, 2, 2)],
+        seconds_per_grid=[1.0, 1.0],
         mel_frames=[90, 350, 150],  # row 0's audio, row 0's video track, then row 1's video track
     )
 
@@ -251,12 +275,17 @@ def test_decode_positions_match_reference_generate(reference, config):
     num_new = 4
     try:
         reference.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
             image_grid_thw=torch.from_numpy(media["image_grid_thw"]),
             video_grid_thw=torch.from_numpy(media["video_grid_thw"]),
             video_second_per_grid=torch.from_numpy(media["video_second_per_grid"]),
-            feature_attention_mask=torch.from_numpy(feature_mask), use_audio_in_video=True,
-            max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False, pad_token_id=PAD,
+            feature_attention_mask=torch.from_numpy(feature_mask),
+            use_audio_in_video=True,
+            max_new_tokens=num_new,
+            min_new_tokens=num_new,
+            do_sample=False,
+            pad_token_id=PAD,
         )
     finally:
         hook.remove()

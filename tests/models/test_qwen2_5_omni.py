@@ -66,7 +66,9 @@ def test_missing_lm_head_means_tied_embeddings(tiny_untied, tmp_path):
 def test_missing_tensor_names_it(tiny_untied, tmp_path):
     _, checkpoint = tiny_untied
     broken = rewrite_checkpoint(checkpoint, tmp_path / "missing", drop=("model.layers.1.mlp.up_proj.weight",))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(128, 64\)|model shape \(64, 128\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(128, 64\)|model shape \(64, 128\)"
+    ):
         from_pretrained(broken)
 
 
@@ -129,8 +131,9 @@ def multimodal_case(builder, case: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     image = image_to_inputs(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))
     video = video_to_inputs(rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), sample_fps=2.0)
-    audio = audio_to_inputs([0.1 * rng.standard_normal(35000), 0.1 * rng.standard_normal(16000 * 2 + 800)],
-                            max_samples=48000)
+    audio = audio_to_inputs(
+        [0.1 * rng.standard_normal(35000), 0.1 * rng.standard_normal(16000 * 2 + 800)], max_samples=48000
+    )
     lengths = audio["feature_attention_mask"].sum(-1).tolist()
     question = "How does the speaker feel?"
     image_part = ct.ImagePart(image["image_grid_thw"][0])
@@ -181,7 +184,9 @@ def test_multimodal_logits_match_reference(case, tiny_untied, tiny_prompt_builde
     assert np.abs(got - expected)[real].max() <= 1e-4
 
 
-def test_prepared_inputs_jit_with_buckets_and_shard_on_eight_devices(tiny_untied, tiny_prompt_builder, multimodal_model):
+def test_prepared_inputs_jit_with_buckets_and_shard_on_eight_devices(
+    tiny_untied, tiny_prompt_builder, multimodal_model
+):
     from opsd_jax.models.qwen2_5_omni import MediaBuckets
 
     _, checkpoint = tiny_untied

@@ -7,7 +7,6 @@ attention).
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -31,7 +30,6 @@ from opsd_jax.models.vision import (
     vision_plan,
 )
 from opsd_jax.sharding import make_mesh, shard_module
-from opsd_jax.testing.reference import save_reference_thinker
 
 REFERENCE_ATOL = 1e-4
 LAYOUT_ATOL = 1e-5
@@ -93,10 +91,16 @@ def test_config_from_checkpoint_matches_reference(setup):
     model, config, _ = setup
     ref = model.model.visual.config
     assert (config.depth, config.hidden_size, config.intermediate_size, config.num_heads) == (
-        ref.depth, ref.hidden_size, ref.intermediate_size, ref.num_heads
+        ref.depth,
+        ref.hidden_size,
+        ref.intermediate_size,
+        ref.num_heads,
     )
     assert (config.patch_size, config.temporal_patch_size, config.spatial_merge_size, config.window_size) == (
-        ref.patch_size, ref.temporal_patch_size, ref.spatial_merge_size, ref.window_size
+        ref.patch_size,
+        ref.temporal_patch_size,
+        ref.spatial_merge_size,
+        ref.window_size,
     )
     assert config.out_hidden_size == ref.out_hidden_size
     assert config.fullatt_block_indexes == tuple(ref.fullatt_block_indexes)
@@ -105,9 +109,21 @@ def test_config_from_checkpoint_matches_reference(setup):
 
 def test_config_from_hf_4x_spelling_real_sizes():
     # The 7B checkpoint's vision_config as 4.x wrote it: no rope_parameters.
-    cfg = VisionConfig.from_hf(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                    in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                                    window_size=112, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]))
+    cfg = VisionConfig.from_hf(
+        dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            in_channels=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        )
+    )
     assert (cfg.head_dim, cfg.patch_dim, cfg.merge_unit, cfg.window_tokens, cfg.rope_theta) == (80, 1176, 4, 4, 1e4)
 
 
@@ -122,8 +138,9 @@ def test_config_from_hf_4x_spelling_real_sizes():
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
-    base = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                fullatt_block_indexes=[1, 3])
+    base = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, fullatt_block_indexes=[1, 3]
+    )
     with pytest.raises(ValueError) as err:
         VisionConfig.from_hf({**base, **overrides})
     assert message in str(err.value)
@@ -243,8 +260,9 @@ _PAD_ROWS = 37
 def test_banded_attention_matches_dense_segment_mask(max_segment, block):
     """Real rows equal dense attention under the `[1, P, P]` segment mask (float32, <= 1e-5); padding rows,
     whose segment is longer than the bound, stay finite (they are dropped)."""
-    segments = np.concatenate([np.repeat(np.arange(len(_SEGMENT_LENGTHS)), _SEGMENT_LENGTHS),
-                               np.full(_PAD_ROWS, PAD_SEGMENT)]).astype(np.int32)
+    segments = np.concatenate(
+        [np.repeat(np.arange(len(_SEGMENT_LENGTHS)), _SEGMENT_LENGTHS), np.full(_PAD_ROWS, PAD_SEGMENT)]
+    ).astype(np.int32)
     patches, real = len(segments), sum(_SEGMENT_LENGTHS)
     rng = np.random.default_rng(max_segment * block)
     # 4 query heads over 2 key/value heads, as `dot_product_attention` allows.
@@ -280,7 +298,7 @@ def test_banded_encoder_matches_reference_and_dense(setup):
     grid, bucket = [[1, 10, 12], [6, 8, 8]], 640
     pixel_values = _patches(grid, seed=11)
     padded = pad_patches(pixel_values, bucket)
-    padded[len(pixel_values):] = 1e3 * np.random.default_rng(2).standard_normal(padded[len(pixel_values):].shape)
+    padded[len(pixel_values) :] = 1e3 * np.random.default_rng(2).standard_normal(padded[len(pixel_values) :].shape)
     plan = vision_plan(np.array(grid), config, patch_bucket=bucket)
     assert (plan.max_full_segment, plan.max_window_segment) == (128, 64)
     assert uses_band(plan.max_full_segment, bucket) and uses_band(plan.max_window_segment, bucket)
@@ -300,7 +318,7 @@ def test_bucket_padding_keeps_valid_rows_and_compiles_once_per_bucket(setup):
         pixel_values = _patches(grid, seed=bucket)
         padded = pad_patches(pixel_values, bucket)
         # Garbage in the padding rows must not reach the real ones.
-        padded[len(pixel_values):] = 1e3 * np.random.default_rng(1).standard_normal(padded[len(pixel_values):].shape)
+        padded[len(pixel_values) :] = 1e3 * np.random.default_rng(1).standard_normal(padded[len(pixel_values) :].shape)
         plan = vision_plan(np.array(grid), config, patch_bucket=bucket)
         out = np.asarray(run(encoder, padded, plan))
         assert out.shape == (bucket // 4, 64)

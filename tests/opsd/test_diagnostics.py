@@ -36,13 +36,22 @@ def test_divergence_and_teacher_top_tokens_match_a_float64_reference(tiny_untied
     mask = np.ones((G, C), bool)
     mask[1, 3] = False
     batch = StepBatch(
-        student=model.prepare_inputs(jnp.asarray(prompt)), teacher=model.prepare_inputs(jnp.asarray(teacher_prompt)),
-        completion=jnp.asarray(completion), completion_mask=jnp.asarray(mask),
-        sampler_logprobs=jnp.zeros((G, C), jnp.float32), rewards=jnp.zeros(G), label_ids=jnp.zeros((1, 1), jnp.int32),
+        student=model.prepare_inputs(jnp.asarray(prompt)),
+        teacher=model.prepare_inputs(jnp.asarray(teacher_prompt)),
+        completion=jnp.asarray(completion),
+        completion_mask=jnp.asarray(mask),
+        sampler_logprobs=jnp.zeros((G, C), jnp.float32),
+        rewards=jnp.zeros(G),
+        label_ids=jnp.zeros((1, 1), jnp.int32),
         label_mask=jnp.zeros((1, 1), bool),
     )
-    settings = StepSettings(graphdef=graphdef, tx=optax.sgd(0.1), loss=LossConfig(beta=beta, chunk_size=2),
-                            teacher=TeacherConfig(mode="frozen"), train_encoders=False)
+    settings = StepSettings(
+        graphdef=graphdef,
+        tx=optax.sgd(0.1),
+        loss=LossConfig(beta=beta, chunk_size=2),
+        teacher=TeacherConfig(mode="frozen"),
+        train_encoders=False,
+    )
     scored = jax.tree.map(np.asarray, inspect_rollouts(params, teacher_params, batch, settings=settings, rows=G))
 
     teacher = nnx.merge(graphdef, teacher_params)
@@ -80,10 +89,17 @@ def test_records_name_the_largest_divergence_and_what_the_teacher_preferred():
     decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
     first, empty = rollout_records(7, "clip9", tokens, mask, scored, decode)
     assert first == {
-        "step": 7, "prompt_id": "clip9", "sample": 0, "tokens": 3, "text": "<5><6><7>",
+        "step": 7,
+        "prompt_id": "clip9",
+        "sample": 0,
+        "tokens": 3,
+        "text": "<5><6><7>",
         "divergence": {"mean": pytest.approx(0.4), "max": 0.7, "max_position": 1, "max_token": "<6>"},
-        "at_max": {"student_logprob": -2.0, "teacher_logprob": -0.5,
-                   "teacher_top": [{"token": "<3>", "prob": pytest.approx(0.5)}, {"token": "<4>", "prob": pytest.approx(0.3)}]},
+        "at_max": {
+            "student_logprob": -2.0,
+            "teacher_logprob": -0.5,
+            "teacher_top": [{"token": "<3>", "prob": pytest.approx(0.5)}, {"token": "<4>", "prob": pytest.approx(0.3)}],
+        },
     }
     assert empty == {"step": 7, "prompt_id": "clip9", "sample": 1, "tokens": 0, "text": ""}
     table = markdown([first, empty]).splitlines()

@@ -186,9 +186,7 @@ def test_top_k_divergence_matches_numpy(data, k, support, tail_bucket, beta, tem
 def test_top_k_from_stored_teacher_top_k_equals_teacher_support(data, tail_bucket):
     s, t = data["student_logits"], data["teacher_logits"]
     values, indices = losses.top_k_logprobs(t, 6, temperature=2.0)
-    stored = losses.top_k_divergence_on_support(
-        s, values, indices, tail_bucket=tail_bucket, beta=0.5, temperature=2.0
-    )
+    stored = losses.top_k_divergence_on_support(s, values, indices, tail_bucket=tail_bucket, beta=0.5, temperature=2.0)
     expected = np_top_k_gjsd(s, t, 6, "teacher", tail_bucket, 0.5, 2.0)
     assert_close(stored, expected, REF_TOL)
 
@@ -244,9 +242,9 @@ def test_sampled_token_reverse_kl_values_ratio_and_gradient(data):
 
     grad = jax.grad(lambda x: jnp.sum(losses.sampled_token_reverse_kl(x, teacher, sampler, is_clip=2.0).loss))(student)
     assert_close(grad, (s - q) * ratio, REF_TOL)  # the reverse-KL REINFORCE direction, ratio detached
-    grad_teacher = jax.grad(
-        lambda x: jnp.sum(losses.sampled_token_reverse_kl(student, x, sampler, is_clip=2.0).loss)
-    )(teacher)
+    grad_teacher = jax.grad(lambda x: jnp.sum(losses.sampled_token_reverse_kl(student, x, sampler, is_clip=2.0).loss))(
+        teacher
+    )
     assert np.all(np.asarray(grad_teacher) == 0)
 
 
@@ -476,7 +474,12 @@ def test_chunked_generalized_jsd_values_and_gradients(data, chunk_size):
 
     def chunked(student_hidden, kernel, teacher_hidden, teacher_kernel):
         per_token = losses.chunked_generalized_jsd(
-            student_hidden, teacher_hidden, kernel, beta=0.5, temperature=2.0, chunk_size=chunk_size,
+            student_hidden,
+            teacher_hidden,
+            kernel,
+            beta=0.5,
+            temperature=2.0,
+            chunk_size=chunk_size,
             teacher_head_kernel=teacher_kernel,
         )
         return jnp.sum(mask * per_token), per_token

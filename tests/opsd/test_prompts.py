@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from opsd_jax.config import ConfigError
@@ -22,7 +21,9 @@ def test_teacher_prompt_is_the_student_prompt_plus_the_block(position, tiny_prom
     assert block not in student and RATIONALE not in student
     assert teacher.count(block) == 1
     # Removing the block (and the line breaks joining it) gives back the student's prompt exactly.
-    joined = "\n\n" + block if position == "system" else block + "\n" if position == "before_instruction" else "\n" + block
+    joined = (
+        "\n\n" + block if position == "system" else block + "\n" if position == "before_instruction" else "\n" + block
+    )
     assert teacher.replace(joined, "") == student
     instruction_at = teacher.index(config.instruction)
     if position == "before_instruction":
@@ -35,7 +36,12 @@ def test_teacher_prompt_is_the_student_prompt_plus_the_block(position, tiny_prom
 
 def test_pairs_share_one_bucket_so_completions_align(tiny_prompt_builder):
     pairs = encode_prompt_pairs(
-        tiny_prompt_builder, [MEDIA, []], ["Oh my god!", ""], [RATIONALE, "A calm, flat voice."], PromptConfig(), length=400
+        tiny_prompt_builder,
+        [MEDIA, []],
+        ["Oh my god!", ""],
+        [RATIONALE, "A calm, flat voice."],
+        PromptConfig(),
+        length=400,
     )
     assert {v.shape for v in pairs.values()} == {(2, 400)}
     for side in ("student", "teacher"):

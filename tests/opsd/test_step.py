@@ -32,13 +32,26 @@ def model(tiny_untied):
 def make_batch(model, *, seed: int = 0, teacher_is_student: bool = False) -> S.StepBatch:
     student = model.prepare_inputs(IDS, attention_mask=MASK)
     teacher = student if teacher_is_student else model.prepare_inputs(TEACHER_IDS, attention_mask=TEACHER_MASK)
-    out = generate(model, student, max_new_tokens=NEW, temperature=1.0, eos_token_id=150, pad_token_id=PAD,
-                   num_samples=G, seed=seed)
+    out = generate(
+        model,
+        student,
+        max_new_tokens=NEW,
+        temperature=1.0,
+        eos_token_id=150,
+        pad_token_id=PAD,
+        num_samples=G,
+        seed=seed,
+    )
     rows = out.tokens.shape[0]
     return S.StepBatch(
-        student=student, teacher=teacher, completion=out.tokens, completion_mask=out.mask,
-        sampler_logprobs=out.model_logprobs, rewards=jnp.arange(rows, dtype=jnp.float32),
-        label_ids=jnp.full((2, 3), 7, jnp.int32), label_mask=jnp.ones((2, 3), bool),
+        student=student,
+        teacher=teacher,
+        completion=out.tokens,
+        completion_mask=out.mask,
+        sampler_logprobs=out.model_logprobs,
+        rewards=jnp.arange(rows, dtype=jnp.float32),
+        label_ids=jnp.full((2, 3), 7, jnp.int32),
+        label_mask=jnp.ones((2, 3), bool),
     )
 
 
@@ -46,14 +59,22 @@ def stack(*batches: S.StepBatch) -> S.StepBatch:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
 
-def settings_for(model, teacher_mode: str = "frozen", *, loss: LossConfig = LossConfig(), train: TrainConfig | None = None,
-                 teacher: TeacherConfig | None = None, mesh=None):
+def settings_for(
+    model,
+    teacher_mode: str = "frozen",
+    *,
+    loss: LossConfig = LossConfig(),
+    train: TrainConfig | None = None,
+    teacher: TeacherConfig | None = None,
+    mesh=None,
+):
     train = train or TrainConfig(lr=1e-3, total_steps=100)
     teacher = teacher or TeacherConfig(mode=teacher_mode)
     params = nnx.state(model, nnx.Param)
     tx = S.make_optimizer(train, params)
-    settings = S.StepSettings(graphdef=nnx.graphdef(model), tx=tx, loss=loss, teacher=teacher,
-                              train_encoders=train.train_encoders, mesh=mesh)
+    settings = S.StepSettings(
+        graphdef=nnx.graphdef(model), tx=tx, loss=loss, teacher=teacher, train_encoders=train.train_encoders, mesh=mesh
+    )
     return settings, S.init_state(model, tx, teacher, mesh)
 
 
@@ -101,13 +122,18 @@ def test_gradient_accumulation_equals_the_full_batch(model):
     halves = []
     for row in (0, 1):
         rollouts = slice(row * G, (row + 1) * G)
-        halves.append(S.StepBatch(
-            student=model.prepare_inputs(IDS[row:row + 1], attention_mask=MASK[row:row + 1]),
-            teacher=model.prepare_inputs(TEACHER_IDS[row:row + 1], attention_mask=TEACHER_MASK[row:row + 1]),
-            completion=full.completion[rollouts], completion_mask=full.completion_mask[rollouts],
-            sampler_logprobs=full.sampler_logprobs[rollouts], rewards=full.rewards[rollouts],
-            label_ids=full.label_ids[row:row + 1], label_mask=full.label_mask[row:row + 1],
-        ))
+        halves.append(
+            S.StepBatch(
+                student=model.prepare_inputs(IDS[row : row + 1], attention_mask=MASK[row : row + 1]),
+                teacher=model.prepare_inputs(TEACHER_IDS[row : row + 1], attention_mask=TEACHER_MASK[row : row + 1]),
+                completion=full.completion[rollouts],
+                completion_mask=full.completion_mask[rollouts],
+                sampler_logprobs=full.sampler_logprobs[rollouts],
+                rewards=full.rewards[rollouts],
+                label_ids=full.label_ids[row : row + 1],
+                label_mask=full.label_mask[row : row + 1],
+            )
+        )
     settings, state = settings_for(model, "frozen")
     one, m1 = S.make_train_step(settings)(state, stack(full))
     settings, state = settings_for(model, "frozen")
@@ -143,7 +169,9 @@ def test_ablation_terms_add_to_the_loss(model):
     batch = stack(make_batch(model))
     base_settings, state = settings_for(model, "frozen")
     _, base = S.make_train_step(base_settings)(state, batch)
-    settings, state = settings_for(model, "frozen", teacher=TeacherConfig(mode="frozen", label_pg_weight=1.0, label_ce_weight=1.0))
+    settings, state = settings_for(
+        model, "frozen", teacher=TeacherConfig(mode="frozen", label_pg_weight=1.0, label_ce_weight=1.0)
+    )
     _, with_terms = S.make_train_step(settings)(state, batch)
     assert float(with_terms["loss"]) != pytest.approx(float(base["loss"]))
     assert np.isfinite(float(with_terms["loss"]))
@@ -174,8 +202,12 @@ def test_training_against_a_fixed_different_teacher_halves_the_divergence(model,
     """200 on-policy steps (fresh rollouts each step) against a frozen teacher with other weights."""
     from opsd_jax.testing.reference import build_reference_thinker, save_reference_thinker, tiny_thinker_config_dict
 
-    settings, state = settings_for(model, "frozen", train=TrainConfig(lr=3e-3, total_steps=200, warmup_steps=10),
-                                   loss=LossConfig(divergence="gjsd", beta=0.5, is_clip=None))
+    settings, state = settings_for(
+        model,
+        "frozen",
+        train=TrainConfig(lr=3e-3, total_steps=200, warmup_steps=10),
+        loss=LossConfig(divergence="gjsd", beta=0.5, is_clip=None),
+    )
     other = build_reference_thinker(tiny_thinker_config_dict(), seed=9)
     teacher_model = from_pretrained(save_reference_thinker(other, tmp_path / "teacher"))
     state = state.replace(teacher_params=nnx.state(teacher_model, nnx.Param))
@@ -201,25 +233,42 @@ def media_step_batch(model, builder) -> S.StepBatch:
     for index in range(2):
         video = video_to_inputs(rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8), sample_fps=2.0)
         audio = audio_to_inputs(0.1 * rng.standard_normal(16000 - 3000 * index), max_samples=16000)
-        clips.append({"pixel_values_videos": video["pixel_values_videos"], "video_grid_thw": video["video_grid_thw"][0],
-                      "video_second_per_grid": video["video_second_per_grid"][0],
-                      "input_features": audio["input_features"][0], "feature_attention_mask": audio["feature_attention_mask"][0],
-                      "subtitle": "fine" * (index + 1), "rationale": "A tense face and a loud voice."})
+        clips.append(
+            {
+                "pixel_values_videos": video["pixel_values_videos"],
+                "video_grid_thw": video["video_grid_thw"][0],
+                "video_second_per_grid": video["video_second_per_grid"][0],
+                "input_features": audio["input_features"][0],
+                "feature_attention_mask": audio["feature_attention_mask"][0],
+                "subtitle": "fine" * (index + 1),
+                "rationale": "A tense face and a loud voice.",
+            }
+        )
     inputs = encode_clip_batch(builder, clips, PromptConfig(), length=None, with_teacher=True)
-    teacher_text = {"input_ids": inputs.pop("teacher_input_ids"), "attention_mask": inputs.pop("teacher_attention_mask")}
+    teacher_text = {
+        "input_ids": inputs.pop("teacher_input_ids"),
+        "attention_mask": inputs.pop("teacher_attention_mask"),
+    }
     student, teacher = model.prepare_inputs(**inputs), model.prepare_inputs(**{**inputs, **teacher_text})
-    out = generate(model, student, max_new_tokens=NEW, temperature=1.0, eos_token_id=150, pad_token_id=PAD,
-                   num_samples=G, seed=4)
+    out = generate(
+        model, student, max_new_tokens=NEW, temperature=1.0, eos_token_id=150, pad_token_id=PAD, num_samples=G, seed=4
+    )
     return S.StepBatch(
-        student=student, teacher=teacher, completion=out.tokens, completion_mask=out.mask,
-        sampler_logprobs=out.model_logprobs, rewards=jnp.zeros(out.tokens.shape[0], jnp.float32),
-        label_ids=jnp.full((2, 3), 7, jnp.int32), label_mask=jnp.ones((2, 3), bool),
+        student=student,
+        teacher=teacher,
+        completion=out.tokens,
+        completion_mask=out.mask,
+        sampler_logprobs=out.model_logprobs,
+        rewards=jnp.zeros(out.tokens.shape[0], jnp.float32),
+        label_ids=jnp.full((2, 3), 7, jnp.int32),
+        label_mask=jnp.ones((2, 3), bool),
     )
 
 
 @pytest.mark.parametrize("mode", ["frozen", "ema"])
-def test_teacher_reuses_the_students_media_features_when_encoders_are_not_trained(model, tiny_prompt_builder, mode,
-                                                                                 monkeypatch):
+def test_teacher_reuses_the_students_media_features_when_encoders_are_not_trained(
+    model, tiny_prompt_builder, mode, monkeypatch
+):
     """A frozen or EMA copy of never-trained encoders equals the student's: the encoders run once per
     micro-batch, and the loss is the one of a teacher that encodes the media itself."""
     batch = media_step_batch(model, tiny_prompt_builder)
@@ -230,12 +279,32 @@ def test_teacher_reuses_the_students_media_features_when_encoders_are_not_traine
 
     def loss_and_encoder_calls(train_encoders: bool):
         calls.clear()
-        settings, state = settings_for(model, mode, train=TrainConfig(lr=1e-3, total_steps=100,
-                                                                       train_encoders=train_encoders))
-        loss, _ = jax.jit(S._micro_batch_loss, static_argnums=4)(state.params, state.teacher_params, batch, counts, settings)
+        settings, state = settings_for(
+            model, mode, train=TrainConfig(lr=1e-3, total_steps=100, train_encoders=train_encoders)
+        )
+        loss, _ = jax.jit(S._micro_batch_loss, static_argnums=4)(
+            state.params, state.teacher_params, batch, counts, settings
+        )
         return float(loss), len(calls)
 
     shared_loss, shared_calls = loss_and_encoder_calls(train_encoders=False)
     own_loss, own_calls = loss_and_encoder_calls(train_encoders=True)  # trained encoders: the teacher encodes itself
     assert (shared_calls, own_calls) == (1, 2)
     assert shared_loss > 0 and shared_loss == pytest.approx(own_loss, rel=1e-6, abs=1e-7)
+
+
+def test_the_label_cross_entropy_reuses_the_steps_media_features(model, tiny_prompt_builder, monkeypatch):
+    """The cross-entropy ablation term scores the labels on the media features the step encoded: the encoders
+    run once, and with frozen encoders no gradient reaches them (nor the logged gradient norm)."""
+    batch = media_step_batch(model, tiny_prompt_builder)
+    counts = S.batch_counts(stack(batch))
+    calls = []
+    encode_media = type(model).encode_media
+    monkeypatch.setattr(type(model), "encode_media", lambda self, inputs: calls.append(1) or encode_media(self, inputs))
+    settings, state = settings_for(model, "frozen", teacher=TeacherConfig(mode="frozen", label_ce_weight=1.0))
+    grads, _ = loss_grad()(state.params, state.teacher_params, batch, counts, settings)
+    assert len(calls) == 1
+    encoder_grads = [
+        np.abs(np.asarray(value[...])).max() for path, value in nnx.to_flat_state(grads) if S.is_encoder_path(path)
+    ]
+    assert encoder_grads and max(encoder_grads) == 0.0

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_remat_lowers_the_train_steps_temporaries():
     # Its own process: the CPU compiler reads its scheduler flag at start-up (opsd_jax/testing/step_memory.py).
     env = {**os.environ, "XLA_FLAGS": CPU_MEMORY_SCHEDULER_FLAG, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "opsd_jax.testing.step_memory"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "opsd_jax.testing.step_memory"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     with_remat, without = figures["remat"]["temp_bytes"], figures["no_remat"]["temp_bytes"]

@@ -20,7 +20,9 @@ MASK = np.array([[1] * 8, [0, 0, 0] + [1] * 5], np.int32)
 def test_prefix_shared_forward_equals_the_full_forward(tiny_untied, tiny_prompt_builder):
     model = from_pretrained(tiny_untied[1])
     prompt = model.prepare_inputs(IDS, attention_mask=MASK)
-    out = generate(model, prompt, max_new_tokens=6, temperature=1.0, eos_token_id=150, pad_token_id=0, num_samples=3, seed=2)
+    out = generate(
+        model, prompt, max_new_tokens=6, temperature=1.0, eos_token_id=150, pad_token_id=0, num_samples=3, seed=2
+    )
     params = nnx.state(model, nnx.Param)
     graphdef = nnx.graphdef(model)
 
@@ -33,7 +35,9 @@ def test_prefix_shared_forward_equals_the_full_forward(tiny_untied, tiny_prompt_
         return m.hidden_states(append_completion(prompt, out.tokens, out.mask), repeats=3)[:, 7:13]
 
     mask = np.asarray(out.mask)
-    np.testing.assert_allclose(np.asarray(hidden(params, True))[mask], np.asarray(hidden(params, False))[mask], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(hidden(params, True))[mask], np.asarray(hidden(params, False))[mask], atol=1e-5
+    )
 
     # And its gradient: the prompt's activations receive the sum over the rollouts that share them.
     @functools.partial(jax.jit, static_argnums=1)

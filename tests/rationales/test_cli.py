@@ -30,9 +30,31 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def _args(manifest: Path, out: Path, server: FakeChatServer, *extra: str) -> list[str]:
-    return ["rationales", "--manifest", str(manifest), "--out", str(out), "--model", "test-model", "--base-url",
-            server.base_url, "--api-key-env", KEY_ENV, "--frames", "2", "--concurrency", "2", "--timeout", "0.5",
-            "--max-retries", "3", "--backoff-base", "0.01", "--no-progress", *extra]
+    return [
+        "rationales",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--model",
+        "test-model",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        KEY_ENV,
+        "--frames",
+        "2",
+        "--concurrency",
+        "2",
+        "--timeout",
+        "0.5",
+        "--max-retries",
+        "3",
+        "--backoff-base",
+        "0.01",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, limit_s: float = 20.0) -> None:
@@ -61,8 +83,9 @@ def test_killed_run_resumes_every_id_once_sending_only_the_missing(manifest, tmp
     train = [f"clip_{i:02d}" for i in range(10)]
     with FakeChatServer(reply) as server:
         command = [sys.executable, "-m", "opsd_jax.rationales.cli", *_args(manifest, out, server, "--split", "train")]
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, KEY_ENV: KEY},
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env={**os.environ, KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         try:
             _wait_for_lines(out, 3, process)
         finally:
@@ -73,7 +96,7 @@ def test_killed_run_resumes_every_id_once_sending_only_the_missing(manifest, tmp
         assert 3 <= len(written) < 10, written  # killed halfway
         missing = sorted(set(train) - set(written))
         with out.open("a") as handle:  # as if the kill had landed in the middle of a write
-            handle.write('{"id": "%s", "status": "ok", "rationa' % missing[0])
+            handle.write(f'{{"id": "{missing[0]}", "status": "ok", "rationa')
         sent = len(server.requests)
 
         monkeypatch.setenv(KEY_ENV, KEY)
@@ -116,15 +139,45 @@ def test_merge_command_and_exit_codes(manifest, tmp_path, monkeypatch, capsys):
     assert sorted(record["id"] for record in lines_of(out)) == ["clip_10", "clip_11"]
 
     merged = tmp_path / "merged" / "manifest.jsonl"
-    assert main(["rationales", "merge", "--manifest", str(manifest), "--rationales", str(out), "--out", str(merged),
-                 "--require-split", "test"]) == 0
+    assert (
+        main(
+            [
+                "rationales",
+                "merge",
+                "--manifest",
+                str(manifest),
+                "--rationales",
+                str(out),
+                "--out",
+                str(merged),
+                "--require-split",
+                "test",
+            ]
+        )
+        == 0
+    )
     assert "merged 2 of 12 clips' rationales" in capsys.readouterr().out
     clips = {clip.id: clip for clip in read_manifest(merged)}
     assert clips["clip_10"].rationale == good_answer("clip_10") and clips["clip_00"].rationale is None
     assert clips["clip_10"].video == read_manifest(manifest)[10].video  # media paths still resolve
 
-    assert main(["rationales", "merge", "--manifest", str(manifest), "--rationales", str(out), "--out",
-                 str(tmp_path / "m2.jsonl"), "--require-split", "train"]) == 2
+    assert (
+        main(
+            [
+                "rationales",
+                "merge",
+                "--manifest",
+                str(manifest),
+                "--rationales",
+                str(out),
+                "--out",
+                str(tmp_path / "m2.jsonl"),
+                "--require-split",
+                "train",
+            ]
+        )
+        == 2
+    )
     assert "10 clips of split 'train' have no rationale" in capsys.readouterr().err
 
 
@@ -155,8 +208,21 @@ def test_errors_exit_2_naming_the_file_or_field(manifest, tmp_path, capsys):
 
     assert main(["rationales", "--manifest", str(manifest)]) == 2
     assert "--out, --model, --base-url required" in capsys.readouterr().err
-    assert main(["rationales", "merge", "--manifest", str(manifest), "--rationales", str(broken_out), "--out",
-                 str(manifest)]) == 2
+    assert (
+        main(
+            [
+                "rationales",
+                "merge",
+                "--manifest",
+                str(manifest),
+                "--rationales",
+                str(broken_out),
+                "--out",
+                str(manifest),
+            ]
+        )
+        == 2
+    )
     assert "is the input manifest" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["rationales", "--params", "[1]"])
@@ -168,8 +234,13 @@ def test_help_describes_the_command():
         main(["rationales", "--help"])
     assert info.value.code == 0
     for command in (["rationales", "--help"], ["rationales", "merge", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "opsd_jax.rationales.cli", *command], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "opsd_jax.rationales.cli", *command],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0
     assert "--require-split" in result.stdout and "MANIFEST with each clip's `rationale`" in result.stdout
 

@@ -20,14 +20,23 @@ def _client(server, sleep=None, **kwargs) -> ChatClient:
 def test_completion_body_headers_and_token_accounting(monkeypatch):
     monkeypatch.setenv("TEST_CHAT_KEY", "sk-test")
     with FakeChatServer(lambda request, attempt: Reply(text="hello", prompt_tokens=7, completion_tokens=2)) as server:
-        client = _client(server, api_key_env="TEST_CHAT_KEY", default_params={"temperature": 0.7, "max_tokens": 9},
-                         cost_per_1k_prompt_tokens=1.0, cost_per_1k_completion_tokens=3.0)
+        client = _client(
+            server,
+            api_key_env="TEST_CHAT_KEY",
+            default_params={"temperature": 0.7, "max_tokens": 9},
+            cost_per_1k_prompt_tokens=1.0,
+            cost_per_1k_completion_tokens=3.0,
+        )
         response = client.complete([{"role": "user", "content": "hi"}], temperature=0.0)
         client.complete([{"role": "user", "content": "again"}])
     assert response.text == "hello" and response.finish_reason == "stop"
     assert (response.prompt_tokens, response.completion_tokens) == (7, 2)
-    assert server.requests[0] == {"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-                                  "temperature": 0.0, "max_tokens": 9}
+    assert server.requests[0] == {
+        "model": "test-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.0,
+        "max_tokens": 9,
+    }
     assert server.headers[0]["Authorization"] == "Bearer sk-test"
     usage = client.usage
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (2, 14, 4, 18)
@@ -63,7 +72,9 @@ def test_429_honours_retry_after_and_5xx_backs_off_with_jitter():
 
 
 def test_timeout_is_retried(monkeypatch):
-    with FakeChatServer(lambda request, attempt: Reply(text="late" if attempt else "never", delay_s=0 if attempt else 1.5)) as server:
+    with FakeChatServer(
+        lambda request, attempt: Reply(text="late" if attempt else "never", delay_s=0 if attempt else 1.5)
+    ) as server:
         client = _client(server, timeout_s=0.3)
         start = time.monotonic()
         assert client.complete([{"role": "user", "content": "hang"}]).text == "late"
@@ -103,8 +114,11 @@ def test_map_bounds_concurrency_and_yields_every_result_or_error():
     prompts = [f"p{i}" for i in range(10)] + ["bad"]
     with FakeChatServer(reply) as server:
         client = _client(server, max_concurrency=3)
-        results = dict(client.map([ChatRequest([{"role": "user", "content": p}], {"max_tokens": 4}) for p in prompts],
-                                  progress=False))
+        results = dict(
+            client.map(
+                [ChatRequest([{"role": "user", "content": p}], {"max_tokens": 4}) for p in prompts], progress=False
+            )
+        )
     assert sorted(results) == list(range(len(prompts)))
     assert [results[i].text for i in range(10)] == [p.upper() for p in prompts[:10]]
     assert isinstance(results[10], ChatClientError) and results[10].status == 422
@@ -142,7 +156,10 @@ def test_a_response_over_the_size_cap_is_refused(send_length):
         with pytest.raises(ChatClientError, match=r"over the 100000-byte limit|more than 100000 bytes"):
             client.complete([{"role": "user", "content": "hi"}])
         assert server.count() == 1  # not retried: the same request would get the same answer
-        assert _client(server, max_response_bytes=400_000).complete([{"role": "user", "content": "hi"}]).text == "x" * 300_000
+        assert (
+            _client(server, max_response_bytes=400_000).complete([{"role": "user", "content": "hi"}]).text
+            == "x" * 300_000
+        )
 
 
 def test_an_echoed_key_is_redacted_from_errors(monkeypatch):

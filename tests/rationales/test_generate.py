@@ -43,8 +43,17 @@ def write_test_video(path: Path, num_frames: int, *, audio: bool = False) -> Pat
 
 
 def make_clips(count: int, video: Path, *, split: str = "train", start: int = 0) -> list[Clip]:
-    return [Clip(id=f"clip_{i:02d}", video=video, task="basic", label=LABELS[i % 3], split=split,
-                 subtitle=f"This is clip_{i:02d}, and I mean it.") for i in range(start, start + count)]
+    return [
+        Clip(
+            id=f"clip_{i:02d}",
+            video=video,
+            task="basic",
+            label=LABELS[i % 3],
+            split=split,
+            subtitle=f"This is clip_{i:02d}, and I mean it.",
+        )
+        for i in range(start, start + count)
+    ]
 
 
 def clip_of(request: dict) -> str:
@@ -53,8 +62,10 @@ def clip_of(request: dict) -> str:
 
 
 def good_answer(clip_id: str) -> str:
-    return (f"In {clip_id} the brows are drawn together and the jaw is set; the clipped, forceful delivery that "
-            "the exclamation implies and the words 'I mean it' point the same way.")
+    return (
+        f"In {clip_id} the brows are drawn together and the jaw is set; the clipped, forceful delivery that "
+        "the exclamation implies and the words 'I mean it' point the same way."
+    )
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -69,9 +80,13 @@ def media(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("media")
     broken = root / "broken.mp4"
     broken.write_bytes(b"this is not a video file " * 40)
-    return {"six": write_test_video(root / "six.mp4", 6), "three": write_test_video(root / "three.mp4", 3),
-            "with_audio": write_test_video(root / "with_audio.mp4", 6, audio=True), "broken": broken,
-            "missing": root / "missing.mp4"}
+    return {
+        "six": write_test_video(root / "six.mp4", 6),
+        "three": write_test_video(root / "three.mp4", 3),
+        "with_audio": write_test_video(root / "with_audio.mp4", 6, audio=True),
+        "broken": broken,
+        "missing": root / "missing.mp4",
+    }
 
 
 @pytest.fixture
@@ -80,8 +95,15 @@ def key(monkeypatch):
 
 
 def _client(server: FakeChatServer, **options) -> ChatClient:
-    settings = dict(api_key_env=KEY_ENV, timeout_s=1.0, max_retries=2, max_concurrency=3, backoff_base_s=0.01,
-                    sleep=SleepRecorder(), seed=0)
+    settings = dict(
+        api_key_env=KEY_ENV,
+        timeout_s=1.0,
+        max_retries=2,
+        max_concurrency=3,
+        backoff_base_s=0.01,
+        sleep=SleepRecorder(),
+        seed=0,
+    )
     settings.update(options)
     return ChatClient(server.base_url, "test-model", **settings)
 
@@ -102,8 +124,14 @@ def test_one_validated_line_per_clip_with_usage_and_cost(media, tmp_path, key):
     out = tmp_path / "rationales.jsonl"
     with _good_server(prompt_tokens=100, completion_tokens=40) as server:
         client = _client(server, cost_per_1k_prompt_tokens=1.0, cost_per_1k_completion_tokens=2.0)
-        summary = generate_rationales(clips, out, client, frames_per_clip=4, progress=False,
-                                      request_params={"temperature": 0.0, "max_tokens": 200})
+        summary = generate_rationales(
+            clips,
+            out,
+            client,
+            frames_per_clip=4,
+            progress=False,
+            request_params={"temperature": 0.0, "max_tokens": 200},
+        )
     records = lines_of(out)
     assert sorted(r["id"] for r in records) == [c.id for c in clips]
     for record in records:
@@ -127,8 +155,14 @@ def test_one_validated_line_per_clip_with_usage_and_cost(media, tmp_path, key):
 
 def test_audio_is_sent_when_asked(media, tmp_path):
     with _good_server() as server:
-        summary = generate_rationales(make_clips(1, media["with_audio"]), tmp_path / "r.jsonl", _client(server),
-                                      frames_per_clip=2, include_audio=True, progress=False)
+        summary = generate_rationales(
+            make_clips(1, media["with_audio"]),
+            tmp_path / "r.jsonl",
+            _client(server),
+            frames_per_clip=2,
+            include_audio=True,
+            progress=False,
+        )
     assert summary.done == 1 and lines_of(tmp_path / "r.jsonl")[0]["audio"] is True
     content = server.requests[0]["messages"][0]["content"]
     assert [part["type"] for part in content] == ["image_url", "image_url", "input_audio", "text"]
@@ -165,7 +199,8 @@ def test_invalid_answers(text, finish_reason, reason):
 def test_valid_answer_is_cleaned():
     answer = "<think>weighing cues</think>\n  The jaw is tight and the brows are lowered;\n\nthe words are clipped.  "
     assert validate_rationale(answer, ANGRY, RULES, "stop") == (
-        "The jaw is tight and the brows are lowered; the words are clipped.")
+        "The jaw is tight and the brows are lowered; the words are clipped."
+    )
 
 
 def test_rules_for_prompt_leave_slack():
@@ -188,11 +223,16 @@ def test_invalid_answers_are_asked_again_then_recorded_failed(media, tmp_path):
 
     out = tmp_path / "r.jsonl"
     with FakeChatServer(reply) as server:
-        summary = generate_rationales(make_clips(4, media["six"]), out, _client(server), frames_per_clip=2,
-                                      validation_retries=2, progress=False)
+        summary = generate_rationales(
+            make_clips(4, media["six"]), out, _client(server), frames_per_clip=2, validation_retries=2, progress=False
+        )
     requested = _requested(server)
-    assert {c: requested.count(c) for c in sorted(set(requested))} == {"clip_00": 2, "clip_01": 3, "clip_02": 3,
-                                                                        "clip_03": 1}
+    assert {c: requested.count(c) for c in sorted(set(requested))} == {
+        "clip_00": 2,
+        "clip_01": 3,
+        "clip_02": 3,
+        "clip_03": 1,
+    }
     records = {r["id"]: r for r in lines_of(out)}
     assert len(records) == 4 and len(lines_of(out)) == 4
     assert records["clip_00"]["status"] == "ok" and records["clip_00"]["attempts"] == 2
@@ -251,7 +291,9 @@ def test_429_500_and_hangs_are_retried_lasting_errors_stay_missing(media, tmp_pa
         assert all(records[c]["status"] == "ok" for c in ("clip_00", "clip_01", "clip_02"))
         assert records["clip_04"]["status"] == "failed" and "HTTP 400" in records["clip_04"]["error"]
         assert (first.done, first.failed, first.unfinished, first.remaining) == (3, 1, 1, 1)
-        assert re.match(r"clip 'clip_0(3': gave up after 3 attempts.*HTTP 503|4': HTTP 400)", first.first_error)  # whichever ended first
+        assert re.match(
+            r"clip 'clip_0(3': gave up after 3 attempts.*HTTP 503|4': HTTP 400)", first.first_error
+        )  # whichever ended first
         assert _requested(server).count("clip_03") == 3  # 1 + max_retries
         sent = len(server.requests)
 
@@ -265,8 +307,14 @@ def test_429_500_and_hangs_are_retried_lasting_errors_stay_missing(media, tmp_pa
 def test_a_rejected_key_stops_the_run(media, tmp_path):
     with FakeChatServer(lambda request, attempt: Reply(status=401, error_message="bad key")) as server:
         with pytest.raises(ChatClientError, match="HTTP 401.*bad key") as info:
-            generate_rationales(make_clips(6, media["six"]), tmp_path / "r.jsonl", _client(server, max_concurrency=1),
-                                frames_per_clip=2, chunk_size=2, progress=False)
+            generate_rationales(
+                make_clips(6, media["six"]),
+                tmp_path / "r.jsonl",
+                _client(server, max_concurrency=1),
+                frames_per_clip=2,
+                chunk_size=2,
+                progress=False,
+            )
     assert info.value.status == 401
     assert (tmp_path / "r.jsonl").read_text() == "" and len(server.requests) <= 2  # the run stopped at once
 
@@ -293,8 +341,9 @@ def test_interrupted_run_resumes_every_id_once_sending_only_the_missing(media, t
     clips = make_clips(9, media["six"])
     out = tmp_path / "r.jsonl"
     with _good_server(delay_s=0.02) as server:
-        crashing = InterruptingClient(server.base_url, "test-model", timeout_s=1.0, max_concurrency=2, budget=4,
-                                      sleep=SleepRecorder())
+        crashing = InterruptingClient(
+            server.base_url, "test-model", timeout_s=1.0, max_concurrency=2, budget=4, sleep=SleepRecorder()
+        )
         with pytest.raises(KeyboardInterrupt):
             generate_rationales(clips, out, crashing, frames_per_clip=2, chunk_size=3, progress=False)
         written = [r["id"] for r in lines_of(out)]
@@ -302,7 +351,7 @@ def test_interrupted_run_resumes_every_id_once_sending_only_the_missing(media, t
         missing = sorted({c.id for c in clips} - set(written))
         # A crash in the middle of a write leaves a cut-short last line.
         with out.open("a") as handle:
-            handle.write('{"id": "%s", "status": "ok", "rationale": "The bro' % missing[0])
+            handle.write(f'{{"id": "{missing[0]}", "status": "ok", "rationale": "The bro')
         sent = len(server.requests)
         with pytest.warns(UserWarning, match="incomplete last line"):
             summary = generate_rationales(clips, out, _client(server), frames_per_clip=2, chunk_size=3, progress=False)
@@ -331,8 +380,7 @@ def test_retry_failed_replaces_failed_lines(media, tmp_path):
         plain = generate_rationales(clips, out, _client(server), frames_per_clip=2, progress=False)
         assert (plain.skipped, plain.requests) == (3, 0)  # failed lines count as done
         sent = len(server.requests)
-        retried = generate_rationales(clips, out, _client(server), frames_per_clip=2, retry_failed=True,
-                                      progress=False)
+        retried = generate_rationales(clips, out, _client(server), frames_per_clip=2, retry_failed=True, progress=False)
     assert _requested(server, since=sent) == ["clip_01"]
     assert (retried.retried_failed, retried.done, retried.skipped) == (1, 1, 2)
     records = lines_of(out)
@@ -345,8 +393,9 @@ def test_limit_and_split(media, tmp_path):
     clips = make_clips(2, media["six"]) + make_clips(3, media["six"], split="test", start=2)
     out = tmp_path / "r.jsonl"
     with _good_server() as server:
-        summary = generate_rationales(clips, out, _client(server), frames_per_clip=2, split="test", limit=2,
-                                      progress=False)
+        summary = generate_rationales(
+            clips, out, _client(server), frames_per_clip=2, split="test", limit=2, progress=False
+        )
         assert sorted(_requested(server)) == ["clip_02", "clip_03"]
         assert (summary.selected, summary.done, summary.remaining) == (3, 2, 1)
         with pytest.raises(ValueError, match="split 'tst'.*splits present: test, train"):
@@ -371,8 +420,10 @@ def test_file_is_locked_and_never_takes_an_id_twice(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ('{"id": "a", "status": "ok", "rationale": "r"}\n{"id": "a", "status": "failed"}\n',
-         r":2: field 'id': 'a' appears twice"),
+        (
+            '{"id": "a", "status": "ok", "rationale": "r"}\n{"id": "a", "status": "failed"}\n',
+            r":2: field 'id': 'a' appears twice",
+        ),
         ('{"id": "a", "status": "ok", "rationale": "r"}\nnot json\n', r":2: invalid JSON"),
         ('{"id": "a", "status": "done"}\n', r":1: field 'status'"),
         ('{"id": "a", "status": "ok"}\n', r":1: field 'rationale'"),
@@ -395,10 +446,12 @@ def _manifest_with_rationales(tmp_path: Path, video: Path) -> tuple[Path, Path]:
     clips = make_clips(3, video) + make_clips(1, video, split="test", start=3)
     clips[2] = Clip(**{**clips[2].__dict__, "rationale": "an older rationale kept as it was"})
     manifest = write_manifest(tmp_path / "data" / "manifest.jsonl", clips)
-    records = [{"id": "clip_00", "status": "ok", "rationale": "rationale zero"},
-               {"id": "clip_01", "status": "failed", "error": "cannot read"},
-               {"id": "clip_03", "status": "ok", "rationale": "rationale three"},
-               {"id": "elsewhere", "status": "ok", "rationale": "not in this manifest"}]
+    records = [
+        {"id": "clip_00", "status": "ok", "rationale": "rationale zero"},
+        {"id": "clip_01", "status": "failed", "error": "cannot read"},
+        {"id": "clip_03", "status": "ok", "rationale": "rationale three"},
+        {"id": "elsewhere", "status": "ok", "rationale": "not in this manifest"},
+    ]
     rationales = tmp_path / "r.jsonl"
     rationales.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest, rationales
@@ -410,8 +463,11 @@ def test_merge_writes_a_new_manifest(media, tmp_path):
     summary = merge_rationales(manifest, rationales, out)
     merged = {clip.id: clip for clip in read_manifest(out)}
     assert {key: clip.rationale for key, clip in merged.items()} == {
-        "clip_00": "rationale zero", "clip_01": None, "clip_02": "an older rationale kept as it was",
-        "clip_03": "rationale three"}
+        "clip_00": "rationale zero",
+        "clip_01": None,
+        "clip_02": "an older rationale kept as it was",
+        "clip_03": "rationale three",
+    }
     original = {clip.id: clip for clip in read_manifest(manifest)}
     assert all(merged[key].video == original[key].video == media["six"].resolve() for key in merged)
     assert (summary.clips, summary.merged, summary.without, summary.failed, summary.unmatched) == (4, 2, 1, 1, 1)

@@ -21,8 +21,10 @@ DATA_URL_PREFIX = "data:image/jpeg;base64,"
 def _frames(count: int, height: int = 56, width: int = 56) -> np.ndarray:
     """Smooth, distinct frames `[count, height, width, 3]` (gradients shifted per frame)."""
     y, x = np.mgrid[0:height, 0:width]
-    frames = [np.stack([(x * 255 // width + 30 * t) % 256, y * 255 // height, np.full_like(x, 40 * t % 256)], -1)
-              for t in range(count)]
+    frames = [
+        np.stack([(x * 255 // width + 30 * t) % 256, y * 255 // height, np.full_like(x, 40 * t % 256)], -1)
+        for t in range(count)
+    ]
     return np.asarray(frames, dtype=np.uint8)
 
 
@@ -45,7 +47,7 @@ def _text(messages) -> str:
 def _decode_image(part) -> Image.Image:
     url = part["image_url"]["url"]
     assert url.startswith(DATA_URL_PREFIX)
-    image = Image.open(io.BytesIO(base64.b64decode(url[len(DATA_URL_PREFIX):], validate=True)))
+    image = Image.open(io.BytesIO(base64.b64decode(url[len(DATA_URL_PREFIX) :], validate=True)))
     assert image.format == "JPEG"
     return image
 
@@ -125,8 +127,9 @@ def test_empty_subtitle_asks_for_no_words():
 def test_audio_part_is_a_wav_cut_to_the_bound():
     rate = 16000
     audio = np.sin(np.linspace(0, 2 * np.pi * 220, rate)).astype(np.float32) * 0.5  # 1 s
-    messages = build_messages(_clip(), _frames(2), PromptOptions(max_audio_seconds=0.25), audio=audio,
-                              sampling_rate=rate)
+    messages = build_messages(
+        _clip(), _frames(2), PromptOptions(max_audio_seconds=0.25), audio=audio, sampling_rate=rate
+    )
     (part,) = _parts(messages, "input_audio")
     assert part["input_audio"]["format"] == "wav"
     with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as reader:

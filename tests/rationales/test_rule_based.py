@@ -8,7 +8,6 @@ import dataclasses
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,12 @@ def written(tmp_path_factory):
 def test_every_training_clip_gets_one_rationale_naming_its_cues_and_emotion(written):
     manifest, cues, out, summary = written
     assert (summary.selected, summary.done, summary.failed, summary.unfinished, summary.remaining) == (
-        N_TRAIN, N_TRAIN, 0, 0, 0)
+        N_TRAIN,
+        N_TRAIN,
+        0,
+        0,
+        0,
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["id"] for line in lines) == [synthetic.clip_id("train", i) for i in range(N_TRAIN)]
     agreeing = 0
@@ -73,7 +77,8 @@ def test_the_run_resumes_and_the_rationales_merge_into_the_manifest(written, tmp
         summary = write_rule_based_rationales(manifest, partial)
     assert (summary.skipped, summary.done, summary.remaining) == (5, N_TRAIN - 5, 0)
     assert {key: record["rationale"] for key, record in read_rationales(partial).items()} == {
-        key: record["rationale"] for key, record in read_rationales(out).items()}
+        key: record["rationale"] for key, record in read_rationales(out).items()
+    }
     again = write_rule_based_rationales(manifest, partial)
     assert (again.skipped, again.done, again.requests) == (N_TRAIN, 0, 0)
 
@@ -103,15 +108,18 @@ def test_requests_without_audio_or_off_the_route_are_refused(written, tmp_path):
     with RuleBasedServer() as server:
         client = ChatClient(server.base_url, MODEL_NAME, api_key_env=None, max_retries=0, timeout_s=30)
         out = tmp_path / "no_audio.jsonl"
-        summary = generate_rationales(manifest, out, client, split="train", limit=1, include_audio=False,
-                                      progress=False)
+        summary = generate_rationales(
+            manifest, out, client, split="train", limit=1, include_audio=False, progress=False
+        )
         assert summary.failed == 1
         error = next(iter(read_rationales(out).values()))["error"]
         assert "HTTP 400" in error and "include_audio=True" in error
 
-        for path, body, status, message in (("/v1/models", b"{}", 404, "no route /v1/models"),
-                                            ("/v1/chat/completions", b"not json", 400, "body: not JSON"),
-                                            ("/v1/chat/completions", b'{"messages": 3}', 400, "'messages' list")):
+        for path, body, status, message in (
+            ("/v1/models", b"{}", 404, "no route /v1/models"),
+            ("/v1/chat/completions", b"not json", 400, "body: not JSON"),
+            ("/v1/chat/completions", b'{"messages": 3}', 400, "'messages' list"),
+        ):
             request = urllib.request.Request(server.base_url[: -len("/v1")] + path, data=body, method="POST")
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(request, timeout=10)
@@ -123,8 +131,9 @@ def test_requests_without_audio_or_off_the_route_are_refused(written, tmp_path):
 def test_the_wording_covers_missing_and_unknown_words():
     text = write_rationale("negative", "low", "", "sad")
     assert "Nothing is said." in text and text.endswith("A displeased face with a subdued voice makes this sad.")
-    assert 'The words "hello there" carry no clear feeling.' in write_rationale("positive", "low", "hello there",
-                                                                              "neutral")
+    assert 'The words "hello there" carry no clear feeling.' in write_rationale(
+        "positive", "low", "hello there", "neutral"
+    )
     with pytest.raises(ValueError, match="valence/arousal: expected positive|negative and high|low"):
         write_rationale("calm", "low", "", "sad")
 
@@ -136,6 +145,4 @@ def test_the_server_thread_stops_on_exit():
         assert thread.is_alive()
     assert not thread.is_alive()
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", data=b"{}", method="POST"),
-                               timeout=5)
-
+        urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", data=b"{}", method="POST"), timeout=5)

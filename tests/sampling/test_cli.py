@@ -36,23 +36,77 @@ ARGS = ["--max-new-tokens", "6", "--max-pixels", str(56 * 56), "--max-frames", "
 
 def test_one_clip_prints_an_answer(checkpoint, clip_files, capsys):
     video, wav = clip_files
-    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--subtitle", "I can't believe it!", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoint),
+                "--video",
+                str(video),
+                "--subtitle",
+                "I can't believe it!",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     first = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--audio", str(wav), *ARGS]) == 0
     assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--no-audio", *ARGS]) == 0
     # Greedy decoding is deterministic: the same clip gives the same answer.
-    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--subtitle", "I can't believe it!", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoint),
+                "--video",
+                str(video),
+                "--subtitle",
+                "I can't believe it!",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == first
 
 
 def test_manifest_writes_one_answer_per_clip(checkpoint, clip_files, tmp_path):
     video, wav = clip_files
-    clips = [Clip(id=f"c{i}", video=str(video), audio=str(wav) if i % 2 else None, subtitle="Hello", label="happy",
-                  dataset="demo", task="basic", split="test") for i in range(3)]
+    clips = [
+        Clip(
+            id=f"c{i}",
+            video=str(video),
+            audio=str(wav) if i % 2 else None,
+            subtitle="Hello",
+            label="happy",
+            dataset="demo",
+            task="basic",
+            split="test",
+        )
+        for i in range(3)
+    ]
     manifest = write_manifest(tmp_path / "clips.jsonl", clips)
     out = tmp_path / "answers.jsonl"
-    assert main(["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out),
-                 "--batch-size", "2", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoint),
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["c0", "c1", "c2"] and all(isinstance(r["output"], str) for r in rows)
 
@@ -65,8 +119,10 @@ def test_unreadable_video_names_the_file(checkpoint, tmp_path, capsys):
 
 
 def manifest_of(tmp_path, video, ids, name="clips.jsonl"):
-    clips = [Clip(id=i, video=str(video), subtitle="Hello", label="happy", dataset="demo", task="basic", split="test")
-             for i in ids]
+    clips = [
+        Clip(id=i, video=str(video), subtitle="Hello", label="happy", dataset="demo", task="basic", split="test")
+        for i in ids
+    ]
     return write_manifest(tmp_path / name, clips)
 
 
@@ -87,8 +143,18 @@ def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_f
         return real_answer(*args, **kwargs)
 
     monkeypatch.setattr(generate_cli, "answer", interrupted_on_the_second_batch)
-    command = ["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out),
-               "--batch-size", "2", *ARGS]
+    command = [
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        *ARGS,
+    ]
     with pytest.raises(KeyboardInterrupt):
         main(command)
     assert out.read_text() == earlier + "\n"  # the earlier answers are intact while a run is in progress
@@ -105,8 +171,10 @@ def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_f
 def test_bad_clips_stop_the_run_or_are_skipped_and_counted(checkpoint, clip_files, tmp_path, capsys):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
-    clips = [Clip(id=i, video=str(broken if i == "bad" else clip_files[0]), label="happy", task="basic", split="test")
-             for i in ("a", "bad", "b")]
+    clips = [
+        Clip(id=i, video=str(broken if i == "bad" else clip_files[0]), label="happy", task="basic", split="test")
+        for i in ("a", "bad", "b")
+    ]
     manifest = write_manifest(tmp_path / "clips.jsonl", clips)
     out = tmp_path / "answers.jsonl"
     command = ["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), *ARGS]
@@ -129,20 +197,24 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(qwen, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing manifest", r"manifest .*nope\.jsonl does not exist"),
-    ("malformed manifest", r"clips\.jsonl:2: invalid JSON"),
-    ("latin-1 manifest", r"clips\.jsonl:1: not UTF-8 text \(byte 0xe9"),
-    ("empty manifest", r"--manifest .*clips\.jsonl: no clip; the file is empty"),
-    ("no such split", r"no clip of split 'dev'; it has test"),
-    ("no tokenizer", r"has no tokenizer files \(tokenizer\.json or vocab\.json or tokenizer\.model\)"),
-    ("--max-new-tokens 0", r"--max-new-tokens: expected >= 1, got 0"),
-    ("--temperature -1", r"--temperature: expected a finite value >= 0"),
-    ("--top-p 0", r"--top-p: expected a value in \(0, 1\], got 0\.0"),
-    ("video is a directory", r"--video .*: is a directory, not a media file"),
-])
-def test_expected_errors_are_one_line_before_the_model_loads(checkpoint, clip_files, tmp_path, capsys, no_model_load,
-                                                             case, expected):
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing manifest", r"manifest .*nope\.jsonl does not exist"),
+        ("malformed manifest", r"clips\.jsonl:2: invalid JSON"),
+        ("latin-1 manifest", r"clips\.jsonl:1: not UTF-8 text \(byte 0xe9"),
+        ("empty manifest", r"--manifest .*clips\.jsonl: no clip; the file is empty"),
+        ("no such split", r"no clip of split 'dev'; it has test"),
+        ("no tokenizer", r"has no tokenizer files \(tokenizer\.json or vocab\.json or tokenizer\.model\)"),
+        ("--max-new-tokens 0", r"--max-new-tokens: expected >= 1, got 0"),
+        ("--temperature -1", r"--temperature: expected a finite value >= 0"),
+        ("--top-p 0", r"--top-p: expected a value in \(0, 1\], got 0\.0"),
+        ("video is a directory", r"--video .*: is a directory, not a media file"),
+    ],
+)
+def test_expected_errors_are_one_line_before_the_model_loads(
+    checkpoint, clip_files, tmp_path, capsys, no_model_load, case, expected
+):
     manifest = manifest_of(tmp_path, clip_files[0], ["c0"])
     ckpt = checkpoint
     extra = []
@@ -192,12 +264,19 @@ def run_dir(checkpoint, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("generate_run")
     training = build_tiny_affect_dataset(root / "data")  # clips of 2 frames of 28 x 28 and 0.5 s of audio
-    return tiny_run_directory(checkpoint, root / "run", "sampling.eval_max_new_tokens=3", f"data.train_dir={training}",
-                              "prompt.instruction=Name the feeling.", "sampling.prompt_buckets=[64,512]")
+    return tiny_run_directory(
+        checkpoint,
+        root / "run",
+        "sampling.eval_max_new_tokens=3",
+        f"data.train_dir={training}",
+        "prompt.instruction=Name the feeling.",
+        "sampling.prompt_buckets=[64,512]",
+    )
 
 
-def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(run_dir, clip_files, tiny_prompt_builder,
-                                                                     monkeypatch):
+def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(
+    run_dir, clip_files, tiny_prompt_builder, monkeypatch
+):
     """Nothing of the run is repeated by hand: the instruction, answer length and buckets come from its
     config.yaml, the weights in bfloat16 over the config's mesh (all 8 devices); overrides apply."""
     import opsd_jax.sampling
@@ -210,14 +289,25 @@ def test_a_run_directory_brings_its_prompt_buckets_and_answer_length(run_dir, cl
         return real(model, inputs, **kwargs)
 
     monkeypatch.setattr(opsd_jax.sampling, "generate", recording)
-    command = ["generate", "--checkpoint", str(run_dir), "--video", str(clip_files[0]), "--max-pixels", str(56 * 56),
-               "--max-frames", "4"]
+    command = [
+        "generate",
+        "--checkpoint",
+        str(run_dir),
+        "--video",
+        str(clip_files[0]),
+        "--max-pixels",
+        str(56 * 56),
+        "--max-frames",
+        "4",
+    ]
     assert main([*command, "--step", "1"]) == 0
     model, prompt, kwargs, _ = seen[-1]
     assert "Name the feeling." in prompt and kwargs["max_new_tokens"] == 3 and kwargs["prompt_buckets"] == [512]
     assert dict(kwargs["mesh"].shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("bfloat16")
-    assert main([*command, "prompt.instruction=Which one?", "sampling.eval_max_new_tokens=2", "--dtype", "float32"]) == 0
+    assert (
+        main([*command, "prompt.instruction=Which one?", "sampling.eval_max_new_tokens=2", "--dtype", "float32"]) == 0
+    )
     model, prompt, kwargs, inputs = seen[-1]
     assert "Which one?" in prompt and kwargs["max_new_tokens"] == 2
     assert model.model.embed_tokens.embedding.get_value().dtype == np.dtype("float32")

@@ -33,10 +33,14 @@ def setup(tiny_untied):
 def reference_greedy(reference, eos: int | None) -> np.ndarray:
     with torch.no_grad():
         out = reference.generate(
-            input_ids=torch.tensor(IDS, dtype=torch.long), attention_mask=torch.tensor(MASK), max_new_tokens=NEW,
-            do_sample=False, eos_token_id=eos, pad_token_id=PAD,
+            input_ids=torch.tensor(IDS, dtype=torch.long),
+            attention_mask=torch.tensor(MASK),
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
         )
-    new = out[:, IDS.shape[1]:].numpy()
+    new = out[:, IDS.shape[1] :].numpy()
     return np.pad(new, ((0, 0), (0, NEW - new.shape[1])), constant_values=PAD)  # all rows may stop early
 
 
@@ -46,12 +50,18 @@ def test_greedy_equals_transformers_generate_with_eos_inside_the_window(setup):
     eos = int(free[0, 6])  # a token row 0 emits at step 6 and row 1 never emits before it
     assert eos not in free[1, :6]
     expected = reference_greedy(reference, eos=eos)
-    out = generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=NEW, temperature=0,
-                   eos_token_id=eos, pad_token_id=PAD)
+    out = generate(
+        model,
+        {"input_ids": IDS, "attention_mask": MASK},
+        max_new_tokens=NEW,
+        temperature=0,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     first_eos = int(np.argmax(expected[0] == eos))
     np.testing.assert_array_equal(np.asarray(out.mask[0]), np.arange(NEW) <= first_eos)
-    assert np.asarray(out.tokens[0, first_eos + 1:] == PAD).all()
+    assert np.asarray(out.tokens[0, first_eos + 1 :] == PAD).all()
 
 
 def test_rematerialised_model_samples_what_the_plain_one_does(tiny_untied, setup):
@@ -59,7 +69,9 @@ def test_rematerialised_model_samples_what_the_plain_one_does(tiny_untied, setup
     checkpointed functions of their parameters, so they trace inside `lax.while_loop` like plain ones."""
     _, model = setup
     remat = from_pretrained(tiny_untied[1], remat=True)
-    kwargs = dict(max_new_tokens=6, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=3)
+    kwargs = dict(
+        max_new_tokens=6, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=3
+    )
     plain = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
     checkpointed = generate(remat, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
     np.testing.assert_array_equal(np.asarray(checkpointed.tokens), np.asarray(plain.tokens))
@@ -69,8 +81,15 @@ def test_rematerialised_model_samples_what_the_plain_one_does(tiny_untied, setup
 def test_logprobs_equal_a_teacher_forced_forward(setup):
     """The cached decode must see exactly what one forward over [prompt | completion] sees."""
     _, model = setup
-    out = generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=12, temperature=1.0,
-                   eos_token_id=255, pad_token_id=PAD, seed=3)
+    out = generate(
+        model,
+        {"input_ids": IDS, "attention_mask": MASK},
+        max_new_tokens=12,
+        temperature=1.0,
+        eos_token_id=255,
+        pad_token_id=PAD,
+        seed=3,
+    )
     full_ids = jnp.concatenate([IDS, out.tokens], axis=1)
     full_mask = jnp.concatenate([MASK, jnp.ones_like(out.tokens)], axis=1)
     logits = model(full_ids, attention_mask=full_mask)[:, IDS.shape[1] - 1 : -1]
@@ -88,8 +107,16 @@ def test_first_tokens_follow_the_filtered_softmax(setup):
     """
     _, model = setup
     settings = dict(temperature=0.8, top_k=40, top_p=0.9)
-    out = generate(model, {"input_ids": IDS[:1], "attention_mask": MASK[:1]}, max_new_tokens=1,
-                   eos_token_id=255, pad_token_id=PAD, num_samples=8000, seed=11, **settings)
+    out = generate(
+        model,
+        {"input_ids": IDS[:1], "attention_mask": MASK[:1]},
+        max_new_tokens=1,
+        eos_token_id=255,
+        pad_token_id=PAD,
+        num_samples=8000,
+        seed=11,
+        **settings,
+    )
     logits = model(jnp.asarray(IDS[:1]), attention_mask=jnp.asarray(MASK[:1]))[:, -1]
     filtered = np.asarray(sampling_logits(logits, **settings), np.float64)[0]
     support = np.isfinite(filtered)
@@ -122,21 +149,48 @@ def test_prompt_buckets_reuse_one_compiled_decode(setup):
     short = generate(model, {"input_ids": IDS[:, 2:], "attention_mask": MASK[:, 2:]}, **kwargs)
     long = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
     assert sampler_module._decode._cache_size() - before == 1
-    unbucketed = generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=6, temperature=0,
-                          eos_token_id=255, pad_token_id=PAD)
+    unbucketed = generate(
+        model,
+        {"input_ids": IDS, "attention_mask": MASK},
+        max_new_tokens=6,
+        temperature=0,
+        eos_token_id=255,
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(np.asarray(long.tokens), np.asarray(unbucketed.tokens))
     assert short.tokens.shape == (2, 6)
     with pytest.raises(ValueError, match="length 8 exceeds the largest bucket 4"):
-        generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=2, temperature=0,
-                 eos_token_id=255, pad_token_id=PAD, prompt_buckets=(4,))
+        generate(
+            model,
+            {"input_ids": IDS, "attention_mask": MASK},
+            max_new_tokens=2,
+            temperature=0,
+            eos_token_id=255,
+            pad_token_id=PAD,
+            prompt_buckets=(4,),
+        )
 
 
 def test_all_rows_stopping_ends_the_loop_early(setup):
     _, model = setup
-    first = np.asarray(generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=1, temperature=0,
-                                eos_token_id=255, pad_token_id=PAD).tokens[:, 0])
-    out = generate(model, {"input_ids": IDS, "attention_mask": MASK}, max_new_tokens=NEW, temperature=0,
-                   eos_token_id=[int(t) for t in first], pad_token_id=PAD)
+    first = np.asarray(
+        generate(
+            model,
+            {"input_ids": IDS, "attention_mask": MASK},
+            max_new_tokens=1,
+            temperature=0,
+            eos_token_id=255,
+            pad_token_id=PAD,
+        ).tokens[:, 0]
+    )
+    out = generate(
+        model,
+        {"input_ids": IDS, "attention_mask": MASK},
+        max_new_tokens=NEW,
+        temperature=0,
+        eos_token_id=[int(t) for t in first],
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(np.asarray(out.mask), np.arange(NEW)[None].repeat(2, 0) == 0)
     assert (np.asarray(out.tokens[:, 1:]) == PAD).all()
 
@@ -178,11 +232,14 @@ def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_pr
     rng = np.random.default_rng(5)
     videos = [video_to_inputs(rng.integers(0, 256, (n, 56, 56, 3), dtype=np.uint8), sample_fps=2.0) for n in (4, 2)]
     video = concatenate_inputs(videos)
-    audio = audio_to_inputs([0.1 * rng.standard_normal(16000 * 2 + 500), 0.1 * rng.standard_normal(16000)],
-                            max_samples=48000)
+    audio = audio_to_inputs(
+        [0.1 * rng.standard_normal(16000 * 2 + 500), 0.1 * rng.standard_normal(16000)], max_samples=48000
+    )
     lengths = audio["feature_attention_mask"].sum(-1).tolist()
-    prompts = [ct.user_prompt([ct.VideoPart(v["video_grid_thw"][0], 1.0, n), text])
-               for v, n, text in zip(videos, lengths, ["How does she feel?", "Which emotion?"])]
+    prompts = [
+        ct.user_prompt([ct.VideoPart(v["video_grid_thw"][0], 1.0, n), text])
+        for v, n, text in zip(videos, lengths, ["How does she feel?", "Which emotion?"])
+    ]
     batch = tiny_prompt_builder(prompts, length=None)
     assert batch["attention_mask"][1, 0] == 0, "the second prompt must be left-padded"
     inputs = {**batch, **video, **audio, "use_audio_in_video": True}
@@ -192,7 +249,7 @@ def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_pr
     def reference_generate(eos):
         with torch.no_grad():
             out = reference.generate(**tensors, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
-        new = out[:, batch["input_ids"].shape[1]:].numpy()
+        new = out[:, batch["input_ids"].shape[1] :].numpy()
         return np.pad(new, ((0, 0), (0, NEW - new.shape[1])), constant_values=PAD)
 
     free = reference_generate(None)
@@ -230,7 +287,9 @@ def test_generation_runs_on_a_compute_dtype_copy_of_the_decoder_with_the_same_to
     assert encoders and all(dtype == jnp.float32 for dtype in encoders)
     assert sampler_module.generation_params(copy, jnp.bfloat16) is copy  # no second copy
 
-    kwargs = dict(max_new_tokens=8, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=1)
+    kwargs = dict(
+        max_new_tokens=8, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=1
+    )
     out = generate(model, {"input_ids": IDS, "attention_mask": MASK}, **kwargs)
     original = sampler_module.generation_params
     try:  # the same run on the float32 weights themselves, cast at every use

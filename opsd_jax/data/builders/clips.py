@@ -55,8 +55,10 @@ class ClipConfig(tfds.core.BuilderConfig):
             if value < IMAGE_FACTOR or value % IMAGE_FACTOR:
                 raise ValueError(f"{name} must be a positive multiple of {IMAGE_FACTOR}, got {value}")
         if not self.max_audio_samples >= N_FFT:
-            raise ValueError(f"max_audio_seconds must give at least {N_FFT} samples at {SAMPLING_RATE} Hz, "
-                             f"got {self.max_audio_seconds}")
+            raise ValueError(
+                f"max_audio_seconds must give at least {N_FFT} samples at {SAMPLING_RATE} Hz, "
+                f"got {self.max_audio_seconds}"
+            )
 
     @property
     def max_audio_samples(self) -> int:
@@ -69,32 +71,48 @@ class ClipConfig(tfds.core.BuilderConfig):
 
 def clip_features(config: ClipConfig) -> tfds.features.FeaturesDict:
     zlib = tfds.features.Encoding.ZLIB
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "frames": tfds.features.Tensor(shape=config.frame_shape, dtype=np.uint8, encoding=zlib),
-        "sample_fps": tfds.features.Scalar(dtype=np.float32),
-        "audio": tfds.features.Tensor(shape=(config.max_audio_samples,), dtype=np.float32, encoding=zlib),
-        "audio_length": tfds.features.Scalar(dtype=np.int32),
-        "subtitle": tfds.features.Text(),
-        "task": tfds.features.Text(),
-        "label": tfds.features.Text(),
-        "labels": tfds.features.Sequence(tfds.features.Text()),
-        "sentiment": tfds.features.Scalar(dtype=np.float32),
-        "dataset": tfds.features.Text(),
-        "rationale": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(),
+            "frames": tfds.features.Tensor(shape=config.frame_shape, dtype=np.uint8, encoding=zlib),
+            "sample_fps": tfds.features.Scalar(dtype=np.float32),
+            "audio": tfds.features.Tensor(shape=(config.max_audio_samples,), dtype=np.float32, encoding=zlib),
+            "audio_length": tfds.features.Scalar(dtype=np.int32),
+            "subtitle": tfds.features.Text(),
+            "task": tfds.features.Text(),
+            "label": tfds.features.Text(),
+            "labels": tfds.features.Sequence(tfds.features.Text()),
+            "sentiment": tfds.features.Scalar(dtype=np.float32),
+            "dataset": tfds.features.Text(),
+            "rationale": tfds.features.Text(),
+        }
+    )
 
 
-def clip_example(config: ClipConfig, *, id: str, frames: np.ndarray, sample_fps: float, audio: np.ndarray,
-                 task: str, subtitle: str = "", label: str | None = None, labels=None,
-                 sentiment: float | None = None, dataset: str = "", rationale: str | None = None) -> dict[str, Any]:
+def clip_example(
+    config: ClipConfig,
+    *,
+    id: str,
+    frames: np.ndarray,
+    sample_fps: float,
+    audio: np.ndarray,
+    task: str,
+    subtitle: str = "",
+    label: str | None = None,
+    labels=None,
+    sentiment: float | None = None,
+    dataset: str = "",
+    rationale: str | None = None,
+) -> dict[str, Any]:
     """One example in the schema above; the audio is padded or cut to the config's length."""
     if not isinstance(id, str) or not id:
         raise ValueError(f"id must be a non-empty string, got {id!r}")
     frames = np.asarray(frames)
     if frames.shape != config.frame_shape or frames.dtype != np.uint8:
-        raise ValueError(f"clip {id!r}: frames must be uint8 of shape {config.frame_shape} (the config's static "
-                         f"shape), got {frames.dtype} {frames.shape}")
+        raise ValueError(
+            f"clip {id!r}: frames must be uint8 of shape {config.frame_shape} (the config's static "
+            f"shape), got {frames.dtype} {frames.shape}"
+        )
     if not (isinstance(sample_fps, (int, float, np.floating)) and math.isfinite(sample_fps) and sample_fps > 0):
         raise ValueError(f"clip {id!r}: sample_fps must be a positive number, got {sample_fps!r}")
     audio = np.asarray(audio, dtype=np.float32)
@@ -105,10 +123,18 @@ def clip_example(config: ClipConfig, *, id: str, frames: np.ndarray, sample_fps:
     padded = np.zeros(config.max_audio_samples, np.float32)
     padded[:length] = audio[:length]
     return {
-        "id": id, "frames": frames, "sample_fps": np.float32(sample_fps), "audio": padded,
-        "audio_length": np.int32(length), "subtitle": subtitle, "task": task, "label": label or "",
-        "labels": list(labels or ()), "sentiment": np.float32(np.nan if sentiment is None else sentiment),
-        "dataset": dataset, "rationale": rationale or "",
+        "id": id,
+        "frames": frames,
+        "sample_fps": np.float32(sample_fps),
+        "audio": padded,
+        "audio_length": np.int32(length),
+        "subtitle": subtitle,
+        "task": task,
+        "label": label or "",
+        "labels": list(labels or ()),
+        "sentiment": np.float32(np.nan if sentiment is None else sentiment),
+        "dataset": dataset,
+        "rationale": rationale or "",
     }
 
 
@@ -127,19 +153,34 @@ class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return epath.Path(inspect.getfile(cls))
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                     features=clip_features(self.builder_config),
-                                     metadata=tfds.core.MetadataDict())
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=clip_features(self.builder_config),
+            metadata=tfds.core.MetadataDict(),
+        )
 
 
-def prepare(builder_class: type[ClipBuilder], config: ClipConfig, data_dir: str | Path, *,
-            manual_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+def prepare(
+    builder_class: type[ClipBuilder],
+    config: ClipConfig,
+    data_dir: str | Path,
+    *,
+    manual_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Builds (or, unless `overwrite`, reuses) a dataset as ArrayRecord; returns its versioned directory."""
     builder = builder_class(data_dir=str(Path(data_dir).resolve()), config=config, file_format="array_record")
-    mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else \
-        tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=None if manual_dir is None else str(manual_dir), download_mode=mode))
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=None if manual_dir is None else str(manual_dir), download_mode=mode
+        )
+    )
     return Path(str(builder.data_path))
 
 
@@ -150,12 +191,16 @@ def load_split(dataset_dir: str | Path, split: str, *, decode_media: bool = True
     fields (and `sample_fps`, `audio_length`) that costs no decoding."""
     dataset_dir = Path(dataset_dir)
     if not (dataset_dir / "dataset_info.json").is_file():
-        raise FileNotFoundError(f"{dataset_dir} is not a built dataset (no dataset_info.json); pass the directory "
-                                f"that `prepare` returned")
+        raise FileNotFoundError(
+            f"{dataset_dir} is not a built dataset (no dataset_info.json); pass the directory that `prepare` returned"
+        )
     builder = tfds.builder_from_directory(str(dataset_dir))
     if split not in builder.info.splits:
-        has = f"it has {', '.join(builder.info.splits)}" if builder.info.splits else \
-            "it has no split at all (was it built from an empty manifest?)"
+        has = (
+            f"it has {', '.join(builder.info.splits)}"
+            if builder.info.splits
+            else "it has no split at all (was it built from an empty manifest?)"
+        )
         raise ValueError(f"split {split!r} is not in {dataset_dir}; {has}")
     if decode_media:
         return builder.as_data_source(split=split)

@@ -60,7 +60,8 @@ class Mer(ClipBuilder):
     BUILDER_CONFIGS = [MerConfig(name="default")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the licensed clips and a manifest (JSONL, see opsd_jax.data.manifest; "
-        "`opsd-jax data convert` writes one from a MER-UniBench dataset folder) in the manual directory.")
+        "`opsd-jax data convert` writes one from a MER-UniBench dataset folder) in the manual directory."
+    )
 
     def _split_generators(self, dl_manager):
         config: MerConfig = self.builder_config
@@ -78,13 +79,29 @@ class Mer(ClipBuilder):
             media = decoded_media(clip, config, skipped)
             if media is None:
                 continue
-            yield clip.id, clip_example(
-                config, id=clip.id, frames=media.frames, sample_fps=media.sample_fps, audio=media.audio,
-                task=clip.task, subtitle=clip.subtitle, label=clip.label, labels=clip.labels,
-                sentiment=clip.sentiment, dataset=clip.dataset, rationale=clip.rationale)
+            yield (
+                clip.id,
+                clip_example(
+                    config,
+                    id=clip.id,
+                    frames=media.frames,
+                    sample_fps=media.sample_fps,
+                    audio=media.audio,
+                    task=clip.task,
+                    subtitle=clip.subtitle,
+                    label=clip.label,
+                    labels=clip.labels,
+                    sentiment=clip.sentiment,
+                    dataset=clip.dataset,
+                    rationale=clip.rationale,
+                ),
+            )
         if skipped.count:
-            logger.warning("mer: skipped %d clip(s) whose media could not be decoded, e.g. %s", skipped.count,
-                           next(iter(skipped.reasons.values())))
+            logger.warning(
+                "mer: skipped %d clip(s) whose media could not be decoded, e.g. %s",
+                skipped.count,
+                next(iter(skipped.reasons.values())),
+            )
             self.info.metadata["skipped"].update(skipped.reasons)
 
 
@@ -92,8 +109,10 @@ def _decoded_path(clip: Clip, config: MerConfig) -> Path:
     """The cache file of a clip's decoded media: named by its id and a digest of what decoding reads (the
     media files' paths, sizes and modification times) and the shapes it produces."""
     files = [path for path in (clip.video, clip.audio) if path is not None]
-    key = json.dumps([[str(path), path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [str(path)]
-                      for path in files] + [config.num_frames, config.height, config.width, config.max_audio_samples])
+    key = json.dumps(
+        [[str(path), path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [str(path)] for path in files]
+        + [config.num_frames, config.height, config.width, config.max_audio_samples]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe_id = "".join(char if char.isalnum() or char in "-_." else "_" for char in clip.id)[:80]
     return Path(config.decoded_dir) / f"{safe_id}-{digest}.npz"
@@ -105,19 +124,29 @@ def decoded_media(clip: Clip, config: MerConfig, skipped: SkipCounter) -> ClipMe
     if path is not None and path.is_file():
         with np.load(path) as cached:
             return ClipMedia(frames=cached["frames"], sample_fps=float(cached["sample_fps"]), audio=cached["audio"])
-    media = load_clip_media(clip, on_error=config.on_error, skipped=skipped, num_frames=config.num_frames,
-                            size=(config.height, config.width))
+    media = load_clip_media(
+        clip,
+        on_error=config.on_error,
+        skipped=skipped,
+        num_frames=config.num_frames,
+        size=(config.height, config.width),
+    )
     if media is not None and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.stem + ".partial.npz")
-        np.savez(partial, frames=media.frames, sample_fps=np.float64(media.sample_fps),
-                 audio=np.asarray(media.audio, np.float32)[: config.max_audio_samples])
+        np.savez(
+            partial,
+            frames=media.frames,
+            sample_fps=np.float64(media.sample_fps),
+            audio=np.asarray(media.audio, np.float32)[: config.max_audio_samples],
+        )
         os.replace(partial, path)  # a file is whole or absent
     return media
 
 
-def build_mer(manifest: str | Path, data_dir: str | Path, config: MerConfig | None = None, *,
-              overwrite: bool = False) -> Path:
+def build_mer(
+    manifest: str | Path, data_dir: str | Path, config: MerConfig | None = None, *, overwrite: bool = False
+) -> Path:
     """Builds the `mer` dataset of `manifest` (its directory is the manual directory) under `data_dir`;
     returns the dataset directory. An existing build of the same config name is reused unless `overwrite`."""
     manifest = Path(manifest).expanduser().resolve()

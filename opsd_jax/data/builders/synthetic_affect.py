@@ -50,16 +50,19 @@ class SyntheticAffect(ClipBuilder):
     def _split_generators(self, dl_manager):
         config: SyntheticAffectConfig = self.builder_config
         if config.generator is None:
-            raise ValueError(f"synthetic_affect config {config.name!r} has no generator; pass "
-                             f"SyntheticAffectConfig(generator=...)")
+            raise ValueError(
+                f"synthetic_affect config {config.name!r} has no generator; pass SyntheticAffectConfig(generator=...)"
+            )
         return {split: self._generate_examples(split) for split in config.splits}
 
     def _generate_examples(self, split):
         config: SyntheticAffectConfig = self.builder_config
         for index, fields in enumerate(config.generator(split, config)):
             if not isinstance(fields, dict):
-                raise TypeError(f"synthetic_affect generator: example {index} of split {split!r} must be a dict of "
-                                f"clip_example fields, got {type(fields).__name__}")
+                raise TypeError(
+                    f"synthetic_affect generator: example {index} of split {split!r} must be a dict of "
+                    f"clip_example fields, got {type(fields).__name__}"
+                )
             example = clip_example(config, **fields)
             yield example["id"], example
 
