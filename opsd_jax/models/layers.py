@@ -153,7 +153,9 @@ def dot_product_attention(
     return jnp.swapaxes(out, 0, 1).reshape(batch, q_len, heads, head_dim)
 
 
-def _attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, scale: float) -> jax.Array:
+def _attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, scale: float
+) -> jax.Array:
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = heads // kv_heads
