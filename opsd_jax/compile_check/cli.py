@@ -11,8 +11,16 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PROGRAMS = ("train_step", "train_micro_step", "rollout_prefill", "rollout_decode", "eval_prefill", "eval_decode",
-            "reader_prefill", "reader_decode")
+PROGRAMS = (
+    "train_step",
+    "train_micro_step",
+    "rollout_prefill",
+    "rollout_decode",
+    "eval_prefill",
+    "eval_decode",
+    "reader_prefill",
+    "reader_decode",
+)
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -49,11 +57,19 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     thinker, source = thinker_config(config.model.checkpoint)
     height, width = args.frame_size
-    clip = ClipShape(num_frames=args.frames, height=height, width=width, audio_seconds=args.audio_seconds,
-                     text_tokens=args.text_tokens, rationale_tokens=args.rationale_tokens)
-    header = (f"compile-check {args.config} on {topology} ({chips} chips, mesh {config.mesh.data} x {config.mesh.fsdp} x "
-              f"{config.mesh.tensor}); thinker: {source}; clips: {clip.num_frames} frames of {height} x {width}, "
-              f"{clip.audio_seconds:g} s of audio")
+    clip = ClipShape(
+        num_frames=args.frames,
+        height=height,
+        width=width,
+        audio_seconds=args.audio_seconds,
+        text_tokens=args.text_tokens,
+        rationale_tokens=args.rationale_tokens,
+    )
+    header = (
+        f"compile-check {args.config} on {topology} ({chips} chips, mesh {config.mesh.data} x {config.mesh.fsdp} x "
+        f"{config.mesh.tensor}); thinker: {source}; clips: {clip.num_frames} frames of {height} x {width}, "
+        f"{clip.audio_seconds:g} s of audio"
+    )
     print(header, flush=True)
     began = time.perf_counter()
 
@@ -66,9 +82,18 @@ def _run(args: argparse.Namespace) -> int:
     print(report_module.table(reports, chip, header))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report_module.to_json(
-            reports, chip, config=str(args.config), topology=topology, thinker=source, clip=dataclasses.asdict(clip),
-            overrides=list(args.overrides), seconds=time.perf_counter() - began))
+        Path(args.out).write_text(
+            report_module.to_json(
+                reports,
+                chip,
+                config=str(args.config),
+                topology=topology,
+                thinker=source,
+                clip=dataclasses.asdict(clip),
+                overrides=list(args.overrides),
+                seconds=time.perf_counter() - began,
+            )
+        )
         print(f"\nwrote {args.out}")
     problems = report_module.verdicts(reports, args.min_spare)
     for problem in problems:
@@ -91,20 +116,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory (Qwen2.5-Omni-3B / -7B) when the weights are elsewhere. Needs libtpu: "
         "pip install 'opsd-jax[tpu]'. A 7B config takes 5-20 minutes and up to ~12 GB of RAM.",
     )
-    parser.add_argument("--config", required=True, help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as in train")
     parser.add_argument("--topology", help="TPU slice, GENERATION:CHIPGRID, e.g. v5p:4x4x2 (default: mesh.topology)")
     parser.add_argument("--out", help="write the report as JSON here")
-    parser.add_argument("--programs", nargs="+", choices=PROGRAMS, metavar="NAME",
-                        help=f"compile only these ({', '.join(PROGRAMS)}; default: all)")
+    parser.add_argument(
+        "--programs",
+        nargs="+",
+        choices=PROGRAMS,
+        metavar="NAME",
+        help=f"compile only these ({', '.join(PROGRAMS)}; default: all)",
+    )
     parser.add_argument("--frames", type=int, default=16, help="frames per clip of the dataset (default 16)")
-    parser.add_argument("--frame-size", type=_frame_size, default=(224, 224), metavar="HxW",
-                        help="frame size of the dataset in pixels (default 224x224)")
+    parser.add_argument(
+        "--frame-size",
+        type=_frame_size,
+        default=(224, 224),
+        metavar="HxW",
+        help="frame size of the dataset in pixels (default 224x224)",
+    )
     parser.add_argument("--audio-seconds", type=float, default=30.0, help="audio per clip in seconds (default 30)")
-    parser.add_argument("--text-tokens", type=int, default=160,
-                        help="text tokens of a student prompt around the clip's media (default 160)")
-    parser.add_argument("--rationale-tokens", type=int, default=320,
-                        help="tokens the teacher's prompt adds for the rationale (default 320)")
-    parser.add_argument("--min-spare", type=float, default=0.10,
-                        help="fraction of HBM that must stay free at every program's peak (default 0.10)")
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=160,
+        help="text tokens of a student prompt around the clip's media (default 160)",
+    )
+    parser.add_argument(
+        "--rationale-tokens",
+        type=int,
+        default=320,
+        help="tokens the teacher's prompt adds for the rationale (default 320)",
+    )
+    parser.add_argument(
+        "--min-spare",
+        type=float,
+        default=0.10,
+        help="fraction of HBM that must stay free at every program's peak (default 0.10)",
+    )
     parser.set_defaults(handler=_run)

@@ -18,9 +18,31 @@ import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
 _DTYPE_BYTES = {
-    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "f8e4m3": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-    "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+    "pred": 1,
+    "s2": 0.25,
+    "u2": 0.25,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "f8e4m3": 1,
+    "f8e4m3b11fnuz": 1,
+    "f8e4m3fnuz": 1,
+    "f8e5m2fnuz": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+    "c128": 16,
 }
 _SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -80,8 +102,24 @@ class _Instruction:
     line: str  # kept only where attributes matter (loops, calls, matmuls, collectives); else ""
 
 
-_KEEP_LINE = ("while", "dot", "convolution", "fusion", "call", "conditional", "compare", "constant", "custom-call",
-              "reduce", "map", "sort", "scatter", "select-and-scatter", "reduce-window", "all-reduce")
+_KEEP_LINE = (
+    "while",
+    "dot",
+    "convolution",
+    "fusion",
+    "call",
+    "conditional",
+    "compare",
+    "constant",
+    "custom-call",
+    "reduce",
+    "map",
+    "sort",
+    "scatter",
+    "select-and-scatter",
+    "reduce-window",
+    "all-reduce",
+)
 
 
 def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
@@ -104,11 +142,18 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
             continue
         kind = opcode.group(1)
         arguments_end = rest.find(")", opcode.end())
-        operands = tuple(re.findall(r"%([\w.\-]+)", rest[opcode.end(): arguments_end if arguments_end >= 0 else None]))
+        operands = tuple(re.findall(r"%([\w.\-]+)", rest[opcode.end() : arguments_end if arguments_end >= 0 else None]))
         base = kind[: -len("-start")] if kind.endswith("-start") else kind
         keep = kind in _KEEP_LINE or base in COLLECTIVES or "calls=" in rest or "to_apply=" in rest
-        computations[current].append(_Instruction(
-            instruction.group(1), kind, tuple(_SHAPE.findall(rest[: opcode.start()])), operands, line if keep else ""))
+        computations[current].append(
+            _Instruction(
+                instruction.group(1),
+                kind,
+                tuple(_SHAPE.findall(rest[: opcode.start()])),
+                operands,
+                line if keep else "",
+            )
+        )
     return computations, entry
 
 
@@ -164,8 +209,11 @@ def summarize(text: str) -> HloSummary:
                 body = re.search(r"\bbody=%?([\w.\-]+)", i.line)
                 condition = re.search(r"\bcondition=%?([\w.\-]+)", i.line)
                 trip = _TRIP.search(i.line)
-                count = int(trip.group(1)) if trip else (
-                    _trip_count(computations.get(condition.group(1), [])) if condition else None)
+                count = (
+                    int(trip.group(1))
+                    if trip
+                    else (_trip_count(computations.get(condition.group(1), [])) if condition else None)
+                )
                 if body:
                     loops.append((body.group(1), count))
                 calls[name] += [(callee, count or 1, True) for callee in callees]
@@ -218,5 +266,3 @@ def _reachable_calls(name: str, calls, depth: int = 0):
         yield edge
         if depth < 64:
             yield from _reachable_calls(edge[0], calls, depth + 1)
-
-

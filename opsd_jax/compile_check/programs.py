@@ -34,7 +34,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opsd_jax.sharding.topology import Chip
 from opsd_jax.compile_check.hlo import summarize
 from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
@@ -43,6 +42,7 @@ from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, Thin
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.sampling.sampler import compile_generation, generation_params, sampling_settings
 from opsd_jax.sharding import make_mesh, param_shardings
+from opsd_jax.sharding.topology import Chip
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,9 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
     (every parameter stored in `model.param_dtype`)."""
     dtype = jnp.dtype(config.model.dtype)
     param_dtype = jnp.dtype(config.model.param_dtype)
-    module = nnx.eval_shape(lambda: Qwen2_5OmniThinker(thinker, dtype=dtype, rngs=nnx.Rngs(0),
-                                                        remat=config.model.remat))
+    module = nnx.eval_shape(
+        lambda: Qwen2_5OmniThinker(thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat)
+    )
     graphdef, state = nnx.split(module)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), state)
     return graphdef, _abstract(state, param_shardings(state, mesh, config.mesh.axis_rules()))
@@ -132,14 +133,17 @@ def abstract_train_state(params: nnx.State, config: Config, mesh: Mesh) -> tuple
     teacher = config.teacher.mode != "live"
 
     def init(p):
-        return opsd_step.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=p if teacher else None)
+        return opsd_step.TrainState(
+            step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=p if teacher else None
+        )
 
     shapes = jax.eval_shape(init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_tree = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = optax_param_shardings(shapes.opt_state, params, replicated)
-    shardings = opsd_step.TrainState(step=replicated, params=param_tree, opt_state=opt_shardings,
-                                     teacher_params=param_tree if teacher else None)
+    shardings = opsd_step.TrainState(
+        step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=param_tree if teacher else None
+    )
     return _abstract(shapes, shardings), tx
 
 
@@ -147,6 +151,7 @@ def optax_param_shardings(opt_state: Any, params: Any, replicated: NamedSharding
     """Shardings of an optimizer state: a leaf whose key path ends with a parameter's path (Adam's moments,
     under whatever chain or partition of transforms) and has its shape takes that parameter's sharding,
     as `tx.init` on the placed parameters gives it; everything else (counts) is replicated."""
+
     def names(path) -> tuple[str, ...]:
         return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
@@ -164,48 +169,93 @@ def optax_param_shardings(opt_state: Any, params: Any, replicated: NamedSharding
     return jax.tree_util.tree_map_with_path(sharding, opt_state)
 
 
-def prompt_ids(thinker: ThinkerConfig, grid: tuple[int, int, int], second_per_grid: float, audio_frames: int, *,
-               text_tokens: int, length: int, use_audio_in_video: bool, setting: str = "data.prompt_length") -> np.ndarray:
+def prompt_ids(
+    thinker: ThinkerConfig,
+    grid: tuple[int, int, int],
+    second_per_grid: float,
+    audio_frames: int,
+    *,
+    text_tokens: int,
+    length: int,
+    use_audio_in_video: bool,
+    setting: str = "data.prompt_length",
+) -> np.ndarray:
     """One clip's prompt `[length]`, left-padded: text, the clip's placeholders as the chat template lays
     them out, text. The count of real tokens must fit `length`."""
     ids = thinker.positions
     video_part = VideoPart(grid, second_per_grid, audio_frames if use_audio_in_video else None)
     if use_audio_in_video:
-        runs = audio_in_video_runs(video_part, position_id_per_seconds=ids.position_id_per_seconds,
-                                   seconds_per_chunk=ids.seconds_per_chunk)
+        runs = audio_in_video_runs(
+            video_part, position_id_per_seconds=ids.position_id_per_seconds, seconds_per_chunk=ids.seconds_per_chunk
+        )
         body = [ids.video_token_id if kind == "video" else ids.audio_token_id for kind, n in runs for _ in range(n)]
-        media = [ids.vision_start_token_id, ids.audio_start_token_id, *body, ids.audio_end_token_id,
-                 ids.vision_end_token_id]
+        media = [
+            ids.vision_start_token_id,
+            ids.audio_start_token_id,
+            *body,
+            ids.audio_end_token_id,
+            ids.vision_end_token_id,
+        ]
     else:
-        media = ([ids.vision_start_token_id] + [ids.video_token_id] * vision_token_count(grid) + [ids.vision_end_token_id]
-                 + [ids.audio_start_token_id] + [ids.audio_token_id] * audio_token_count(audio_frames)
-                 + [ids.audio_end_token_id])
+        media = (
+            [ids.vision_start_token_id]
+            + [ids.video_token_id] * vision_token_count(grid)
+            + [ids.vision_end_token_id]
+            + [ids.audio_start_token_id]
+            + [ids.audio_token_id] * audio_token_count(audio_frames)
+            + [ids.audio_end_token_id]
+        )
     head = text_tokens // 2
     tokens = [TEXT_TOKEN] * head + media + [TEXT_TOKEN] * (text_tokens - head)
     if len(tokens) > length:
-        raise ConfigError(f"{setting}: a clip's prompt has {len(tokens)} tokens ({len(media)} of media, {text_tokens} of "
-                          f"text), more than {length}; raise {setting} or plan shorter clips or text")
+        raise ConfigError(
+            f"{setting}: a clip's prompt has {len(tokens)} tokens ({len(media)} of media, {text_tokens} of "
+            f"text), more than {length}; raise {setting} or plan shorter clips or text"
+        )
     return np.asarray([PAD_TOKEN] * (length - len(tokens)) + tokens, np.int32)
 
 
-def prepared_prompts(model: Qwen2_5OmniThinker, thinker: ThinkerConfig, clips: int, clip: ClipShape, *,
-                     length: int, text_tokens: int, use_audio_in_video: bool, setting: str) -> ThinkerInputs:
+def prepared_prompts(
+    model: Qwen2_5OmniThinker,
+    thinker: ThinkerConfig,
+    clips: int,
+    clip: ClipShape,
+    *,
+    length: int,
+    text_tokens: int,
+    use_audio_in_video: bool,
+    setting: str,
+) -> ThinkerInputs:
     """`clips` prompts with their media, prepared on the host as the trainer prepares a micro-batch."""
     vision = thinker.vision
-    grid = (clip.num_frames // vision.temporal_patch_size, clip.height // vision.patch_size,
-            clip.width // vision.patch_size)
+    grid = (
+        clip.num_frames // vision.temporal_patch_size,
+        clip.height // vision.patch_size,
+        clip.width // vision.patch_size,
+    )
     second_per_grid = vision.temporal_patch_size / clip.sample_fps
     mel_frames = int(round(clip.audio_seconds * SAMPLING_RATE)) // HOP_LENGTH
-    row = prompt_ids(thinker, grid, second_per_grid, mel_frames, text_tokens=text_tokens, length=length,
-                     use_audio_in_video=use_audio_in_video, setting=setting)
+    row = prompt_ids(
+        thinker,
+        grid,
+        second_per_grid,
+        mel_frames,
+        text_tokens=text_tokens,
+        length=length,
+        use_audio_in_video=use_audio_in_video,
+        setting=setting,
+    )
     ids = np.repeat(row[None], clips, axis=0)
     patch_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     return model.prepare_inputs(
-        ids, attention_mask=(ids != PAD_TOKEN).astype(np.int32),
+        ids,
+        attention_mask=(ids != PAD_TOKEN).astype(np.int32),
         pixel_values_videos=np.zeros((clips * math.prod(grid), patch_width), np.float32),
-        video_grid_thw=np.asarray([grid] * clips), video_second_per_grid=np.full((clips,), second_per_grid, np.float32),
+        video_grid_thw=np.asarray([grid] * clips),
+        video_second_per_grid=np.full((clips,), second_per_grid, np.float32),
         input_features=np.zeros((clips, thinker.audio.num_mel_bins, mel_frames), np.float32),
-        feature_attention_mask=np.ones((clips, mel_frames), np.int32), use_audio_in_video=use_audio_in_video,
+        feature_attention_mask=np.ones((clips, mel_frames), np.int32),
+        use_audio_in_video=use_audio_in_video,
     )
 
 
@@ -213,14 +263,16 @@ def _abstract_inputs(inputs: ThinkerInputs) -> ThinkerInputs:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), inputs)
 
 
-def abstract_step_batch(student: ThinkerInputs, teacher: ThinkerInputs, config: Config, mesh: Mesh,
-                        micro_batches: int) -> opsd_step.StepBatch:
+def abstract_step_batch(
+    student: ThinkerInputs, teacher: ThinkerInputs, config: Config, mesh: Mesh, micro_batches: int
+) -> opsd_step.StepBatch:
     """`micro_batches` stacked micro-batches of the config's sizes, sharded as `place_step_batch` shards them."""
     prompts = student.input_ids.shape[0]
     rows = prompts * config.sampling.num_samples
     new, answer = config.sampling.max_new_tokens, config.data.answer_length
     batch = opsd_step.StepBatch(
-        student=_abstract_inputs(student), teacher=_abstract_inputs(teacher),
+        student=_abstract_inputs(student),
+        teacher=_abstract_inputs(teacher),
         completion=jax.ShapeDtypeStruct((rows, new), jnp.int32),
         completion_mask=jax.ShapeDtypeStruct((rows, new), jnp.bool_),
         sampler_logprobs=jax.ShapeDtypeStruct((rows, new), jnp.float32),
@@ -242,8 +294,13 @@ def analyse(report: ProgramReport, compiled: jax.stages.Compiled, chip: Chip, *,
         "temporaries": float(memory.temp_size_in_bytes),
         "code": float(memory.generated_code_size_in_bytes),
     }
-    report.memory["peak"] = (report.memory["arguments"] + report.memory["outputs"] - report.memory["aliased"]
-                             + report.memory["temporaries"] + report.memory["code"])
+    report.memory["peak"] = (
+        report.memory["arguments"]
+        + report.memory["outputs"]
+        - report.memory["aliased"]
+        + report.memory["temporaries"]
+        + report.memory["code"]
+    )
     report.memory["resident"] = float(resident)
     report.hbm_bytes = float(chip.hbm_bytes)
     costs = compiled.cost_analysis()
@@ -282,9 +339,16 @@ def _compile(report: ProgramReport, build: Callable[[], jax.stages.Compiled], ch
     return compiled
 
 
-def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Sequence[jax.Device], *,
-                 clip: ClipShape = ClipShape(), programs: Sequence[str] | None = None,
-                 on_program: Callable[[ProgramReport], None] | None = None) -> list[ProgramReport]:
+def check_config(
+    config: Config,
+    thinker: ThinkerConfig,
+    chip: Chip,
+    devices: Sequence[jax.Device],
+    *,
+    clip: ClipShape = ClipShape(),
+    programs: Sequence[str] | None = None,
+    on_program: Callable[[ProgramReport], None] | None = None,
+) -> list[ProgramReport]:
     """Compiles `config`'s programs for `devices` (a topology's), returns one report per program.
 
     `programs` limits the work to the named ones (see the module docstring); `on_program` is called as
@@ -312,24 +376,45 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
     accumulation = config.train.grad_accum_steps
     prompts = config.train.batch_size // accumulation
     teacher_length = config.data.teacher_prompt_length or config.data.prompt_length
-    student = prepared_prompts(model, thinker, prompts, clip, length=config.data.prompt_length,
-                               text_tokens=clip.text_tokens, use_audio_in_video=config.data.use_audio_in_video,
-                               setting="data.prompt_length")
-    teacher = prepared_prompts(model, thinker, prompts, clip, length=teacher_length,
-                               text_tokens=clip.text_tokens + clip.rationale_tokens,
-                               use_audio_in_video=config.data.use_audio_in_video,
-                               setting="data.teacher_prompt_length" if config.data.teacher_prompt_length else "data.prompt_length")
-    settings = opsd_step.StepSettings(graphdef=graphdef, tx=tx, loss=config.loss, teacher=config.teacher,
-                                      train_encoders=config.train.train_encoders, mesh=mesh,
-                                      rules=config.mesh.axis_rules())
+    student = prepared_prompts(
+        model,
+        thinker,
+        prompts,
+        clip,
+        length=config.data.prompt_length,
+        text_tokens=clip.text_tokens,
+        use_audio_in_video=config.data.use_audio_in_video,
+        setting="data.prompt_length",
+    )
+    teacher = prepared_prompts(
+        model,
+        thinker,
+        prompts,
+        clip,
+        length=teacher_length,
+        text_tokens=clip.text_tokens + clip.rationale_tokens,
+        use_audio_in_video=config.data.use_audio_in_video,
+        setting="data.teacher_prompt_length" if config.data.teacher_prompt_length else "data.prompt_length",
+    )
+    settings = opsd_step.StepSettings(
+        graphdef=graphdef,
+        tx=tx,
+        loss=config.loss,
+        teacher=config.teacher,
+        train_encoders=config.train.train_encoders,
+        mesh=mesh,
+        rules=config.mesh.axis_rules(),
+    )
     step_fn = opsd_step.make_train_step(settings, state)
 
     def train(micro_batches: int):
         batch = abstract_step_batch(student, teacher, config, mesh, micro_batches)
         return lambda: step_fn.lower(state, batch).compile()
 
-    step_report = ProgramReport("train_step", f"update over {accumulation} micro-batch(es) of {prompts} prompts x "
-                                f"{config.sampling.num_samples} rollouts")
+    step_report = ProgramReport(
+        "train_step",
+        f"update over {accumulation} micro-batch(es) of {prompts} prompts x {config.sampling.num_samples} rollouts",
+    )
     step = run(step_report, train(accumulation))
     if accumulation > 1:
         micro = ProgramReport("train_micro_step", f"update over 1 micro-batch of {prompts} prompts (cost model)")
@@ -341,15 +426,21 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
     # moments, the teacher's copy, the master weights when the copy is not them) stays in HBM.
     generation = generation_params(params, model.dtype)  # what `generate` runs on (abstract here)
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
-    resident += bytes_per_chip([master for master, copy in zip(jax.tree.leaves(params), jax.tree.leaves(generation))
-                                if master.dtype != copy.dtype])
+    resident += bytes_per_chip(
+        [
+            master
+            for master, copy in zip(jax.tree.leaves(params), jax.tree.leaves(generation))
+            if master.dtype != copy.dtype
+        ]
+    )
     sampling = config.sampling
     inputs = _abstract_inputs(student)
     inputs = _abstract(inputs, input_shardings(inputs, mesh, rules=config.mesh.axis_rules()))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    reader = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16",
-                                                                   param_dtype="bfloat16", remat=False))
+    reader = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, dtype="bfloat16", param_dtype="bfloat16", remat=False)
+    )
     for name, new, samples, temperature, (graph, weights), beside in (
         ("rollout", sampling.max_new_tokens, sampling.num_samples, sampling.temperature, (graphdef, params), resident),
         ("eval", sampling.eval_max_new_tokens, 1, 0.0, (graphdef, params), resident),
@@ -359,10 +450,15 @@ def check_config(config: Config, thinker: ThinkerConfig, chip: Chip, devices: Se
             continue
         if graph is None:
             graph, weights = abstract_thinker(thinker, reader, mesh)
-        settings_g = sampling_settings(max_new_tokens=new, temperature=temperature,
-                                       top_k=sampling.top_k if temperature else None,
-                                       top_p=sampling.top_p if temperature else None,
-                                       eos_token_id=EOS_TOKEN, pad_token_id=PAD_TOKEN, num_samples=samples)
+        settings_g = sampling_settings(
+            max_new_tokens=new,
+            temperature=temperature,
+            top_k=sampling.top_k if temperature else None,
+            top_p=sampling.top_p if temperature else None,
+            eos_token_id=EOS_TOKEN,
+            pad_token_id=PAD_TOKEN,
+            num_samples=samples,
+        )
         prefill = ProgramReport(f"{name}_prefill", f"{prompts} prompts of {config.data.prompt_length} tokens")
         decode = ProgramReport(f"{name}_decode", f"{prompts * samples} rows x {new} new tokens (loop body = one token)")
         began = time.perf_counter()

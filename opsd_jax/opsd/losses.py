@@ -877,7 +877,10 @@ def chunked_teacher_scores(
         logits = _head_logits(hidden, head_kernel)
         values, indices = top_k_logprobs(logits, top_k, temperature=temperature)
         return TeacherScores(
-            token_logprobs(logits, ids, temperature=temperature), values, indices, entropy(logits, temperature=temperature)
+            token_logprobs(logits, ids, temperature=temperature),
+            values,
+            indices,
+            entropy(logits, temperature=temperature),
         )
 
     return jax.tree.map(lambda x: _from_chunks(x, length), jax.lax.map(one_chunk, chunks))

@@ -77,8 +77,10 @@ def step_batch_shardings(batches: StepBatch, mesh: Mesh, rules: AxisRules | None
         axes = [None, "batch"] + [None] * (x.ndim - 2)
         return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
 
-    rows = {name: sharding(getattr(batches, name)) for name in
-            ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")}
+    rows = {
+        name: sharding(getattr(batches, name))
+        for name in ("completion", "completion_mask", "sampler_logprobs", "rewards", "label_ids", "label_mask")
+    }
     return batches.replace(
         student=input_shardings(batches.student, mesh, leading_axes=1, rules=rules),
         teacher=input_shardings(batches.teacher, mesh, leading_axes=1, rules=rules),
@@ -115,7 +117,9 @@ def make_optimizer(config: TrainConfig, params: nnx.State) -> optax.GradientTran
     schedule = learning_rate_schedule(config)
     # A callable mask sees the parameters this transform is given (the trainable ones under multi_transform).
     decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # noqa: E731
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask
+    )
     tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
     if config.train_encoders:
         return tx
@@ -180,11 +184,15 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     # vocabulary over all of them moves a small fraction of that: each chip computes every row's
     # logits for its slice of the vocabulary, and the reductions over the vocabulary (log-sum-exp,
     # the divergence's sum) all-reduce `[rows, C]` numbers.
-    gather_rows = functools.partial(constrain, logical_axes=(None, None, "activation_embed"), mesh=settings.mesh,
-                                    rules=settings.rules)
-    gather_kernel = functools.partial(constrain, logical_axes=("activation_embed", "activation_vocab"),
-                                      mesh=settings.mesh, rules=settings.rules)
-    student_hidden = gather_rows(completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features))
+    gather_rows = functools.partial(
+        constrain, logical_axes=(None, None, "activation_embed"), mesh=settings.mesh, rules=settings.rules
+    )
+    gather_kernel = functools.partial(
+        constrain, logical_axes=("activation_embed", "activation_vocab"), mesh=settings.mesh, rules=settings.rules
+    )
+    student_hidden = gather_rows(
+        completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features)
+    )
     head = gather_kernel(model.head_kernel())
 
     teacher_model = model
@@ -195,31 +203,48 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     # is exact), so the features encoded above serve both and the encoders run once per micro-batch.
     shared_encoders = settings.teacher.mode == "live" or not settings.train_encoders
     teacher_features = jax.lax.stop_gradient(features) if shared_encoders else None
-    signal = teacher_signal(teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features)
+    signal = teacher_signal(
+        teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features
+    )
     if "teacher_hidden" in signal:
-        signal.update(teacher_hidden=gather_rows(signal["teacher_hidden"]),
-                      teacher_head_kernel=gather_kernel(signal["teacher_head_kernel"]))
+        signal.update(
+            teacher_hidden=gather_rows(signal["teacher_hidden"]),
+            teacher_head_kernel=gather_kernel(signal["teacher_head_kernel"]),
+        )
 
     mask = batch.completion_mask
     weights = losses.reduction_weights(
         config, mask, num_tokens_global=counts["tokens"], num_sequences_global=counts["sequences"]
     )
     distill, per_token = losses.fused_distillation_loss(
-        config, student_hidden, head, weights, completion_ids=batch.completion,
-        sampler_logprobs=batch.sampler_logprobs, **signal,
+        config,
+        student_hidden,
+        head,
+        weights,
+        completion_ids=batch.completion,
+        sampler_logprobs=batch.sampler_logprobs,
+        **signal,
     )
     loss = settings.teacher.distill_weight * distill
 
     # Metrics: the sampled tokens under student and teacher, without a [B, C, V] tensor.
     student_scores = losses.chunked_teacher_scores(
-        jax.lax.stop_gradient(student_hidden), jax.lax.stop_gradient(head), batch.completion,
-        top_k=min(config.top_k, head.shape[-1]), temperature=config.temperature, chunk_size=config.chunk_size,
+        jax.lax.stop_gradient(student_hidden),
+        jax.lax.stop_gradient(head),
+        batch.completion,
+        top_k=min(config.top_k, head.shape[-1]),
+        temperature=config.temperature,
+        chunk_size=config.chunk_size,
     )
     teacher_token = signal.get("teacher_token_logprobs")
     if teacher_token is None:
         teacher_token = losses.chunked_teacher_scores(
-            signal["teacher_hidden"], signal["teacher_head_kernel"], batch.completion, top_k=1,
-            temperature=config.temperature, chunk_size=config.chunk_size,
+            signal["teacher_hidden"],
+            signal["teacher_head_kernel"],
+            batch.completion,
+            top_k=1,
+            temperature=config.temperature,
+            chunk_size=config.chunk_size,
         ).token_logprobs
     advantage = teacher_token - student_scores.token_logprobs
 
@@ -282,22 +307,26 @@ def make_train_step(settings: StepSettings, state: TrainState | None = None):
     out_shardings = None
     if state is not None:
         out_shardings = (jax.tree.map(lambda x: x.sharding, state), None)
-    return jax.jit(
-        functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=out_shardings
-    )
+    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def train_step(state: TrainState, batches: StepBatch, *, settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batches: StepBatch, *, settings: StepSettings
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update from `batches`, a `StepBatch` whose every leaf has a leading micro-batch axis.
 
     Returns the new state and the step's metrics (means over the batch's completion tokens). Pure:
     jit it with `make_train_step`.
     """
-    with activation_sharding(settings.mesh, settings.rules):  # rows sharded at every layer boundary (FSDP gathers weights)
+    with activation_sharding(
+        settings.mesh, settings.rules
+    ):  # rows sharded at every layer boundary (FSDP gathers weights)
         return _train_step(state, batches, settings)
 
 
-def _train_step(state: TrainState, batches: StepBatch, settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+def _train_step(
+    state: TrainState, batches: StepBatch, settings: StepSettings
+) -> tuple[TrainState, dict[str, jax.Array]]:
     counts = batch_counts(batches)
     grad_fn = jax.grad(_micro_batch_loss, has_aux=True)
 

@@ -85,7 +85,8 @@ def _is_decoder_weight(path: tuple, leaf: Any, dtype: jnp.dtype) -> bool:
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _cast_decoder(params: nnx.State, dtype: jnp.dtype) -> nnx.State:
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(dtype) if _is_decoder_weight(path, x, dtype) else x, params)
+        lambda path, x: x.astype(dtype) if _is_decoder_weight(path, x, dtype) else x, params
+    )
 
 
 def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
@@ -99,8 +100,11 @@ def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
         return params
     if all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves):
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-            if _is_decoder_weight(path, x, dtype) else x, params)
+            lambda path, x: (
+                jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) if _is_decoder_weight(path, x, dtype) else x
+            ),
+            params,
+        )
     return _cast_decoder(params, dtype)
 
 
@@ -109,7 +113,9 @@ def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCa
     return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh), cache)
 
 
-def _emit(state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: SamplingSettings) -> _LoopState:
+def _emit(
+    state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: SamplingSettings
+) -> _LoopState:
     """Samples token `step` for every row from `logits [N, vocab]` and records it."""
     tokens, logprob, model_logprob = sample_tokens(
         key, logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
@@ -137,21 +143,27 @@ def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
-def _prefill(graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: SamplingSettings, mesh: Mesh | None) -> _LoopState:
+def _prefill(
+    graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: SamplingSettings, mesh: Mesh | None
+) -> _LoopState:
     # Many tokens per row: rows sharded at layer boundaries, FSDP gathers the weights (the decode loop,
     # one token per row, leaves the weights in place instead).
     with activation_sharding(mesh):
         return _prefill_traced(graphdef, params, inputs, key, sampling, mesh)
 
 
-def _prefill_traced(graphdef, params, inputs: ThinkerInputs, key: jax.Array, sampling: SamplingSettings,
-                    mesh: Mesh | None) -> _LoopState:
+def _prefill_traced(
+    graphdef, params, inputs: ThinkerInputs, key: jax.Array, sampling: SamplingSettings, mesh: Mesh | None
+) -> _LoopState:
     model = nnx.merge(graphdef, params)
     batch, prompt_len = inputs.input_ids.shape
     total_len = prompt_len + sampling.max_new_tokens
     text = model.config.text
     cache_shape = (batch, total_len, text.num_key_value_heads, text.head_dim)
-    cache = [LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype)) for _ in range(text.num_hidden_layers)]
+    cache = [
+        LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
+        for _ in range(text.num_hidden_layers)
+    ]
     cache = _constrain_cache(cache, mesh)
 
     prompt_valid = inputs.attention_mask.astype(bool)
@@ -199,7 +211,9 @@ def _decode(graphdef, params, state: _LoopState, *, sampling: SamplingSettings, 
     def step_once(state: _LoopState) -> _LoopState:
         # Feed token step-1 at its cache column and position; its logits give token `step`.
         column = prompt_len + state.step - 1
-        kv_valid = jax.lax.dynamic_update_slice(state.kv_valid, jnp.ones((state.kv_valid.shape[0], 1), bool), (0, column))
+        kv_valid = jax.lax.dynamic_update_slice(
+            state.kv_valid, jnp.ones((state.kv_valid.shape[0], 1), bool), (0, column)
+        )
         position = state.first_position + state.step - 1
         position_ids = jnp.broadcast_to(position[None, :, None], (3, position.shape[0], 1))
         embeds = model.model.embed_tokens(state.last_token[:, None])
@@ -264,8 +278,13 @@ def sampling_settings(
 
 
 def compile_generation(
-    graphdef: nnx.GraphDef, params: nnx.State, inputs: ThinkerInputs, key: jax.Array, *,
-    settings: SamplingSettings, mesh: Mesh | None,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    inputs: ThinkerInputs,
+    key: jax.Array,
+    *,
+    settings: SamplingSettings,
+    mesh: Mesh | None,
 ) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
     """Ahead-of-time compiles the two programs `generate` runs: the prefill and the decode loop.
 
@@ -275,8 +294,11 @@ def compile_generation(
     """
     params = generation_params(params, nnx.merge(graphdef, params).dtype)
     prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh).compile()
-    state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
-                         prefill.out_info, prefill.output_shardings)
+    state = jax.tree.map(
+        lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+        prefill.out_info,
+        prefill.output_shardings,
+    )
     decode = _decode.lower(graphdef, params, state, sampling=settings, mesh=mesh).compile()
     return prefill, decode
 
@@ -320,8 +342,15 @@ def generate(
     Returns:
       A `GenerationOutput` with `[B * num_samples, max_new_tokens]` arrays.
     """
-    sampling = sampling_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=num_samples)
+    sampling = sampling_settings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_samples=num_samples,
+    )
 
     if isinstance(inputs, ThinkerInputs):
         prepared = inputs
@@ -337,4 +366,6 @@ def generate(
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh)
     state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh)
-    return GenerationOutput(tokens=state.tokens, logprobs=state.logprobs, model_logprobs=state.model_logprobs, mask=state.mask)
+    return GenerationOutput(
+        tokens=state.tokens, logprobs=state.logprobs, model_logprobs=state.model_logprobs, mask=state.mask
+    )

@@ -65,8 +65,9 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None,
-              rules: Mapping[str, MeshAxes] | None = None) -> jax.Array:
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None, rules: Mapping[str, MeshAxes] | None = None
+) -> jax.Array:
     """Pins the sharding of an intermediate array inside a jitted function by its logical axes (unchanged
     without a mesh). Where XLA's propagation would otherwise pick a costly layout, e.g. reducing partial
     `[rows, C, vocab]` logits instead of gathering a `[hidden, vocab]` kernel."""
@@ -80,7 +81,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
 # `activation_sharding`). A context rather than an argument: the model's layers constrain their outputs
 # without every caller threading a mesh through the model's call.
 _ACTIVATION_MESH: contextvars.ContextVar[tuple[Mesh, Mapping[str, MeshAxes]] | None] = contextvars.ContextVar(
-    "opsd_jax_activation_mesh", default=None)
+    "opsd_jax_activation_mesh", default=None
+)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
     generation, sep, dims = name.partition(":")
     if not sep or generation not in CHIPS:
         raise TopologyError(
-            f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of {sorted(CHIPS)} (e.g. v5p:4x4x2)")
+            f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of {sorted(CHIPS)} (e.g. v5p:4x4x2)"
+        )
     try:
         grid = tuple(int(d) for d in dims.split("x"))
     except ValueError:
@@ -73,11 +74,13 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
         from jax.experimental import topologies
 
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, chip_config_name="megacore" if chip.megacore else "default")
+            platform="tpu", topology_name=name, chip_config_name="megacore" if chip.megacore else "default"
+        )
     except (ImportError, RuntimeError) as err:
         raise TopologyError(
             f"topology {name!r}: cannot describe the slice ({str(err).splitlines()[0][:200]}); compile-check needs "
-            "libtpu: pip install 'opsd-jax[tpu]' (or pip install 'jax[tpu]')") from err
+            "libtpu: pip install 'opsd-jax[tpu]' (or pip install 'jax[tpu]')"
+        ) from err
     devices = sorted(description.devices, key=lambda device: device.id)
     if len(devices) != math.prod(grid):
         raise TopologyError(f"topology {name!r}: libtpu describes {len(devices)} devices for {math.prod(grid)} chips")

@@ -18,7 +18,6 @@ from opsd_jax.compile_check.hlo import summarize
 from opsd_jax.config import ConfigError, load_config
 from opsd_jax.sharding.topology import TopologyError, parse_topology, topology_devices
 
-
 TOPOLOGY = "v5e:2x2"
 CLIP = [
     "--frames",
@@ -86,12 +85,12 @@ def test_every_program_compiles_and_the_report_is_filled(report):
     assert programs["rollout_decode"]["memory"]["resident"] > 0
     decode = programs["rollout_decode"]["per_token"]
     assert decode["bytes_accessed"] > 0 and decode["floor_seconds"] > 0 and decode["ratio_to_floor"] > 0
-    # `opsd-jax eval` from the run: the weights alone, in bfloat16 (half the float32 master weights), on the mesh.
+    # `opsd-jax eval` from the run: the weights alone, all in bfloat16, on the mesh. Generation during
+    # training reads a bfloat16 copy of the decoder too, beside the encoders' float32 masters.
     reader, during_training = programs["reader_decode"], programs["eval_decode"]
     assert reader["memory"]["resident"] == 0
-    assert reader["per_token"]["weight_bytes"] == pytest.approx(
-        during_training["per_token"]["weight_bytes"] / 2, rel=0.01
-    )
+    assert reader["per_token"]["weight_bytes"] < during_training["per_token"]["weight_bytes"]
+    assert reader["per_token"]["weight_bytes"] < reader["memory"]["arguments"]
 
 
 def test_no_parameter_sized_gather_inside_the_decode_loop(report):
