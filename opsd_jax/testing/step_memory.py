@@ -19,13 +19,21 @@ CPU_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=fa
 
 
 def train_step_memory(
-    *, remat: bool, layers: int = 4, prompt_length: int = 512, completion_length: int = 512, num_samples: int = 2
+    *,
+    remat: bool,
+    layers: int = 4,
+    prompt_length: int = 512,
+    completion_length: int = 512,
+    num_samples: int = 2,
+    intermediate: int = 2048,
 ) -> dict[str, int]:
     """Compiles (does not run) the jitted train step of one prompt with `num_samples` completions on one
     device and returns `memory_analysis()`'s figures in bytes: temporaries, arguments, outputs.
 
-    The thinker is the tiny test one (hidden 64, 4 heads) with `layers` decoder layers, text only, at a
-    sequence length where each layer's attention scores (`rows x heads x T^2` float32) dominate.
+    The thinker is the tiny test one (hidden 64, 4 heads) with `layers` decoder layers and a wide MLP
+    (`intermediate` 2048), text only: a layer's MLP activations (`tokens x intermediate`, several of them)
+    dominate what a layer would keep for the backward. (Its attention scores no longer do: attention runs
+    in checkpointed query blocks, `opsd_jax.models.layers.QUERY_BLOCK`, with remat or without.)
     """
     import jax
     import jax.numpy as jnp
@@ -38,7 +46,7 @@ def train_step_memory(
     from opsd_jax.opsd.losses import LossConfig
     from opsd_jax.testing.reference import tiny_thinker_config_dict
 
-    config = ThinkerConfig.from_hf(tiny_thinker_config_dict(num_layers=layers))
+    config = ThinkerConfig.from_hf(tiny_thinker_config_dict(num_layers=layers, intermediate_size=intermediate))
     model = Qwen2_5OmniThinker(config, rngs=nnx.Rngs(0), remat=remat)
     mask = np.ones((1, prompt_length), np.int32)
     prompt = model.prepare_inputs(np.ones((1, prompt_length), np.int32), attention_mask=mask)
