@@ -220,19 +220,21 @@ def summarize(text: str) -> HloSummary:
             else:
                 calls[name] += [(callee, 1, False) for callee in callees]
 
-    executions: dict[str, int] = collections.defaultdict(int)
+    executions: dict[str, int] = collections.defaultdict(int)  # per run of the program
+    counted: dict[str, int] = collections.defaultdict(int)  # as XLA's cost analysis counts: each loop body once
     in_loop: dict[str, bool] = {}
 
-    def visit(name: str, times: int, looped: bool, depth: int = 0) -> None:
+    def visit(name: str, times: int, once: int, looped: bool, depth: int = 0) -> None:
         if depth > 64:
             return
         executions[name] += times
+        counted[name] += once
         in_loop[name] = in_loop.get(name, False) or looped
         for callee, factor, is_loop in calls.get(name, ()):
-            visit(callee, times * factor, looped or is_loop, depth + 1)
+            visit(callee, times * factor, once * (1 if is_loop else factor), looped or is_loop, depth + 1)
 
     if entry is not None:
-        visit(entry, 1, False)
+        visit(entry, 1, 1, False)
     collectives: list[Collective] = []
     for name, instructions in computations.items():
         times = executions.get(name, 0)
@@ -251,13 +253,14 @@ def summarize(text: str) -> HloSummary:
         own = sum(_matmul_flops(i, shapes) for i in computations.get(name, ()) if i.opcode in ("dot", "convolution"))
         return own + sum(factor * body_flops(callee, depth + 1) for callee, factor, _ in calls.get(name, ()))
 
-    # Only innermost loops (the loss's vocabulary chunks): their bodies hold plain matmuls, which the
-    # parse counts exactly; an outer loop (gradient accumulation) is scaled by compiling its body alone.
+    # Only innermost loops (the loss's vocabulary chunks, attention's query blocks, windowed matmuls): their
+    # bodies hold plain matmuls, which the parse counts exactly; an outer loop (gradient accumulation) is
+    # scaled by compiling its body alone. Counted as XLA counts the rest, each enclosing loop body once.
     uncounted = 0.0
     for body, count in loops:
         nested = any(is_loop for _, _, is_loop in _reachable_calls(body, calls))
-        if count and count > 1 and executions.get(body, 0) and not nested:
-            uncounted += executions[body] // count * (count - 1) * body_flops(body)
+        if count and count > 1 and counted.get(body, 0) and not nested:
+            uncounted += counted[body] * (count - 1) * body_flops(body)
     return HloSummary(collectives=collectives, uncounted_loop_flops=uncounted, loops=loops)
 
 

@@ -417,10 +417,13 @@ def check_config(
     )
     step = run(step_report, train(accumulation))
     if accumulation > 1:
+        # The accumulation loop is a `while` whose body (a micro-batch) XLA counts once: k times the
+        # micro-step's FLOPs, or k times the step's own count (the update's few FLOPs counted k times too).
         micro = ProgramReport("train_micro_step", f"update over 1 micro-batch of {prompts} prompts (cost model)")
         if run(micro, train(1)) is not None and step is not None:
-            # The accumulation loop is a `while`: its body (a micro-batch) counted k times.
             step_report.flops = accumulation * micro.flops
+        elif step is not None:
+            step_report.flops *= accumulation
 
     # Generation runs on a compute-dtype copy of the decoder while the rest of the state (optimizer
     # moments, the teacher's copy, the master weights when the copy is not them) stays in HBM.
