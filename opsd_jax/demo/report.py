@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 COLUMNS = (("all/accuracy", "accuracy"), ("all/macro_f1", "macro-F1"), ("misleading/accuracy", "misleading subtitle"),
-           ("swapped/accuracy", "media swapped"), ("media_reliance", "reliance on media"))
+           ("swapped/accuracy", "media swapped"), ("media_reliance", "reliance on media"),
+           ("all/valence_accuracy", "valence (face) right"), ("all/arousal_accuracy", "arousal (voice) right"))
 CHANCE = {"all/accuracy": 0.25, "all/macro_f1": 0.25, "misleading/accuracy": 0.25, "swapped/accuracy": 0.25,
-          "media_reliance": 0.0}
+          "media_reliance": 0.0, "all/valence_accuracy": 0.5, "all/arousal_accuracy": 0.5}
 
 
 def rows_of(seeds: list[dict[str, Any]], condition: str) -> dict[str, list[dict[str, float]]]:
