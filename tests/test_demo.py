@@ -45,8 +45,14 @@ def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(t
         for arm in condition["arms"].values():
             assert [row["step"] for row in arm["history"]] == [QUICK.arm_steps]
             scores = arm["scores"]
-            for subset in ("all", "misleading", "swapped"):
-                assert 0.0 <= scores[f"{subset}/accuracy"] <= 1.0
+            for key in (
+                "all/accuracy",
+                "misleading/accuracy",
+                "swapped/accuracy",
+                "all/valence_accuracy",
+                "all/arousal_accuracy",
+            ):
+                assert 0.0 <= scores[key] <= 1.0
             assert scores["all/clips"] == scores["swapped/clips"] == QUICK.test_clips
     # The student never sees a rationale; the warm-started teacher is scored with each privileged context.
     assert 0.0 <= seed["warm_start"]["standard"]["teacher_rationale"]["all/accuracy"] <= 1.0
@@ -70,6 +76,8 @@ def test_report_gives_mean_and_sample_standard_deviation_over_seeds():
             "swapped/accuracy": 0.25,
             "media_reliance": accuracy - 0.25,
             "all/clips": 8.0,
+            "all/valence_accuracy": accuracy,
+            "all/arousal_accuracy": 1.0,
         }
         return {
             "seed": seed,
@@ -80,5 +88,7 @@ def test_report_gives_mean_and_sample_standard_deviation_over_seeds():
 
     text = report.table([seed_result(0, 0.5), seed_result(1, 0.7)], "standard")
     row = next(line for line in text.splitlines() if line.startswith("| omniopsd |"))
-    assert row == "| omniopsd | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 25.0 ± 0.0 | 35.0 ± 14.1 |"
-    assert "| chance | 25.0 ± 0.0 |" in text
+    assert row == (
+        "| omniopsd | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 25.0 ± 0.0 | 35.0 ± 14.1 | 60.0 ± 14.1 | 100.0 ± 0.0 |"
+    )
+    assert "| chance | 25.0 ± 0.0 |" in text and text.splitlines()[2].endswith("| 50.0 ± 0.0 | 50.0 ± 0.0 |")

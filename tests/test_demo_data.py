@@ -148,3 +148,21 @@ def test_warm_start_evidence_is_half_label_statements_chosen_independently_of_th
     assert np.all(statement ^ kept) and 0.4 < statement.mean() < 0.6
     by_label = [statement[np.arange(400) % 4 == k].mean() for k in range(4)]
     assert max(by_label) - min(by_label) < 0.2, by_label
+
+
+def test_scores_say_which_cue_a_model_reads_face_valence_and_voice_arousal():
+    test = clips(40)
+    valence_of = {"happy": "positive", "neutral": "positive", "angry": "negative", "sad": "negative"}
+    # A model that hears the voice but not the face: the right arousal, always the negative-valence emotion.
+    voice_only = {"happy": "angry", "neutral": "sad", "angry": "angry", "sad": "sad"}
+    rows = [{"id": c.id, "subtitle": c.subtitle, "label": c.label, "predicted": voice_only[c.label]} for c in test]
+    scores = view_scores(rows, None, misleading_ids(test))
+    assert scores["all/accuracy"] == 0.5
+    assert scores["all/arousal_accuracy"] == 1.0 and scores["all/valence_accuracy"] == 0.5
+    # ... and one that sees the face but not the voice; an unparsed answer has neither right.
+    face_only = {"happy": "neutral", "neutral": "neutral", "angry": "sad", "sad": "sad"}
+    rows = [{"id": c.id, "subtitle": c.subtitle, "label": c.label, "predicted": face_only[c.label]} for c in test]
+    rows[0]["predicted"] = None
+    scores = view_scores(rows, None, misleading_ids(test))
+    assert all(valence_of[face_only[c.label]] == valence_of[c.label] for c in test)
+    assert scores["all/valence_accuracy"] == 39 / 40 and scores["all/arousal_accuracy"] == 20 / 40  # clip 0: happy

@@ -19,7 +19,11 @@ Everything runs on the CPU with nothing downloaded, through the real pipeline, p
 5. **Scores** (`evaluate.py`) with the student's prompt: accuracy and macro-F1 on all held-out clips, on
    those whose subtitle misleads, and with every clip's media swapped for another's (the drop is the
    arm's reliance on the media), next to chance, the subtitle-only baseline, the warm start and the
-   teacher. `report.py` writes them (mean ± std over seeds) to `results.md` / `results.json`, with a plot.
+   teacher, and which cue each answer gets right (the face's valence, the voice's arousal). `report.py`
+   writes them (mean ± std over seeds) to `results.md` / `results.json`, with a plot.
+
+`perception.py` (`python -m opsd_jax.demo.perception CHECKPOINT`) probes the encoders' outputs directly:
+whether the cues an arm misses are there for the language model to read.
 """
 
 from opsd_jax.demo.arms import ARMS, DEFAULT_ARMS

@@ -33,21 +33,40 @@ class Arm:
 
 ARMS: dict[str, Arm] = {
     "omniopsd": Arm(tuple(DISTILL), description="frozen teacher with the clip's rationale (OmniOPSD)"),
-    "label_teacher": Arm(tuple(DISTILL), train="label",
-                         description="frozen teacher whose privileged context is only the ground-truth label"),
-    "mismatched_teacher": Arm(tuple(DISTILL), train="mismatched",
-                              description="frozen teacher with another (random) clip's rationale"),
+    "label_teacher": Arm(
+        tuple(DISTILL),
+        train="label",
+        description="frozen teacher whose privileged context is only the ground-truth label",
+    ),
+    "mismatched_teacher": Arm(
+        tuple(DISTILL), train="mismatched", description="frozen teacher with another (random) clip's rationale"
+    ),
     "sft_labels": Arm(tuple(SFT_LABELS), description="cross-entropy on the label, student prompt"),
-    "sft_rationales": Arm((*SFT_LABELS, "teacher.label_ce_target=rationale", "data.answer_length=224",
-                           "sampling.eval_max_new_tokens=224"),
-                          description="cross-entropy on rationale then label (imitation), student prompt"),
-    "grpo_label_reward": Arm(("teacher.distill_weight=0.0", "teacher.label_pg_weight=1.0"),
-                             description="policy gradient on a 0/1 label reward, group-normalised"),
-    "media_only_sft": Arm(tuple(SFT_LABELS), train="no_subtitle", subtitles=False,
-                          description="reference: cross-entropy on the label with the subtitle removed"),
-    "media_only_sft_frozen_encoders": Arm((*SFT_LABELS, "train.train_encoders=false"), train="no_subtitle",
-                                          subtitles=False, description="the same with the vision and audio "
-                                          "encoders frozen (every other arm trains them)"),
+    "sft_rationales": Arm(
+        (
+            *SFT_LABELS,
+            "teacher.label_ce_target=rationale",
+            "data.answer_length=224",
+            "sampling.eval_max_new_tokens=224",
+        ),
+        description="cross-entropy on rationale then label (imitation), student prompt",
+    ),
+    "grpo_label_reward": Arm(
+        ("teacher.distill_weight=0.0", "teacher.label_pg_weight=1.0"),
+        description="policy gradient on a 0/1 label reward, group-normalised",
+    ),
+    "media_only_sft": Arm(
+        tuple(SFT_LABELS),
+        train="no_subtitle",
+        subtitles=False,
+        description="reference: cross-entropy on the label with the subtitle removed",
+    ),
+    "media_only_sft_frozen_encoders": Arm(
+        (*SFT_LABELS, "train.train_encoders=false"),
+        train="no_subtitle",
+        subtitles=False,
+        description="the same with the vision and audio encoders frozen (every other arm trains them)",
+    ),
 }
 
 # The arms `make demo` runs by default (about 13 minutes on an idle 2-core machine); `--arms all` runs all.

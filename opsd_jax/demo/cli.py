@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,14 +24,21 @@ def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opsd_jax.demo", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m opsd_jax.demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"), help="where data, runs and results go")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s); the README's "
-                                                     "table: --seeds 0,1,2 --arms all")
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds (default: %(default)s); the README's table: --seeds 0,1,2 --arms all",
+    )
     parser.add_argument("--conditions", default="all", help="comma-separated subset of: " + ", ".join(CONDITIONS))
-    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                        help="comma-separated subset of: " + ", ".join(ARMS) + ", or 'all' (default: %(default)s)")
+    parser.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help="comma-separated subset of: " + ", ".join(ARMS) + ", or 'all' (default: %(default)s)",
+    )
     parser.add_argument("--arm-steps", type=int, help=f"training steps per arm (default {DemoSize.arm_steps})")
     parser.add_argument("--quick", action="store_true", help="a few clips and steps per stage (the test's smoke run)")
     args = parser.parse_args(argv)
@@ -64,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m opsd_jax.demo", *(argv if argv is not None else sys.argv[1:])])
     text += f"\n`{command}`: {seconds / 60:.1f} minutes.\n"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "results.json").write_text(json.dumps({"size": dataclasses.asdict(size), "seeds": results,
-                                                           "seconds": seconds}, indent=2))
+    (args.workdir / "results.json").write_text(
+        json.dumps({"size": dataclasses.asdict(size), "seeds": results, "seconds": seconds}, indent=2)
+    )
     (args.workdir / "results.md").write_text(text)
     report.plot(results, conditions, args.workdir / "accuracy.png")
     print(text)

@@ -58,8 +58,9 @@ def with_some_label_statements(clips: list[Clip], seed: int | tuple[int, ...], f
     """`fraction` of the clips (drawn at random, independently of the label) with `label_statement` as their
     evidence: the warm start teaches reading both forms, so that the label-privileged teacher knows its label."""
     chosen = np.random.default_rng(seed).random(len(clips)) < fraction
-    return [dataclasses.replace(c, rationale=label_statement(str(c.label))) if pick else c
-            for c, pick in zip(clips, chosen)]
+    return [
+        dataclasses.replace(c, rationale=label_statement(str(c.label))) if pick else c for c, pick in zip(clips, chosen)
+    ]
 
 
 def with_partner_media(clips: list[Clip], partners: np.ndarray) -> list[Clip]:
@@ -98,8 +99,14 @@ def build_condition(directory: Path, condition: str, *, train_clips: int, test_c
     train_agree, test_agree = CONDITIONS[condition]
     manifest = directory / "manifest.jsonl"
     if not manifest.is_file():
-        write_synthetic_manifest(directory, train_clips, test_clips, seed=seed, agree_probability=train_agree,
-                                 test_agree_probability=test_agree)
+        write_synthetic_manifest(
+            directory,
+            train_clips,
+            test_clips,
+            seed=seed,
+            agree_probability=train_agree,
+            test_agree_probability=test_agree,
+        )
     rationales = directory / "rationales.jsonl"
     write_rule_based_rationales(manifest, rationales, split=None)  # resumable: a rerun sends nothing
     merged = directory / "manifest_with_rationales.jsonl"

@@ -8,10 +8,24 @@ from typing import Any
 
 import numpy as np
 
-COLUMNS = (("all/accuracy", "accuracy"), ("all/macro_f1", "macro-F1"), ("misleading/accuracy", "misleading subtitle"),
-           ("swapped/accuracy", "media swapped"), ("media_reliance", "reliance on media"))
-CHANCE = {"all/accuracy": 0.25, "all/macro_f1": 0.25, "misleading/accuracy": 0.25, "swapped/accuracy": 0.25,
-          "media_reliance": 0.0}
+COLUMNS = (
+    ("all/accuracy", "accuracy"),
+    ("all/macro_f1", "macro-F1"),
+    ("misleading/accuracy", "misleading subtitle"),
+    ("swapped/accuracy", "media swapped"),
+    ("media_reliance", "reliance on media"),
+    ("all/valence_accuracy", "valence (face) right"),
+    ("all/arousal_accuracy", "arousal (voice) right"),
+)
+CHANCE = {
+    "all/accuracy": 0.25,
+    "all/macro_f1": 0.25,
+    "misleading/accuracy": 0.25,
+    "swapped/accuracy": 0.25,
+    "media_reliance": 0.0,
+    "all/valence_accuracy": 0.5,
+    "all/arousal_accuracy": 0.5,
+}
 
 
 def rows_of(seeds: list[dict[str, Any]], condition: str) -> dict[str, list[dict[str, float]]]:
@@ -48,13 +62,17 @@ def markdown(seeds: list[dict[str, Any]], conditions: list[str], descriptions: d
     from opsd_jax.demo.data import CONDITIONS
 
     clips = seeds[0]["conditions"][conditions[0]]["references"]["subtitle_only"]["all/clips"]
-    parts = [f"Held-out clips ({int(clips)} per seed), student prompt (no privileged context); accuracy and "
-             f"macro-F1 in %, mean ± sample standard deviation over seeds {', '.join(str(s['seed']) for s in seeds)}. "
-             "Teacher rows use the teacher's prompt."]
+    parts = [
+        f"Held-out clips ({int(clips)} per seed), student prompt (no privileged context); accuracy and "
+        f"macro-F1 in %, mean ± sample standard deviation over seeds {', '.join(str(s['seed']) for s in seeds)}. "
+        "Teacher rows use the teacher's prompt."
+    ]
     for condition in conditions:
         train, test = CONDITIONS[condition]
-        parts.append(f"\n### {condition}: subtitles agree with the label {100 * train:.0f}% in training, "
-                     f"{100 * test:.0f}% at test\n\n{table(seeds, condition)}")
+        parts.append(
+            f"\n### {condition}: subtitles agree with the label {100 * train:.0f}% in training, "
+            f"{100 * test:.0f}% at test\n\n{table(seeds, condition)}"
+        )
     parts.append("\n" + "\n".join(f"- `{name}`: {text}" for name, text in descriptions.items()))
     return "\n".join(parts) + "\n"
 
@@ -76,8 +94,9 @@ def plot(seeds: list[dict[str, Any]], conditions: list[str], path: Path) -> None
             steps = [step for step, _ in curves[0]]
             accuracy = 100 * np.mean([[value for _, value in curve] for curve in curves], axis=0)
             axis.plot(steps, accuracy, marker="o", label=arm)
-        subtitle = 100 * np.mean([r["conditions"][condition]["references"]["subtitle_only"]["all/accuracy"]
-                                  for r in seeds])
+        subtitle = 100 * np.mean(
+            [r["conditions"][condition]["references"]["subtitle_only"]["all/accuracy"] for r in seeds]
+        )
         axis.axhline(subtitle, color="black", linestyle="--", label="subtitle only")
         axis.axhline(25, color="gray", linestyle=":", label="chance (4 classes)")
         axis.set_xlabel("training step")

@@ -17,7 +17,6 @@ from opsd_jax.demo.arms import ARMS
 from opsd_jax.demo.data import ConditionData, build_condition
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
     train_clips: int = 256
@@ -48,17 +47,35 @@ def build_checkpoint(directory: Path, seed: int) -> Path:
     return directory
 
 
-def make_trainer(checkpoint: Path, train_dir: Path, eval_dir: Path, output: Path, size: DemoSize, seed: int,
-                 steps: int, overrides: tuple[str, ...] | list[str] = ()):
+def make_trainer(
+    checkpoint: Path,
+    train_dir: Path,
+    eval_dir: Path,
+    output: Path,
+    size: DemoSize,
+    seed: int,
+    steps: int,
+    overrides: tuple[str, ...] | list[str] = (),
+):
     from opsd_jax.config import load_config
     from opsd_jax.train import Trainer, clear_run_directory
 
-    config = load_config("demo_tiny", [
-        f"model.checkpoint={checkpoint}", f"data.train_dir={train_dir}", f"data.eval_dir={eval_dir}",
-        f"data.eval_clips={size.test_clips}", f"train.total_steps={max(steps, 1)}", f"train.seed={seed}",
-        f"train.warmup_steps={min(5, max(steps - 1, 0))}", f"run.output_dir={output}",
-        f"run.eval_every={size.eval_every}", f"run.save_every={max(steps, 1)}", *overrides,
-    ])
+    config = load_config(
+        "demo_tiny",
+        [
+            f"model.checkpoint={checkpoint}",
+            f"data.train_dir={train_dir}",
+            f"data.eval_dir={eval_dir}",
+            f"data.eval_clips={size.test_clips}",
+            f"train.total_steps={max(steps, 1)}",
+            f"train.seed={seed}",
+            f"train.warmup_steps={min(5, max(steps - 1, 0))}",
+            f"run.output_dir={output}",
+            f"run.eval_every={size.eval_every}",
+            f"run.save_every={max(steps, 1)}",
+            *overrides,
+        ],
+    )
     clear_run_directory(config.run.output_dir)  # a rerun of the demo replaces its stages' runs
     return Trainer(config)
 
@@ -87,8 +104,9 @@ def score(trainer, data: ConditionData, *, subtitles: bool = True, privileged: s
     return view_scores(rows, swapped, misleading)
 
 
-def warm_start(root: Path, checkpoint: Path, data: dict[str, ConditionData], size: DemoSize, seed: int
-               ) -> tuple[Path, dict[str, Any]]:
+def warm_start(
+    root: Path, checkpoint: Path, data: dict[str, ConditionData], size: DemoSize, seed: int
+) -> tuple[Path, dict[str, Any]]:
     """Stage 0, cached in `root/thinker_warm`: cross-entropy on the label given the teacher's prompt whose
     media are a random partner clip's, on the standard condition's training clips, half of them with the
     label statement as evidence. The thinker learns to read evidence written in its prompt (a rationale or
@@ -99,10 +117,22 @@ def warm_start(root: Path, checkpoint: Path, data: dict[str, ConditionData], siz
     if (directory / "config.json").is_file() and report_file.is_file():
         return directory, json.loads(report_file.read_text())
     standard = data["standard"]
-    trainer = make_trainer(checkpoint, standard.datasets["warm"], standard.datasets["main"], root / "runs" / "warm_start",
-                           size, seed, size.warm_steps, ["teacher.distill_weight=0.0", "teacher.label_ce_weight=1.0",
-                                                         "teacher.label_ce_prompt=teacher", "train.lr=3e-3",
-                                                         "train.train_encoders=false"])
+    trainer = make_trainer(
+        checkpoint,
+        standard.datasets["warm"],
+        standard.datasets["main"],
+        root / "runs" / "warm_start",
+        size,
+        seed,
+        size.warm_steps,
+        [
+            "teacher.distill_weight=0.0",
+            "teacher.label_ce_weight=1.0",
+            "teacher.label_ce_prompt=teacher",
+            "train.lr=3e-3",
+            "train.train_encoders=false",
+        ],
+    )
     summary = train(trainer)
     report: dict[str, Any] = {"seconds": summary.seconds, "history": summary.eval_history}
     for condition, condition_data in data.items():
@@ -114,21 +144,35 @@ def warm_start(root: Path, checkpoint: Path, data: dict[str, ConditionData], siz
         }
     if directory.exists():
         shutil.rmtree(directory)
-    export_thinker(trainer.model, json.loads((checkpoint / "config.json").read_text()), directory, tokenizer_dir=checkpoint)
+    export_thinker(
+        trainer.model, json.loads((checkpoint / "config.json").read_text()), directory, tokenizer_dir=checkpoint
+    )
     report_file.write_text(json.dumps(report, indent=2))
     return directory, report
 
 
-def run_arm(root: Path, warm: Path, data: ConditionData, condition: str, arm_name: str, size: DemoSize,
-            seed: int) -> dict[str, Any]:
+def run_arm(
+    root: Path, warm: Path, data: ConditionData, condition: str, arm_name: str, size: DemoSize, seed: int
+) -> dict[str, Any]:
     """One arm of one condition from the warm start: its accuracy along the way and its final scores."""
     arm = ARMS[arm_name]
     eval_dir = data.datasets["main" if arm.subtitles else "no_subtitle"]
-    trainer = make_trainer(warm, data.datasets[arm.train], eval_dir, root / "runs" / condition / arm_name, size, seed,
-                           size.arm_steps, arm.overrides)
+    trainer = make_trainer(
+        warm,
+        data.datasets[arm.train],
+        eval_dir,
+        root / "runs" / condition / arm_name,
+        size,
+        seed,
+        size.arm_steps,
+        arm.overrides,
+    )
     summary = train(trainer)
-    return {"history": summary.eval_history, "seconds": summary.seconds,
-            "scores": score(trainer, data, subtitles=arm.subtitles)}
+    return {
+        "history": summary.eval_history,
+        "seconds": summary.seconds,
+        "scores": score(trainer, data, subtitles=arm.subtitles),
+    }
 
 
 def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms: list[str]) -> dict[str, Any]:
@@ -137,10 +181,15 @@ def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms:
     from opsd_jax.demo.evaluate import misleading_ids, subtitle_only_rows, view_scores
 
     began = time.perf_counter()
-    print(f"[seed {seed}] data: {size.train_clips} training and {size.test_clips} held-out clips per condition "
-          f"({', '.join(conditions)}), rule-based rationales", flush=True)
-    data = {c: build_condition(root / "data" / c, c, train_clips=size.train_clips, test_clips=size.test_clips,
-                               seed=seed) for c in dict.fromkeys(["standard", *conditions])}
+    print(
+        f"[seed {seed}] data: {size.train_clips} training and {size.test_clips} held-out clips per condition "
+        f"({', '.join(conditions)}), rule-based rationales",
+        flush=True,
+    )
+    data = {
+        c: build_condition(root / "data" / c, c, train_clips=size.train_clips, test_clips=size.test_clips, seed=seed)
+        for c in dict.fromkeys(["standard", *conditions])
+    }
     checkpoint = build_checkpoint(root / "thinker_init", seed)
     print(f"[seed {seed}] stage 0, warm start: reading evidence written in the prompt", flush=True)
     warm_checkpoint, warm = warm_start(root, checkpoint, data, size, seed)
@@ -155,16 +204,22 @@ def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms:
             "teacher_with_label": warm[condition]["teacher_label"],
             "teacher_with_mismatched_rationale": warm[condition]["teacher_mismatched"],
         }
-        print(f"[seed {seed}] {condition}: warm-start student {100 * references['warm_start']['all/accuracy']:.1f}%, "
-              f"teacher with rationale {100 * references['teacher_with_rationale']['all/accuracy']:.1f}%, "
-              f"subtitle only {100 * references['subtitle_only']['all/accuracy']:.1f}%", flush=True)
+        print(
+            f"[seed {seed}] {condition}: warm-start student {100 * references['warm_start']['all/accuracy']:.1f}%, "
+            f"teacher with rationale {100 * references['teacher_with_rationale']['all/accuracy']:.1f}%, "
+            f"subtitle only {100 * references['subtitle_only']['all/accuracy']:.1f}%",
+            flush=True,
+        )
         trained = {}
         for index, arm in enumerate(arms, 1):
             trained[arm] = run_arm(root, warm_checkpoint, data[condition], condition, arm, size, seed)
             s = trained[arm]["scores"]
-            print(f"[seed {seed}] {condition} arm {index}/{len(arms)} {arm}: all {100 * s['all/accuracy']:.1f}%, "
-                  f"misleading {100 * s['misleading/accuracy']:.1f}%, swapped media {100 * s['swapped/accuracy']:.1f}% "
-                  f"({trained[arm]['seconds']:.0f}s)", flush=True)
+            print(
+                f"[seed {seed}] {condition} arm {index}/{len(arms)} {arm}: all {100 * s['all/accuracy']:.1f}%, "
+                f"misleading {100 * s['misleading/accuracy']:.1f}%, swapped media {100 * s['swapped/accuracy']:.1f}% "
+                f"({trained[arm]['seconds']:.0f}s)",
+                flush=True,
+            )
         results["conditions"][condition] = {"references": references, "arms": trained}
     results["seconds"] = time.perf_counter() - began
     (root / "results.json").write_text(json.dumps(results, indent=2))
