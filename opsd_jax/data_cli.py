@@ -203,7 +203,7 @@ def decode_clips(clips, config) -> tuple[list[tuple[Any, dict]], list[tuple[str,
     decode to the config's static shapes, and (clip id, problem) for the others."""
     from tqdm import tqdm
 
-    from opsd_jax.data.builders import clip_example
+    from opsd_jax.data.builders.mer import manifest_clip_example
     from opsd_jax.data.media import SkipCounter, load_clip_media
 
     decoded, problems = [], []
@@ -216,20 +216,7 @@ def decode_clips(clips, config) -> tuple[list[tuple[Any, dict]], list[tuple[str,
             problems.append((clip.id, f"media: {skipped.reasons[clip.id]}"))
             continue
         try:
-            example = clip_example(
-                config,
-                id=clip.id,
-                frames=media.frames,
-                sample_fps=media.sample_fps,
-                audio=media.audio,
-                task=clip.task,
-                subtitle=clip.subtitle,
-                label=clip.label,
-                labels=clip.labels,
-                sentiment=clip.sentiment,
-                dataset=clip.dataset,
-                rationale=clip.rationale,
-            )
+            example = manifest_clip_example(config, clip, media)
         except ValueError as error:
             problems.append((clip.id, f"media: {error}"))
             continue

@@ -79,23 +79,7 @@ class Mer(ClipBuilder):
             media = decoded_media(clip, config, skipped)
             if media is None:
                 continue
-            yield (
-                clip.id,
-                clip_example(
-                    config,
-                    id=clip.id,
-                    frames=media.frames,
-                    sample_fps=media.sample_fps,
-                    audio=media.audio,
-                    task=clip.task,
-                    subtitle=clip.subtitle,
-                    label=clip.label,
-                    labels=clip.labels,
-                    sentiment=clip.sentiment,
-                    dataset=clip.dataset,
-                    rationale=clip.rationale,
-                ),
-            )
+            yield clip.id, manifest_clip_example(config, clip, media)
         if skipped.count:
             logger.warning(
                 "mer: skipped %d clip(s) whose media could not be decoded, e.g. %s",
@@ -103,6 +87,24 @@ class Mer(ClipBuilder):
                 next(iter(skipped.reasons.values())),
             )
             self.info.metadata["skipped"].update(skipped.reasons)
+
+
+def manifest_clip_example(config: ClipConfig, clip: Clip, media: ClipMedia) -> dict:
+    """A manifest clip and its decoded media as the dataset's example (`clip_example`'s fields)."""
+    return clip_example(
+        config,
+        id=clip.id,
+        frames=media.frames,
+        sample_fps=media.sample_fps,
+        audio=media.audio,
+        task=clip.task,
+        subtitle=clip.subtitle,
+        label=clip.label,
+        labels=clip.labels,
+        sentiment=clip.sentiment,
+        dataset=clip.dataset,
+        rationale=clip.rationale,
+    )
 
 
 def _decoded_path(clip: Clip, config: MerConfig) -> Path:
