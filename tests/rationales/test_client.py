@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import threading
 import time
 
 import pytest
@@ -105,8 +106,17 @@ def test_gives_up_after_max_retries():
 
 
 def test_map_bounds_concurrency_and_yields_every_result_or_error():
+    # The first three requests hold their replies until all three are in flight (at most 10 s), so the
+    # peak does not depend on how fast a loaded machine starts the client's threads.
+    arrived, three_in_flight, lock = [0], threading.Event(), threading.Lock()
+
     def reply(request, attempt):
         message = last_user_message(request)
+        with lock:
+            arrived[0] += 1
+            if arrived[0] == 3:
+                three_in_flight.set()
+        three_in_flight.wait(timeout=10.0)
         if message == "bad":
             return Reply(status=422, error_message="unprocessable")
         return Reply(text=message.upper(), delay_s=0.05)
@@ -122,7 +132,7 @@ def test_map_bounds_concurrency_and_yields_every_result_or_error():
     assert sorted(results) == list(range(len(prompts)))
     assert [results[i].text for i in range(10)] == [p.upper() for p in prompts[:10]]
     assert isinstance(results[10], ChatClientError) and results[10].status == 422
-    assert 1 < server.peak_in_flight <= 3
+    assert server.peak_in_flight == 3
     assert all(request["max_tokens"] == 4 for request in server.requests)
 
 
