@@ -205,13 +205,21 @@ class TextModel(nnx.Module):
         )
         x = constrain_activation(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
+        split = [nnx.split(layer) for layer in self.layers]
+        for i, (graphdef, state) in enumerate(split):
             layer_cache = None if cache is None else cache[i]
+            if i + 1 < len(split):
+                # Prefetch at most one layer ahead. Under FSDP each layer all-gathers its weights; left
+                # free, XLA's TPU scheduler starts every layer's gathers early to overlap them with
+                # compute, and the gathered copies of all layers stay alive together (the compiled step's
+                # peak then sits at the HBM size whatever the activations need). Tying the next layer's
+                # parameters to this layer's input lets its gathers overlap this layer, no earlier.
+                x, next_state = jax.lax.optimization_barrier((x, split[i + 1][1]))
+                split[i + 1] = (split[i + 1][0], next_state)
             if self.remat:
-                graphdef, state = nnx.split(layer)
                 x, layer_cache = _remat_layer(graphdef, state, x, cos, sin, mask, layer_cache, cache_index)
             else:
-                x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
+                x, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache, cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from opsd_jax.models.qwen2_5_omni import from_pretrained
 from opsd_jax.models.text import mrope_cos_sin
@@ -130,3 +131,25 @@ def test_attention_in_query_blocks_equals_whole_attention_and_its_gradient():
     grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v) for f in (blocked, whole)]
     for got, expected in zip(*grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_each_layer_prefetches_its_weights_no_earlier_than_the_layer_before_starts(tiny_untied, remat):
+    """The decoder ties layer i+1's parameters to layer i's input with an optimization barrier, so XLA
+    cannot gather every layer's FSDP-sharded weights at once (the compiled figures are in the README).
+    Each barrier holds the hidden states and exactly one later layer's parameters."""
+    _, checkpoint = tiny_untied
+    model = from_pretrained(checkpoint)
+    model.model.remat = remat
+    text = model.model
+    sizes = [len(jax.tree.leaves(nnx.state(layer))) for layer in text.layers]
+    embeds = jnp.zeros((1, 8, text.config.hidden_size), jnp.float32)
+    positions = jnp.zeros((3, 1, 8), jnp.int32)
+    mask = jnp.ones((1, 8, 8), bool)
+    jaxpr = jax.make_jaxpr(lambda e: text(e, positions, mask)[0])(embeds)
+    barriers = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "optimization_barrier"]
+    assert len(barriers) == text.config.num_hidden_layers - 1
+    for i, barrier in enumerate(barriers):
+        # the hidden states [batch, seq, hidden] first, then the parameters of layer i + 1, nothing else
+        assert barrier.invars[0].aval.shape == embeds.shape
+        assert len(barrier.invars) == 1 + sizes[i + 1]
