@@ -332,12 +332,16 @@ class Qwen2_5OmniThinker(nnx.Module):
 
 # The batch axis of each prompt field; media arrays are packed across the batch and stay replicated.
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
+# Media arrays whose first axis is rows of patches or audio chunks, clip after clip.
+MEDIA_ROW_FIELDS = ("image_pixels", "video_pixels", "audio_chunks")
 
 
 def input_shardings(
     inputs: ThinkerInputs, mesh: Mesh, *, leading_axes: int = 0, rules: AxisRules | None = None
 ) -> ThinkerInputs:
-    """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, media replicated.
+    """The placement of prepared inputs on `mesh`: prompt rows over the batch mesh axes, the media's patch
+    and chunk rows over the `media` axes (each chip holds and encodes its share of the clips, as the
+    encoders' layer-boundary constraints lay them out), the media plans (index arrays) replicated.
 
     A tree like `inputs` of `NamedSharding`s (for `jax.device_put`, or abstract inputs of an ahead-of-time
     compile). `leading_axes` counts extra axes in front of every field (1 for stacked micro-batches).
@@ -345,15 +349,17 @@ def input_shardings(
     """
     rules = resolve_rules() if rules is None else rules
 
-    def sharding(x, batch_axis: int | None):
+    def sharding(x, axis: int | None, logical: str | None = None):
         axes: list[str | None] = [None] * x.ndim
-        if batch_axis is not None:
-            axes[batch_axis] = "batch"
+        if axis is not None:
+            axes[leading_axes + axis] = logical
         return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
 
-    rows = {name: sharding(getattr(inputs, name), leading_axes + axis) for name, axis in PROMPT_BATCH_AXES.items()}
-    media = jax.tree.map(lambda x: sharding(x, None), inputs.replace(**{name: None for name in PROMPT_BATCH_AXES}))
-    return media.replace(**rows)
+    split = {name: (axis, "batch") for name, axis in PROMPT_BATCH_AXES.items()}
+    split.update({name: (0, "media") for name in MEDIA_ROW_FIELDS if getattr(inputs, name) is not None})
+    rows = {name: sharding(getattr(inputs, name), axis, logical) for name, (axis, logical) in split.items()}
+    rest = jax.tree.map(lambda x: sharding(x, None), inputs.replace(**{name: None for name in split}))
+    return rest.replace(**rows)
 
 
 def place_inputs(

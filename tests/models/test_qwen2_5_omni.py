@@ -187,7 +187,7 @@ def test_multimodal_logits_match_reference(case, tiny_untied, tiny_prompt_builde
 def test_prepared_inputs_jit_with_buckets_and_shard_on_eight_devices(
     tiny_untied, tiny_prompt_builder, multimodal_model
 ):
-    from opsd_jax.models.qwen2_5_omni import MediaBuckets
+    from opsd_jax.models.qwen2_5_omni import MediaBuckets, place_inputs
 
     _, checkpoint = tiny_untied
     inputs = multimodal_case(tiny_prompt_builder, "mixed_batch")
@@ -198,7 +198,12 @@ def test_prepared_inputs_jit_with_buckets_and_shard_on_eight_devices(
     ids = inputs.pop("input_ids")
     prepared = model.prepare_inputs(ids, buckets=buckets, **inputs)
     assert prepared.video_pixels.shape == (128, 1176) and prepared.audio_chunks.shape[0] == 4
-    sharded = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, prepared))
+    placed = place_inputs(prepared, mesh)
+    # Each chip holds its share of the patch and chunk rows (data x fsdp = 4), not every clip's media.
+    for media in (placed.image_pixels, placed.video_pixels, placed.audio_chunks):
+        assert media.sharding.spec[0] == ("data", "fsdp"), media.sharding
+    assert placed.video_plan.patch_order.sharding.is_fully_replicated
+    sharded = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, placed))
     real = inputs["attention_mask"].astype(bool)
     np.testing.assert_allclose(sharded[real], single[real], atol=1e-5)
 
