@@ -38,7 +38,7 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m opsd_jax.demo
