@@ -373,8 +373,10 @@ def run_dir(checkpoint, tmp_path_factory):
 
 
 def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manifest, tiny_wheel_dir, tmp_path):
-    """`eval --checkpoint RUN` takes the run's own prompt, answer length and buckets, loads the weights in
-    bfloat16 sharded over all devices of the mesh, and answers every clip as on a single device."""
+    """`eval --checkpoint RUN` takes the run's own prompt, answer length and buckets, loads the weights
+    sharded over all devices of the mesh, and answers every clip as on a single device. In float32: in
+    bfloat16 (the default) another partitioning rounds differently, and the tiny random model's near-tied
+    greedy choices can flip (one late token of one clip did when the media became sharded)."""
     import os
     import subprocess
     import sys
@@ -395,6 +397,8 @@ def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manif
         *MEDIA,
         "--step",
         "2",
+        "--dtype",
+        "float32",
     ]
     assert main([*command, "--out", str(tmp_path / "eight")]) == 0
     single = subprocess.run(
@@ -410,7 +414,7 @@ def test_a_run_directory_evaluates_alike_on_one_and_eight_devices(run_dir, manif
     assert sorted(eight, key=lambda row: row["id"]) == sorted(one, key=lambda row: row["id"])
     generation = json.loads((tmp_path / "eight" / GENERATION_FILE).read_text())
     assert generation["prompt_config"]["instruction"] == "Name the feeling." and generation["max_new_tokens"] == 5
-    assert generation["step"] == 2 and generation["dtype"] == "bfloat16" and generation["prompt_buckets"] == [512]
+    assert generation["step"] == 2 and generation["dtype"] == "float32" and generation["prompt_buckets"] == [512]
 
 
 def test_eval_overrides_apply_and_a_bad_source_stops_before_loading(
