@@ -358,6 +358,7 @@ class Trainer:
                     num_samples=sampling.num_samples,
                     seed=key,
                     mesh=self.mesh,
+                    rules=self.rules,
                 )
             tokens, mask = to_host(out.tokens), to_host(out.mask)  # waits for the rollouts
             self.rollout_time.add(time.perf_counter() - began, int(mask.sum()))
@@ -463,6 +464,7 @@ class Trainer:
                 eos_token_id=self.builder.tokenizer.eos_token_id,
                 pad_token_id=self.builder.pad_token_id,
                 mesh=self.mesh,
+                rules=self.rules,
             )
             tokens, mask = to_host(out.tokens), to_host(out.mask)
             for clip, row, m in zip(clips, tokens, mask):

@@ -467,7 +467,9 @@ def check_config(
         began = time.perf_counter()
         error = None
         try:
-            compiled = compile_generation(graph, weights, inputs, keys, settings=settings_g, mesh=mesh)
+            compiled = compile_generation(
+                graph, weights, inputs, keys, settings=settings_g, mesh=mesh, rules=config.mesh.axis_rules()
+            )
         except Exception as err:  # noqa: BLE001 - reported as both programs' failure
             compiled, error = (None, None), _failure(err)
         for report, program in zip((prefill, decode), compiled):

@@ -163,6 +163,7 @@ class Reader:
     builder: Any
     mesh: Any
     step: int | None
+    rules: Any = None  # the config's logical-axis table (`MeshConfig.axis_rules`)
 
 
 def load_reader(source, dtype: str) -> Reader:
@@ -174,8 +175,9 @@ def load_reader(source, dtype: str) -> Reader:
 
     builder = PromptBuilder.from_pretrained(source.base_dir)
     mesh = make_mesh(source.config.mesh)
-    model, step = load_thinker(source, dtype=dtype, mesh=mesh, rules=source.config.mesh.axis_rules())
-    return Reader(model, builder, mesh, step)
+    rules = source.config.mesh.axis_rules()
+    model, step = load_thinker(source, dtype=dtype, mesh=mesh, rules=rules)
+    return Reader(model, builder, mesh, step, rules)
 
 
 def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,6 +245,7 @@ def answer(
         seed=settings.seed,
         prompt_buckets=buckets,
         mesh=reader.mesh,
+        rules=reader.rules,
     )
     tokens, mask = to_host(out.tokens), to_host(out.mask)
     return [builder.tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
 from opsd_jax.models.text import LayerCache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import activation_sharding, constrain
+from opsd_jax.sharding import AxisRules, activation_sharding, constrain
 
 
 @struct.dataclass
@@ -108,9 +108,9 @@ def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
     return _cast_decoder(params, dtype)
 
 
-def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
-    """Batch over (data, fsdp), KV heads over tensor: the model's own logical-axis table."""
-    return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh), cache)
+def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None, rules: AxisRules | None) -> list[LayerCache]:
+    """Rows on the `batch` axes, KV heads on `kv_heads` (by default (data, fsdp) and tensor)."""
+    return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh, rules), cache)
 
 
 def _emit(
@@ -142,18 +142,31 @@ def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh", "rules"))
 def _prefill(
-    graphdef, params, inputs: ThinkerInputs, key: jax.Array, *, sampling: SamplingSettings, mesh: Mesh | None
+    graphdef,
+    params,
+    inputs: ThinkerInputs,
+    key: jax.Array,
+    *,
+    sampling: SamplingSettings,
+    mesh: Mesh | None,
+    rules: AxisRules | None = None,
 ) -> _LoopState:
     # Many tokens per row: rows sharded at layer boundaries, FSDP gathers the weights (the decode loop,
     # one token per row, leaves the weights in place instead).
-    with activation_sharding(mesh):
-        return _prefill_traced(graphdef, params, inputs, key, sampling, mesh)
+    with activation_sharding(mesh, rules):
+        return _prefill_traced(graphdef, params, inputs, key, sampling, mesh, rules)
 
 
 def _prefill_traced(
-    graphdef, params, inputs: ThinkerInputs, key: jax.Array, sampling: SamplingSettings, mesh: Mesh | None
+    graphdef,
+    params,
+    inputs: ThinkerInputs,
+    key: jax.Array,
+    sampling: SamplingSettings,
+    mesh: Mesh | None,
+    rules: AxisRules | None,
 ) -> _LoopState:
     model = nnx.merge(graphdef, params)
     batch, prompt_len = inputs.input_ids.shape
@@ -164,7 +177,7 @@ def _prefill_traced(
         LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
         for _ in range(text.num_hidden_layers)
     ]
-    cache = _constrain_cache(cache, mesh)
+    cache = _constrain_cache(cache, mesh, rules)
 
     prompt_valid = inputs.attention_mask.astype(bool)
     kv_valid = jnp.concatenate([prompt_valid, jnp.zeros((batch, sampling.max_new_tokens), bool)], axis=1)
@@ -191,7 +204,7 @@ def _prefill_traced(
         logprobs=jnp.zeros((rows, new), jnp.float32),
         model_logprobs=jnp.zeros((rows, new), jnp.float32),
         mask=jnp.zeros((rows, new), bool),
-        cache=_constrain_cache(jax.tree.map(repeat, cache), mesh),
+        cache=_constrain_cache(jax.tree.map(repeat, cache), mesh, rules),
         key=key,
     )
     if key.ndim:  # one key per prompt: each rollout gets its own stream, whatever its row
@@ -200,8 +213,16 @@ def _prefill_traced(
     return _emit(state.replace(key=key), jnp.int32(0), repeat(last_logits), first_key, sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"), donate_argnames=("state",))
-def _decode(graphdef, params, state: _LoopState, *, sampling: SamplingSettings, mesh: Mesh | None) -> _LoopState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh", "rules"), donate_argnames=("state",))
+def _decode(
+    graphdef,
+    params,
+    state: _LoopState,
+    *,
+    sampling: SamplingSettings,
+    mesh: Mesh | None,
+    rules: AxisRules | None = None,
+) -> _LoopState:
     model = nnx.merge(graphdef, params)
     prompt_len = state.kv_valid.shape[1] - sampling.max_new_tokens
 
@@ -219,7 +240,7 @@ def _decode(graphdef, params, state: _LoopState, *, sampling: SamplingSettings, 
         embeds = model.model.embed_tokens(state.last_token[:, None])
         hidden, cache = model.model(embeds, position_ids, kv_valid[:, None, :], state.cache, column)
         key, step_key = _split(state.key)
-        state = state.replace(kv_valid=kv_valid, cache=_constrain_cache(cache, mesh), key=key)
+        state = state.replace(kv_valid=kv_valid, cache=_constrain_cache(cache, mesh, rules), key=key)
         return _emit(state, state.step, model.logits(hidden[:, 0]), step_key, sampling)
 
     return jax.lax.while_loop(keep_going, step_once, state)
@@ -285,21 +306,23 @@ def compile_generation(
     *,
     settings: SamplingSettings,
     mesh: Mesh | None,
+    rules: AxisRules | None = None,
 ) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
     """Ahead-of-time compiles the two programs `generate` runs: the prefill and the decode loop.
 
     The arguments may be abstract (`jax.ShapeDtypeStruct`s with shardings, e.g. on the devices of a TPU
     topology that this machine does not have); the decode loop is compiled for the state the prefill
-    returns, with the shardings the compiled prefill gives it.
+    returns, with the shardings the compiled prefill gives it. `rules`: the run's logical-axis table
+    (`MeshConfig.axis_rules`; default: the default table).
     """
     params = generation_params(params, nnx.merge(graphdef, params).dtype)
-    prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh).compile()
+    prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh, rules=rules).compile()
     state = jax.tree.map(
         lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
         prefill.out_info,
         prefill.output_shardings,
     )
-    decode = _decode.lower(graphdef, params, state, sampling=settings, mesh=mesh).compile()
+    decode = _decode.lower(graphdef, params, state, sampling=settings, mesh=mesh, rules=rules).compile()
     return prefill, decode
 
 
@@ -317,6 +340,7 @@ def generate(
     seed: int | jax.Array = 0,
     prompt_buckets: Sequence[int] | None = None,
     mesh: Mesh | None = None,
+    rules: AxisRules | None = None,
 ) -> GenerationOutput:
     """Samples `num_samples` completions per prompt.
 
@@ -338,6 +362,8 @@ def generate(
         prompts of nearby lengths share one compiled program.
       mesh: when given, prompts are placed with the batch over (data, fsdp) and the KV cache with its
         heads over tensor.
+      rules: the run's logical-axis table (`MeshConfig.axis_rules`) for those placements; default: the
+        default table.
 
     Returns:
       A `GenerationOutput` with `[B * num_samples, max_new_tokens]` arrays.
@@ -360,12 +386,12 @@ def generate(
     if prompt_buckets:
         prepared = pad_prompts(prepared, bucket_length(prepared.input_ids.shape[1], prompt_buckets), pad_token_id)
     if mesh is not None:
-        prepared = place_inputs(prepared, mesh)
+        prepared = place_inputs(prepared, mesh, rules=rules)
     graphdef, params = nnx.split(model)
     params = generation_params(params, model.dtype)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh)
-    state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh)
+    state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh, rules=rules)
+    state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh, rules=rules)
     return GenerationOutput(
         tokens=state.tokens, logprobs=state.logprobs, model_logprobs=state.model_logprobs, mask=state.mask
     )

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from scipy import stats
 
 from opsd_jax.config import MeshConfig
@@ -219,6 +220,38 @@ def test_sharded_sampler_on_eight_devices_equals_one_device(tiny_untied, setup):
     sharded = generate(sharded_model, inputs, mesh=mesh, **kwargs)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), single)
     assert sharded.tokens.shape == (8, 16)
+
+
+def test_the_runs_axis_rules_place_the_prompts_and_the_kv_cache(tiny_untied):
+    """`mesh.logical_axis_rules` reaches generation: an override that keeps the KV heads off `tensor` and
+    the rows off `fsdp` moves the compiled decode loop's cache, and the prompts' placement, accordingly."""
+    from opsd_jax.models.qwen2_5_omni import input_shardings
+    from opsd_jax.sharding import resolve_rules
+
+    _, checkpoint = tiny_untied
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = from_pretrained(checkpoint, mesh=mesh)
+    # four prompts: rows divisible by data x fsdp (an indivisible axis is replicated)
+    prepared = model.prepare_inputs(
+        jnp.asarray(np.tile(IDS, (2, 1))), attention_mask=jnp.asarray(np.tile(MASK, (2, 1)))
+    )
+    settings = sampler_module.sampling_settings(
+        max_new_tokens=4, temperature=0.0, top_k=None, top_p=None, eos_token_id=255, pad_token_id=PAD, num_samples=2
+    )
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(0)
+
+    def cache_spec(rules):
+        inputs = jax.device_put(prepared, input_shardings(prepared, mesh, rules=rules))
+        prefill, _ = sampler_module.compile_generation(
+            graphdef, params, inputs, key, settings=settings, mesh=mesh, rules=rules
+        )
+        cache, ids = prefill.output_shardings.cache[0].key.spec, inputs.input_ids.sharding.spec
+        return tuple(cache) + (None,) * (4 - len(cache)), tuple(ids) + (None,) * (2 - len(ids))
+
+    assert cache_spec(None) == ((("data", "fsdp"), None, "tensor", None), (("data", "fsdp"), None))
+    moved = resolve_rules({"kv_heads": None, "batch": "data"})
+    assert cache_spec(moved) == (("data", None, None, None), ("data", None))
 
 
 def test_greedy_video_with_audio_prompt_equals_transformers(tiny_untied, tiny_prompt_builder, setup):
