@@ -120,12 +120,13 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def place_on_mesh(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
-    """Numeric arrays -> `shard_batch` (leading axis over the batch mesh axes); text arrays stay numpy."""
+def place_on_mesh(batch: Mapping[str, Any], mesh, rules=None) -> dict[str, Any]:
+    """Numeric arrays -> `shard_batch` (leading axis over the batch mesh axes of `rules`, a run's
+    `MeshConfig.axis_rules`; default: the default table); text arrays stay numpy."""
     from opsd_jax.sharding import shard_batch
 
     numeric = {name: value for name, value in batch.items() if np.asarray(value).dtype.kind in "biuf"}
-    placed = shard_batch(numeric, mesh)
+    placed = shard_batch(numeric, mesh, rules)
     return {name: placed.get(name, value) for name, value in batch.items()}
 
 
@@ -169,10 +170,11 @@ def make_dataset(source, config: PipelineConfig, preprocess: Preprocess | None =
 
 
 def make_iterator(
-    source, config: PipelineConfig, *, mesh=None, preprocess: Preprocess | None = None
+    source, config: PipelineConfig, *, mesh=None, rules=None, preprocess: Preprocess | None = None
 ) -> grain.DatasetIterator:
-    """An iterator of batches, on `mesh` when given; checkpoint it with `get_state()` / `set_state()`."""
+    """An iterator of batches, on `mesh` when given (placed by `rules`, a run's logical-axis table);
+    checkpoint it with `get_state()` / `set_state()`."""
     stream = make_dataset(source, config, preprocess)
     if mesh is not None:
-        stream = stream.map(functools.partial(place_on_mesh, mesh=mesh))
+        stream = stream.map(functools.partial(place_on_mesh, mesh=mesh, rules=rules))
     return iter(stream)

@@ -13,7 +13,7 @@ from opsd_jax.data.audio_features import audio_to_inputs
 from opsd_jax.data.builders import MerConfig, build_mer, load_split
 from opsd_jax.data.pipeline import PipelineConfig, make_iterator, to_model_inputs
 from opsd_jax.data.vision_inputs import video_to_inputs
-from opsd_jax.sharding import make_mesh
+from opsd_jax.sharding import make_mesh, resolve_rules
 
 NUM_CLIPS = 8
 MAX_SAMPLES = 16000  # max_audio_seconds=1.0
@@ -141,6 +141,9 @@ def test_a_restored_iterator_continues_exactly_on_the_mesh(dataset):
     assert isinstance(placed, jax.Array) and len(placed.addressable_shards) == 2
     assert placed.addressable_shards[0].data.shape == (1, 128, 100)  # the batch axis split over "data"
     assert isinstance(uninterrupted[0]["id"], np.ndarray)  # text stays on the host
+    # The run's logical-axis table places the batches: rows off the mesh when `batch` maps to no axis.
+    kept = next(make_iterator(source, config, mesh=mesh, rules=resolve_rules({"batch": None})))
+    assert kept["input_features"].sharding.is_fully_replicated
 
 
 def test_worker_processes_give_the_same_batches_and_resume(dataset):
