@@ -330,7 +330,7 @@ class Qwen2_5OmniThinker(nnx.Module):
         return self.lm_head(hidden)
 
 
-# The batch axis of each prompt field; media arrays are packed across the batch and stay replicated.
+# The batch axis of each prompt field (media arrays are packed across the batch: see MEDIA_ROW_FIELDS).
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
 # Media arrays whose first axis is rows of patches or audio chunks, clip after clip.
 MEDIA_ROW_FIELDS = ("image_pixels", "video_pixels", "audio_chunks")

@@ -163,7 +163,7 @@ class Reader:
     builder: Any
     mesh: Any
     step: int | None
-    rules: Any = None  # the config's logical-axis table (`MeshConfig.axis_rules`)
+    rules: Any  # the config's logical-axis table (`MeshConfig.axis_rules`)
 
 
 def load_reader(source, dtype: str) -> Reader:

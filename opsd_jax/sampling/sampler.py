@@ -156,61 +156,49 @@ def _prefill(
     # Many tokens per row: rows sharded at layer boundaries, FSDP gathers the weights (the decode loop,
     # one token per row, leaves the weights in place instead).
     with activation_sharding(mesh, rules):
-        return _prefill_traced(graphdef, params, inputs, key, sampling, mesh, rules)
+        model = nnx.merge(graphdef, params)
+        batch, prompt_len = inputs.input_ids.shape
+        total_len = prompt_len + sampling.max_new_tokens
+        text = model.config.text
+        cache_shape = (batch, total_len, text.num_key_value_heads, text.head_dim)
+        cache = [
+            LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
+            for _ in range(text.num_hidden_layers)
+        ]
+        cache = _constrain_cache(cache, mesh, rules)
 
+        prompt_valid = inputs.attention_mask.astype(bool)
+        kv_valid = jnp.concatenate([prompt_valid, jnp.zeros((batch, sampling.max_new_tokens), bool)], axis=1)
+        causal = jnp.arange(total_len)[None, :] <= jnp.arange(prompt_len)[:, None]  # [prompt, total]
+        # Padded query rows see only themselves (never an empty row); their outputs are never read.
+        own = jnp.arange(total_len)[None, :] == jnp.arange(prompt_len)[:, None]
+        mask = (causal[None] & kv_valid[:, None, :]) | own[None]
+        hidden, cache = model.model(model.embed_inputs(inputs), inputs.position_ids, mask, cache, jnp.int32(0))
+        last_logits = model.logits(hidden[:, -1])
 
-def _prefill_traced(
-    graphdef,
-    params,
-    inputs: ThinkerInputs,
-    key: jax.Array,
-    sampling: SamplingSettings,
-    mesh: Mesh | None,
-    rules: AxisRules | None,
-) -> _LoopState:
-    model = nnx.merge(graphdef, params)
-    batch, prompt_len = inputs.input_ids.shape
-    total_len = prompt_len + sampling.max_new_tokens
-    text = model.config.text
-    cache_shape = (batch, total_len, text.num_key_value_heads, text.head_dim)
-    cache = [
-        LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
-        for _ in range(text.num_hidden_layers)
-    ]
-    cache = _constrain_cache(cache, mesh, rules)
-
-    prompt_valid = inputs.attention_mask.astype(bool)
-    kv_valid = jnp.concatenate([prompt_valid, jnp.zeros((batch, sampling.max_new_tokens), bool)], axis=1)
-    causal = jnp.arange(total_len)[None, :] <= jnp.arange(prompt_len)[:, None]  # [prompt, total]
-    # Padded query rows see only themselves (never an empty row); their outputs are never read.
-    own = jnp.arange(total_len)[None, :] == jnp.arange(prompt_len)[:, None]
-    mask = (causal[None] & kv_valid[:, None, :]) | own[None]
-    hidden, cache = model.model(model.embed_inputs(inputs), inputs.position_ids, mask, cache, jnp.int32(0))
-    last_logits = model.logits(hidden[:, -1])
-
-    # The rollouts of one prompt share its prefill: repeat rows prompt-major.
-    repeat = functools.partial(jnp.repeat, repeats=sampling.num_samples, axis=0)
-    n_left_pad = prompt_len - jnp.sum(inputs.attention_mask, axis=-1).astype(jnp.int32)
-    first_position = prompt_len + inputs.rope_deltas.astype(jnp.int32) - n_left_pad
-    rows = batch * sampling.num_samples
-    new = sampling.max_new_tokens
-    state = _LoopState(
-        step=jnp.int32(0),
-        last_token=jnp.zeros((rows,), jnp.int32),
-        first_position=repeat(first_position),
-        kv_valid=repeat(kv_valid),
-        done=jnp.zeros((rows,), bool),
-        tokens=jnp.full((rows, new), sampling.pad_id, jnp.int32),
-        logprobs=jnp.zeros((rows, new), jnp.float32),
-        model_logprobs=jnp.zeros((rows, new), jnp.float32),
-        mask=jnp.zeros((rows, new), bool),
-        cache=_constrain_cache(jax.tree.map(repeat, cache), mesh, rules),
-        key=key,
-    )
-    if key.ndim:  # one key per prompt: each rollout gets its own stream, whatever its row
-        key = jax.vmap(lambda k: jax.random.split(k, sampling.num_samples))(key).reshape(rows)
-    key, first_key = _split(key)
-    return _emit(state.replace(key=key), jnp.int32(0), repeat(last_logits), first_key, sampling)
+        # The rollouts of one prompt share its prefill: repeat rows prompt-major.
+        repeat = functools.partial(jnp.repeat, repeats=sampling.num_samples, axis=0)
+        n_left_pad = prompt_len - jnp.sum(inputs.attention_mask, axis=-1).astype(jnp.int32)
+        first_position = prompt_len + inputs.rope_deltas.astype(jnp.int32) - n_left_pad
+        rows = batch * sampling.num_samples
+        new = sampling.max_new_tokens
+        state = _LoopState(
+            step=jnp.int32(0),
+            last_token=jnp.zeros((rows,), jnp.int32),
+            first_position=repeat(first_position),
+            kv_valid=repeat(kv_valid),
+            done=jnp.zeros((rows,), bool),
+            tokens=jnp.full((rows, new), sampling.pad_id, jnp.int32),
+            logprobs=jnp.zeros((rows, new), jnp.float32),
+            model_logprobs=jnp.zeros((rows, new), jnp.float32),
+            mask=jnp.zeros((rows, new), bool),
+            cache=_constrain_cache(jax.tree.map(repeat, cache), mesh, rules),
+            key=key,
+        )
+        if key.ndim:  # one key per prompt: each rollout gets its own stream, whatever its row
+            key = jax.vmap(lambda k: jax.random.split(k, sampling.num_samples))(key).reshape(rows)
+        key, first_key = _split(key)
+        return _emit(state.replace(key=key), jnp.int32(0), repeat(last_logits), first_key, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh", "rules"), donate_argnames=("state",))
