@@ -140,7 +140,7 @@ def _fake_extractor_llm(request, attempt):
     if "CRASH" in payload and attempt == 0:
         return Reply(status=500)
     if "HANG" in payload and attempt == 0:
-        return Reply(text="[too late]", delay_s=1.0)
+        return Reply(text="[too late]", delay_s=4.0)
     words = [word for word in re.findall(r"[a-z]+", payload.lower()) if word in KNOWN_WORDS]
     return Reply(text="Output: [" + ", ".join(words) + "]\n", prompt_tokens=100, completion_tokens=5)
 
@@ -160,7 +160,7 @@ def _extractor(server, cache_path):
     client = ChatClient(
         server.base_url,
         "fake-qwen",
-        timeout_s=0.3,
+        timeout_s=2.0,  # generous: a loaded machine must not turn a normal reply into a retry
         max_retries=2,
         max_concurrency=3,
         backoff_base_s=0.01,

@@ -47,7 +47,7 @@ def _args(manifest: Path, out: Path, server: FakeChatServer, *extra: str) -> lis
         "--concurrency",
         "2",
         "--timeout",
-        "0.5",
+        "2",
         "--max-retries",
         "3",
         "--backoff-base",
@@ -76,7 +76,7 @@ def test_killed_run_resumes_every_id_once_sending_only_the_missing(manifest, tmp
         if clip_id == "clip_02" and attempt == 0:
             return Reply(status=500)
         if clip_id == "clip_03" and attempt == 0:
-            return Reply(text=good_answer(clip_id), delay_s=1.5)  # hangs past the 0.5 s timeout
+            return Reply(text=good_answer(clip_id), delay_s=4.0)  # hangs past the 2 s timeout
         return Reply(text=good_answer(clip_id), delay_s=0.3, prompt_tokens=50, completion_tokens=20)
 
     out = tmp_path / "rationales.jsonl"
