@@ -6,6 +6,13 @@ count of the calling `while` (`known_trip_count` in its backend config; a loop w
 decode loop that stops at EOS, counts once, as one iteration). A collective's bytes are those of its
 largest buffer (the gathered result of an all-gather, the full operand of a reduce-scatter or an
 all-reduce): the data volume it spreads over the chips.
+
+`loop_hbm_bytes` is what one iteration of a loop reads from and writes to HBM. XLA's "bytes accessed"
+is no measure of that: it counts every operand and result of every instruction wherever it lives,
+including the TPU's on-chip memory (a layout's `S(1)`: weights the scheduler prefetches there are
+counted when copied in, when copied out and when read), a whole embedding table for a gather of a few
+rows, and a whole KV cache for the in-place write of one token. Here only buffers in memory space 0
+(HBM) count; an in-place dynamic-update-slice counts its update, a gather or dynamic slice what it takes.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ _DTYPE_BYTES = {
     "c128": 16,
 }
 _SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+# An array type with its layout, `bf16[448,18944]{1,0:T(8,128)(2,1)S(1)}`: `S(n)` names a memory space other
+# than HBM (space 0).
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
@@ -74,6 +85,7 @@ class HloSummary:
     # known trip count n, (n - 1) x its body's dots and convolutions (nested loops included).
     uncounted_loop_flops: float
     loops: list[tuple[str, int | None]]  # (body computation, known trip count or None)
+    loop_hbm_bytes: dict[str, float]  # body computation -> HBM bytes read and written by one iteration
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Per kind: count and bytes per run, and the share of each inside loops."""
@@ -98,6 +110,7 @@ class _Instruction:
     name: str
     opcode: str
     shapes: tuple[tuple[str, str], ...]  # the result's arrays, (dtype, dims)
+    spaces: tuple[int, ...]  # each array's memory space (0: HBM)
     operands: tuple[str, ...]  # operand names
     line: str  # kept only where attributes matter (loops, calls, matmuls, collectives); else ""
 
@@ -119,6 +132,7 @@ _KEEP_LINE = (
     "select-and-scatter",
     "reduce-window",
     "all-reduce",
+    "parameter",  # its number: which operand of a fusion it is
 )
 
 
@@ -145,11 +159,13 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
         operands = tuple(re.findall(r"%([\w.\-]+)", rest[opcode.end() : arguments_end if arguments_end >= 0 else None]))
         base = kind[: -len("-start")] if kind.endswith("-start") else kind
         keep = kind in _KEEP_LINE or base in COLLECTIVES or "calls=" in rest or "to_apply=" in rest
+        arrays = _ARRAY.findall(rest[: opcode.start()])
         computations[current].append(
             _Instruction(
                 instruction.group(1),
                 kind,
-                tuple(_SHAPE.findall(rest[: opcode.start()])),
+                tuple((dtype, dims) for dtype, dims, _ in arrays),
+                tuple(int(space.group(1)) if (space := _MEMORY_SPACE.search(layout)) else 0 for *_, layout in arrays),
                 operands,
                 line if keep else "",
             )
@@ -261,7 +277,106 @@ def summarize(text: str) -> HloSummary:
         nested = any(is_loop for _, _, is_loop in _reachable_calls(body, calls))
         if count and count > 1 and counted.get(body, 0) and not nested:
             uncounted += counted[body] * (count - 1) * body_flops(body)
-    return HloSummary(collectives=collectives, uncounted_loop_flops=uncounted, loops=loops)
+    instructions = {i.name: i for body in computations.values() for i in body}
+    hbm = {body: _hbm_bytes(body, computations, instructions) for body, _ in loops}
+    return HloSummary(collectives=collectives, uncounted_loop_flops=uncounted, loops=loops, loop_hbm_bytes=hbm)
+
+
+_NO_TRAFFIC = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "opt-barrier", "after-all", "iota")
+_READS_PART = ("dynamic-slice", "gather", "slice")  # read what they take of their first operand
+
+
+def _in_hbm(instruction: _Instruction | None) -> float:
+    if instruction is None:
+        return 0.0
+    return sum(shape_bytes(*shape) for shape, space in zip(instruction.shapes, instruction.spaces) if space == 0)
+
+
+def _hbm_bytes(
+    name: str, computations: dict[str, list[_Instruction]], instructions: dict[str, _Instruction], depth: int = 0
+) -> float:
+    """HBM bytes read and written by one execution of computation `name` (see the module docstring).
+
+    Top-level instructions count their operands and results that live in HBM; a fusion's operand counts
+    only what the fused computation takes of it when it is only sliced, gathered or updated in place
+    there, and a fused in-place update writes only its update. Async pairs count once (at the start);
+    nested loops count their body times their trip count (once when unknown); a conditional its
+    largest branch.
+    """
+    if depth > 16:
+        return 0.0
+    total = 0.0
+    for i in computations.get(name, ()):
+        if i.opcode in _NO_TRAFFIC or i.opcode.endswith("-done"):
+            continue
+        operands = [instructions.get(operand) for operand in i.operands]
+        callees = _CALLEE.findall(i.line)
+        if i.opcode == "while":
+            body = re.search(r"\bbody=%?([\w.\-]+)", i.line)
+            trip = _TRIP.search(i.line)
+            if body:
+                total += (int(trip.group(1)) if trip else 1) * _hbm_bytes(
+                    body.group(1), computations, instructions, depth + 1
+                )
+        elif i.opcode == "call" and callees:
+            total += _hbm_bytes(callees[0], computations, instructions, depth + 1)
+        elif i.opcode == "conditional":
+            branches = [b.strip().lstrip("%") for group in _CALLEE_LIST.findall(i.line) for b in group.split(",")]
+            total += max((_hbm_bytes(b, computations, instructions, depth + 1) for b in branches if b), default=0.0)
+        elif i.opcode == "dynamic-update-slice":
+            total += 2 * _in_hbm(operands[1] if len(operands) > 1 else None)  # the window: read and written
+        elif i.opcode in _READS_PART:
+            total += 2 * _in_hbm(i) + sum(_in_hbm(index) for index in operands[1:])
+        elif i.opcode == "fusion" and callees:
+            total += _fusion_hbm_bytes(i, operands, computations.get(callees[0], []))
+        elif i.opcode.endswith("-start"):
+            # The result tuple repeats the operands (aliases) beside the destination: count the
+            # operands once and what is new once.
+            results = list(zip(i.shapes, i.spaces))
+            for operand in operands:
+                for alias in zip(operand.shapes, operand.spaces) if operand is not None else ():
+                    if alias in results:
+                        results.remove(alias)
+            total += sum(_in_hbm(operand) for operand in operands)
+            total += sum(shape_bytes(*shape) for shape, space in results if space == 0)
+        else:
+            total += sum(_in_hbm(operand) for operand in operands) + _in_hbm(i)
+    return total
+
+
+def _fusion_hbm_bytes(fusion: _Instruction, operands: list, fused: list[_Instruction]) -> float:
+    parameters: dict[int, _Instruction] = {}
+    users: dict[str, list[_Instruction]] = collections.defaultdict(list)
+    for i in fused:
+        if i.opcode == "parameter":
+            number = re.search(r"parameter\((\d+)\)", i.line) if i.line else None
+            parameters[int(number.group(1)) if number else len(parameters)] = i
+        for operand in i.operands:
+            users[operand].append(i)
+    by_name = {i.name: i for i in fused}
+    total = 0.0
+    for index, operand in enumerate(operands):
+        if operand is None or not _in_hbm(operand):
+            continue
+        parameter = parameters.get(index)
+        uses = users.get(parameter.name, []) if parameter is not None else []
+        if uses and all(u.opcode in _READS_PART and u.operands[0] == parameter.name for u in uses):
+            total += sum(shape_bytes(*u.shapes[0]) for u in uses if u.shapes)
+        elif uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter.name for u in uses):
+            continue  # updated in place: the written window is counted with the result
+        else:
+            total += _in_hbm(operand)
+    root = fused[-1] if fused else None
+    outputs = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+    for output, shape, space in zip(outputs, fusion.shapes, fusion.spaces):
+        if space != 0:
+            continue
+        if output is not None and output.opcode == "dynamic-update-slice" and len(output.operands) > 1:
+            update = by_name.get(output.operands[1])
+            total += 2 * shape_bytes(*update.shapes[0]) if update is not None and update.shapes else shape_bytes(*shape)
+        else:
+            total += shape_bytes(*shape)
+    return total
 
 
 def _reachable_calls(name: str, calls, depth: int = 0):

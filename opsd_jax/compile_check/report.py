@@ -73,9 +73,10 @@ def table(reports: Sequence[ProgramReport], chip: Chip, header: str) -> str:
         for r in decodes:
             t = r.per_token
             lines.append(
-                f"  {r.name:<18} reads {t['bytes_accessed'] / GB:.2f} GB -> {1e3 * t['seconds_at_hbm_bandwidth']:.2f} ms at HBM "
-                f"bandwidth; floor {1e3 * t['floor_seconds']:.2f} ms (weights {t['weight_bytes'] / GB:.2f} GB + cache/state "
-                f"{t['state_bytes'] / GB:.2f} GB): {t['ratio_to_floor']:.2f}x; collectives {int(t['collective_count'])} "
+                f"  {r.name:<18} HBM traffic {t['hbm_bytes'] / GB:.2f} GB -> {1e3 * t['seconds_at_hbm_bandwidth']:.2f} ms at "
+                f"HBM bandwidth; floor {1e3 * t['floor_seconds']:.2f} ms (its arguments once: weights it uses, KV cache, "
+                f"state: {t['floor_bytes'] / GB:.2f} GB): {t['ratio_to_floor']:.2f}x (XLA's bytes accessed, on-chip memory "
+                f"included: {t['xla_ratio_to_floor']:.2f}x); collectives {int(t['collective_count'])} "
                 f"moving {t['collective_bytes'] / GB:.3f} GB, largest {t['largest_collective'] / 1e6:.2f} MB"
             )
     return "\n".join(lines)
