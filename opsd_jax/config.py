@@ -190,6 +190,11 @@ class SamplingConfig:
     # length): a batch is left-padded to the smallest that holds it. The trainer's rollouts and held-out
     # evaluation need none: their prompts are all `data.prompt_length` (one static shape already).
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+    # What one rollout decode covers: each micro-batch's prompts ("micro_batch", grad_accum_steps decodes
+    # per step) or the whole step's ("step", one decode). A decode token reads every decoder weight once
+    # whatever the rows, so one decode over k micro-batches' rows reads the weights k times less per row;
+    # it holds the KV cache and the prefill's activations of all of them at once.
+    rollout_batch: Literal["micro_batch", "step"] = "micro_batch"
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

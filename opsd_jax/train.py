@@ -333,35 +333,61 @@ class Trainer:
             mask=jnp.zeros((rows, new), bool),
         )
 
-    def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
+    def _rollouts(self, student, keys: jax.Array) -> GenerationOutput:
+        """`num_samples` rollouts of each prompt of `student` (prepared inputs), one key per prompt."""
         sampling = self.config.sampling
+        return generate(
+            self.model,
+            student,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            eos_token_id=self.builder.tokenizer.eos_token_id,
+            pad_token_id=self.builder.pad_token_id,
+            num_samples=sampling.num_samples,
+            seed=keys,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+
+    def _step_rollouts(self, clips: list[dict[str, Any]], keys: jax.Array) -> GenerationOutput:
+        """The rollouts of every prompt of the step in one decode (`sampling.rollout_batch: step`)."""
+        inputs = encode_clip_batch(
+            self.builder,
+            clips,
+            self.config.prompt,
+            length=self.config.data.prompt_length,
+            use_audio_in_video=self.config.data.use_audio_in_video,
+        )
+        media = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}
+        student = self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **media)
+        return self._rollouts(student, keys)
+
+    def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
         teacher = self.config.teacher
+        samples = self.config.sampling.num_samples
+        parts = self._micro_batches(clips)
+        # One key per clip, from its id: rollouts do not depend on the process layout, the batch order or
+        # whether the step's rows are decoded together (`sampling.rollout_batch`).
+        step_key = jax.random.fold_in(self.key, step)
+        keys = [
+            jnp.stack([jax.random.fold_in(step_key, _stable_hash(str(c["id"]))) for c in part]) for _, part in parts
+        ]
+        prepared = [self._prepare(inputs) for inputs, _ in parts]
+        began = time.perf_counter()
+        if teacher.distill_weight == 0 and teacher.label_pg_weight == 0:
+            outs = [self._no_rollouts(len(part)) for _, part in parts]
+        elif self.config.sampling.rollout_batch == "step" and len(parts) > 1:
+            whole = self._step_rollouts([clip for _, part in parts for clip in part], jnp.concatenate(keys))
+            bounds = np.cumsum([0] + [len(part) * samples for _, part in parts])
+            outs = [jax.tree.map(lambda x, a=a, b=b: x[a:b], whole) for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            outs = [self._rollouts(student, key) for (student, _), key in zip(prepared, keys)]
+        host = [(to_host(out.tokens), to_host(out.mask)) for out in outs]  # waits for the rollouts
+        self.rollout_time.add(time.perf_counter() - began, int(sum(mask.sum() for _, mask in host)))
         micro = []
-        for inputs, part in self._micro_batches(clips):
-            student, teacher_inputs = self._prepare(inputs)
-            # One key per clip, from its id: rollouts do not depend on the process layout or batch order.
-            step_key = jax.random.fold_in(self.key, step)
-            key = jnp.stack([jax.random.fold_in(step_key, _stable_hash(str(clip["id"]))) for clip in part])
-            began = time.perf_counter()
-            if teacher.distill_weight == 0 and teacher.label_pg_weight == 0:
-                out = self._no_rollouts(len(part))
-            else:
-                out = generate(
-                    self.model,
-                    student,
-                    max_new_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature,
-                    top_k=sampling.top_k,
-                    top_p=sampling.top_p,
-                    eos_token_id=self.builder.tokenizer.eos_token_id,
-                    pad_token_id=self.builder.pad_token_id,
-                    num_samples=sampling.num_samples,
-                    seed=key,
-                    mesh=self.mesh,
-                    rules=self.rules,
-                )
-            tokens, mask = to_host(out.tokens), to_host(out.mask)  # waits for the rollouts
-            self.rollout_time.add(time.perf_counter() - began, int(mask.sum()))
+        for (_, part), (student, teacher_inputs), out, (tokens, mask) in zip(parts, prepared, outs, host):
             rewards = (
                 self._rewards(tokens, mask, part) if teacher.label_pg_weight > 0 else np.zeros(len(tokens), np.float32)
             )

@@ -145,6 +145,25 @@ def test_importance_ratio_takes_the_distribution_rollouts_were_drawn_from(run_se
     trainer.checkpointer.close()
 
 
+def test_one_decode_over_the_step_gives_each_micro_batch_its_rollouts(run_setup):
+    """`sampling.rollout_batch: step` decodes the two micro-batches' prompts together: each micro-batch
+    gets the rollouts (tokens, behaviour log-probabilities) its own decode would have given it."""
+    from opsd_jax.train import _clips
+
+    batches = {}
+    for mode in ("micro_batch", "step"):
+        extra = ("train.batch_size=4", "train.grad_accum_steps=2", f"sampling.rollout_batch={mode}")
+        trainer = Trainer(config_for(run_setup, f"rollouts_{mode}", *extra))
+        batches[mode] = trainer.make_step_batch(_clips(next(trainer.iterator)), step=0)
+        trainer.checkpointer.close()
+    per_micro, whole = batches["micro_batch"], batches["step"]
+    assert whole.completion.shape[:2] == (2, 4)  # [micro-batches, rows]: 2 prompts x 2 samples each
+    np.testing.assert_array_equal(np.asarray(whole.completion), np.asarray(per_micro.completion))
+    np.testing.assert_array_equal(np.asarray(whole.completion_mask), np.asarray(per_micro.completion_mask))
+    np.testing.assert_allclose(np.asarray(whole.sampler_logprobs), np.asarray(per_micro.sampler_logprobs), atol=1e-5)
+    assert np.asarray(whole.completion_mask).any()
+
+
 def test_predictions_name_each_clip_and_score_as_evaluate_does(run_setup):
     trainer = Trainer(config_for(run_setup, "predict"))
     rows = trainer.predict()

@@ -329,6 +329,11 @@ def _hbm_bytes(
             total += 2 * _in_hbm(i) + sum(_in_hbm(index) for index in operands[1:])
         elif i.opcode == "fusion" and callees:
             total += _fusion_hbm_bytes(i, operands, computations.get(callees[0], []))
+        elif i.opcode == "slice-start":
+            # An asynchronous slice (into on-chip memory, usually): it reads its window of the operand.
+            *_, (window, space), _ = zip(i.shapes, i.spaces)
+            read = shape_bytes(*window) if operands and operands[0] is not None and _in_hbm(operands[0]) else 0.0
+            total += read + (shape_bytes(*window) if space == 0 else 0.0)
         elif i.opcode.endswith("-start"):
             # The result tuple repeats the operands (aliases) beside the destination: count the
             # operands once and what is new once.

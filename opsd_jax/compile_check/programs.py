@@ -9,7 +9,8 @@ shardings the trainer gives the real arrays (`param_shardings`, `step_batch_shar
 * `train_step`: the update over `grad_accum_steps` micro-batches (memory);
 * `train_micro_step`: the same update over one micro-batch (XLA's cost model: the micro-batch loop is
   a `while`, whose time the cost model leaves out), when `grad_accum_steps > 1`;
-* `rollout_prefill` / `rollout_decode`: the student's sampling of one micro-batch's rollouts;
+* `rollout_prefill` / `rollout_decode`: the student's sampling of one micro-batch's rollouts (the whole
+  step's with `sampling.rollout_batch: step`);
 * `eval_prefill` / `eval_decode`: greedy answers of the held-out evaluation.
 * `reader_prefill` / `reader_decode`: `opsd-jax eval` / `generate` from the run: the same greedy answers
   with the parameters alone on the mesh, in bfloat16 (`opsd_jax.trained.load_thinker`), nothing else resident.
@@ -440,20 +441,47 @@ def check_config(
         ]
     )
     sampling = config.sampling
-    inputs = _abstract_inputs(student)
-    inputs = _abstract(inputs, input_shardings(inputs, mesh, rules=config.mesh.axis_rules()))
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
-    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    def student_prompts(count: int) -> ThinkerInputs:
+        return prepared_prompts(
+            model,
+            thinker,
+            count,
+            clip,
+            length=config.data.prompt_length,
+            text_tokens=clip.text_tokens,
+            use_audio_in_video=config.data.use_audio_in_video,
+            setting="data.prompt_length",
+        )
+
+    def generation_inputs(count: int) -> tuple[ThinkerInputs, jax.ShapeDtypeStruct]:
+        prompts_in = student if count == prompts else student_prompts(count)
+        inputs = _abstract_inputs(prompts_in)
+        inputs = _abstract(inputs, input_shardings(inputs, mesh, rules=config.mesh.axis_rules()))
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), count))
+        return inputs, jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
     reader = dataclasses.replace(
         config, model=dataclasses.replace(config.model, dtype="bfloat16", param_dtype="bfloat16", remat=False)
     )
-    for name, new, samples, temperature, (graph, weights), beside in (
-        ("rollout", sampling.max_new_tokens, sampling.num_samples, sampling.temperature, (graphdef, params), resident),
-        ("eval", sampling.eval_max_new_tokens, 1, 0.0, (graphdef, params), resident),
-        ("reader", sampling.eval_max_new_tokens, 1, 0.0, (None, None), 0.0),
+    # The rollouts decode one micro-batch's prompts, or the whole step's (`sampling.rollout_batch: step`).
+    rollout_prompts = config.train.batch_size if sampling.rollout_batch == "step" else prompts
+    for name, count, new, samples, temperature, (graph, weights), beside in (
+        (
+            "rollout",
+            rollout_prompts,
+            sampling.max_new_tokens,
+            sampling.num_samples,
+            sampling.temperature,
+            (graphdef, params),
+            resident,
+        ),
+        ("eval", prompts, sampling.eval_max_new_tokens, 1, 0.0, (graphdef, params), resident),
+        ("reader", prompts, sampling.eval_max_new_tokens, 1, 0.0, (None, None), 0.0),
     ):
         if wanted is not None and not {f"{name}_prefill", f"{name}_decode"} & wanted:
             continue
+        inputs, keys = generation_inputs(count)
         if graph is None:
             graph, weights = abstract_thinker(thinker, reader, mesh)
         settings_g = sampling_settings(
@@ -465,8 +493,8 @@ def check_config(
             pad_token_id=PAD_TOKEN,
             num_samples=samples,
         )
-        prefill = ProgramReport(f"{name}_prefill", f"{prompts} prompts of {config.data.prompt_length} tokens")
-        decode = ProgramReport(f"{name}_decode", f"{prompts * samples} rows x {new} new tokens (loop body = one token)")
+        prefill = ProgramReport(f"{name}_prefill", f"{count} prompts of {config.data.prompt_length} tokens")
+        decode = ProgramReport(f"{name}_decode", f"{count * samples} rows x {new} new tokens (loop body = one token)")
         began = time.perf_counter()
         error = None
         try:
