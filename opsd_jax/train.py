@@ -115,6 +115,15 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
+def _media(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The media arrays of `encode_clip_batch`'s output (everything but the prompts' ids and masks)."""
+    return {
+        name: value
+        for name, value in inputs.items()
+        if not name.startswith(("input_ids", "attention_mask", "teacher_"))
+    }
+
+
 def _clips(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """A host batch (arrays stacked on axis 0) -> one dict per clip."""
     size = len(batch["id"])
@@ -255,28 +264,31 @@ class Trainer:
             part = clips[index * size : (index + 1) * size]
             for clip in part:
                 clip.setdefault("rationale", "")
-            inputs = encode_clip_batch(
-                self.builder,
-                part,
-                self.config.prompt,
-                length=self.config.data.prompt_length,
-                use_audio_in_video=self.config.data.use_audio_in_video,
-                with_teacher=True,
-                teacher_length=self.config.data.teacher_prompt_length,
-            )
+            inputs = self._encode(part, with_teacher=True)
             if not self.config.teacher.use_rationale:
                 inputs["teacher_input_ids"] = inputs["input_ids"]
                 inputs["teacher_attention_mask"] = inputs["attention_mask"]
             out.append((inputs, part))
         return out
 
+    def _encode(self, clips: list[dict[str, Any]], *, with_teacher: bool) -> dict[str, Any]:
+        """Clips -> the model call's arrays (`encode_clip_batch`) at the run's prompt lengths."""
+        return encode_clip_batch(
+            self.builder,
+            clips,
+            self.config.prompt,
+            length=self.config.data.prompt_length,
+            use_audio_in_video=self.config.data.use_audio_in_video,
+            with_teacher=with_teacher,
+            teacher_length=self.config.data.teacher_prompt_length,
+        )
+
+    def _prepare_student(self, inputs: dict[str, Any]):
+        return self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **_media(inputs))
+
     def _prepare(self, inputs: dict[str, Any]):
-        media = {
-            name: value
-            for name, value in inputs.items()
-            if not name.startswith(("input_ids", "attention_mask", "teacher_"))
-        }
-        student = self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **media)
+        student = self._prepare_student(inputs)
+        media = _media(inputs)
         teacher = self.model.prepare_inputs(
             inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"], **media
         )
@@ -353,16 +365,7 @@ class Trainer:
 
     def _step_rollouts(self, clips: list[dict[str, Any]], keys: jax.Array) -> GenerationOutput:
         """The rollouts of every prompt of the step in one decode (`sampling.rollout_batch: step`)."""
-        inputs = encode_clip_batch(
-            self.builder,
-            clips,
-            self.config.prompt,
-            length=self.config.data.prompt_length,
-            use_audio_in_video=self.config.data.use_audio_in_video,
-        )
-        media = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}
-        student = self.model.prepare_inputs(inputs["input_ids"], attention_mask=inputs["attention_mask"], **media)
-        return self._rollouts(student, keys)
+        return self._rollouts(self._prepare_student(self._encode(clips, with_teacher=False)), keys)
 
     def make_step_batch(self, clips: list[dict[str, Any]], step: int) -> opsd_step.StepBatch:
         teacher = self.config.teacher
@@ -469,15 +472,7 @@ class Trainer:
         batch_size = max(1, self.config.train.batch_size // self.config.train.grad_accum_steps)
         for start in range(0, count, batch_size):
             clips = [processor(source[indices[i]]) for i in range(start, min(count, start + batch_size))]
-            inputs = encode_clip_batch(
-                self.builder,
-                clips,
-                self.config.prompt,
-                length=data.prompt_length,
-                use_audio_in_video=data.use_audio_in_video,
-                with_teacher=with_rationale,
-                teacher_length=data.teacher_prompt_length,
-            )
+            inputs = self._encode(clips, with_teacher=with_rationale)
             if with_rationale:
                 inputs["input_ids"] = inputs.pop("teacher_input_ids")
                 inputs["attention_mask"] = inputs.pop("teacher_attention_mask")

@@ -51,7 +51,6 @@ _DTYPE_BYTES = {
     "c64": 8,
     "c128": 16,
 }
-_SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
 # An array type with its layout, `bf16[448,18944]{1,0:T(8,128)(2,1)S(1)}`: `S(n)` names a memory space other
 # than HBM (space 0).
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")

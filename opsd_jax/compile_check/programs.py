@@ -380,16 +380,20 @@ def check_config(
     accumulation = config.train.grad_accum_steps
     prompts = config.train.batch_size // accumulation
     teacher_length = config.data.teacher_prompt_length or config.data.prompt_length
-    student = prepared_prompts(
-        model,
-        thinker,
-        prompts,
-        clip,
-        length=config.data.prompt_length,
-        text_tokens=clip.text_tokens,
-        use_audio_in_video=config.data.use_audio_in_video,
-        setting="data.prompt_length",
-    )
+
+    def student_prompts(count: int) -> ThinkerInputs:
+        return prepared_prompts(
+            model,
+            thinker,
+            count,
+            clip,
+            length=config.data.prompt_length,
+            text_tokens=clip.text_tokens,
+            use_audio_in_video=config.data.use_audio_in_video,
+            setting="data.prompt_length",
+        )
+
+    student = student_prompts(prompts)
     teacher = prepared_prompts(
         model,
         thinker,
@@ -441,18 +445,6 @@ def check_config(
         ]
     )
     sampling = config.sampling
-
-    def student_prompts(count: int) -> ThinkerInputs:
-        return prepared_prompts(
-            model,
-            thinker,
-            count,
-            clip,
-            length=config.data.prompt_length,
-            text_tokens=clip.text_tokens,
-            use_audio_in_video=config.data.use_audio_in_video,
-            setting="data.prompt_length",
-        )
 
     def generation_inputs(count: int) -> tuple[ThinkerInputs, jax.ShapeDtypeStruct]:
         prompts_in = student if count == prompts else student_prompts(count)
