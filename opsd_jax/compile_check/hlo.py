@@ -202,11 +202,60 @@ def _matmul_flops(instruction: _Instruction, shapes: dict[str, tuple[tuple[str, 
     labels = _DIM_LABELS.search(instruction.line)
     if not labels or len(labels.group(2)) != len(rhs) or "i" not in labels.group(2):
         return 0.0
-    # TPU HLO writes batched matmuls as convolutions whose batch dimensions are spatial dimensions with
-    # a window of 1: each output element costs (window elements) x (input features of the kernel) MACs.
-    window = re.search(r"window=\{size=([\dx]+)", instruction.line)
-    window_elements = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
-    return 2.0 * math.prod(result) * window_elements * rhs[labels.group(2).index("i")]
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    if len(lhs_labels) != len(lhs) or len(out_labels) != len(result):
+        return 0.0
+    # TPU HLO writes batched matmuls as convolutions whose batch dimensions are spatial: a window of 1, or
+    # a window as wide as the dimension over an input dilated by the same factor and padded, so that each
+    # output position meets one real input element and the rest of its window falls on holes and padding.
+    # An output element costs (input features of the kernel) MACs per real tap, not per window element.
+    spatial = sorted(int(label) for label in lhs_labels if label.isdigit())
+    window = _window(instruction.line, len(spatial))
+    macs = math.prod(size for size, label in zip(result, out_labels) if not label.isdigit())
+    macs *= rhs[rhs_labels.index("i")]
+    for dim in spatial:
+        size, stride, (pad_low, _), lhs_dilate, rhs_dilate = (attribute[dim] for attribute in window)
+        macs *= _real_taps(
+            lhs[lhs_labels.index(str(dim))],
+            result[out_labels.index(str(dim))],
+            size,
+            stride,
+            pad_low,
+            lhs_dilate,
+            rhs_dilate,
+        )
+    return 2.0 * macs
+
+
+def _window(line: str, rank: int) -> tuple[list, list, list, list, list]:
+    """A convolution's window per spatial dimension: sizes, strides, (low, high) padding, input and
+    kernel dilations (HLO leaves out the attributes that are all 1 or 0)."""
+    match = re.search(r"window=\{([^}]*)\}", line)
+    fields = dict(re.findall(r"(\w+)=([\w\-]+)", match.group(1))) if match else {}
+
+    def numbers(name: str, default: int) -> list[int]:
+        return [int(v) for v in fields[name].split("x")] if name in fields else [default] * rank
+
+    padding = (
+        [tuple(int(v) for v in pair.split("_")) for pair in fields["pad"].split("x")]
+        if "pad" in fields
+        else [(0, 0)] * rank
+    )
+    return numbers("size", 1), numbers("stride", 1), padding, numbers("lhs_dilate", 1), numbers("rhs_dilate", 1)
+
+
+def _real_taps(
+    size: int, outputs: int, window: int, stride: int, pad_low: int, lhs_dilate: int, rhs_dilate: int
+) -> int:
+    """Window positions, summed over the outputs of one spatial dimension, that land on a real input
+    element (not on padding or on a hole of the input's dilation)."""
+    extent = (size - 1) * lhs_dilate
+    taps = 0
+    for output in range(outputs):
+        for k in range(window):
+            x = output * stride + k * rhs_dilate - pad_low
+            taps += 0 <= x <= extent and x % lhs_dilate == 0
+    return taps
 
 
 def summarize(text: str) -> HloSummary:

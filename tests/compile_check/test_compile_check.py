@@ -204,3 +204,31 @@ def test_hlo_counts_what_a_loop_iteration_moves_through_hbm():
     weight_bytes = 1024 * 65536 * 2
     assert trips is None  # stops on a traced count: no known trip count
     assert weight_bytes <= summary.loop_hbm_bytes[body] < weight_bytes + 4e6
+
+
+def test_hlo_counts_a_batched_matmul_written_as_a_dilated_convolution_by_its_real_taps():
+    """TPU HLO writes attention's grouped-query einsum as a convolution whose batch dimensions are dilated
+    inputs under windows as wide as them: each output element meets one real input element per window.
+    Inside a loop of 3, the FLOPs XLA's count leaves out are 2 x the einsum's, not 2 x its window size."""
+    _, devices = topology_devices(TOPOLOGY)
+    replicated = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
+    b, q, k, g, d, s = 2, 256, 4, 7, 128, 512
+
+    def scores(queries, keys):
+        def body(i, total):
+            scaled = queries * (i + 1).astype(queries.dtype)
+            return total + jnp.einsum("bqkgd,bskd->bkgqs", scaled, keys, preferred_element_type=jnp.float32)
+
+        return jax.lax.fori_loop(0, 3, body, jnp.zeros((b, k, g, q, s), jnp.float32))
+
+    compiled = (
+        jax.jit(scores)
+        .lower(
+            jax.ShapeDtypeStruct((b, q, k, g, d), jnp.bfloat16, sharding=replicated),
+            jax.ShapeDtypeStruct((b, s, k, d), jnp.bfloat16, sharding=replicated),
+        )
+        .compile()
+    )
+    text = compiled.as_text()
+    assert "lhs_dilate" in text  # the form this test is about (else XLA changed how it writes the einsum)
+    assert summarize(text).uncounted_loop_flops == 2 * (2 * b * q * k * g * d * s)
