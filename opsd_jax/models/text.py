@@ -224,6 +224,74 @@ class TextModel(nnx.Module):
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
+    def prefix_and_continuations(
+        self,
+        prefix_embeds: jax.Array,
+        prefix_positions: jax.Array,
+        prefix_mask: jax.Array,
+        embeds: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Prompts and, in the same pass over the layers, several continuations of each.
+
+        Equal to a forward over the prompts into a KV cache followed by a forward of the continuations
+        over that cache repeated for each (`__call__` twice), but each layer runs the prompts and then
+        the continuations while its weights are at hand: under FSDP a layer's weights are gathered
+        once per pass instead of once for the prompts and once more for the continuations, and no
+        layer's cache outlives the layer.
+
+        Args:
+          prefix_embeds: `[B, P, hidden]` the prompts; prefix_positions `[3, B, P]`; prefix_mask boolean
+            `[B, P, P]`.
+          embeds: `[B * G, C, hidden]` the continuations, prompt-major (G per prompt); positions
+            `[3, B * G, C]`; mask boolean `[B * G, C, P + C]` over the prompt's keys, then its own.
+
+        Returns:
+          hidden states after the final norm: the prompts' `[B, P, hidden]`, the continuations' `[B * G, C, hidden]`.
+        """
+        cfg = self.config
+        rope = functools.partial(
+            mrope_cos_sin,
+            head_dim=cfg.head_dim,
+            theta=cfg.rope_theta,
+            mrope_section=cfg.mrope_section,
+            dtype=self.dtype,
+        )
+        prefix_rope, rope_ = rope(prefix_positions), rope(positions)
+        # The prompts write their keys into a cache that also has the continuations' columns, unseen by them.
+        prefix_mask = jnp.pad(prefix_mask, ((0, 0), (0, 0), (0, embeds.shape[1])))
+        x = constrain_activation(prefix_embeds.astype(self.dtype), HIDDEN_AXES)
+        y = constrain_activation(embeds.astype(self.dtype), HIDDEN_AXES)
+        split = [nnx.split(layer) for layer in self.layers]
+        for i, (graphdef, state) in enumerate(split):
+            if i + 1 < len(split):  # prefetch at most one layer ahead: see `__call__`
+                x, y, next_state = jax.lax.optimization_barrier((x, y, split[i + 1][1]))
+                split[i + 1] = (split[i + 1][0], next_state)
+            run = _remat_prefix_layer if self.remat else _prefix_layer
+            x, y = run(graphdef, state, x, prefix_rope, prefix_mask, y, rope_, mask)
+        return self.norm(x), self.norm(y)
+
+
+def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
+    """One layer over prompts `x [B, P, h]`, then over their continuations `y [B * G, C, h]`, which see
+    the prompt's keys and values (this layer's cache, repeated G times) and their own."""
+    layer = nnx.merge(graphdef, state)
+    batch, prompt_len, _ = x.shape
+    rows, length, _ = y.shape
+    attention = layer.self_attn
+    shape = (batch, prompt_len + length, attention.num_kv_heads, attention.head_dim)
+    cache = LayerCache(jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    x, cache = layer(x, *x_rope, x_mask, cache, jnp.int32(0))
+    # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
+    # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
+    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=rows // batch, axis=0), cache)
+    y, _ = layer(y, *y_rope, y_mask, cache, jnp.int32(prompt_len))
+    return x, y
+
+
+_remat_prefix_layer = jax.checkpoint(_prefix_layer, static_argnums=(0,))
+
 
 @functools.partial(jax.checkpoint, static_argnums=(0,))
 def _remat_layer(graphdef, state, x, cos, sin, mask, cache, cache_index):

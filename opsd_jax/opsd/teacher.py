@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opsd_jax.models.qwen2_5_omni import MediaFeatures, Qwen2_5OmniThinker, ThinkerInputs
-from opsd_jax.models.text import LayerCache, causal_padding_mask
+from opsd_jax.models.text import causal_padding_mask
 from opsd_jax.opsd.losses import LossConfig, chunked_teacher_scores
 
 
@@ -41,21 +41,10 @@ def completion_hidden(
     """
     batch, prompt_len = prompt.input_ids.shape
     rows, length = completion.shape
-    repeats = rows // batch
-    text = model.config.text
-    shape = (batch, prompt_len + length, text.num_key_value_heads, text.head_dim)
-    cache = [
-        LayerCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(text.num_hidden_layers)
-    ]
-    prompt_mask = jnp.pad(causal_padding_mask(prompt.attention_mask), ((0, 0), (0, 0), (0, length)))
-    prefix, cache = model.model(
-        model.embed_inputs(prompt, features), prompt.position_ids, prompt_mask, cache, jnp.int32(0)
-    )
-
     # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
     # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
-    repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
-    cache = jax.tree.map(repeat, cache)
+    repeat = functools.partial(jnp.repeat, repeats=rows // batch, axis=0)
+    prompt_mask = causal_padding_mask(prompt.attention_mask)
     n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
     start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)
     positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
@@ -65,7 +54,14 @@ def completion_hidden(
     sees_completion = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (rows, length, length))
     mask = jnp.concatenate([sees_prompt, sees_completion], axis=2)
     del completion_mask  # tokens after EOS only feed predictions that are masked out of every loss
-    hidden, _ = model.model(model.model.embed_tokens(completion), positions, mask, cache, jnp.int32(prompt_len))
+    prefix, hidden = model.model.prefix_and_continuations(
+        model.embed_inputs(prompt, features),
+        prompt.position_ids,
+        prompt_mask,
+        model.model.embed_tokens(completion),
+        positions,
+        mask,
+    )
     return jnp.concatenate([repeat(prefix[:, -1:]), hidden[:, :-1]], axis=1)
 
 
