@@ -40,10 +40,10 @@ def train_step_memory(
     import numpy as np
     from flax import nnx
 
-    from opsd_jax.config import TeacherConfig, TrainConfig
     from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
     from opsd_jax.opsd import step
     from opsd_jax.opsd.losses import LossConfig
+    from opsd_jax.settings import TeacherConfig, TrainConfig
     from opsd_jax.testing.reference import tiny_thinker_config_dict
 
     config = ThinkerConfig.from_hf(tiny_thinker_config_dict(num_layers=layers, intermediate_size=intermediate))
