@@ -6,7 +6,7 @@
     opsd-jax eval score --predictions P.jsonl --wheel-dir DIR [--out DIR] [--extractor auto|saved|builtin|llm]
     opsd-jax eval fetch-wheels --dest DIR [--base-url URL] [--no-verify]
 
-`register(subparsers)` adds the group to the main `opsd-jax` parser; `main(argv)` runs it alone.
+`register(subparsers)` adds the group to the `opsd-jax` parser (`opsd_jax.cli`), which runs it.
 """
 
 from __future__ import annotations
@@ -365,14 +365,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--no-verify", action="store_true", help="accept files that differ from the benchmark's version")
     fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
     fetch.set_defaults(handler=_guarded(_fetch_wheels))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `opsd-jax eval ...` alone: `main(["eval", "score", ...])`."""
-    from opsd_jax.cli import main as cli_main  # the one parser; importing it at the top would be circular
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
     opsd-jax rationales --manifest M.jsonl --out R.jsonl --model NAME --base-url URL [--split train] ...
     opsd-jax rationales merge --manifest M.jsonl --rationales R.jsonl --out M2.jsonl [--require-split train]
 
-`register(subparsers)` adds the group to the main `opsd-jax` parser; `main(argv)` runs it alone.
+`register(subparsers)` adds the group to the `opsd-jax` parser (`opsd_jax.cli`), which runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
 
 from opsd_jax.config import local_path
 
@@ -288,14 +287,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--require-split", metavar="SPLIT", help="fail unless every clip of this split (e.g. train) has a rationale"
     )
     merge.set_defaults(handler=_guarded(_merge))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `opsd-jax rationales ...` alone: `main(["rationales", "--manifest", ...])`."""
-    from opsd_jax.cli import main as cli_main  # the one parser; importing it at the top would be circular
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
