@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     from opsd_jax.data_cli import register as register_data
     from opsd_jax.eval.cli import register as register_eval
     from opsd_jax.export_cli import register as register_export
+    from opsd_jax.generate_cli import register as register_generate
     from opsd_jax.rationales.cli import register as register_rationales
-    from opsd_jax.sampling.cli import register as register_generate
 
     register_data(subparsers)
     register_generate(subparsers)

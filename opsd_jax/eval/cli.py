@@ -133,14 +133,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from opsd_jax.eval.extract import BuiltinExtractor
     from opsd_jax.eval.runner import (
         PREDICTIONS_FILE,
-        GenerationSettings,
         check_generation_settings,
         collect_clips,
         generate_predictions,
         parse_dataset_names,
     )
     from opsd_jax.eval.wheels import load_emotion_wheels
-    from opsd_jax.sampling.cli import load_reader, settings_from_config
+    from opsd_jax.generate_cli import settings_from_config
+    from opsd_jax.generation import GenerationSettings, load_reader
     from opsd_jax.trained import open_source
 
     missing = [flag for flag, value in (("--data", args.data), ("--wheel-dir", args.wheel_dir)) if not value]
@@ -150,14 +150,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
-    settings = GenerationSettings(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        no_audio=args.no_audio,
-        **settings_from_config(source, args),
-    )
+    settings = GenerationSettings(**settings_from_config(source, args))
     out = args.out or Path("eval_results") / args.checkpoint.resolve().name
     # Everything that can fail is checked before the first answer is generated.
     wheels = load_emotion_wheels(args.wheel_dir)
@@ -245,7 +238,7 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(group: argparse.ArgumentParser) -> None:
     """`opsd-jax eval --checkpoint ... [KEY=VALUE ...]` (no COMMAND): generate, extract, score."""
-    from opsd_jax.sampling.cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments, add_frame_arguments
+    from opsd_jax.generate_cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments, add_frame_arguments
 
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
     add_checkpoint_arguments(run, required=False)
