@@ -8,14 +8,18 @@ with a message that names the dotted key.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib.util
 import math
 import re
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import jax
 import yaml
 
 from opsd_jax.data.jsonl import decode_utf8
@@ -35,8 +39,6 @@ def local_path(text: str) -> Path:
     """An argparse type for paths that must be on this machine: a URL is refused by name (pathlib would
     silently read `gs://bucket/x` as the local directory `gs:/bucket/x`)."""
     if _URL.match(text):
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text}: expected a local path; {REMOTE_HINT}")
     return Path(text)
 
@@ -174,8 +176,6 @@ class RunConfig:
         if self.log_rollouts_every < 0:
             raise ConfigError(f"run.log_rollouts_every: expected >= 0 (0 = never), got {self.log_rollouts_every}")
         if self.wandb_project is not None:
-            import importlib.util
-
             if not self.wandb_project.strip():
                 raise ConfigError("run.wandb_project: expected a project name, or null for no Weights & Biases")
             if importlib.util.find_spec("wandb") is None:
@@ -223,8 +223,6 @@ class Config:
 def shipped_configs() -> dict[str, Path]:
     """The named run configs shipped inside the package (`opsd_jax/configs/*.yaml`, package data): name ->
     file. Found through `importlib.resources`, so an installed wheel has them as a checkout does."""
-    from importlib import resources
-
     folder = resources.files("opsd_jax") / "configs"
     return {
         Path(entry.name).stem: Path(str(entry))
@@ -282,8 +280,6 @@ def load_config(
         _set_dotted(raw, key.strip(), _Override(value))
     config = from_dict(Config, raw)
     if num_devices == "auto":
-        import jax
-
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config

@@ -33,6 +33,8 @@ import numpy as np
 import yaml
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import Config, ConfigError
@@ -140,7 +142,6 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """
     if jax.process_count() == 1:
         return batch
-    from jax.experimental import multihost_utils
 
     gathered: dict[str, Any] = {}
     for name, value in batch.items():
@@ -549,8 +550,6 @@ class Trainer:
         `resume` continues from checkpoint `resume_step` (default: the newest that restores); without it the
         output directory must not hold another run (`RunDirectoryError`; `clear_run_directory` empties it).
         """
-        from tqdm import tqdm
-
         config = self.config
         if resume or resume_step is not None or require_checkpoint:
             start = self.restore(resume_step, required=require_checkpoint)
@@ -805,8 +804,6 @@ def clear_run_directory(directory: str | os.PathLike) -> None:
             elif path.exists():
                 path.unlink()
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("opsd_jax.train.clear_run_directory")
 
 

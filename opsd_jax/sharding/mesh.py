@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.settings import ConfigError
@@ -215,6 +216,5 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly multi-process) global array as one numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
