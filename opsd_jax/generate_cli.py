@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -25,12 +25,12 @@ from opsd_jax.data.chat_template import check_tokenizer_directory
 from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
-from opsd_jax.generation import GenerateError, GenerationSettings, answer, clip_inputs, load_reader
+from opsd_jax.generation import GenerateError, GenerationSettings, answer, batches, clip_inputs, load_reader
 from opsd_jax.trained import TrainedSource, open_source, training_clip_shape
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 128  # without a config file; with one, its sampling.eval_max_new_tokens
+DEFAULT_MAX_NEW_TOKENS = GenerationSettings.max_new_tokens  # without a config file; with one, its eval_max_new_tokens
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -61,16 +61,22 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool 
     )
 
 
-FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
+FRAME_DEFAULTS = {name: getattr(GenerationSettings, name) for name in ("fps", "max_frames", "max_pixels")}
 
 
 def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
     """--fps, --max-frames, --max-pixels: how a video file is sampled. Without them, a run directory whose
     training dataset is on this machine brings clips to its training clips' frames and audio length."""
     where = "; default: a run's training clips' frames when its data.train_dir is here, else {}".format
-    parser.add_argument("--fps", type=float, help="video frames sampled per second" + where("2"))
-    parser.add_argument("--max-frames", type=int, help="at most this many frames per clip" + where("32"))
-    parser.add_argument("--max-pixels", type=int, help="at most this many pixels per frame" + where(str(224 * 224)))
+    parser.add_argument(
+        "--fps", type=float, help="video frames sampled per second" + where(f"{FRAME_DEFAULTS['fps']:g}")
+    )
+    parser.add_argument(
+        "--max-frames", type=int, help="at most this many frames per clip" + where(str(FRAME_DEFAULTS["max_frames"]))
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, help="at most this many pixels per frame" + where(str(FRAME_DEFAULTS["max_pixels"]))
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -157,11 +163,6 @@ def settings_from_config(source: TrainedSource, args: argparse.Namespace) -> dic
         no_audio=args.no_audio,
         **frames,
     )
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def check_arguments(args: argparse.Namespace, settings: dict[str, Any]) -> None:
@@ -274,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     ):
         handle.writelines(line + "\n" for clip_id, line in answered.items() if clip_id in wanted)
         handle.flush()
-        for batch in _batches(todo, args.batch_size):
+        for batch in batches(todo, args.batch_size):
             prepared, kept = [], []
             for clip in batch:
                 try:

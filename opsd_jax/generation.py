@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -159,6 +159,12 @@ def clip_inputs(video: Path, audio: Path | None, *, record_id: str, settings: Ge
             input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0]
         )
     return clip
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    """`items` in consecutive batches of `size` (the last may be shorter): the clips of one `answer` call."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -29,7 +29,7 @@ from opsd_jax.data.manifest import Clip, read_manifest
 from opsd_jax.data.pipeline import MODEL_INPUTS, ProcessorInputs
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
-from opsd_jax.generation import GenerationSettings, answer, clip_inputs
+from opsd_jax.generation import GenerationSettings, answer, batches, clip_inputs
 
 PREDICTIONS_FILE = "predictions.jsonl"
 GENERATION_FILE = "generation.json"
@@ -283,11 +283,6 @@ def check_generation_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationSummary:
     records: list[PredictionRecord]  # one per clip, in clip order
@@ -333,7 +328,7 @@ def generate_predictions(
             predictions_path.open("a", encoding="utf-8") as handle,
             tqdm(total=len(todo), desc="generate", unit="clip", disable=not progress) as bar,
         ):
-            for number, batch in enumerate(_batches(todo, batch_size)):
+            for number, batch in enumerate(batches(todo, batch_size)):
                 batch_settings = dataclasses.replace(settings, seed=settings.seed + number)
                 texts = answer(reader, [clip.load() for clip in batch], batch_settings)
                 for clip, text in zip(batch, texts, strict=True):
