@@ -29,7 +29,7 @@ from opsd_jax.data.manifest import Clip, read_manifest
 from opsd_jax.data.pipeline import MODEL_INPUTS, ProcessorInputs
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
-from opsd_jax.generation import GenerationSettings, answer, batches, clip_inputs
+from opsd_jax.generation import GenerationSettings, Reader, answer, batches, clip_inputs
 
 PREDICTIONS_FILE = "predictions.jsonl"
 GENERATION_FILE = "generation.json"
@@ -291,7 +291,7 @@ class GenerationSummary:
 
 
 def generate_predictions(
-    load_model: Callable[[], tuple[Any, Any]],
+    load_model: Callable[[], Reader],
     clips: Sequence[BenchmarkClip],
     settings: GenerationSettings,
     predictions_path: Path,
