@@ -141,8 +141,7 @@ class MetricsWriter:
         self.wandb = None
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
-            # tensorboardX imports torch where it is installed (seconds): only a writing process pays for it
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # imports torch where installed (seconds): only a writer pays
 
             if self.remote:
                 self.text = self.path.read_text() if self.path.exists() else ""

@@ -87,9 +87,8 @@ def _ascii_byte_alphabet() -> list[str]:
 def build_tiny_tokenizer(directory: str | Path):
     """Trains the tiny BPE, saves it into `directory` and returns the tokenizer reloaded from there with
     `AutoTokenizer.from_pretrained` (so callers test the files, not the in-memory object)."""
-    # transformers is slow to import and only building the tokenizer needs it
-    from transformers import AutoTokenizer, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from transformers import AutoTokenizer, Qwen2Tokenizer  # slow to import; only this builder needs it
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # transformers: as above
 
     alphabet = _ascii_byte_alphabet()
     trainer_model = Tokenizer(models.BPE())
