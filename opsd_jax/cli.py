@@ -13,6 +13,17 @@ from typing import Sequence
 
 import yaml
 
+from opsd_jax.compile_check.cli import register as register_compile_check
+from opsd_jax.config import ConfigError, load_config
+from opsd_jax.data_cli import register as register_data
+from opsd_jax.eval.cli import lift_overrides
+from opsd_jax.eval.cli import register as register_eval
+from opsd_jax.export_cli import register as register_export
+from opsd_jax.generate_cli import register as register_generate
+from opsd_jax.models.weights import CheckpointError
+from opsd_jax.rationales.cli import register as register_rationales
+from opsd_jax.train import TrainingDiverged, initialize_distributed, train
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -49,8 +60,6 @@ def configure_logging(level: str = "info") -> None:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from opsd_jax.config import load_config
-
     config = load_config(args.config, args.overrides, num_devices=None if args.no_device_check else "auto")
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
     return 0
@@ -74,9 +83,6 @@ def _register_config(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from opsd_jax.config import load_config
-    from opsd_jax.train import TrainingDiverged, initialize_distributed, train
-
     initialize_distributed()  # before the config asks JAX for the device count
     config = load_config(args.config, args.overrides)
     try:
@@ -152,12 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _register_config(subparsers)
     _register_train(subparsers)
-    from opsd_jax.compile_check.cli import register as register_compile_check
-    from opsd_jax.data_cli import register as register_data
-    from opsd_jax.eval.cli import register as register_eval
-    from opsd_jax.export_cli import register as register_export
-    from opsd_jax.rationales.cli import register as register_rationales
-    from opsd_jax.sampling.cli import register as register_generate
 
     register_data(subparsers)
     register_generate(subparsers)
@@ -174,8 +174,6 @@ def parse_command_line(argv: Sequence[str], parser: argparse.ArgumentParser | No
     argv = list(argv)
     lifted: list[str] = []
     if argv[:1] == ["eval"]:  # its COMMAND positional would take a KEY=VALUE word for a command's name
-        from opsd_jax.eval.cli import lift_overrides
-
         argv, lifted = lift_overrides(argv)
     args, extra = parser.parse_known_args(argv)
     if lifted:
@@ -196,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level)
-    from opsd_jax.config import ConfigError
-    from opsd_jax.models.weights import CheckpointError
 
     try:
         return int(args.handler(args) or 0)

@@ -8,25 +8,25 @@ with a message that names the dotted key.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib.util
 import math
 import re
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import jax
 import yaml
 
 from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
-from opsd_jax.sharding.rules import AxisRules, resolve_rules
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
-
+from opsd_jax.settings import ConfigError, TeacherConfig, TrainConfig
+from opsd_jax.sharding import MeshConfig
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 REMOTE_HINT = (
@@ -39,8 +39,6 @@ def local_path(text: str) -> Path:
     """An argparse type for paths that must be on this machine: a URL is refused by name (pathlib would
     silently read `gs://bucket/x` as the local directory `gs:/bucket/x`)."""
     if _URL.match(text):
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text}: expected a local path; {REMOTE_HINT}")
     return Path(text)
 
@@ -56,69 +54,6 @@ def _check_local(key: str, value: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh axes. -1 on one axis means "all remaining devices"."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    # Overrides of the logical-axis table in `opsd_jax.sharding.rules`: logical name -> mesh axes.
-    # A value is a mesh axis name, a list of them, or null (replicated).
-    logical_axis_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # The TPU slice the config is written for, as GENERATION:CHIPGRID (e.g. v5p:4x4x2): `opsd-jax
-    # compile-check` compiles for it, and training on a TPU refuses a slice of another size.
-    topology: str | None = None
-
-    def axis_rules(self) -> AxisRules:
-        """The logical-axis table with `logical_axis_rules` applied: a run resolves it once and passes it to
-        every placement of parameters, batches and activations."""
-        return resolve_rules(self.logical_axis_rules)
-
-    def validate(self, num_devices: int | None) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"mesh.{name}: expected a positive size or -1 (take the rest), got {size}")
-        auto = [name for name, size in sizes.items() if size == -1]
-        if len(auto) > 1:
-            raise ConfigError(f"mesh: at most one axis may be -1, got -1 for {', '.join('mesh.' + a for a in auto)}")
-        if self.topology is not None:
-            from opsd_jax.sharding.topology import TopologyError, parse_topology
-
-            try:
-                parse_topology(self.topology)
-            except TopologyError as err:
-                raise ConfigError(f"mesh.topology: {err}") from None
-        if num_devices is None:
-            return
-        fixed = math.prod(size for size in sizes.values() if size != -1)
-        if auto:
-            if num_devices % fixed:
-                raise ConfigError(
-                    f"mesh.{auto[0]}: -1 cannot fill the mesh: {num_devices} devices are not divisible by the "
-                    f"product of the other axes ({fixed})"
-                )
-        elif fixed != num_devices:
-            raise ConfigError(
-                f"mesh: data x fsdp x tensor = {self.data} x {self.fsdp} x {self.tensor} = {fixed}, "
-                f"but {num_devices} devices are available"
-            )
-        from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES
-
-        for logical, target in self.logical_axis_rules.items():
-            if logical not in LOGICAL_AXIS_RULES:
-                raise ConfigError(
-                    f"mesh.logical_axis_rules.{logical}: unknown logical axis; known: {sorted(LOGICAL_AXIS_RULES)}"
-                )
-            targets = [] if target is None else [target] if isinstance(target, str) else list(target)
-            for axis in targets:
-                if axis not in MESH_AXES:
-                    raise ConfigError(
-                        f"mesh.logical_axis_rules.{logical}: unknown mesh axis {axis!r}; expected one of {MESH_AXES}"
-                    )
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which checkpoint to load and in which precision."""
 
@@ -130,50 +65,6 @@ class ModelConfig:
     def validate(self, num_devices: int | None) -> None:
         del num_devices
         _check_local("model.checkpoint", self.checkpoint)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation: AdamW with linear warm-up and cosine decay, global-norm clipping, accumulation."""
-
-    seed: int = 0
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    train_encoders: bool = False
-
-    def validate(self, num_devices: int | None) -> None:
-        del num_devices
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr: expected a positive learning rate, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
-        for name in ("total_steps", "batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"train.batch_size: {self.batch_size} prompts do not split into "
-                f"train.grad_accum_steps = {self.grad_accum_steps} equal micro-batches"
-            )
-        if self.warmup_steps < 0 or self.warmup_steps >= self.total_steps:
-            raise ConfigError(
-                f"train.warmup_steps: expected 0..train.total_steps - 1 ({self.total_steps - 1}), got {self.warmup_steps}"
-            )
-        if self.max_grad_norm <= 0:
-            raise ConfigError(f"train.max_grad_norm: expected > 0, got {self.max_grad_norm}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
-        for name in ("adam_b1", "adam_b2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: expected a value in [0, 1), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,33 +101,6 @@ class SamplingConfig:
             raise ConfigError(f"sampling.top_p: expected a value in (0, 1] or null, got {self.top_p}")
         if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
             raise ConfigError(f"sampling.prompt_buckets: expected positive lengths, got {list(self.prompt_buckets)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    """Which parameters score the completions: the live student (stop-gradient), the initial ones, or an EMA."""
-
-    mode: Literal["live", "frozen", "ema"] = "frozen"
-    ema_rate: float = 0.05
-    # False gives the teacher the student's own prompt (the "teacher without rationale" ablation).
-    use_rationale: bool = True
-    distill_weight: float = 1.0
-    # Ablation terms, 0 by default: a label-reward policy gradient (GRPO-style) and a cross-entropy term
-    # on reference answers (`label_ce_target`: the label, or the rationale followed by the label) given
-    # the student's or the teacher's prompt (`label_ce_prompt`; "teacher" is the warm start's reading
-    # of written evidence).
-    label_pg_weight: float = 0.0
-    label_ce_weight: float = 0.0
-    label_ce_target: Literal["label", "rationale"] = "label"
-    label_ce_prompt: Literal["student", "teacher"] = "student"
-
-    def validate(self, num_devices: int | None) -> None:
-        del num_devices
-        if not 0 < self.ema_rate <= 1:
-            raise ConfigError(f"teacher.ema_rate: expected a value in (0, 1], got {self.ema_rate}")
-        for name in ("label_pg_weight", "label_ce_weight", "distill_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"teacher.{name}: expected >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,8 +176,6 @@ class RunConfig:
         if self.log_rollouts_every < 0:
             raise ConfigError(f"run.log_rollouts_every: expected >= 0 (0 = never), got {self.log_rollouts_every}")
         if self.wandb_project is not None:
-            import importlib.util
-
             if not self.wandb_project.strip():
                 raise ConfigError("run.wandb_project: expected a project name, or null for no Weights & Biases")
             if importlib.util.find_spec("wandb") is None:
@@ -361,8 +223,6 @@ class Config:
 def shipped_configs() -> dict[str, Path]:
     """The named run configs shipped inside the package (`opsd_jax/configs/*.yaml`, package data): name ->
     file. Found through `importlib.resources`, so an installed wheel has them as a checkout does."""
-    from importlib import resources
-
     folder = resources.files("opsd_jax") / "configs"
     return {
         Path(entry.name).stem: Path(str(entry))
@@ -420,8 +280,6 @@ def load_config(
         _set_dotted(raw, key.strip(), _Override(value))
     config = from_dict(Config, raw)
     if num_devices == "auto":
-        import jax
-
         num_devices = jax.device_count()
     config.validate(num_devices)
     return config

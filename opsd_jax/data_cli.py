@@ -17,7 +17,19 @@ import argparse
 import sys
 from typing import Any
 
-from opsd_jax.config import local_path
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from opsd_jax.config import ConfigError, load_config, local_path
+from opsd_jax.data.audio_features import feature_frames
+from opsd_jax.data.builders import MerConfig, build_mer
+from opsd_jax.data.builders.mer import manifest_clip_example
+from opsd_jax.data.chat_template import PromptBuilder
+from opsd_jax.data.converters import DATASETS, LAYOUTS, SUBTITLE_COLUMNS, ConversionError, convert, parse_splits
+from opsd_jax.data.manifest import ManifestError, scan_manifest
+from opsd_jax.data.media import MediaError, SkipCounter, load_clip_media
+from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE, video_to_inputs
+from opsd_jax.opsd.prompts import prompt_lengths
 
 SHAPE_DEFAULTS = dict(num_frames=16, height=224, width=224, max_audio_seconds=30.0)  # MerConfig's
 
@@ -33,7 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(title="data commands", metavar="COMMAND", required=True)
 
     convert = commands.add_parser("convert", help="a MER-UniBench dataset folder -> a JSONL clip manifest")
-    from opsd_jax.data.converters import DATASETS, SUBTITLE_COLUMNS
 
     convert.add_argument("--dataset", required=True, type=str.lower, choices=DATASETS)
     convert.add_argument("--root", required=True, type=local_path, help="the dataset folder as shipped")
@@ -94,8 +105,6 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _mer_config(args: argparse.Namespace, **extra: Any):
-    from opsd_jax.data.builders import MerConfig
-
     return MerConfig(
         num_frames=args.num_frames,
         height=args.height,
@@ -111,9 +120,6 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from opsd_jax.data.converters import ConversionError, convert, parse_splits
-    from opsd_jax.data.manifest import ManifestError
-
     try:
         splits = None if args.splits is None else parse_splits(args.splits)
         clips = convert(
@@ -133,12 +139,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    import tensorflow_datasets as tfds
-
-    from opsd_jax.data.builders import build_mer
-    from opsd_jax.data.manifest import ManifestError
-    from opsd_jax.data.media import MediaError
-
     try:
         config = _mer_config(args, name=args.name, on_error=args.on_error)
         dataset_dir = build_mer(args.manifest, args.out, config, overwrite=args.overwrite)
@@ -151,8 +151,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from opsd_jax.data.manifest import scan_manifest
-
     try:
         config = _mer_config(args, name="check")
         clips, line_problems = scan_manifest(args.manifest)
@@ -184,8 +182,6 @@ def _check(args: argparse.Namespace) -> int:
 def label_problems(clip) -> list[str]:
     """What the manifest's own checks allow but the clip's dataset does not: a basic emotion outside the
     dataset's classes, a sentiment outside its range (`converters.LAYOUTS`)."""
-    from opsd_jax.data.converters import LAYOUTS
-
     layout = LAYOUTS.get(clip.dataset)
     problems = []
     if layout is None:
@@ -201,11 +197,6 @@ def label_problems(clip) -> list[str]:
 def decode_clips(clips, config) -> tuple[list[tuple[Any, dict]], list[tuple[str, str]]]:
     """Decodes every clip as `data build` does (progress bar on stderr): (clip, example) for those that
     decode to the config's static shapes, and (clip id, problem) for the others."""
-    from tqdm import tqdm
-
-    from opsd_jax.data.builders.mer import manifest_clip_example
-    from opsd_jax.data.media import SkipCounter, load_clip_media
-
     decoded, problems = [], []
     for clip in tqdm(clips, desc="decoding", unit="clip"):
         skipped = SkipCounter()
@@ -227,9 +218,6 @@ def decode_clips(clips, config) -> tuple[list[tuple[Any, dict]], list[tuple[str,
 def _prompt_checker(args: argparse.Namespace):
     """Loads --config and its checkpoint's tokenizer (bad input fails here, before any decoding); returns
     a function (decoded clips, clip config) -> problems of prompts longer than the config's buckets."""
-    from opsd_jax.config import ConfigError, load_config
-    from opsd_jax.data.chat_template import PromptBuilder
-
     run = load_config(args.config, args.overrides, num_devices=None)
     if not run.model.checkpoint:
         raise ConfigError(
@@ -241,10 +229,6 @@ def _prompt_checker(args: argparse.Namespace):
     teacher_limit = run.data.teacher_prompt_length or run.data.prompt_length
 
     def check(decoded, config) -> list[tuple[str, str]]:
-        from opsd_jax.data.audio_features import feature_frames
-        from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE, video_to_inputs
-        from opsd_jax.opsd.prompts import prompt_lengths
-
         if not decoded:
             return []
         first = decoded[0][1]

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from opsd_jax.config import local_path
+from opsd_jax.config import MeshConfig, local_path
+from opsd_jax.models.export import TOKENIZER_FILES, export_thinker
+from opsd_jax.models.weights import CheckpointError
+from opsd_jax.sharding import make_mesh
+from opsd_jax.trained import load_thinker, open_source
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -92,10 +96,6 @@ def load_trained_params(path: str | Path, step: int | None = None) -> TrainedPar
     Raises:
       CheckpointError: `path` is missing or neither kind of directory, or `step` is not saved.
     """
-    from opsd_jax.config import MeshConfig
-    from opsd_jax.sharding import make_mesh
-    from opsd_jax.trained import load_thinker, open_source
-
     source = open_source(path, step=step, num_devices=None)
     dtype = "float32" if source.run_dir is None else source.config.model.dtype
     model, _ = load_thinker(source, dtype=dtype, mesh=make_mesh(MeshConfig()))
@@ -103,8 +103,6 @@ def load_trained_params(path: str | Path, step: int | None = None) -> TrainedPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from opsd_jax.models.export import TOKENIZER_FILES, export_thinker
-
     trained = load_trained_params(args.checkpoint, args.step)
     tokenizer_dir = args.tokenizer_dir
     if tokenizer_dir is None and any((trained.base_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
@@ -132,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`opsd-jax export ARGS` on its own (the same handler and error reporting as the full CLI)."""
-    from opsd_jax.models.weights import CheckpointError
-
     parser = argparse.ArgumentParser(prog="opsd-jax")
     register(parser.add_subparsers())
     args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])

@@ -19,7 +19,12 @@ import uuid
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from etils import epath
+from flax import nnx
+
+from opsd_jax.opsd.step import is_encoder_path
+from opsd_jax.sharding.topology import CHIPS
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +52,6 @@ def measured_cpu_flops(size: int = 1024, repeats: int = 5) -> float:
     XLA's CPU backend runs one matmul on all the cores the process may use, and the forced host devices of
     a test share those cores, so this is the peak of the whole process, not of one device.
     """
-    import jax.numpy as jnp
-
     device = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     matmul = jax.jit(jnp.matmul)
@@ -63,8 +66,6 @@ def measured_cpu_flops(size: int = 1024, repeats: int = 5) -> float:
 
 def device_peak_flops(device: jax.Device) -> float | None:
     """One device's peak FLOP/s from the tables (None for a kind they do not hold)."""
-    from opsd_jax.sharding.topology import CHIPS
-
     kind = device.device_kind.lower()
     if device.platform == "tpu":
         return next((CHIPS[generation].bf16_flops for part, generation in TPU_KINDS if part in kind), None)
@@ -88,10 +89,6 @@ def matmul_parameters(params: Any, *, tied_head: bool, vocab_size: int, hidden_s
     """Parameters that do a multiply-add per token in the language model: every parameter of the thinker but
     the media encoders' and the input embedding's (a lookup), plus the output head when it is the tied
     embedding. `params`: the model's `nnx.State` of parameters."""
-    from flax import nnx
-
-    from opsd_jax.opsd.step import is_encoder_path
-
     count = sum(
         int(math.prod(value.shape))
         for path, value in nnx.to_flat_state(params)
@@ -144,7 +141,7 @@ class MetricsWriter:
         self.wandb = None
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # imports torch where installed (seconds): only a writer pays
 
             if self.remote:
                 self.text = self.path.read_text() if self.path.exists() else ""

@@ -4,7 +4,7 @@ Every process of a multi-host run executes this same program on its shard of the
 
 1. the next batch of clips from the grain pipeline (this process's shard), its student and teacher
    prompts tokenized to one length bucket and prepared (`prepare_inputs`) per micro-batch;
-2. `num_samples` rollouts per prompt from the live student (`opsd_jax.sampling.generate`), with a
+2. `num_samples` rollouts per prompt from the live student (`opsd_jax.generation.decode`), with a
    PRNG key folded from the run's key and the step, so a resumed run samples what the uninterrupted
    one would have;
 3. one jitted update (`opsd_jax.opsd.step`): student forward, teacher forward, loss, optax, EMA.
@@ -33,6 +33,8 @@ import numpy as np
 import yaml
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import Config, ConfigError
@@ -43,13 +45,14 @@ from opsd_jax.data.pipeline import PipelineConfig, ProcessorInputs, make_iterato
 from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
 from opsd_jax.eval.extract import answer_text
 from opsd_jax.eval.metrics import accuracy, macro_f1
+from opsd_jax.generation import Decoding, decode
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.monitor import MetricsWriter, matmul_parameters, peak_flops, step_model_flops
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.diagnostics import inspect_rollouts, markdown, rollout_records
 from opsd_jax.opsd.prompts import encode_clip_batch, prompt_lengths
-from opsd_jax.sampling import GenerationOutput, generate
+from opsd_jax.sampling import GenerationOutput
 from opsd_jax.sharding import make_mesh, to_host
 from opsd_jax.sharding.topology import topology_chips
 
@@ -139,7 +142,6 @@ def gather_global_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """
     if jax.process_count() == 1:
         return batch
-    from jax.experimental import multihost_utils
 
     gathered: dict[str, Any] = {}
     for name, value in batch.items():
@@ -348,20 +350,10 @@ class Trainer:
     def _rollouts(self, student, keys: jax.Array) -> GenerationOutput:
         """`num_samples` rollouts of each prompt of `student` (prepared inputs), one key per prompt."""
         sampling = self.config.sampling
-        return generate(
-            self.model,
-            student,
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            eos_token_id=self.builder.tokenizer.eos_token_id,
-            pad_token_id=self.builder.pad_token_id,
-            num_samples=sampling.num_samples,
-            seed=keys,
-            mesh=self.mesh,
-            rules=self.rules,
+        decoding = Decoding(
+            sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.num_samples
         )
+        return decode(self.model, student, decoding, builder=self.builder, mesh=self.mesh, rules=self.rules, seed=keys)
 
     def _step_rollouts(self, clips: list[dict[str, Any]], keys: jax.Array) -> GenerationOutput:
         """The rollouts of every prompt of the step in one decode (`sampling.rollout_batch: step`)."""
@@ -477,13 +469,11 @@ class Trainer:
                 inputs["input_ids"] = inputs.pop("teacher_input_ids")
                 inputs["attention_mask"] = inputs.pop("teacher_attention_mask")
             ids = inputs.pop("input_ids")
-            out = generate(
+            out = decode(
                 self.model,
                 {"input_ids": ids, **inputs},
-                max_new_tokens=self.config.sampling.eval_max_new_tokens,
-                temperature=0.0,
-                eos_token_id=self.builder.tokenizer.eos_token_id,
-                pad_token_id=self.builder.pad_token_id,
+                Decoding(self.config.sampling.eval_max_new_tokens),  # greedy
+                builder=self.builder,
                 mesh=self.mesh,
                 rules=self.rules,
             )
@@ -560,8 +550,6 @@ class Trainer:
         `resume` continues from checkpoint `resume_step` (default: the newest that restores); without it the
         output directory must not hold another run (`RunDirectoryError`; `clear_run_directory` empties it).
         """
-        from tqdm import tqdm
-
         config = self.config
         if resume or resume_step is not None or require_checkpoint:
             start = self.restore(resume_step, required=require_checkpoint)
@@ -816,8 +804,6 @@ def clear_run_directory(directory: str | os.PathLike) -> None:
             elif path.exists():
                 path.unlink()
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("opsd_jax.train.clear_run_directory")
 
 

@@ -21,9 +21,13 @@ from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
+from opsd_jax.checkpoint import RunCheckpointer
 from opsd_jax.config import Config, load_config
+from opsd_jax.data.builders import load_split
+from opsd_jax.models.qwen2_5_omni import from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.sharding import AxisRules
 
@@ -63,8 +67,6 @@ def is_run_dir(path: Path) -> bool:
 
 def saved_steps(run_dir: Path) -> list[int]:
     """The complete checkpoints of a run, listed read-only."""
-    from opsd_jax.checkpoint import RunCheckpointer
-
     checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", read_only=True)
     try:
         return sorted(checkpointer.all_steps())
@@ -126,11 +128,6 @@ def load_thinker(
     placed on `mesh` by the logical-axis table `rules` (the run's `mesh.axis_rules()`) as it is read (so no device ever holds the whole model), and
     for a run the trained parameters restored straight onto those shardings. Returns `(model, step)`, the
     step restored (None for a Hugging Face directory)."""
-    from flax import nnx
-
-    from opsd_jax.checkpoint import RunCheckpointer
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
-
     model = from_pretrained(
         source.base_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], mesh=mesh, rules=rules, remat=False
     )
@@ -166,7 +163,6 @@ def training_clip_shape(config: Config) -> ClipShape | None:
     directory = Path(config.data.train_dir) if config.data.train_dir else None
     if directory is None or not directory.is_dir():
         return None
-    from opsd_jax.data.builders import load_split
 
     source = load_split(directory, config.data.train_split)
     if not len(source):

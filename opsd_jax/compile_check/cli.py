@@ -9,6 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from opsd_jax.compile_check import report as report_module
+from opsd_jax.compile_check.programs import ClipShape, check_config
+from opsd_jax.config import ConfigError, load_config
+from opsd_jax.models.architectures import thinker_config
+from opsd_jax.sharding.topology import TopologyError, topology_chips, topology_devices
+
 logger = logging.getLogger(__name__)
 
 PROGRAMS = (
@@ -32,9 +38,6 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from opsd_jax.config import ConfigError, load_config
-    from opsd_jax.sharding.topology import TopologyError, topology_chips
-
     config = load_config(args.config, args.overrides, num_devices=None)
     topology = args.topology or config.mesh.topology
     if not topology:
@@ -44,11 +47,6 @@ def _run(args: argparse.Namespace) -> int:
     except TopologyError as err:
         raise ConfigError(str(err)) from None
     config.validate(chips)  # the mesh must fill the slice: a one-line error, before any compile
-
-    from opsd_jax.compile_check import report as report_module
-    from opsd_jax.compile_check.programs import ClipShape, check_config
-    from opsd_jax.models.architectures import thinker_config
-    from opsd_jax.sharding.topology import topology_devices
 
     try:
         chip, devices = topology_devices(topology)

@@ -358,7 +358,7 @@ class PromptBuilder:
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> PromptBuilder:
         """The tokenizer of a checkpoint directory (`AutoTokenizer.from_pretrained`), offline."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # slow to import; only loading a tokenizer needs it
 
         check_tokenizer_directory(directory)
         return cls(

@@ -23,10 +23,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from opsd_jax.data.audio_features import audio_to_inputs
 from opsd_jax.data.vision_inputs import video_to_inputs
+from opsd_jax.sharding import shard_batch
 
 Example = Mapping[str, Any]
 Preprocess = Callable[[Example], dict[str, Any]]
@@ -72,7 +75,6 @@ class PipelineConfig:
     def shard(self) -> tuple[int, int]:
         if self.shard_count is not None:
             return self.shard_index, self.shard_count
-        import jax
 
         return jax.process_index(), jax.process_count()
 
@@ -123,8 +125,6 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 def place_on_mesh(batch: Mapping[str, Any], mesh, rules=None) -> dict[str, Any]:
     """Numeric arrays -> `shard_batch` (leading axis over the batch mesh axes of `rules`, a run's
     `MeshConfig.axis_rules`; default: the default table); text arrays stay numpy."""
-    from opsd_jax.sharding import shard_batch
-
     numeric = {name: value for name, value in batch.items() if np.asarray(value).dtype.kind in "biuf"}
     placed = shard_batch(numeric, mesh, rules)
     return {name: placed.get(name, value) for name, value in batch.items()}
@@ -133,7 +133,6 @@ def place_on_mesh(batch: Mapping[str, Any], mesh, rules=None) -> dict[str, Any]:
 def _allow_grain_workers_without_absl_app() -> None:
     # grain reads an absl flag when it starts worker processes; outside `absl.app.run` (pytest, notebooks,
     # our CLI) flags are unparsed and reading one raises. Marking them parsed keeps every default.
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

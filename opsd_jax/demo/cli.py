@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from opsd_jax.demo import __doc__ as DESCRIPTION
+from opsd_jax.demo import report
 from opsd_jax.demo.arms import ARMS, DEFAULT_ARMS
 from opsd_jax.demo.data import CONDITIONS
 from opsd_jax.demo.run import QUICK, DemoSize, run_seed
@@ -55,10 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.arm_steps < 1:
             parser.error(f"--arm-steps: expected >= 1, got {args.arm_steps}")
         size = dataclasses.replace(size, arm_steps=args.arm_steps, eval_every=min(size.eval_every, args.arm_steps))
-
-    import jax
-
-    from opsd_jax.demo import report
 
     # Arms of one objective compile the same programs: the persistent cache compiles each once per workdir.
     jax.config.update("jax_compilation_cache_dir", str((args.workdir / "jax_cache").resolve()))

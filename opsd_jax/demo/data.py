@@ -26,7 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from opsd_jax.data.manifest import Clip
+from opsd_jax.data.builders import build_mer
+from opsd_jax.data.builders.mer import MerConfig
+from opsd_jax.data.manifest import Clip, read_manifest, write_manifest
+from opsd_jax.data.synthetic import write_synthetic_manifest
+from opsd_jax.rationales.generate import merge_rationales
+from opsd_jax.rationales.rule_based import write_rule_based_rationales
 
 # Condition -> (probability that a training subtitle names the clip's label, the same for test subtitles).
 # 1/4 at test is chance agreement: the subtitle names a uniformly random emotion.
@@ -89,13 +94,6 @@ class ConditionData:
 
 def build_condition(directory: Path, condition: str, *, train_clips: int, test_clips: int, seed: int) -> ConditionData:
     """Writes the clips of `condition` under `directory` (reused when present) and builds its datasets."""
-    from opsd_jax.data.builders import build_mer
-    from opsd_jax.data.builders.mer import MerConfig
-    from opsd_jax.data.manifest import read_manifest, write_manifest
-    from opsd_jax.data.synthetic import write_synthetic_manifest
-    from opsd_jax.rationales.generate import merge_rationales
-    from opsd_jax.rationales.rule_based import write_rule_based_rationales
-
     train_agree, test_agree = CONDITIONS[condition]
     manifest = directory / "manifest.jsonl"
     if not manifest.is_file():

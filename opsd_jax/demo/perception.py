@@ -12,9 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+from opsd_jax.data.audio_features import audio_to_inputs
 from opsd_jax.data.synthetic import EMOTIONS, FPS, VALENCE_AROUSAL, make_clip
+from opsd_jax.data.vision_inputs import video_to_inputs
+from opsd_jax.models.audio import prepare_audio
+from opsd_jax.models.qwen2_5_omni import from_pretrained
+from opsd_jax.models.vision import vision_plan
 
 
 def ridge_probe_accuracy(features: np.ndarray, targets: np.ndarray, fit: int, ridge: float = 1.0) -> float:
@@ -32,13 +38,6 @@ def ridge_probe_accuracy(features: np.ndarray, targets: np.ndarray, fit: int, ri
 
 def encoder_tokens(model, clip: dict) -> dict[str, np.ndarray]:
     """`{"video": [hidden], "audio": [hidden]}`: each encoder's output tokens RMS-normalised, then averaged."""
-    import jax.numpy as jnp
-
-    from opsd_jax.data.audio_features import audio_to_inputs
-    from opsd_jax.data.vision_inputs import video_to_inputs
-    from opsd_jax.models.audio import prepare_audio
-    from opsd_jax.models.vision import vision_plan
-
     video = video_to_inputs(clip["frames"], float(clip["fps"]))
     audio = audio_to_inputs(clip["audio"], max_samples=len(clip["audio"]))
     chunks, plan = prepare_audio(audio["input_features"], audio["feature_attention_mask"], model.config.audio)
@@ -93,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--clips: expected at least 8, got {args.clips}")
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"checkpoint: {args.checkpoint} holds no config.json")
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
 
     scores = probe_encoders(from_pretrained(args.checkpoint), args.clips, args.seed)
     for name, value in scores.items():

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+
+from opsd_jax.demo.data import CONDITIONS
 
 COLUMNS = (
     ("all/accuracy", "accuracy"),
@@ -59,8 +62,6 @@ def table(seeds: list[dict[str, Any]], condition: str) -> str:
 
 
 def markdown(seeds: list[dict[str, Any]], conditions: list[str], descriptions: dict[str, str]) -> str:
-    from opsd_jax.demo.data import CONDITIONS
-
     clips = seeds[0]["conditions"][conditions[0]]["references"]["subtitle_only"]["all/clips"]
     parts = [
         f"Held-out clips ({int(clips)} per seed), student prompt (no privileged context); accuracy and "
@@ -78,10 +79,8 @@ def markdown(seeds: list[dict[str, Any]], conditions: list[str], descriptions: d
 
 
 def plot(seeds: list[dict[str, Any]], conditions: list[str], path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend above
 
     figure, axes = plt.subplots(1, len(conditions), figsize=(6.5 * len(conditions), 4.2), dpi=120, squeeze=False)
     for axis, condition in zip(axes[0], conditions):

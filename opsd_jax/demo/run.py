@@ -13,8 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
+from opsd_jax.config import load_config
+from opsd_jax.data.manifest import read_manifest
 from opsd_jax.demo.arms import ARMS
 from opsd_jax.demo.data import ConditionData, build_condition
+from opsd_jax.demo.evaluate import misleading_ids, subtitle_only_rows, view_scores
+from opsd_jax.models.export import export_thinker
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
+from opsd_jax.testing.reference import tiny_thinker_config_dict
+from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.train import Trainer, clear_run_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +41,6 @@ QUICK = DemoSize(train_clips=16, test_clips=8, warm_steps=2, arm_steps=2, eval_e
 
 def build_checkpoint(directory: Path, seed: int) -> Path:
     """A random tiny thinker, exported as a Hugging Face directory with the tiny tokenizer."""
-    from flax import nnx
-
-    from opsd_jax.models.export import export_thinker
-    from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
-    from opsd_jax.testing.reference import tiny_thinker_config_dict
-    from opsd_jax.testing.tokenizer import build_tiny_tokenizer
-
     if (directory / "config.json").is_file():
         return directory
     config_dict = tiny_thinker_config_dict()
@@ -57,9 +60,6 @@ def make_trainer(
     steps: int,
     overrides: tuple[str, ...] | list[str] = (),
 ):
-    from opsd_jax.config import load_config
-    from opsd_jax.train import Trainer, clear_run_directory
-
     config = load_config(
         "demo_tiny",
         [
@@ -92,9 +92,6 @@ def train(trainer):
 def score(trainer, data: ConditionData, *, subtitles: bool = True, privileged: str | None = None) -> dict[str, float]:
     """`evaluate.view_scores` of the trainer's model on a condition's held-out clips: the student's prompt
     (with or without subtitles), or with `privileged` (a dataset name) the teacher's prompt of that dataset."""
-    from opsd_jax.data.manifest import read_manifest
-    from opsd_jax.demo.evaluate import misleading_ids, view_scores
-
     if privileged is not None:  # the teacher: its media do not matter once it reads the context (no swap view)
         rows, swapped = trainer.predict(str(data.datasets[privileged]), with_rationale=True), None
     else:
@@ -111,8 +108,6 @@ def warm_start(
     media are a random partner clip's, on the standard condition's training clips, half of them with the
     label statement as evidence. The thinker learns to read evidence written in its prompt (a rationale or
     a plain statement), as a pretrained model can, and nothing about the media."""
-    from opsd_jax.models.export import export_thinker
-
     directory, report_file = root / "thinker_warm", root / "warm_start.json"
     if (directory / "config.json").is_file() and report_file.is_file():
         return directory, json.loads(report_file.read_text())
@@ -177,9 +172,6 @@ def run_arm(
 
 def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms: list[str]) -> dict[str, Any]:
     """Everything of one seed under `root`; returns its results (also written to `root/results.json`)."""
-    from opsd_jax.data.manifest import read_manifest
-    from opsd_jax.demo.evaluate import misleading_ids, subtitle_only_rows, view_scores
-
     began = time.perf_counter()
     print(
         f"[seed {seed}] data: {size.train_clips} training and {size.test_clips} held-out clips per condition "

@@ -6,7 +6,7 @@
     opsd-jax eval score --predictions P.jsonl --wheel-dir DIR [--out DIR] [--extractor auto|saved|builtin|llm]
     opsd-jax eval fetch-wheels --dest DIR [--base-url URL] [--no-verify]
 
-`register(subparsers)` adds the group to the main `opsd-jax` parser; `main(argv)` runs it alone.
+`register(subparsers)` adds the group to the `opsd-jax` parser (`opsd_jax.cli`), which runs it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from opsd_jax.config import local_path
+from opsd_jax.config import Config, local_path
+from opsd_jax.data.chat_template import check_tokenizer_directory
+from opsd_jax.eval.datasets import DATASET_NAMES
+from opsd_jax.eval.extract import (
+    BENCHMARK_SAMPLING,
+    BuiltinExtractor,
+    ExtractionError,
+    LLMExtractor,
+    check_saved_extractions,
+)
+from opsd_jax.eval.fetch import DEFAULT_BASE_URL, FetchError, fetch_wheel_files
+from opsd_jax.eval.predictions import read_predictions, write_predictions
+from opsd_jax.eval.report import markdown_report, write_report
+from opsd_jax.eval.runner import (
+    PREDICTIONS_FILE,
+    check_generation_settings,
+    collect_clips,
+    generate_predictions,
+    parse_dataset_names,
+)
+from opsd_jax.eval.scoring import score_records
+from opsd_jax.eval.wheels import WheelFilesError, load_emotion_wheels
+from opsd_jax.generate_cli import (
+    DEFAULT_MAX_NEW_TOKENS,
+    add_checkpoint_arguments,
+    add_frame_arguments,
+    settings_from_config,
+)
+from opsd_jax.generation import GenerationSettings, load_reader
+from opsd_jax.rationales.client import ChatClientError, add_client_arguments, client_from_arguments, json_object
+from opsd_jax.trained import open_source
 
 EXTRACTED_PREDICTIONS_FILE = "predictions.extracted.jsonl"
 CACHE_FILE = "extractor_cache.jsonl"
@@ -32,10 +63,6 @@ def lift_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     starts with a config section and a dotted key (`mesh.fsdp=4`, `prompt.instruction=...`). Only in the
     run form: `eval score` and `eval fetch-wheels` take none.
     """
-    import re
-
-    from opsd_jax.config import Config
-
     sections = "|".join(field.name for field in dataclasses.fields(Config))
     pattern = re.compile(rf"^({sections})\.[A-Za-z_][\w.]*=")
     words = list(argv)
@@ -45,30 +72,10 @@ def lift_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return [word for word in words if not pattern.match(word)], overrides
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def _make_llm_extractor(args: argparse.Namespace, cache_dir: Path):
-    from opsd_jax.eval.extract import BENCHMARK_SAMPLING, LLMExtractor
-    from opsd_jax.rationales.client import ChatClient
-
     if not args.llm_base_url or not args.llm_model:
         raise ValueError("--extractor llm needs --llm-base-url and --llm-model")
-    client = ChatClient(
-        args.llm_base_url,
-        args.llm_model,
-        api_key_env=args.llm_api_key_env,
-        timeout_s=args.llm_timeout,
-        max_retries=args.llm_max_retries,
-        max_concurrency=args.llm_max_concurrency,
-    )
+    client = client_from_arguments(args, prefix="llm-")
     cache = args.llm_cache or Path(cache_dir) / CACHE_FILE
     return LLMExtractor(client, cache, {**BENCHMARK_SAMPLING, **args.llm_params}, progress=not args.no_progress)
 
@@ -76,11 +83,6 @@ def _make_llm_extractor(args: argparse.Namespace, cache_dir: Path):
 def _extract_score_report(records, wheels, extractor, out: Path | None, metadata: dict[str, object]) -> int:
     """Fill in labels with `extractor` (None: use the saved ones), score, print the table; with `out`,
     write scores.json, report.md and (when extracted here) the predictions with their labels."""
-    from opsd_jax.eval.extract import LLMExtractor, check_saved_extractions
-    from opsd_jax.eval.predictions import write_predictions
-    from opsd_jax.eval.report import markdown_report, write_report
-    from opsd_jax.eval.scoring import score_records
-
     if extractor is None:
         extractor_name = check_saved_extractions(records)
     else:
@@ -104,10 +106,6 @@ def _extract_score_report(records, wheels, extractor, out: Path | None, metadata
 
 
 def _score(args: argparse.Namespace) -> int:
-    from opsd_jax.eval.extract import BuiltinExtractor, check_saved_extractions
-    from opsd_jax.eval.predictions import read_predictions
-    from opsd_jax.eval.wheels import load_emotion_wheels
-
     wheels = load_emotion_wheels(args.wheel_dir)
     records = read_predictions(args.predictions)
     mode = args.extractor
@@ -129,20 +127,6 @@ def _score(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Generate answers for the benchmark clips (resuming), then extract, score and report them."""
-    from opsd_jax.eval.datasets import DATASET_NAMES
-    from opsd_jax.eval.extract import BuiltinExtractor
-    from opsd_jax.eval.runner import (
-        PREDICTIONS_FILE,
-        GenerationSettings,
-        check_generation_settings,
-        collect_clips,
-        generate_predictions,
-        parse_dataset_names,
-    )
-    from opsd_jax.eval.wheels import load_emotion_wheels
-    from opsd_jax.sampling.cli import load_reader, settings_from_config
-    from opsd_jax.trained import open_source
-
     missing = [flag for flag, value in (("--data", args.data), ("--wheel-dir", args.wheel_dir)) if not value]
     if missing:
         raise ValueError(f"opsd-jax eval --checkpoint also needs {' and '.join(missing)}")
@@ -150,14 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     datasets = DATASET_NAMES if args.datasets is None else parse_dataset_names(args.datasets)
-    settings = GenerationSettings(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        no_audio=args.no_audio,
-        **settings_from_config(source, args),
-    )
+    settings = GenerationSettings(**settings_from_config(source, args))
     out = args.out or Path("eval_results") / args.checkpoint.resolve().name
     # Everything that can fail is checked before the first answer is generated.
     wheels = load_emotion_wheels(args.wheel_dir)
@@ -176,8 +153,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_generation_settings(out, generation)
 
     def load_model():
-        from opsd_jax.data.chat_template import check_tokenizer_directory
-
         check_tokenizer_directory(source.base_dir)  # a missing tokenizer is named before the model loads
         return load_reader(source, args.dtype)
 
@@ -201,8 +176,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _fetch_wheels(args: argparse.Namespace) -> int:
-    from opsd_jax.eval.fetch import fetch_wheel_files
-
     for path in fetch_wheel_files(args.dest, args.base_url, verify=not args.no_verify, timeout_s=args.timeout):
         print(path)
     return 0
@@ -212,11 +185,6 @@ def _guarded(handler):
     """Turn the expected failures (bad input, missing files, network) into a one-line error and exit 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from opsd_jax.eval.extract import ExtractionError
-        from opsd_jax.eval.fetch import FetchError
-        from opsd_jax.eval.wheels import WheelFilesError
-        from opsd_jax.rationales.client import ChatClientError
-
         try:
             return handler(args)
         except (WheelFilesError, FetchError, ExtractionError, ChatClientError, FileNotFoundError, ValueError) as err:
@@ -228,25 +196,20 @@ def _guarded(handler):
 
 def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     llm = parser.add_argument_group("LLM extractor (--extractor llm)")
-    llm.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    llm.add_argument("--llm-model", help="model name on that endpoint (the benchmark uses Qwen2.5-7B-Instruct)")
-    llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    add_client_arguments(
+        llm, prefix="llm-", timeout_s=120.0, max_retries=6, model_example="Qwen2.5-7B-Instruct (the benchmark's)"
+    )
     llm.add_argument("--llm-cache", type=local_path, help=f"answer cache JSONL (default: OUT/{CACHE_FILE})")
     llm.add_argument(
         "--llm-params",
-        type=_json_object,
+        type=json_object,
         default={},
         help="JSON merged into the sampling parameters, e.g. '{\"repetition_penalty\": 1.05}' for vLLM",
     )
-    llm.add_argument("--llm-max-concurrency", type=int, default=8)
-    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
-    llm.add_argument("--llm-max-retries", type=int, default=6)
 
 
 def _add_run_arguments(group: argparse.ArgumentParser) -> None:
     """`opsd-jax eval --checkpoint ... [KEY=VALUE ...]` (no COMMAND): generate, extract, score."""
-    from opsd_jax.sampling.cli import DEFAULT_MAX_NEW_TOKENS, add_checkpoint_arguments, add_frame_arguments
-
     run = group.add_argument_group("run a checkpoint (no COMMAND)")
     add_checkpoint_arguments(run, required=False)
     run.add_argument(
@@ -308,8 +271,6 @@ def _add_run_arguments(group: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command group to the `opsd-jax` parser."""
-    from opsd_jax.eval.fetch import DEFAULT_BASE_URL
-
     group = subparsers.add_parser(
         "eval",
         help="MER-UniBench evaluation",
@@ -365,14 +326,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--no-verify", action="store_true", help="accept files that differ from the benchmark's version")
     fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
     fetch.set_defaults(handler=_guarded(_fetch_wheels))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `opsd-jax eval ...` alone: `main(["eval", "score", ...])`."""
-    from opsd_jax.cli import main as cli_main  # the one parser; importing it at the top would be circular
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

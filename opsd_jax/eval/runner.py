@@ -2,7 +2,7 @@
 
     clips of the requested datasets (manifests, or built TFDS `mer` datasets; one split)
       -> leave out the clips already in the predictions file (resume)
-      -> batches: decoded media + the student prompt (`opsd-jax generate`'s helpers) -> greedy answers
+      -> batches: decoded media + the student prompt (`opsd_jax.generation`) -> greedy answers
       -> appended to the predictions JSONL (`opsd_jax.eval.predictions` schema) batch by batch
 
 A crash loses at most the batch in flight; a rerun with the same output directory generates only the
@@ -19,62 +19,20 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+from tqdm import tqdm
+
+from opsd_jax.data.builders import load_split
 from opsd_jax.data.jsonl import read_complete
-from opsd_jax.data.manifest import Clip
+from opsd_jax.data.manifest import Clip, read_manifest
+from opsd_jax.data.pipeline import MODEL_INPUTS, ProcessorInputs
 from opsd_jax.eval.datasets import DATASET_NAMES, BenchmarkDataset, get_dataset
 from opsd_jax.eval.predictions import GroundTruth, PredictionRecord, PredictionsError, parse_record
-from opsd_jax.opsd.prompts import PromptConfig
-from opsd_jax.trained import ClipShape
+from opsd_jax.generation import GenerationSettings, Reader, answer, batches, clip_inputs
 
 PREDICTIONS_FILE = "predictions.jsonl"
 GENERATION_FILE = "generation.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings:
-    """How answers are generated. Field names are `opsd-jax generate`'s options: its helpers
-    (`opsd_jax.sampling.cli._clip_inputs`, `answer`) read them off this object.
-
-    prompt_config: the prompt's wording (a run's `prompt` section, the instruction replaced by --prompt).
-    prompt_buckets: prompt lengths a batch is left-padded to (the smallest that holds it; a run's
-      `sampling.prompt_buckets`), so that batches share compiled programs.
-    fps, max_frames, max_pixels: how a manifest clip's video is sampled (a TFDS clip's frames are fixed
-      when the dataset is built); with `clip_shape` (a run's training clips), none of them: manifest clips
-      are brought to its frames and audio length, as the dataset builder brought the training clips.
-    no_audio: frames only; separate_audio: audio as its own prompt part instead of interleaved.
-    temperature: 0 is greedy.
-    """
-
-    prompt_config: PromptConfig = PromptConfig()
-    prompt_buckets: tuple[int, ...] = ()
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    fps: float = 2.0
-    max_frames: int = 32
-    max_pixels: int = 224 * 224
-    clip_shape: ClipShape | None = None
-    no_audio: bool = False
-    separate_audio: bool = False
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k: expected >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1:
-            raise ValueError(
-                f"fps, max_frames, max_pixels: expected positive values, got {self.fps}, "
-                f"{self.max_frames}, {self.max_pixels}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +98,7 @@ def _check_media(path: Path, clip_id: str, where: str) -> None:
 
 
 def _manifest_inputs(clip: Clip, settings: GenerationSettings) -> dict[str, Any]:
-    from opsd_jax.sampling.cli import _clip_inputs
-
-    inputs = _clip_inputs(clip.video, clip.audio, record_id=clip.id, args=settings)
+    inputs = clip_inputs(clip.video, clip.audio, record_id=clip.id, settings=settings)
     inputs["subtitle"] = clip.subtitle
     return inputs
 
@@ -151,8 +107,6 @@ def manifest_clips(
     path: Path, datasets: Sequence[str], split: str, settings: GenerationSettings
 ) -> list[BenchmarkClip]:
     """The clips of `split` whose `dataset` is one of `datasets`, in manifest order; media must exist."""
-    from opsd_jax.data.manifest import read_manifest
-
     wanted = set(datasets)
     clips = []
     for clip in read_manifest(path):
@@ -181,8 +135,6 @@ def _text(value: Any) -> str:
 
 
 def _tfds_inputs(source, index: int, no_audio: bool) -> dict[str, Any]:
-    from opsd_jax.data.pipeline import MODEL_INPUTS, ProcessorInputs
-
     example = ProcessorInputs()(source[index])
     names = [name for name in MODEL_INPUTS if not (no_audio and name in ("input_features", "feature_attention_mask"))]
     return {**{name: example[name] for name in names}, "subtitle": example["subtitle"]}
@@ -196,8 +148,6 @@ def tfds_clips(
     An index pass reads the text fields only (frames and audio stay compressed); a clip's media are
     decoded when its batch is generated.
     """
-    from opsd_jax.data.builders import load_split
-
     source = load_split(dataset_dir, split)  # checks the directory and the split
     index_source = load_split(dataset_dir, split, decode_media=False)
     wanted = set(datasets)
@@ -333,11 +283,6 @@ def check_generation_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationSummary:
     records: list[PredictionRecord]  # one per clip, in clip order
@@ -346,7 +291,7 @@ class GenerationSummary:
 
 
 def generate_predictions(
-    load_model: Callable[[], tuple[Any, Any]],
+    load_model: Callable[[], Reader],
     clips: Sequence[BenchmarkClip],
     settings: GenerationSettings,
     predictions_path: Path,
@@ -357,17 +302,13 @@ def generate_predictions(
     """Answers every clip not yet in `predictions_path` and appends them there, batch by batch.
 
     Args:
-      load_model: returns the `opsd_jax.sampling.cli.Reader` (thinker on its mesh, tokenizer); called only
+      load_model: returns the `opsd_jax.generation.Reader` (thinker on its mesh, tokenizer); called only
         when some clip needs an answer.
       batch_size: prompts per sampler call (each batch gets seed `settings.seed + batch number`).
 
     Raises:
       ValueError when a saved record's ground truth differs from its clip's (the data changed).
     """
-    from tqdm import tqdm
-
-    from opsd_jax.sampling.cli import answer
-
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     predictions_path = Path(predictions_path)
@@ -387,7 +328,7 @@ def generate_predictions(
             predictions_path.open("a", encoding="utf-8") as handle,
             tqdm(total=len(todo), desc="generate", unit="clip", disable=not progress) as bar,
         ):
-            for number, batch in enumerate(_batches(todo, batch_size)):
+            for number, batch in enumerate(batches(todo, batch_size)):
                 batch_settings = dataclasses.replace(settings, seed=settings.seed + number)
                 texts = answer(reader, [clip.load() for clip in batch], batch_settings)
                 for clip, text in zip(batch, texts, strict=True):

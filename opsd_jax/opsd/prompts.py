@@ -23,6 +23,7 @@ from opsd_jax.data.chat_template import (
     VideoPart,
     user_prompt,
 )
+from opsd_jax.settings import ConfigError
 
 DEFAULT_INSTRUCTION = (
     "As an expert in emotion analysis, identify the emotional state of the person in this clip from their "
@@ -49,8 +50,6 @@ class PromptConfig:
     answer_template: str = "<answer>{label}</answer>"
 
     def validate(self, num_devices: int | None = None) -> None:
-        from opsd_jax.config import ConfigError
-
         del num_devices
         if "{rationale}" not in self.privileged_template:
             raise ConfigError("prompt.privileged_template: must contain the field {rationale}")

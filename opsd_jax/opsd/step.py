@@ -25,10 +25,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opsd_jax.config import TeacherConfig, TrainConfig
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
+from opsd_jax.settings import TeacherConfig, TrainConfig
 from opsd_jax.sharding import AxisRules, activation_sharding, constrain, logical_to_spec, resolve_rules
 
 ENCODER_PREFIXES = ("audio_tower", "visual")

@@ -3,18 +3,30 @@
     opsd-jax rationales --manifest M.jsonl --out R.jsonl --model NAME --base-url URL [--split train] ...
     opsd-jax rationales merge --manifest M.jsonl --rationales R.jsonl --out M2.jsonl [--require-split train]
 
-`register(subparsers)` adds the group to the main `opsd-jax` parser; `main(argv)` runs it alone.
+`register(subparsers)` adds the group to the `opsd-jax` parser (`opsd_jax.cli`), which runs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Sequence
 
 from opsd_jax.config import local_path
+from opsd_jax.rationales.client import (
+    ChatClientError,
+    add_client_arguments,
+    client_from_arguments,
+    json_object,
+    positive_int,
+)
+from opsd_jax.rationales.generate import (
+    DEFAULT_REQUEST_PARAMS,
+    ValidationRules,
+    generate_rationales,
+    merge_rationales,
+)
+from opsd_jax.rationales.prompt import PromptOptions
 
 DESCRIPTION = """\
 Sends each clip's sampled frames (JPEG data URLs), subtitle and TRUE label to a frontier model behind an
@@ -38,33 +50,12 @@ Writes a new manifest: MANIFEST with each clip's `rationale` field set from the 
 (clips without one keep theirs). Media paths are written relative to the new manifest's directory."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def _error(message: str) -> int:
     print(f"opsd-jax rationales: error: {message}", file=sys.stderr)
     return 2
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from opsd_jax.rationales.client import ChatClient
-    from opsd_jax.rationales.generate import DEFAULT_REQUEST_PARAMS, ValidationRules, generate_rationales
-    from opsd_jax.rationales.prompt import PromptOptions
-
     missing = [
         flag
         for flag, value in (
@@ -79,18 +70,7 @@ def _generate(args: argparse.Namespace) -> int:
         return _error(f"{', '.join(missing)} required (or use `opsd-jax rationales merge ...`); see --help")
     if not os.environ.get(args.api_key_env):
         print(f"opsd-jax rationales: ${args.api_key_env} is not set; sending no Authorization header", file=sys.stderr)
-    client = ChatClient(
-        args.base_url,
-        args.model,
-        api_key_env=args.api_key_env,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-        max_concurrency=args.concurrency,
-        backoff_base_s=args.backoff_base,
-        cost_per_1k_prompt_tokens=args.cost_per_1k_input,
-        cost_per_1k_completion_tokens=args.cost_per_1k_output,
-        max_response_bytes=args.max_response_bytes,
-    )
+    client = client_from_arguments(args)
     params = {**DEFAULT_REQUEST_PARAMS, "temperature": args.temperature, "max_tokens": args.max_tokens, **args.params}
     options = PromptOptions(max_words=args.max_words, max_side=args.max_side, image_detail=args.image_detail)
     summary = generate_rationales(
@@ -123,8 +103,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from opsd_jax.rationales.generate import merge_rationales
-
     summary = merge_rationales(
         args.merge_manifest, args.merge_rationales, args.merge_out, require_split=args.require_split
     )
@@ -136,8 +114,6 @@ def _guarded(handler):
     """Expected failures (bad input, missing or malformed files, a rejected request) -> one line, exit 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from opsd_jax.rationales.client import ChatClientError
-
         try:
             return handler(args)
         except (ChatClientError, ValueError, OSError) as err:  # ManifestError, RationaleFileError: ValueErrors
@@ -163,58 +139,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--retry-failed", action="store_true", help="drop the failed lines of --out and try those clips again"
     )
 
-    endpoint = parser.add_argument_group("endpoint")
-    endpoint.add_argument("--model", help="model name on the endpoint, e.g. gpt-4o; required")
-    endpoint.add_argument(
-        "--base-url",
-        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1; required",
-    )
-    endpoint.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable holding the API key (default: %(default)s); unset = no key",
-    )
-    endpoint.add_argument(
-        "--concurrency", type=_positive_int, default=8, help="requests in flight (default: %(default)s)"
-    )
-    endpoint.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="wall-clock seconds per request, connecting and reading together (default: %(default)s)",
-    )
-    endpoint.add_argument(
-        "--max-response-bytes",
-        type=_positive_int,
-        default=16 * 2**20,
-        help="refuse a response larger than this (default: %(default)s, 16 MiB)",
-    )
-    endpoint.add_argument(
-        "--max-retries",
-        type=int,
-        default=5,
-        help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)",
-    )
-    endpoint.add_argument(
-        "--backoff-base",
-        type=float,
-        default=1.0,
-        help="first backoff delay in seconds, doubled per retry (default: %(default)s)",
-    )
-    endpoint.add_argument(
-        "--cost-per-1k-input", type=float, default=0.0, help="price of 1000 prompt tokens, for the summary"
-    )
-    endpoint.add_argument(
-        "--cost-per-1k-output", type=float, default=0.0, help="price of 1000 completion tokens, for the summary"
-    )
+    endpoint = parser.add_argument_group("endpoint (--model and --base-url required)")
+    add_client_arguments(endpoint, timeout_s=60.0, max_retries=5, model_example="gpt-4o")
 
     request = parser.add_argument_group("prompt and answers")
     request.add_argument(
-        "--frames", type=_positive_int, default=8, help="frames per clip, evenly spaced (default: %(default)s)"
+        "--frames", type=positive_int, default=8, help="frames per clip, evenly spaced (default: %(default)s)"
     )
     request.add_argument(
         "--max-side",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         help="longest side of each JPEG frame in pixels (default: %(default)s)",
     )
@@ -230,12 +164,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     request.add_argument(
         "--max-words",
-        type=_positive_int,
+        type=positive_int,
         default=120,
         help="length asked for; answers over 1.25x this are rejected (default: %(default)s)",
     )
     request.add_argument(
-        "--min-words", type=_positive_int, default=15, help="shorter answers are rejected (default: %(default)s)"
+        "--min-words", type=positive_int, default=15, help="shorter answers are rejected (default: %(default)s)"
     )
     request.add_argument(
         "--validation-retries",
@@ -245,11 +179,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     request.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (default: %(default)s)")
     request.add_argument(
-        "--max-tokens", type=_positive_int, default=512, help="completion token limit per answer (default: %(default)s)"
+        "--max-tokens", type=positive_int, default=512, help="completion token limit per answer (default: %(default)s)"
     )
     request.add_argument(
         "--params",
-        type=_json_object,
+        type=json_object,
         default={},
         help="JSON merged into every request, e.g. '{\"top_p\": 0.9}' (overrides the two above)",
     )
@@ -288,14 +222,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--require-split", metavar="SPLIT", help="fail unless every clip of this split (e.g. train) has a rationale"
     )
     merge.set_defaults(handler=_guarded(_merge))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `opsd-jax rationales ...` alone: `main(["rationales", "--manifest", ...])`."""
-    from opsd_jax.cli import main as cli_main  # the one parser; importing it at the top would be circular
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

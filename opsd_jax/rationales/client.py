@@ -13,10 +13,14 @@ Standard library only: urllib for HTTP, a bounded thread pool for concurrency.
   trickles bytes cannot hold a worker forever) and a cap on the response size (`max_response_bytes`).
 * `map` runs many requests with at most `max_concurrency` in flight and yields results as they
   complete, so callers can append each one to a JSONL file; resuming is the caller's job.
+
+The command-line flags of a client (`opsd-jax rationales`, `opsd-jax eval`'s LLM extractor) are declared by
+`add_client_arguments` and read back by `client_from_arguments`.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import email.utils
@@ -373,3 +377,101 @@ class ChatClient:
                     yield futures[future], error if error is not None else future.result()
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (request parameters given on the command line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_client_arguments(
+    group: argparse._ActionsContainer, *, prefix: str = "", timeout_s: float, max_retries: int, model_example: str
+) -> None:
+    """The endpoint flags of a `ChatClient`, each `--{prefix}NAME` (e.g. `--llm-base-url` with prefix "llm-"):
+    base URL, model, API-key variable, concurrency, timeout, retries and backoff, response size, token prices.
+    `timeout_s` and `max_retries` are the command's defaults; `client_from_arguments` builds the client."""
+    group.add_argument(
+        f"--{prefix}base-url",
+        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1",
+    )
+    group.add_argument(f"--{prefix}model", help=f"model name on the endpoint, e.g. {model_example}")
+    group.add_argument(
+        f"--{prefix}api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default: %(default)s); unset = no key",
+    )
+    group.add_argument(
+        f"--{prefix}concurrency",
+        f"--{prefix}max-concurrency",
+        dest=f"{prefix.replace('-', '_')}max_concurrency",
+        type=positive_int,
+        default=8,
+        help="requests in flight (default: %(default)s)",
+    )
+    group.add_argument(
+        f"--{prefix}timeout",
+        type=float,
+        default=timeout_s,
+        help="wall-clock seconds per request, connecting and reading together (default: %(default)s)",
+    )
+    group.add_argument(
+        f"--{prefix}max-response-bytes",
+        type=positive_int,
+        default=16 * 2**20,
+        help="refuse a response larger than this (default: %(default)s, 16 MiB)",
+    )
+    group.add_argument(
+        f"--{prefix}max-retries",
+        type=int,
+        default=max_retries,
+        help="retries of a request on 429, 5xx and timeouts, with backoff (default: %(default)s)",
+    )
+    group.add_argument(
+        f"--{prefix}backoff-base",
+        type=float,
+        default=1.0,
+        help="first backoff delay in seconds, doubled per retry (default: %(default)s)",
+    )
+    group.add_argument(
+        f"--{prefix}cost-per-1k-input", type=float, default=0.0, help="price of 1000 prompt tokens, for the summary"
+    )
+    group.add_argument(
+        f"--{prefix}cost-per-1k-output",
+        type=float,
+        default=0.0,
+        help="price of 1000 completion tokens, for the summary",
+    )
+
+
+def client_from_arguments(args: argparse.Namespace, *, prefix: str = "") -> ChatClient:
+    """The `ChatClient` of the flags `add_client_arguments` declared with `prefix`."""
+
+    def flag(name: str) -> Any:
+        return getattr(args, prefix.replace("-", "_") + name)
+
+    return ChatClient(
+        flag("base_url"),
+        flag("model"),
+        api_key_env=flag("api_key_env"),
+        timeout_s=flag("timeout"),
+        max_retries=flag("max_retries"),
+        max_concurrency=flag("max_concurrency"),
+        backoff_base_s=flag("backoff_base"),
+        cost_per_1k_prompt_tokens=flag("cost_per_1k_input"),
+        cost_per_1k_completion_tokens=flag("cost_per_1k_output"),
+        max_response_bytes=flag("max_response_bytes"),
+    )

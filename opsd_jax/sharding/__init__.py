@@ -1,6 +1,7 @@
 """Device mesh and logical-axis sharding."""
 
 from opsd_jax.sharding.mesh import (
+    MeshConfig,
     activation_sharding,
     constrain,
     constrain_activation,
@@ -17,6 +18,7 @@ __all__ = [
     "LOGICAL_AXIS_RULES",
     "AxisRules",
     "MESH_AXES",
+    "MeshConfig",
     "activation_sharding",
     "constrain",
     "constrain_activation",

@@ -1,24 +1,85 @@
-"""Device mesh from the config and placement of parameter trees and batches with NamedSharding."""
+"""The config's mesh section, the device mesh it describes, and placement of parameter trees and batches with
+NamedSharding."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opsd_jax.sharding.rules import MESH_AXES, MeshAxes, resolve_rules
-
-if TYPE_CHECKING:  # the config layer sits above this one: no run-time import
-    from opsd_jax.config import MeshConfig
+from opsd_jax.settings import ConfigError
+from opsd_jax.sharding.rules import LOGICAL_AXIS_RULES, MESH_AXES, AxisRules, MeshAxes, resolve_rules
+from opsd_jax.sharding.topology import TopologyError, parse_topology
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes. -1 on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Overrides of the logical-axis table in `opsd_jax.sharding.rules`: logical name -> mesh axes.
+    # A value is a mesh axis name, a list of them, or null (replicated).
+    logical_axis_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The TPU slice the config is written for, as GENERATION:CHIPGRID (e.g. v5p:4x4x2): `opsd-jax
+    # compile-check` compiles for it, and training on a TPU refuses a slice of another size.
+    topology: str | None = None
+
+    def axis_rules(self) -> AxisRules:
+        """The logical-axis table with `logical_axis_rules` applied: a run resolves it once and passes it to
+        every placement of parameters, batches and activations."""
+        return resolve_rules(self.logical_axis_rules)
+
+    def validate(self, num_devices: int | None) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{name}: expected a positive size or -1 (take the rest), got {size}")
+        auto = [name for name, size in sizes.items() if size == -1]
+        if len(auto) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1, got -1 for {', '.join('mesh.' + a for a in auto)}")
+        if self.topology is not None:
+            try:
+                parse_topology(self.topology)
+            except TopologyError as err:
+                raise ConfigError(f"mesh.topology: {err}") from None
+        if num_devices is None:
+            return
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if auto:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh.{auto[0]}: -1 cannot fill the mesh: {num_devices} devices are not divisible by the "
+                    f"product of the other axes ({fixed})"
+                )
+        elif fixed != num_devices:
+            raise ConfigError(
+                f"mesh: data x fsdp x tensor = {self.data} x {self.fsdp} x {self.tensor} = {fixed}, "
+                f"but {num_devices} devices are available"
+            )
+        for logical, target in self.logical_axis_rules.items():
+            if logical not in LOGICAL_AXIS_RULES:
+                raise ConfigError(
+                    f"mesh.logical_axis_rules.{logical}: unknown logical axis; known: {sorted(LOGICAL_AXIS_RULES)}"
+                )
+            targets = [] if target is None else [target] if isinstance(target, str) else list(target)
+            for axis in targets:
+                if axis not in MESH_AXES:
+                    raise ConfigError(
+                        f"mesh.logical_axis_rules.{logical}: unknown mesh axis {axis!r}; expected one of {MESH_AXES}"
+                    )
 
 
 def resolve_mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -155,6 +216,5 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly multi-process) global array as one numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

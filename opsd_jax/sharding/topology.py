@@ -71,7 +71,7 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
     # compile); without this libtpu takes a machine-wide lock and refuses the second process.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        from jax.experimental import topologies
+        from jax.experimental import topologies  # needs libtpu (the tpu extra): its absence is named below
 
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=name, chip_config_name="megacore" if chip.megacore else "default"

@@ -15,12 +15,12 @@ import sys
 def main(argv: list[str]) -> None:
     devices, overrides = int(argv[0]), argv[1:]
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    import jax
+    import jax  # after XLA_FLAGS above: the worker's own device count
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from opsd_jax.config import load_config
-    from opsd_jax.train import Trainer, initialize_distributed
+    from opsd_jax.config import load_config  # after XLA_FLAGS above: they import JAX
+    from opsd_jax.train import Trainer, initialize_distributed  # after XLA_FLAGS above: they import JAX
 
     initialize_distributed()
     trainer = Trainer(load_config(None, overrides))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 # Special token ids of the tiny configs (the real ones are ~151k; a 256-token vocabulary keeps models tiny).
 TINY_TOKEN_IDS = dict(
@@ -89,8 +90,11 @@ def build_reference_thinker(config_dict: dict[str, Any], *, seed: int = 0):
     convolution weights are redrawn with std 1/sqrt(fan_in) and norms and biases perturbed, so that
     every parameter and every position matters.
     """
-    import torch
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    import torch  # optional: the test extra's reference implementation
+    from transformers import (  # slow to import; only the reference needs it
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     config = Qwen2_5OmniThinkerConfig(**copy.deepcopy(config_dict))
@@ -111,7 +115,7 @@ def build_reference_thinker(config_dict: dict[str, Any], *, seed: int = 0):
 def torch_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """The model call's numpy arguments as torch tensors for the reference (ids and masks int64, as the
     transformers processor returns them); other values (`use_audio_in_video`) as they are."""
-    import torch
+    import torch  # optional: the test extra's reference implementation
 
     tensors = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
     for name in ("input_ids", "attention_mask", "feature_attention_mask"):
@@ -138,8 +142,6 @@ def rewrite_checkpoint(
 ) -> Path:
     """Copies a saved checkpoint with renamed / dropped / extra tensors, optionally split into shards
     with a `model.safetensors.index.json`, to test the loader on every layout real checkpoints use."""
-    from safetensors.numpy import load_file, save_file
-
     source, dest = Path(source), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(source / "model.safetensors"))

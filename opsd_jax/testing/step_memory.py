@@ -15,6 +15,17 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
+from opsd_jax.opsd import step
+from opsd_jax.opsd.losses import LossConfig
+from opsd_jax.settings import TeacherConfig, TrainConfig
+from opsd_jax.testing.reference import tiny_thinker_config_dict
+
 CPU_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
@@ -35,17 +46,6 @@ def train_step_memory(
     dominate what a layer would keep for the backward. (Its attention scores no longer do: attention runs
     in checkpointed query blocks, `opsd_jax.models.layers.QUERY_BLOCK`, with remat or without.)
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from opsd_jax.config import TeacherConfig, TrainConfig
-    from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
-    from opsd_jax.opsd import step
-    from opsd_jax.opsd.losses import LossConfig
-    from opsd_jax.testing.reference import tiny_thinker_config_dict
-
     config = ThinkerConfig.from_hf(tiny_thinker_config_dict(num_layers=layers, intermediate_size=intermediate))
     model = Qwen2_5OmniThinker(config, rngs=nnx.Rngs(0), remat=remat)
     mask = np.ones((1, prompt_length), np.int32)
@@ -77,7 +77,5 @@ def train_step_memory(
 
 
 if __name__ == "__main__":
-    import jax
-
     jax.config.update("jax_platforms", "cpu")
     print(json.dumps({"remat": train_step_memory(remat=True), "no_remat": train_step_memory(remat=False)}))

@@ -14,9 +14,22 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+import jax
 import numpy as np
+from etils import epath
+from flax import nnx
 
-from opsd_jax.config import Config, ConfigError
+from opsd_jax.checkpoint import RunCheckpointer
+from opsd_jax.config import Config, ConfigError, load_config
+from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect, load_split
+from opsd_jax.data.chat_template import PromptBuilder
+from opsd_jax.data.pipeline import ProcessorInputs
+from opsd_jax.models.qwen2_5_omni import from_pretrained
+from opsd_jax.opsd import step as opsd_step
+from opsd_jax.opsd.prompts import encode_clip_batch
+from opsd_jax.sharding import make_mesh
+from opsd_jax.testing.tokenizer import build_tiny_tokenizer
+from opsd_jax.train import save_run_config
 
 LABELS = ("happy", "sad")
 # Prompt buckets are rounded up to this multiple, so that configs with the same prompt wording (and so
@@ -67,8 +80,6 @@ def tiny_affect_clips(split: str, config, *, train_clips: int = 8, test_clips: i
 def build_tiny_affect_dataset(directory: Path, *, train_clips: int = 8, test_clips: int = 4) -> Path:
     """A TFDS dataset of `tiny_affect_clips` (2 frames of 28 x 28: one video token; 0.5 s of audio);
     returns its directory (what `data.train_dir` names)."""
-    from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect
-
     generator = functools.partial(tiny_affect_clips, train_clips=train_clips, test_clips=test_clips)
     return build_synthetic_affect(
         Path(directory),
@@ -96,8 +107,6 @@ class TinyRunFiles:
 def build_tiny_run_files(root: Path, thinker: Path, *, train_clips: int = 8, test_clips: int = 4) -> TinyRunFiles:
     """Copies the saved tiny `thinker` (e.g. `opsd_jax.testing.reference.save_reference_thinker`'s output)
     under `root`, adds the tiny tokenizer, and builds the tiny dataset beside it."""
-    from opsd_jax.testing.tokenizer import build_tiny_tokenizer
-
     root = Path(root)
     checkpoint = root / "thinker"
     shutil.copytree(thinker, checkpoint)
@@ -109,11 +118,6 @@ def build_tiny_run_files(root: Path, thinker: Path, *, train_clips: int = 8, tes
 def longest_prompts(config: Config, files: TinyRunFiles) -> tuple[int, int]:
     """(student, teacher) token counts of the longest prompts of the tiny dataset (both splits) under
     `config`'s prompt wording and audio layout: what the shrunk length buckets must hold."""
-    from opsd_jax.data.builders import load_split
-    from opsd_jax.data.chat_template import PromptBuilder
-    from opsd_jax.data.pipeline import ProcessorInputs
-    from opsd_jax.opsd.prompts import encode_clip_batch
-
     builder = PromptBuilder.from_pretrained(files.checkpoint)
     processor = ProcessorInputs()
     clips = []
@@ -230,16 +234,6 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
     the base checkpoint's parameters plus `noise` x N(0, 1) (another draw per step), so that a reader that
     ignored the checkpoint, or took another step, would hold other parameters. Returns the saved parameter
     trees (numpy, float32), one per step."""
-    import jax
-    from etils import epath
-    from flax import nnx
-
-    from opsd_jax.checkpoint import RunCheckpointer
-    from opsd_jax.models.qwen2_5_omni import from_pretrained
-    from opsd_jax.opsd import step as opsd_step
-    from opsd_jax.sharding import make_mesh
-    from opsd_jax.train import save_run_config
-
     output_dir = epath.Path(config.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(output_dir, config)
@@ -267,8 +261,6 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
 def tiny_run_directory(checkpoint: Path, output_dir: Path, *overrides: str, steps: tuple[int, ...] = (1, 2)) -> Path:
     """`write_tiny_run` of the default config on `checkpoint` with `overrides`, its mesh over every device;
     returns the run directory."""
-    from opsd_jax.config import load_config
-
     config = load_config(
         None, [f"model.checkpoint={checkpoint}", f"run.output_dir={output_dir}", "mesh.fsdp=-1", *overrides]
     )

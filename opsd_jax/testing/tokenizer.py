@@ -12,7 +12,11 @@ other characters have no token and are dropped when encoding.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers.pre_tokenizers import ByteLevel
 
 # Special tokens at fixed ids: 200-206 are the tiny config's multimodal ids; pad and eos follow.
 SPECIAL_TOKEN_IDS = {
@@ -76,8 +80,6 @@ TRAINING_SENTENCES = (
 
 def _ascii_byte_alphabet() -> list[str]:
     """Byte-level symbols of printable ASCII and newline (the bytes the training text needs)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
     byte_level = ByteLevel(add_prefix_space=False, use_regex=False)
     return [byte_level.pre_tokenize_str(chr(code))[0][0] for code in [0x0A, *range(0x20, 0x7F)]]
 
@@ -85,11 +87,8 @@ def _ascii_byte_alphabet() -> list[str]:
 def build_tiny_tokenizer(directory: str | Path):
     """Trains the tiny BPE, saves it into `directory` and returns the tokenizer reloaded from there with
     `AutoTokenizer.from_pretrained` (so callers test the files, not the in-memory object)."""
-    import json
-
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from transformers import AutoTokenizer, Qwen2Tokenizer  # slow to import; only this builder needs it
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # transformers: as above
 
     alphabet = _ascii_byte_alphabet()
     trainer_model = Tokenizer(models.BPE())

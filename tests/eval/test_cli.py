@@ -7,8 +7,9 @@ import re
 
 import pytest
 
+from opsd_jax.cli import main
 from opsd_jax.eval import metrics
-from opsd_jax.eval.cli import EXTRACTED_PREDICTIONS_FILE, main
+from opsd_jax.eval.cli import EXTRACTED_PREDICTIONS_FILE
 from opsd_jax.eval.datasets import DATASET_NAMES, DATASETS
 from opsd_jax.eval.extract import LexiconExtractor, answer_text, polarity_sentiment
 from opsd_jax.eval.predictions import read_predictions

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_jax.eval.cli import main
+from opsd_jax.cli import main
 from opsd_jax.eval.fetch import EXPECTED_GIT_BLOBS, FetchError, fetch_wheel_files, git_blob_sha1
 from opsd_jax.eval.wheels import WHEEL_DIRECTORY_FILES, load_emotion_wheels
 

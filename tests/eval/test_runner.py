@@ -23,12 +23,12 @@ from opsd_jax.eval.datasets import DATASET_NAMES
 from opsd_jax.eval.runner import (
     GENERATION_FILE,
     PREDICTIONS_FILE,
-    GenerationSettings,
     check_generation_settings,
     collect_clips,
     parse_dataset_names,
     read_done,
 )
+from opsd_jax.generation import GenerationSettings
 from opsd_jax.testing.tiny_run import tiny_run_directory
 from tests.eval.fake_chat_server import FakeChatServer, Reply, last_user_message
 
@@ -79,7 +79,7 @@ def manifest(tmp_path_factory):
 
 
 def _count_generate_calls(patch: pytest.MonkeyPatch, calls: list[int]) -> None:
-    """Records the batch size of every sampler call (`opsd-jax generate`'s `answer` looks `generate` up at
+    """Records the batch size of every sampler call (`opsd_jax.generation.decode` looks `generate` up at
     call time)."""
     real = opsd_jax.sampling.generate
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from opsd_jax.cli import main
 from opsd_jax.data.manifest import read_manifest, write_manifest
-from opsd_jax.rationales.cli import main
 from tests.eval.fake_chat_server import FakeChatServer, Reply
 from tests.rationales.test_generate import KEY, KEY_ENV, clip_of, good_answer, lines_of, make_clips, write_test_video
 
@@ -82,7 +82,7 @@ def test_killed_run_resumes_every_id_once_sending_only_the_missing(manifest, tmp
     out = tmp_path / "rationales.jsonl"
     train = [f"clip_{i:02d}" for i in range(10)]
     with FakeChatServer(reply) as server:
-        command = [sys.executable, "-m", "opsd_jax.rationales.cli", *_args(manifest, out, server, "--split", "train")]
+        command = [sys.executable, "-m", "opsd_jax.cli", *_args(manifest, out, server, "--split", "train")]
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env={**os.environ, KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -235,7 +235,7 @@ def test_help_describes_the_command():
     assert info.value.code == 0
     for command in (["rationales", "--help"], ["rationales", "merge", "--help"]):
         result = subprocess.run(
-            [sys.executable, "-m", "opsd_jax.rationales.cli", *command],
+            [sys.executable, "-m", "opsd_jax.cli", *command],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,

@@ -2,10 +2,8 @@
 
 The model is a training run's (a run directory: its config.yaml decides the prompt, audio layout, prompt
 buckets, answer length, mesh and clip shape) or a Hugging Face directory's, loaded in bfloat16 over the
-config's mesh (`opsd_jax.trained`). `add_checkpoint_arguments`, `settings_from_config`, `load_reader` and
-`answer` serve `opsd-jax eval` too.
-
-Inference needs no rationale, label or API: the prompt is the student's (`opsd_jax.opsd.prompts`).
+config's mesh (`opsd_jax.trained`); the answers are `opsd_jax.generation`'s. `add_checkpoint_arguments`,
+`add_frame_arguments` and `settings_from_config` serve `opsd-jax eval` too.
 """
 
 from __future__ import annotations
@@ -18,18 +16,21 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-import numpy as np
+from tqdm import tqdm
 
 from opsd_jax.config import local_path
+from opsd_jax.data.chat_template import check_tokenizer_directory
 from opsd_jax.data.jsonl import decode_utf8, read_complete
 from opsd_jax.data.manifest import ManifestError, read_manifest
 from opsd_jax.data.media import ON_ERROR, MediaError, SkipCounter
+from opsd_jax.generation import GenerateError, GenerationSettings, answer, batches, clip_inputs, load_reader
+from opsd_jax.trained import TrainedSource, open_source, training_clip_shape
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 128  # without a config file; with one, its sampling.eval_max_new_tokens
+DEFAULT_MAX_NEW_TOKENS = GenerationSettings.max_new_tokens  # without a config file; with one, its eval_max_new_tokens
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -60,16 +61,22 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, required: bool 
     )
 
 
-FRAME_DEFAULTS = {"fps": 2.0, "max_frames": 32, "max_pixels": 224 * 224}
+FRAME_DEFAULTS = {name: getattr(GenerationSettings, name) for name in ("fps", "max_frames", "max_pixels")}
 
 
 def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
     """--fps, --max-frames, --max-pixels: how a video file is sampled. Without them, a run directory whose
     training dataset is on this machine brings clips to its training clips' frames and audio length."""
     where = "; default: a run's training clips' frames when its data.train_dir is here, else {}".format
-    parser.add_argument("--fps", type=float, help="video frames sampled per second" + where("2"))
-    parser.add_argument("--max-frames", type=int, help="at most this many frames per clip" + where("32"))
-    parser.add_argument("--max-pixels", type=int, help="at most this many pixels per frame" + where(str(224 * 224)))
+    parser.add_argument(
+        "--fps", type=float, help="video frames sampled per second" + where(f"{FRAME_DEFAULTS['fps']:g}")
+    )
+    parser.add_argument(
+        "--max-frames", type=int, help="at most this many frames per clip" + where(str(FRAME_DEFAULTS["max_frames"]))
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, help="at most this many pixels per frame" + where(str(FRAME_DEFAULTS["max_pixels"]))
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,10 +126,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
-    """What the config (`source.config`, a run's own) decides where the command line leaves it open: the
-    prompt wording (--prompt replaces its instruction), the prompt buckets, the audio layout and the answer
-    length. Field names are `answer`'s settings."""
+def settings_from_config(source: TrainedSource, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `GenerationSettings`: the command line's (decoding, frames, audio), and what the config
+    (`source.config`, a run's own) decides where the command line leaves it open: the prompt wording
+    (--prompt replaces its instruction), the prompt buckets, the audio layout and the answer length."""
     config = source.config
     prompt = config.prompt if args.prompt is None else dataclasses.replace(config.prompt, instruction=args.prompt)
     if args.max_new_tokens is not None:
@@ -132,8 +139,6 @@ def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
     frames = {name: getattr(args, name) for name in FRAME_DEFAULTS}
     clip_shape = None
     if source.run_dir is not None and all(value is None for value in frames.values()):
-        from opsd_jax.trained import training_clip_shape
-
         clip_shape = training_clip_shape(config)
         if clip_shape is not None:
             logger.info(
@@ -150,124 +155,31 @@ def settings_from_config(source, args: argparse.Namespace) -> dict[str, Any]:
         prompt_buckets=tuple(config.sampling.prompt_buckets),
         separate_audio=args.separate_audio or not config.data.use_audio_in_video,
         max_new_tokens=max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
         clip_shape=clip_shape,
+        no_audio=args.no_audio,
         **frames,
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Reader:
-    """A loaded thinker, ready to answer: the model on its mesh, its tokenizer, the step restored."""
-
-    model: Any
-    builder: Any
-    mesh: Any
-    step: int | None
-    rules: Any  # the config's logical-axis table (`MeshConfig.axis_rules`)
-
-
-def load_reader(source, dtype: str) -> Reader:
-    """The tokenizer (first: a missing one is named before the model loads), then the thinker of `source`
-    on the mesh of its config (`mesh.*`), sharded by the training rules."""
-    from opsd_jax.data.chat_template import PromptBuilder
-    from opsd_jax.sharding import make_mesh
-    from opsd_jax.trained import load_thinker
-
-    builder = PromptBuilder.from_pretrained(source.base_dir)
-    mesh = make_mesh(source.config.mesh)
-    rules = source.config.mesh.axis_rules()
-    model, step = load_thinker(source, dtype=dtype, mesh=mesh, rules=rules)
-    return Reader(model, builder, mesh, step, rules)
-
-
-def _clip_inputs(video: Path, audio: Path | None, *, record_id: str, args: argparse.Namespace) -> dict[str, Any]:
-    from opsd_jax.data.audio_features import audio_to_inputs
-    from opsd_jax.data.media import read_audio, read_video
-    from opsd_jax.data.vision_inputs import video_to_inputs
-
-    shape = args.clip_shape  # the run's training clips: decoded as the dataset builder decoded them
-    if shape is not None:
-        decoded = read_video(video, record_id=record_id, num_frames=shape.num_frames, size=(shape.height, shape.width))
-    else:
-        decoded = read_video(
-            video, record_id=record_id, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels
-        )
-    arrays = video_to_inputs(decoded.frames, decoded.sample_fps)
-    clip = {
-        "pixel_values_videos": arrays["pixel_values_videos"],
-        "video_grid_thw": arrays["video_grid_thw"][0],
-        "video_second_per_grid": arrays["video_second_per_grid"][0],
-    }
-    if not args.no_audio:
-        waveform = read_audio(audio or video, record_id=record_id)
-        # A training clip's audio was cut to (or padded to) the dataset's length; other audio keeps its own.
-        features = audio_to_inputs(waveform, max_samples=shape.audio_samples if shape is not None else waveform.size)
-        clip.update(
-            input_features=features["input_features"][0], feature_attention_mask=features["feature_attention_mask"][0]
-        )
-    return clip
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def answer(
-    reader: Reader, clips: list[dict[str, Any]], settings, *, model_context: int | None = None, ids: Sequence[str] = ()
-) -> list[str]:
-    """Greedy (or sampled) answers for clips prepared by `_clip_inputs` (+ `subtitle`), batched over the reader's
-    mesh; a prompt that does not fit `model_context` with the new tokens is refused (`GenerateError` naming
-    its clip of `ids`). `settings`: `opsd-jax generate`'s arguments completed by `settings_from_config`, or an
-    evaluation's `GenerationSettings`."""
-    from opsd_jax.opsd.prompts import encode_clip_batch
-    from opsd_jax.sampling import generate
-    from opsd_jax.sharding import to_host
-
-    builder = reader.builder
-    inputs = encode_clip_batch(
-        builder, clips, settings.prompt_config, length=None, use_audio_in_video=not settings.separate_audio
-    )
-    _fits(model_context, inputs, settings, list(ids) or [str(i) for i in range(len(clips))])
-    length = inputs["input_ids"].shape[1]
-    # Left-padded to the config's bucket, so that batches of nearby lengths share one compiled program; a
-    # prompt longer than every bucket runs at its own length.
-    buckets = [bucket for bucket in settings.prompt_buckets if bucket >= length] or None
-    out = generate(
-        reader.model,
-        inputs,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        eos_token_id=builder.tokenizer.eos_token_id,
-        pad_token_id=builder.pad_token_id,
-        seed=settings.seed,
-        prompt_buckets=buckets,
-        mesh=reader.mesh,
-        rules=reader.rules,
-    )
-    tokens, mask = to_host(out.tokens), to_host(out.mask)
-    return [builder.tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]
-
-
-class GenerateError(ValueError):
-    """Bad input of `opsd-jax generate` (arguments, files, a prompt over the model's context): exit 2."""
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """The sampling and media arguments, before any model loads."""
+def check_arguments(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """The sampling and media arguments (`settings`: completed by `settings_from_config`), before any model
+    loads."""
+    values = {"batch_size": args.batch_size, **settings}
     for name in ("batch_size", "max_new_tokens", "max_frames", "max_pixels"):
-        if getattr(args, name) < 1:
-            raise GenerateError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise GenerateError(f"--temperature: expected a finite value >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise GenerateError(f"--top-k: expected >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise GenerateError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
-    if not math.isfinite(args.fps) or args.fps <= 0:
-        raise GenerateError(f"--fps: expected a positive number, got {args.fps}")
+        if values[name] < 1:
+            raise GenerateError(f"--{name.replace('_', '-')}: expected >= 1, got {values[name]}")
+    if not math.isfinite(values["temperature"]) or values["temperature"] < 0:
+        raise GenerateError(f"--temperature: expected a finite value >= 0 (0 = greedy), got {values['temperature']}")
+    if values["top_k"] is not None and values["top_k"] < 1:
+        raise GenerateError(f"--top-k: expected >= 1, got {values['top_k']}")
+    if values["top_p"] is not None and not 0 < values["top_p"] <= 1:
+        raise GenerateError(f"--top-p: expected a value in (0, 1], got {values['top_p']}")
+    if not math.isfinite(values["fps"]) or values["fps"] <= 0:
+        raise GenerateError(f"--fps: expected a positive number, got {values['fps']}")
     if args.manifest is not None and args.out is None:
         raise GenerateError("--manifest needs --out (the answers JSONL)")
     if args.out is not None and args.out.is_dir():
@@ -287,8 +199,6 @@ def check_checkpoint(directory: Path) -> int | None:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise GenerateError(f"--checkpoint {directory}: no config.json; expected a Hugging Face checkpoint directory")
-    from opsd_jax.data.chat_template import check_tokenizer_directory  # imports JAX: not at CLI start-up
-
     check_tokenizer_directory(directory)
     try:
         config = json.loads(decode_utf8(config_file.read_bytes(), config_file, GenerateError))
@@ -320,22 +230,6 @@ def read_answered(path: Path) -> dict[str, str]:
     return answered
 
 
-def _fits(model_context: int | None, inputs: dict[str, Any], args: argparse.Namespace, ids: list[str]) -> None:
-    """Refuses prompts whose length plus --max-new-tokens exceeds the model's context (positions past it
-    were never trained: the answer would be noise, with no word said)."""
-    if model_context is None:
-        return
-    mask = np.asarray(inputs["attention_mask"])
-    for clip_id, row in zip(ids, mask):
-        length = int(row.sum())
-        if length + args.max_new_tokens > model_context:
-            raise GenerateError(
-                f"clip {clip_id!r}: a prompt of {length} tokens plus --max-new-tokens {args.max_new_tokens} exceeds "
-                f"the model's context of {model_context} tokens (max_position_embeddings); lower --max-frames, "
-                "--max-pixels or --max-new-tokens (refused, not truncated)"
-            )
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -345,14 +239,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from opsd_jax.trained import open_source
-
     # Everything a user can get wrong is checked before the model loads.
     source = open_source(args.checkpoint, step=args.step, config_file=args.config, overrides=args.overrides)
-    vars(args).update(settings_from_config(source, args))
-    check_arguments(args)
+    fields = settings_from_config(source, args)
+    check_arguments(args, fields)
+    settings = GenerationSettings(**fields)
     model_context = check_checkpoint(source.base_dir)
     clips = []
     if args.manifest is not None:
@@ -366,9 +257,9 @@ def _run(args: argparse.Namespace) -> int:
             )
     reader = load_reader(source, args.dtype)
     if args.video is not None:
-        clip = _clip_inputs(args.video, args.audio, record_id=args.video.name, args=args)
+        clip = clip_inputs(args.video, args.audio, record_id=args.video.name, settings=settings)
         clip["subtitle"] = args.subtitle
-        print(answer(reader, [clip], args, model_context=model_context, ids=[args.video.name])[0])
+        print(answer(reader, [clip], settings, model_context=model_context, ids=[args.video.name])[0])
         return 0
     # Answers accumulate in OUT.partial (with those of an earlier run of OUT or OUT.partial) and replace OUT
     # only once every clip is done: an interrupted run loses nothing and a rerun skips what is answered.
@@ -384,12 +275,15 @@ def _run(args: argparse.Namespace) -> int:
     ):
         handle.writelines(line + "\n" for clip_id, line in answered.items() if clip_id in wanted)
         handle.flush()
-        for batch in _batches(todo, args.batch_size):
+        for batch in batches(todo, args.batch_size):
             prepared, kept = [], []
             for clip in batch:
                 try:
-                    inputs = _clip_inputs(
-                        Path(clip.video), None if clip.audio is None else Path(clip.audio), record_id=clip.id, args=args
+                    inputs = clip_inputs(
+                        Path(clip.video),
+                        None if clip.audio is None else Path(clip.audio),
+                        record_id=clip.id,
+                        settings=settings,
                     )
                 except MediaError as err:
                     if args.on_error == "raise":
@@ -400,7 +294,7 @@ def _run(args: argparse.Namespace) -> int:
                 prepared.append(inputs)
                 kept.append(clip)
             if kept:
-                texts = answer(reader, prepared, args, model_context=model_context, ids=[c.id for c in kept])
+                texts = answer(reader, prepared, settings, model_context=model_context, ids=[c.id for c in kept])
                 for clip, text in zip(kept, texts):
                     handle.write(
                         json.dumps({"id": clip.id, "dataset": clip.dataset, "output": text}, ensure_ascii=False) + "\n"

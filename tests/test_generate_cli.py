@@ -127,7 +127,7 @@ def manifest_of(tmp_path, video, ids, name="clips.jsonl"):
 
 
 def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_files, tmp_path, monkeypatch):
-    import opsd_jax.sampling.cli as generate_cli
+    import opsd_jax.generate_cli as generate_cli
 
     manifest = manifest_of(tmp_path, clip_files[0], ["c0", "c1", "c2", "c3"])
     out = tmp_path / "answers.jsonl"

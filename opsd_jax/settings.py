@@ -1,0 +1,86 @@
+"""Settings that the layers below the run read, and the error a bad setting raises.
+
+`opsd_jax.config` assembles the whole run's `Config` from these and the sections that live beside their code
+(`MeshConfig` in `opsd_jax.sharding`, `LossConfig` in `opsd_jax.opsd.losses`, `PromptConfig` in
+`opsd_jax.opsd.prompts`). This module imports nothing from the package, so that every layer may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warm-up and cosine decay, global-norm clipping, accumulation."""
+
+    seed: int = 0
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    train_encoders: bool = False
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected a positive learning rate, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        for name in ("total_steps", "batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} prompts do not split into "
+                f"train.grad_accum_steps = {self.grad_accum_steps} equal micro-batches"
+            )
+        if self.warmup_steps < 0 or self.warmup_steps >= self.total_steps:
+            raise ConfigError(
+                f"train.warmup_steps: expected 0..train.total_steps - 1 ({self.total_steps - 1}), got {self.warmup_steps}"
+            )
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected a value in [0, 1), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Which parameters score the completions: the live student (stop-gradient), the initial ones, or an EMA."""
+
+    mode: Literal["live", "frozen", "ema"] = "frozen"
+    ema_rate: float = 0.05
+    # False gives the teacher the student's own prompt (the "teacher without rationale" ablation).
+    use_rationale: bool = True
+    distill_weight: float = 1.0
+    # Ablation terms, 0 by default: a label-reward policy gradient (GRPO-style) and a cross-entropy term
+    # on reference answers (`label_ce_target`: the label, or the rationale followed by the label) given
+    # the student's or the teacher's prompt (`label_ce_prompt`; "teacher" is the warm start's reading
+    # of written evidence).
+    label_pg_weight: float = 0.0
+    label_ce_weight: float = 0.0
+    label_ce_target: Literal["label", "rationale"] = "label"
+    label_ce_prompt: Literal["student", "teacher"] = "student"
+
+    def validate(self, num_devices: int | None) -> None:
+        del num_devices
+        if not 0 < self.ema_rate <= 1:
+            raise ConfigError(f"teacher.ema_rate: expected a value in (0, 1], got {self.ema_rate}")
+        for name in ("label_pg_weight", "label_ce_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"teacher.{name}: expected >= 0, got {getattr(self, name)}")
