@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from opsd_jax.models.qwen2_5_omni import append_completion, from_pretrained
-from opsd_jax.opsd.teacher import completion_hidden, ema_update
+from opsd_jax.opsd.teacher import ema_update
 from opsd_jax.sampling import generate
 
 IDS = np.array([[5, 17, 99, 3, 42, 7, 150, 8], [0, 0, 0, 61, 62, 63, 64, 65]], np.int32)
@@ -31,7 +31,7 @@ def test_prefix_shared_forward_equals_the_full_forward(tiny_untied, tiny_prompt_
     def hidden(p, shared_prefix: bool):
         m = nnx.merge(graphdef, p)
         if shared_prefix:
-            return completion_hidden(m, prompt, out.tokens, out.mask)
+            return m.completion_hidden(prompt, out.tokens, out.mask)
         return m.hidden_states(append_completion(prompt, out.tokens, out.mask), repeats=3)[:, 7:13]
 
     mask = np.asarray(out.mask)
