@@ -3,8 +3,9 @@
 Each value of `loss.divergence` names one form (`DIVERGENCE_FORMS`): a small object that says which teacher
 signal it needs (`signal_request`, asked by `opsd_jax.opsd.teacher`) and computes the per-token loss from the
 student's logits `[B, T, V]` and a `TeacherSignal`. The math is `opsd_jax.opsd.divergences`' pure functions;
-the forms are the thin table around them. `per_token_divergence` is the dispatch on logits; the forms on hidden
-states (`opsd_jax.opsd.chunked_losses`) call it one completion chunk at a time. A reduction
+the forms are the thin table around them. `per_token_divergence` is the dispatch on logits (`per_token_loss` with
+the teacher's side as a `TeacherSignal`, which the hidden-state forms in `opsd_jax.opsd.chunked_losses` call one
+completion chunk at a time). A reduction
 (`reduction_weights`) turns the per-token values into the scalar loss.
 """
 
