@@ -3,7 +3,7 @@
 Measures, for `sum(weights * GJSD_beta(student_hidden @ W, teacher_hidden @ W))` and its gradient w.r.t. the
 student hidden states and the head kernel W (the teacher side constant):
 
-- naive:   full `[B, T, V]` logits, `opsd_jax.opsd.losses.generalized_jsd`, plain autodiff;
+- naive:   full `[B, T, V]` logits, `opsd_jax.opsd.divergences.generalized_jsd`, plain autodiff;
 - chunked: `chunked_generalized_jsd` (completion chunks under `jax.checkpoint`, logits recomputed backward);
 - fused:   `fused_distillation_loss` (gradient formed in the forward scan, head matmuls run once).
 
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.opsd import losses
+from opsd_jax.opsd import chunked_losses, divergences, losses
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_memory.json"
 VARIANTS = ("naive", "chunked", "fused")
@@ -64,17 +64,19 @@ def loss_and_grad_fns(args: argparse.Namespace) -> dict[str, Callable]:
     def naive(student_hidden, teacher_hidden, kernel, weights):
         student_logits = jnp.einsum("bth,hv->btv", student_hidden, kernel, preferred_element_type=jnp.float32)
         teacher_logits = jnp.einsum("bth,hv->btv", teacher_hidden, kernel, preferred_element_type=jnp.float32)
-        per_token = losses.generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature)
+        per_token = divergences.generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature)
         return jnp.sum(weights * per_token)
 
     def chunked(student_hidden, teacher_hidden, kernel, weights):
-        per_token = losses.chunked_generalized_jsd(
+        per_token = chunked_losses.chunked_generalized_jsd(
             student_hidden, teacher_hidden, kernel, beta=beta, temperature=temperature, chunk_size=chunk
         )
         return jnp.sum(weights * per_token)
 
     def fused(student_hidden, teacher_hidden, kernel, weights):
-        return losses.fused_distillation_loss(config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden)[0]
+        return chunked_losses.fused_distillation_loss(
+            config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden
+        )[0]
 
     fns = {"naive": naive, "chunked": chunked, "fused": fused}
     return {name: jax.jit(jax.value_and_grad(fns[name], argnums=(0, 2))) for name in args.variants}

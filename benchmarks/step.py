@@ -241,8 +241,8 @@ class JaxStep:
 
         from opsd_jax.config import load_config
         from opsd_jax.models.qwen2_5_omni import from_pretrained
+        from opsd_jax.models.scoring import chunked_scores
         from opsd_jax.opsd import step as opsd_step
-        from opsd_jax.opsd.losses import chunked_teacher_scores
         from opsd_jax.opsd.teacher import teacher_signal
         from opsd_jax.sharding import make_mesh
 
@@ -289,9 +289,9 @@ class JaxStep:
             """The teacher's scoring alone: hidden states over [teacher prompt | completion], token logprobs."""
             teacher = nnx.merge(graphdef, teacher_params)
             signal = teacher_signal(teacher, batch.teacher, batch.completion, batch.completion_mask, loss_config)
-            return chunked_teacher_scores(
-                signal["teacher_hidden"],
-                signal["teacher_head_kernel"],
+            return chunked_scores(
+                signal.hidden,
+                signal.head_kernel,
                 batch.completion,
                 top_k=1,
                 temperature=1.0,

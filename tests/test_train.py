@@ -119,7 +119,6 @@ def test_a_half_written_checkpoint_is_never_loaded(run_setup):
 def test_importance_ratio_takes_the_distribution_rollouts_were_drawn_from(run_setup):
     """At sampling temperature 0.7 with top-k 5, the step's behaviour log-probabilities are those of the
     tempered, filtered distribution (float64 reference from the model's logits), not the plain model's."""
-    from opsd_jax.opsd.teacher import completion_hidden
     from opsd_jax.train import _clips
 
     temperature, top_k = 0.7, 5
@@ -133,7 +132,7 @@ def test_importance_ratio_takes_the_distribution_rollouts_were_drawn_from(run_se
         )
     )
     batch = jax.tree.map(lambda x: x[0], trainer.make_step_batch(_clips(next(trainer.iterator)), step=0))
-    hidden = completion_hidden(trainer.model, batch.student, batch.completion, batch.completion_mask)
+    hidden = trainer.model.completion_hidden(batch.student, batch.completion, batch.completion_mask)
     logits = np.asarray(hidden @ trainer.model.head_kernel(), np.float64) / temperature  # [N, C, V]
     kth = np.sort(logits, axis=-1)[..., -top_k][..., None]
     filtered = np.where(logits >= kth, logits, -np.inf)

@@ -29,7 +29,8 @@ from opsd_jax.models.audio import AudioConfig, AudioEncoder, AudioPlan, prepare_
 from opsd_jax.models.layers import Linear
 from opsd_jax.models.merge import check_placeholder_count, merge_modal_embeddings
 from opsd_jax.models.positions import PositionConfig, rope_index
-from opsd_jax.models.text import TextConfig, TextModel, causal_padding_mask
+from opsd_jax.models.scoring import SignalRequest, TeacherSignal, signal_from_hidden
+from opsd_jax.models.text import LayerCache, TextConfig, TextModel, causal_padding_mask, prefill_mask
 from opsd_jax.models.vision import VisionConfig, VisionEncoder, VisionPlan, pad_patches, vision_plan
 from opsd_jax.sharding import AxisRules, logical_to_spec, param_shardings, resolve_rules
 
@@ -329,6 +330,109 @@ class Qwen2_5OmniThinker(nnx.Module):
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
+    # ----------------------------------------------------------------------------------------------
+    # Inference over a KV cache: the sampler's prefill and decode loop, the prefix-shared scoring
+    # ----------------------------------------------------------------------------------------------
+
+    def init_cache(
+        self, batch: int, length: int, *, mesh: Mesh | None = None, rules: AxisRules | None = None
+    ) -> list[LayerCache]:
+        """Empty per-layer KV caches for `batch` rows of up to `length` tokens (`TextModel.init_cache`)."""
+        return self.model.init_cache(batch, length, mesh=mesh, rules=rules)
+
+    def extend(
+        self, inputs: jax.Array, positions: jax.Array, cache: list[LayerCache], mask: jax.Array, index: jax.Array
+    ) -> tuple[jax.Array, list[LayerCache]]:
+        """The decoder over S new tokens, their keys and values written into the cache from column `index`.
+
+        Args:
+          inputs: token ids `[B, S]`, or embeddings `[B, S, hidden]` (a prompt with its media merged in).
+          positions: `[3, B, S]` M-RoPE positions.
+          cache: `init_cache`'s per-layer caches `[B, L, kv_heads, head_dim]`.
+          mask: boolean `[B, S, L]`, True where a new token may attend to a cache column (its own included).
+          index: int32 scalar, the cache column of the first new token.
+
+        Returns:
+          final-norm hidden states `[B, S, hidden]` (`logits` turns the ones needed into `[.., vocab]`) and the
+          updated caches.
+        """
+        embeds = self.model.embed_tokens(inputs) if inputs.ndim == 2 else inputs
+        return self.model(embeds, positions, mask, cache, index)
+
+    def prefill(
+        self, prompt: ThinkerInputs, cache: list[LayerCache], features: MediaFeatures | None = None
+    ) -> tuple[jax.Array, list[LayerCache]]:
+        """Prepared prompts `[B, P]` (left-padded, with their media) into an empty cache from column 0.
+
+        Returns hidden states `[B, P, hidden]` (column P - 1 predicts the first new token) and the caches. Each
+        prompt token sees the real tokens up to itself; the cache's later columns stay hidden.
+        """
+        mask = prefill_mask(prompt.attention_mask, cache[0].key.shape[1])
+        return self.extend(self.embed_inputs(prompt, features), prompt.position_ids, cache, mask, jnp.int32(0))
+
+    def completion_hidden(
+        self,
+        prompt: ThinkerInputs,
+        completion: jax.Array,
+        completion_mask: jax.Array,
+        features: MediaFeatures | None = None,
+    ) -> jax.Array:
+        """Hidden states that predict each completion token: `[B * G, C, hidden]`.
+
+        `prompt`: `[B, P]` prepared prompts; `completion` / `completion_mask`: `[B * G, C]`, prompt-major.
+        Equal to one forward over `[prompt | completion]` (`append_completion`) sliced at columns
+        `P - 1 ... P + C - 2`, but the G rollouts of a prompt share its prefix: the prompt runs once per prompt
+        (B rows) into a KV cache, which is repeated for the completions (B * G rows of C tokens). For a long
+        multimodal prompt and short answers this divides the forward (and, for the student, the backward) by ~G.
+        """
+        batch, prompt_len = prompt.input_ids.shape
+        rows, length = completion.shape
+        # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
+        # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
+        repeat = functools.partial(jnp.repeat, repeats=rows // batch, axis=0)
+        start = repeat(first_new_position(prompt))
+        positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+        positions = jnp.broadcast_to(positions[None], (3, rows, length))
+        # Completion token i sees the prompt's real tokens and completion tokens 0..i.
+        sees_prompt = jnp.broadcast_to(
+            repeat(prompt.attention_mask.astype(bool))[:, None, :], (rows, length, prompt_len)
+        )
+        sees_completion = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (rows, length, length))
+        mask = jnp.concatenate([sees_prompt, sees_completion], axis=2)
+        del completion_mask  # tokens after EOS only feed predictions that are masked out of every loss
+        # Layer by layer, the prompts and then their completions over the prompts' cache: under FSDP each
+        # layer's weights are gathered once per pass, not once for the prompts and again for the completions.
+        prefix, hidden = self.model.prefix_and_continuations(
+            self.embed_inputs(prompt, features),
+            prompt.position_ids,
+            prefill_mask(prompt.attention_mask, prompt_len + length),
+            self.model.embed_tokens(completion),
+            positions,
+            mask,
+        )
+        return jnp.concatenate([repeat(prefix[:, -1:]), hidden[:, :-1]], axis=1)
+
+    def score_completions(
+        self,
+        prompt: ThinkerInputs,
+        completion: jax.Array,
+        completion_mask: jax.Array,
+        request: SignalRequest,
+        features: MediaFeatures | None = None,
+    ) -> TeacherSignal:
+        """Scores sampled completions `[B * G, C]` after prompts `[B, P]` (prefix-shared, `completion_hidden`) and
+        keeps what `request` asks for (`signal_from_hidden`), under `stop_gradient`."""
+        hidden = self.completion_hidden(prompt, completion, completion_mask, features)
+        return signal_from_hidden(hidden, self.head_kernel(), completion, request)
+
+
+def first_new_position(prompt: ThinkerInputs) -> jax.Array:
+    """`[B]` int32: the position, on all three axes, of the first token after each prompt `[B, P]`
+    (`P + rope_delta - n_left_pad`); generated token i sits i further."""
+    prompt_len = prompt.input_ids.shape[1]
+    n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
+    return prompt_len + prompt.rope_deltas - n_left_pad
+
 
 # The batch axis of each prompt field (media arrays are packed across the batch: see MEDIA_ROW_FIELDS).
 PROMPT_BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "position_ids": 1, "rope_deltas": 0}
@@ -383,11 +487,9 @@ def append_completion(prompt: ThinkerInputs, completion: jax.Array, completion_m
       `P + i + rope_delta - n_left_pad` on all three axes, exactly where decoding put it; logits at
       column `P - 1 + i` predict it.
     """
-    batch, prompt_len = prompt.input_ids.shape
-    repeats = completion.shape[0] // batch
+    repeats = completion.shape[0] // prompt.input_ids.shape[0]
     repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)  # static: a broadcast, not a gather
-    n_left_pad = prompt_len - jnp.sum(prompt.attention_mask, axis=-1, dtype=jnp.int32)
-    start = repeat(prompt_len + prompt.rope_deltas - n_left_pad)
+    start = repeat(first_new_position(prompt))
     completion_positions = start[:, None] + jnp.arange(completion.shape[1], dtype=jnp.int32)[None]
     prompt_positions = jnp.repeat(prompt.position_ids, repeats, axis=1)
     return prompt.replace(

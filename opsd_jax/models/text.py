@@ -13,12 +13,16 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from opsd_jax.models.layers import Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
-from opsd_jax.sharding import constrain_activation
+from opsd_jax.sharding import AxisRules, constrain, constrain_activation
 
 # Layer-boundary activation layouts (logical axes; see `opsd_jax.sharding.activation_sharding`).
 HIDDEN_AXES = ("batch", "length", "activation_embed")
+# The KV cache `[batch, max_len, kv_heads, head_dim]`: rows on the batch axes, KV heads on `kv_heads` (by default
+# (data, fsdp) and tensor), so that each chip holds the keys and values of the heads it computes.
+CACHE_AXES = ("batch", None, "kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,11 @@ class LayerCache:
 
     key: jax.Array
     value: jax.Array
+
+
+def constrain_cache(cache: list[LayerCache], mesh: Mesh | None, rules: AxisRules | None) -> list[LayerCache]:
+    """Pins every layer's cache to `CACHE_AXES` on `mesh` under `rules` (unchanged without a mesh)."""
+    return jax.tree.map(lambda x: constrain(x, CACHE_AXES, mesh, rules), cache)
 
 
 class Qwen2Attention(nnx.Module):
@@ -179,6 +188,21 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
 
+    def init_cache(
+        self, batch: int, length: int, *, mesh: Mesh | None = None, rules: AxisRules | None = None
+    ) -> list[LayerCache]:
+        """Empty KV caches, one per layer, `[batch, length, kv_heads, head_dim]` each in the compute dtype.
+
+        With a `mesh` (inside a jitted program) they are laid out by `CACHE_AXES` under the logical-axis table
+        `rules` (the run's `MeshConfig.axis_rules`; default: the default table).
+        """
+        cfg = self.config
+        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        cache = [
+            LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(cfg.num_hidden_layers)
+        ]
+        return constrain_cache(cache, mesh, rules)
+
     def __call__(
         self,
         inputs_embeds: jax.Array,
@@ -243,7 +267,7 @@ class TextModel(nnx.Module):
 
         Args:
           prefix_embeds: `[B, P, hidden]` the prompts; prefix_positions `[3, B, P]`; prefix_mask boolean
-            `[B, P, P]`.
+            `[B, P, P + C]` over a cache that has the continuations' columns too (`prefill_mask`).
           embeds: `[B * G, C, hidden]` the continuations, prompt-major (G per prompt); positions
             `[3, B * G, C]`; mask boolean `[B * G, C, P + C]` over the prompt's keys, then its own.
 
@@ -259,8 +283,6 @@ class TextModel(nnx.Module):
             dtype=self.dtype,
         )
         prefix_rope, rope_ = rope(prefix_positions), rope(positions)
-        # The prompts write their keys into a cache that also has the continuations' columns, unseen by them.
-        prefix_mask = jnp.pad(prefix_mask, ((0, 0), (0, 0), (0, embeds.shape[1])))
         x = constrain_activation(prefix_embeds.astype(self.dtype), HIDDEN_AXES)
         y = constrain_activation(embeds.astype(self.dtype), HIDDEN_AXES)
         split = [nnx.split(layer) for layer in self.layers]
@@ -302,6 +324,12 @@ def _remat_layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
     which lives at another trace level. Only the layer's inputs are saved for the backward.
     """
     return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
+
+
+def prefill_mask(attention_mask: jax.Array, cache_length: int) -> jax.Array:
+    """`[batch, seq]` 0/1 padding mask of a prompt written from cache column 0 -> boolean `[batch, seq, cache_length]`:
+    `causal_padding_mask` over the prompt's columns; the columns after it (not yet written) are hidden."""
+    return jnp.pad(causal_padding_mask(attention_mask), ((0, 0), (0, 0), (0, cache_length - attention_mask.shape[-1])))
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opsd_jax.opsd import losses
+from opsd_jax.models.scoring import chunked_scores, signal_from_hidden
+from opsd_jax.opsd.chunked_losses import chunked_per_token_divergence
+from opsd_jax.opsd.losses import divergence_form
 from opsd_jax.opsd.step import StepBatch, StepSettings
-from opsd_jax.opsd.teacher import completion_hidden, signal_from_hidden
 from opsd_jax.sharding import activation_sharding
 
 TOP_TOKENS = 5  # the teacher's most likely tokens shown where the student diverged most
@@ -41,20 +42,25 @@ def inspect_rollouts(
         model = nnx.merge(settings.graphdef, params)
         teacher = model if teacher_params is None else nnx.merge(settings.graphdef, teacher_params)
         completion, mask = batch.completion[:rows], batch.completion_mask[:rows]
-        student_hidden = completion_hidden(model, batch.student, batch.completion, batch.completion_mask)[:rows]
-        teacher_hidden = completion_hidden(teacher, batch.teacher, batch.completion, batch.completion_mask)[:rows]
+        student_hidden = model.completion_hidden(batch.student, batch.completion, batch.completion_mask)[:rows]
+        teacher_hidden = teacher.completion_hidden(batch.teacher, batch.completion, batch.completion_mask)[:rows]
         head, teacher_head = model.head_kernel(), teacher.head_kernel()
-        per_token = losses.chunked_per_token_divergence(
+        signal = signal_from_hidden(
+            teacher_hidden, teacher_head, completion, divergence_form(config).signal_request(config)
+        )
+        per_token = chunked_per_token_divergence(
             config,
             student_hidden,
             head,
             completion_ids=completion,
             sampler_logprobs=batch.sampler_logprobs[:rows],
-            **signal_from_hidden(teacher_hidden, teacher_head, completion, config),
+            teacher_hidden=signal.hidden,
+            teacher_head_kernel=signal.head_kernel,
+            teacher_top_k_logprobs=signal.top_k_logprobs,
+            teacher_top_k_indices=signal.top_k_indices,
+            teacher_token_logprobs=signal.token_logprobs,
         )
-        scores = functools.partial(
-            losses.chunked_teacher_scores, temperature=config.temperature, chunk_size=config.chunk_size
-        )
+        scores = functools.partial(chunked_scores, temperature=config.temperature, chunk_size=config.chunk_size)
         student = scores(student_hidden, head, completion, top_k=1)
         teacher_scores = scores(teacher_hidden, teacher_head, completion, top_k=min(TOP_TOKENS, head.shape[-1]))
         zero = functools.partial(jnp.where, mask)

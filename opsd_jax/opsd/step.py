@@ -26,8 +26,12 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
+from opsd_jax.models.scoring import chunked_scores, token_logprobs
 from opsd_jax.opsd import losses
-from opsd_jax.opsd.teacher import completion_hidden, ema_update, teacher_signal
+from opsd_jax.opsd.ablations import group_normalized_advantages, label_cross_entropy
+from opsd_jax.opsd.chunked_losses import fused_distillation_loss
+from opsd_jax.opsd.reductions import token_mean_weights
+from opsd_jax.opsd.teacher import ema_update, teacher_signal
 from opsd_jax.settings import TeacherConfig, TrainConfig
 from opsd_jax.sharding import AxisRules, activation_sharding, constrain, logical_to_spec, resolve_rules
 
@@ -191,7 +195,7 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
         constrain, logical_axes=("activation_embed", "activation_vocab"), mesh=settings.mesh, rules=settings.rules
     )
     student_hidden = gather_rows(
-        completion_hidden(model, batch.student, batch.completion, batch.completion_mask, features)
+        model.completion_hidden(batch.student, batch.completion, batch.completion_mask, features)
     )
     head = gather_kernel(model.head_kernel())
 
@@ -206,29 +210,30 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     signal = teacher_signal(
         teacher_model, batch.teacher, batch.completion, batch.completion_mask, config, teacher_features
     )
-    if "teacher_hidden" in signal:
-        signal.update(
-            teacher_hidden=gather_rows(signal["teacher_hidden"]),
-            teacher_head_kernel=gather_kernel(signal["teacher_head_kernel"]),
-        )
+    if signal.hidden is not None:
+        signal = signal.replace(hidden=gather_rows(signal.hidden), head_kernel=gather_kernel(signal.head_kernel))
 
     mask = batch.completion_mask
     weights = losses.reduction_weights(
         config, mask, num_tokens_global=counts["tokens"], num_sequences_global=counts["sequences"]
     )
-    distill, per_token = losses.fused_distillation_loss(
+    distill, per_token = fused_distillation_loss(
         config,
         student_hidden,
         head,
         weights,
         completion_ids=batch.completion,
         sampler_logprobs=batch.sampler_logprobs,
-        **signal,
+        teacher_hidden=signal.hidden,
+        teacher_head_kernel=signal.head_kernel,
+        teacher_top_k_logprobs=signal.top_k_logprobs,
+        teacher_top_k_indices=signal.top_k_indices,
+        teacher_token_logprobs=signal.token_logprobs,
     )
     loss = settings.teacher.distill_weight * distill
 
     # Metrics: the sampled tokens under student and teacher, without a [B, C, V] tensor.
-    student_scores = losses.chunked_teacher_scores(
+    student_scores = chunked_scores(
         jax.lax.stop_gradient(student_hidden),
         jax.lax.stop_gradient(head),
         batch.completion,
@@ -236,11 +241,11 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
         temperature=config.temperature,
         chunk_size=config.chunk_size,
     )
-    teacher_token = signal.get("teacher_token_logprobs")
+    teacher_token = signal.token_logprobs
     if teacher_token is None:
-        teacher_token = losses.chunked_teacher_scores(
-            signal["teacher_hidden"],
-            signal["teacher_head_kernel"],
+        teacher_token = chunked_scores(
+            signal.hidden,
+            signal.head_kernel,
             batch.completion,
             top_k=1,
             temperature=config.temperature,
@@ -283,17 +288,17 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, features, cou
     mask = batch.completion_mask
     if settings.teacher.label_pg_weight > 0:
         group = batch.completion.shape[0] // batch.student.input_ids.shape[0]
-        advantages = losses.group_normalized_advantages(batch.rewards, group)
+        advantages = group_normalized_advantages(batch.rewards, group)
         logits = jnp.einsum("bch,hv->bcv", student_hidden, head, preferred_element_type=jnp.float32)
-        token_logprobs = losses.token_logprobs(logits, batch.completion)
-        weights = losses.token_mean_weights(mask, counts["tokens"])
-        total += settings.teacher.label_pg_weight * -jnp.sum(weights * advantages[:, None] * token_logprobs)
+        completion_logprobs = token_logprobs(logits, batch.completion)
+        weights = token_mean_weights(mask, counts["tokens"])
+        total += settings.teacher.label_pg_weight * -jnp.sum(weights * advantages[:, None] * completion_logprobs)
     if settings.teacher.label_ce_weight > 0:
         label_mask = batch.label_mask.astype(bool)
         prompt = batch.teacher if settings.teacher.label_ce_prompt == "teacher" else batch.student
-        label_hidden = completion_hidden(model, prompt, batch.label_ids, label_mask, features)
+        label_hidden = model.completion_hidden(prompt, batch.label_ids, label_mask, features)
         logits = jnp.einsum("bch,hv->bcv", label_hidden, head, preferred_element_type=jnp.float32)
-        per_token = losses.label_cross_entropy(logits, batch.label_ids, label_mask)
+        per_token = label_cross_entropy(logits, batch.label_ids, label_mask)
         total += settings.teacher.label_ce_weight * jnp.sum(per_token) / jnp.maximum(counts["label_tokens"], 1.0)
     return total
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, place_inputs
-from opsd_jax.models.text import LayerCache
+from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, first_new_position, place_inputs
+from opsd_jax.models.text import LayerCache, constrain_cache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import AxisRules, activation_sharding, constrain
+from opsd_jax.sharding import AxisRules, activation_sharding
 
 
 @struct.dataclass
@@ -108,11 +108,6 @@ def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
     return _cast_decoder(params, dtype)
 
 
-def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None, rules: AxisRules | None) -> list[LayerCache]:
-    """Rows on the `batch` axes, KV heads on `kv_heads` (by default (data, fsdp) and tensor)."""
-    return jax.tree.map(lambda x: constrain(x, ("batch", None, "kv_heads", None), mesh, rules), cache)
-
-
 def _emit(
     state: _LoopState, step: jax.Array, logits: jax.Array, key: jax.Array, sampling: SamplingSettings
 ) -> _LoopState:
@@ -158,41 +153,28 @@ def _prefill(
     with activation_sharding(mesh, rules):
         model = nnx.merge(graphdef, params)
         batch, prompt_len = inputs.input_ids.shape
-        total_len = prompt_len + sampling.max_new_tokens
-        text = model.config.text
-        cache_shape = (batch, total_len, text.num_key_value_heads, text.head_dim)
-        cache = [
-            LayerCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
-            for _ in range(text.num_hidden_layers)
-        ]
-        cache = _constrain_cache(cache, mesh, rules)
-
+        cache = model.init_cache(batch, prompt_len + sampling.max_new_tokens, mesh=mesh, rules=rules)
+        hidden, cache = model.prefill(inputs, cache)
+        last_logits = model.logits(hidden[:, -1])
+        # Cache columns a generated token may attend to: the prompt's real tokens, then each generated one.
         prompt_valid = inputs.attention_mask.astype(bool)
         kv_valid = jnp.concatenate([prompt_valid, jnp.zeros((batch, sampling.max_new_tokens), bool)], axis=1)
-        causal = jnp.arange(total_len)[None, :] <= jnp.arange(prompt_len)[:, None]  # [prompt, total]
-        # Padded query rows see only themselves (never an empty row); their outputs are never read.
-        own = jnp.arange(total_len)[None, :] == jnp.arange(prompt_len)[:, None]
-        mask = (causal[None] & kv_valid[:, None, :]) | own[None]
-        hidden, cache = model.model(model.embed_inputs(inputs), inputs.position_ids, mask, cache, jnp.int32(0))
-        last_logits = model.logits(hidden[:, -1])
 
         # The rollouts of one prompt share its prefill: repeat rows prompt-major.
         repeat = functools.partial(jnp.repeat, repeats=sampling.num_samples, axis=0)
-        n_left_pad = prompt_len - jnp.sum(inputs.attention_mask, axis=-1).astype(jnp.int32)
-        first_position = prompt_len + inputs.rope_deltas.astype(jnp.int32) - n_left_pad
         rows = batch * sampling.num_samples
         new = sampling.max_new_tokens
         state = _LoopState(
             step=jnp.int32(0),
             last_token=jnp.zeros((rows,), jnp.int32),
-            first_position=repeat(first_position),
+            first_position=repeat(first_new_position(inputs)),
             kv_valid=repeat(kv_valid),
             done=jnp.zeros((rows,), bool),
             tokens=jnp.full((rows, new), sampling.pad_id, jnp.int32),
             logprobs=jnp.zeros((rows, new), jnp.float32),
             model_logprobs=jnp.zeros((rows, new), jnp.float32),
             mask=jnp.zeros((rows, new), bool),
-            cache=_constrain_cache(jax.tree.map(repeat, cache), mesh, rules),
+            cache=constrain_cache(jax.tree.map(repeat, cache), mesh, rules),
             key=key,
         )
         if key.ndim:  # one key per prompt: each rollout gets its own stream, whatever its row
@@ -225,10 +207,9 @@ def _decode(
         )
         position = state.first_position + state.step - 1
         position_ids = jnp.broadcast_to(position[None, :, None], (3, position.shape[0], 1))
-        embeds = model.model.embed_tokens(state.last_token[:, None])
-        hidden, cache = model.model(embeds, position_ids, kv_valid[:, None, :], state.cache, column)
+        hidden, cache = model.extend(state.last_token[:, None], position_ids, state.cache, kv_valid[:, None, :], column)
         key, step_key = _split(state.key)
-        state = state.replace(kv_valid=kv_valid, cache=_constrain_cache(cache, mesh, rules), key=key)
+        state = state.replace(kv_valid=kv_valid, cache=constrain_cache(cache, mesh, rules), key=key)
         return _emit(state, state.step, model.logits(hidden[:, 0]), step_key, sampling)
 
     return jax.lax.while_loop(keep_going, step_once, state)

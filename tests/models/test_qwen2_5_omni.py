@@ -214,3 +214,50 @@ def test_placeholder_mismatch_names_both_counts(tiny_prompt_builder, multimodal_
     inputs["input_ids"][0, -3] = 201
     with pytest.raises(ValueError, match=r"image: input_ids hold 1 placeholder tokens .* gave 6 features"):
         multimodal_model(**inputs)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied"])
+def test_a_cached_prefill_then_one_token_at_a_time_gives_the_full_forwards_logits(fixture, request):
+    """`init_cache` + `prefill` (embeddings) of the first tokens, then `extend` with one token id at a time,
+    reproduces one cache-free forward over the whole left-padded batch at every real position."""
+    from flax import nnx
+
+    model = from_pretrained(request.getfixturevalue(fixture)[1])
+    inputs = model.prepare_inputs(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))
+    graphdef, params = nnx.split(model)
+    batch, length = IDS.shape
+    first = 5  # row 1 has 3 pad tokens then 2 real ones in the prefill; the rest arrive one by one
+
+    @jax.jit
+    def cached_logits(params):
+        model = nnx.merge(graphdef, params)
+        head = inputs.replace(
+            input_ids=inputs.input_ids[:, :first],
+            attention_mask=inputs.attention_mask[:, :first],
+            position_ids=inputs.position_ids[:, :, :first],
+        )
+        hidden, cache = model.prefill(head, model.init_cache(batch, length))
+        logits = [model.logits(hidden)]
+        valid = jnp.asarray(MASK, bool)
+        for t in range(first, length):
+            # Token t sees the real tokens up to itself.
+            mask = (valid & (jnp.arange(length) <= t))[:, None, :]
+            hidden, cache = model.extend(
+                inputs.input_ids[:, t : t + 1], inputs.position_ids[:, :, t : t + 1], cache, mask, jnp.int32(t)
+            )
+            logits.append(model.logits(hidden))
+        return jnp.concatenate(logits, axis=1)
+
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(cached_logits(params))[real], forward(model)[real], atol=2e-5, rtol=1e-5)
+
+
+def test_init_cache_is_one_zero_cache_per_layer_in_the_compute_dtype(tiny_tied):
+    model = from_pretrained(tiny_tied[1], dtype=jnp.bfloat16)
+    cache = model.init_cache(3, 11)
+    text = model.config.text
+    assert len(cache) == text.num_hidden_layers
+    for layer in cache:
+        for x in (layer.key, layer.value):
+            assert x.shape == (3, 11, text.num_key_value_heads, text.head_dim) and x.dtype == jnp.bfloat16
+            assert not np.any(np.asarray(x, np.float32))

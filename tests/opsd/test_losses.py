@@ -1,9 +1,11 @@
-"""Tests of opsd_jax/opsd/losses.py against float64 numpy references written here and against TRL.
+"""Tests of the losses (opsd_jax/opsd/losses.py, divergences.py, reductions.py, chunked_losses.py, ablations.py,
+and the head's log-probabilities in opsd_jax/models/scoring.py) against float64 numpy references written here and against TRL.
 
 Tolerances: float32 JAX vs float64 numpy `rtol=1e-5, atol=2e-6`; JAX vs TRL (both float32) `atol=2e-6`;
 chunked / fused vs the naive logits form (both float32) `rtol=1e-5, atol=1e-6` on values and gradients.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -15,7 +17,8 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
-from opsd_jax.opsd import losses  # noqa: E402
+from opsd_jax.models import scoring  # noqa: E402
+from opsd_jax.opsd import ablations, chunked_losses, divergences, losses, reductions  # noqa: E402
 
 B, T, H, V = 2, 7, 8, 40
 REF_TOL = dict(rtol=1e-5, atol=2e-6)
@@ -116,7 +119,7 @@ def assert_tree_close(actual, expected, tol):
 @pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
 def test_generalized_jsd_matches_numpy(data, beta, temperature):
     s, t = data["student_logits"], data["teacher_logits"]
-    actual = losses.generalized_jsd(s, t, beta=beta, temperature=temperature)
+    actual = divergences.generalized_jsd(s, t, beta=beta, temperature=temperature)
     expected = np_gjsd(np_log_softmax(s, temperature), np_log_softmax(t, temperature), beta)
     assert actual.shape == (B, T) and actual.dtype == jnp.float32
     assert_close(actual, expected, REF_TOL)
@@ -128,21 +131,21 @@ def test_generalized_jsd_matches_trl(data, beta, temperature):
     s, t = data["student_logits"], data["teacher_logits"]
     student, teacher = torch.tensor(np.asarray(s)), torch.tensor(np.asarray(t))
     trl = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, temperature=temperature, reduction="none")
-    actual = losses.generalized_jsd(s, t, beta=beta, temperature=temperature)
+    actual = divergences.generalized_jsd(s, t, beta=beta, temperature=temperature)
     assert_close(actual, trl.sum(-1).numpy(), dict(rtol=0, atol=2e-6))
 
 
 def test_beta_endpoints_are_forward_and_reverse_kl(data):
     s, t = data["student_logits"], data["teacher_logits"]
     s_lp, t_lp = np_log_softmax(s), np_log_softmax(t)
-    assert_close(losses.generalized_jsd(s, t, beta=0.0), np_kl(t_lp, s_lp), REF_TOL)  # KL(teacher || student)
-    assert_close(losses.generalized_jsd(s, t, beta=1.0), np_kl(s_lp, t_lp), REF_TOL)  # KL(student || teacher)
+    assert_close(divergences.generalized_jsd(s, t, beta=0.0), np_kl(t_lp, s_lp), REF_TOL)  # KL(teacher || student)
+    assert_close(divergences.generalized_jsd(s, t, beta=1.0), np_kl(s_lp, t_lp), REF_TOL)  # KL(student || teacher)
     assert not np.allclose(np_kl(t_lp, s_lp), np_kl(s_lp, t_lp), rtol=1e-2)  # the two really differ here
 
 
 def test_bfloat16_logits_are_upcast(data):
     s, t = data["student_logits"].astype(jnp.bfloat16), data["teacher_logits"].astype(jnp.bfloat16)
-    actual = losses.generalized_jsd(s, t, beta=0.5)
+    actual = divergences.generalized_jsd(s, t, beta=0.5)
     assert actual.dtype == jnp.float32
     expected = np_gjsd(np_log_softmax(np.asarray(s, np.float32)), np_log_softmax(np.asarray(t, np.float32)), 0.5)
     assert_close(actual, expected, REF_TOL)
@@ -151,12 +154,12 @@ def test_bfloat16_logits_are_upcast(data):
 @pytest.mark.parametrize("beta", [1.5, -0.1])
 def test_generalized_jsd_rejects_bad_beta(data, beta):
     with pytest.raises(ValueError, match="beta"):
-        losses.generalized_jsd(data["student_logits"], data["teacher_logits"], beta=beta)
+        divergences.generalized_jsd(data["student_logits"], data["teacher_logits"], beta=beta)
 
 
 def test_mismatched_shapes_are_rejected(data):
     with pytest.raises(ValueError, match="teacher_logits"):
-        losses.generalized_jsd(data["student_logits"], data["teacher_logits"][:, :3], beta=0.5)
+        divergences.generalized_jsd(data["student_logits"], data["teacher_logits"][:, :3], beta=0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ def test_mismatched_shapes_are_rejected(data):
 )
 def test_top_k_divergence_matches_numpy(data, k, support, tail_bucket, beta, temperature):
     s, t = data["student_logits"], data["teacher_logits"]
-    actual = losses.top_k_divergence(
+    actual = divergences.top_k_divergence(
         s, t, k=k, support=support, tail_bucket=tail_bucket, beta=beta, temperature=temperature
     )
     assert_close(actual, np_top_k_gjsd(s, t, k, support, tail_bucket, beta, temperature), REF_TOL)
@@ -185,8 +188,10 @@ def test_top_k_divergence_matches_numpy(data, k, support, tail_bucket, beta, tem
 @pytest.mark.parametrize("tail_bucket", [True, False])
 def test_top_k_from_stored_teacher_top_k_equals_teacher_support(data, tail_bucket):
     s, t = data["student_logits"], data["teacher_logits"]
-    values, indices = losses.top_k_logprobs(t, 6, temperature=2.0)
-    stored = losses.top_k_divergence_on_support(s, values, indices, tail_bucket=tail_bucket, beta=0.5, temperature=2.0)
+    values, indices = scoring.top_k_logprobs(t, 6, temperature=2.0)
+    stored = divergences.top_k_divergence_on_support(
+        s, values, indices, tail_bucket=tail_bucket, beta=0.5, temperature=2.0
+    )
     expected = np_top_k_gjsd(s, t, 6, "teacher", tail_bucket, 0.5, 2.0)
     assert_close(stored, expected, REF_TOL)
 
@@ -194,31 +199,31 @@ def test_top_k_from_stored_teacher_top_k_equals_teacher_support(data, tail_bucke
 def test_tail_bucket_with_the_whole_vocabulary_recovers_full_gjsd(data):
     s, t = data["student_logits"], data["teacher_logits"]
     # K = V captures all the mass: the clamped tail holds ~1e-7 and the divergence is the full one.
-    top = losses.top_k_divergence(s, t, k=V, tail_bucket=True, beta=0.5)
-    assert_close(top, losses.generalized_jsd(s, t, beta=0.5), dict(rtol=1e-4, atol=1e-5))
+    top = divergences.top_k_divergence(s, t, k=V, tail_bucket=True, beta=0.5)
+    assert_close(top, divergences.generalized_jsd(s, t, beta=0.5), dict(rtol=1e-4, atol=1e-5))
 
 
 def test_bias_corrected_top_k_reverse_kl(data):
     s, t = data["student_logits"], data["teacher_logits"]
-    values, indices = losses.top_k_logprobs(t, 6)
-    actual = losses.bias_corrected_top_k_reverse_kl(s, values, indices)
+    values, indices = scoring.top_k_logprobs(t, 6)
+    actual = divergences.bias_corrected_top_k_reverse_kl(s, values, indices)
     s_lp = np.take_along_axis(np_log_softmax(s), np.asarray(indices), -1)
     t_lp = np.take_along_axis(np_log_softmax(t), np.asarray(indices), -1)
     expected = (np.exp(s_lp) * (s_lp - t_lp) - np.exp(s_lp) + np.exp(t_lp)).sum(-1)
     assert_close(actual, expected, REF_TOL)
     assert np.all(np.asarray(actual) >= 0)
     # On the whole vocabulary the correction terms cancel and it is the reverse KL.
-    all_values, all_indices = losses.top_k_logprobs(t, V)
-    full = losses.bias_corrected_top_k_reverse_kl(s, all_values, all_indices)
-    assert_close(full, losses.generalized_jsd(s, t, beta=1.0), dict(rtol=1e-5, atol=1e-5))
+    all_values, all_indices = scoring.top_k_logprobs(t, V)
+    full = divergences.bias_corrected_top_k_reverse_kl(s, all_values, all_indices)
+    assert_close(full, divergences.generalized_jsd(s, t, beta=1.0), dict(rtol=1e-5, atol=1e-5))
 
 
 def test_top_k_rejects_bad_k_and_support(data):
     s, t = data["student_logits"], data["teacher_logits"]
     with pytest.raises(ValueError, match="top_k"):
-        losses.top_k_divergence(s, t, k=V + 1)
+        divergences.top_k_divergence(s, t, k=V + 1)
     with pytest.raises(ValueError, match="support"):
-        losses.top_k_divergence(s, t, k=3, support="mixture")
+        divergences.top_k_divergence(s, t, k=3, support="mixture")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,10 +233,10 @@ def test_top_k_rejects_bad_k_and_support(data):
 
 def test_sampled_token_reverse_kl_values_ratio_and_gradient(data):
     ids = data["completion_ids"]
-    student = losses.token_logprobs(data["student_logits"], ids)
-    teacher = losses.token_logprobs(data["teacher_logits"], ids)
+    student = scoring.token_logprobs(data["student_logits"], ids)
+    teacher = scoring.token_logprobs(data["teacher_logits"], ids)
     sampler = data["sampler_logprobs"]
-    out = losses.sampled_token_reverse_kl(student, teacher, sampler, is_clip=2.0)
+    out = divergences.sampled_token_reverse_kl(student, teacher, sampler, is_clip=2.0)
 
     s, q, smp = np.asarray(student, np.float64), np.asarray(teacher, np.float64), np.asarray(sampler, np.float64)
     ratio = np.minimum(np.exp(np.clip(s - smp, -20, 20)), 2.0)
@@ -240,33 +245,35 @@ def test_sampled_token_reverse_kl_values_ratio_and_gradient(data):
     assert_close(out.loss, -(q - s) * ratio * s, REF_TOL)
     assert np.any(np.asarray(out.ratio) == 2.0) and np.any(np.asarray(out.ratio) < 1.0)
 
-    grad = jax.grad(lambda x: jnp.sum(losses.sampled_token_reverse_kl(x, teacher, sampler, is_clip=2.0).loss))(student)
-    assert_close(grad, (s - q) * ratio, REF_TOL)  # the reverse-KL REINFORCE direction, ratio detached
-    grad_teacher = jax.grad(lambda x: jnp.sum(losses.sampled_token_reverse_kl(student, x, sampler, is_clip=2.0).loss))(
-        teacher
+    grad = jax.grad(lambda x: jnp.sum(divergences.sampled_token_reverse_kl(x, teacher, sampler, is_clip=2.0).loss))(
+        student
     )
+    assert_close(grad, (s - q) * ratio, REF_TOL)  # the reverse-KL REINFORCE direction, ratio detached
+    grad_teacher = jax.grad(
+        lambda x: jnp.sum(divergences.sampled_token_reverse_kl(student, x, sampler, is_clip=2.0).loss)
+    )(teacher)
     assert np.all(np.asarray(grad_teacher) == 0)
 
 
 def test_sampled_token_reverse_kl_without_correction(data):
-    student = losses.token_logprobs(data["student_logits"], data["completion_ids"])
-    teacher = losses.token_logprobs(data["teacher_logits"], data["completion_ids"])
-    out = losses.sampled_token_reverse_kl(student, teacher, None, is_clip=None)
+    student = scoring.token_logprobs(data["student_logits"], data["completion_ids"])
+    teacher = scoring.token_logprobs(data["teacher_logits"], data["completion_ids"])
+    out = divergences.sampled_token_reverse_kl(student, teacher, None, is_clip=None)
     assert np.all(np.asarray(out.ratio) == 1.0)
     with pytest.raises(ValueError, match="sampler_logprobs"):
-        losses.sampled_token_reverse_kl(student, teacher, None, is_clip=2.0)
+        divergences.sampled_token_reverse_kl(student, teacher, None, is_clip=2.0)
 
 
 def test_per_token_clip_caps_value_and_stops_gradient(data):
     s, t = data["student_logits"], data["teacher_logits"]
-    raw = losses.generalized_jsd(s, t, beta=0.5)
+    raw = divergences.generalized_jsd(s, t, beta=0.5)
     clip = float(np.median(np.asarray(raw)))
-    clipped = losses.clip_per_token(raw, clip)
+    clipped = reductions.clip_per_token(raw, clip)
     assert_close(clipped, np.minimum(np.asarray(raw), clip), REF_TOL)
-    assert losses.clip_per_token(raw, None) is raw
+    assert reductions.clip_per_token(raw, None) is raw
 
     def clipped_sum(logits):
-        return jnp.sum(losses.clip_per_token(losses.generalized_jsd(logits, t, beta=0.5), clip))
+        return jnp.sum(reductions.clip_per_token(divergences.generalized_jsd(logits, t, beta=0.5), clip))
 
     per_token_grad_norm = np.abs(np.asarray(jax.jit(jax.grad(clipped_sum))(s))).sum(-1)
     over = np.asarray(raw) > clip
@@ -282,7 +289,7 @@ def test_positive_evidence_mask_in_dispatch(data):
     keep = np_token_logprobs(t, np.asarray(ids)) > np_token_logprobs(s, np.asarray(ids))
     assert keep.any() and (~keep).any()
     np.testing.assert_array_equal(np.asarray(out.evidence), keep)
-    expected = np.where(keep, np.asarray(losses.generalized_jsd(s, t, beta=0.5)), 0.0)
+    expected = np.where(keep, np.asarray(divergences.generalized_jsd(s, t, beta=0.5)), 0.0)
     assert_close(out.loss, expected, REF_TOL)
 
 
@@ -330,16 +337,16 @@ def test_global_token_mean_is_split_invariant():
     per_token = jnp.asarray(rng.normal(size=(4, 9)).astype(np.float32) + np.array([[0.0], [3.0], [0.0], [0.0]]))
     lengths = np.array([[9], [1], [5], [9]])
     mask = jnp.asarray((np.arange(9)[None] < lengths).astype(np.float32))
-    full = losses.global_token_mean(per_token, mask)
+    full = reductions.global_token_mean(per_token, mask)
     expected = float((np.asarray(per_token) * np.asarray(mask)).sum() / np.asarray(mask).sum())
     assert_close(full, expected, REF_TOL)
     total = jnp.sum(mask)  # computed once over the whole optimizer step
-    halves = [losses.global_token_mean(per_token[i : i + 2], mask[i : i + 2], total) for i in (0, 2)]
+    halves = [reductions.global_token_mean(per_token[i : i + 2], mask[i : i + 2], total) for i in (0, 2)]
     assert_close(halves[0] + halves[1], full, REF_TOL)
     # Averaging per-micro-batch means (the bug the global count avoids) gives a different number here.
-    local = [losses.global_token_mean(per_token[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    local = [reductions.global_token_mean(per_token[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
     assert abs(float((local[0] + local[1]) / 2 - full)) > 1e-3
-    assert float(losses.global_token_mean(per_token, jnp.zeros_like(mask))) == 0.0
+    assert float(reductions.global_token_mean(per_token, jnp.zeros_like(mask))) == 0.0
 
 
 def test_sequence_mean_and_reduction_weights():
@@ -348,10 +355,13 @@ def test_sequence_mean_and_reduction_weights():
     mask = jnp.asarray(np.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6], np.float32))
     p, m = np.asarray(per_token, np.float64), np.asarray(mask, np.float64)
     expected = ((p * m).sum(-1) / np.maximum(m.sum(-1), 1)).mean()
-    assert_close(losses.sequence_mean(per_token, mask), expected, REF_TOL)
-    halves = [losses.sequence_mean(per_token[i : i + 2], mask[i : i + 2], 4) for i in (0, 2)]
+    assert_close(reductions.sequence_mean(per_token, mask), expected, REF_TOL)
+    halves = [reductions.sequence_mean(per_token[i : i + 2], mask[i : i + 2], 4) for i in (0, 2)]
     assert_close(halves[0] + halves[1], expected, REF_TOL)
-    for reduction, reduce in [("token_mean", losses.global_token_mean), ("sequence_mean", losses.sequence_mean)]:
+    for reduction, reduce in [
+        ("token_mean", reductions.global_token_mean),
+        ("sequence_mean", reductions.sequence_mean),
+    ]:
         weights = losses.reduction_weights(losses.LossConfig(reduction=reduction), mask)
         assert_close(jnp.sum(weights * per_token), reduce(per_token, mask), REF_TOL)
 
@@ -360,37 +370,82 @@ def test_group_normalized_advantages():
     rewards = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 5.0, 1.0], np.float32)
     grouped = rewards.astype(np.float64).reshape(2, 4)
     expected = (grouped - grouped.mean(-1, keepdims=True)) / (grouped.std(-1, ddof=1, keepdims=True) + 1e-6)
-    assert_close(losses.group_normalized_advantages(jnp.asarray(rewards), 4), expected.reshape(-1), REF_TOL)
-    equal = losses.group_normalized_advantages(jnp.ones(4), 2)  # zero spread: zero advantage, not NaN
+    assert_close(ablations.group_normalized_advantages(jnp.asarray(rewards), 4), expected.reshape(-1), REF_TOL)
+    equal = ablations.group_normalized_advantages(jnp.ones(4), 2)  # zero spread: zero advantage, not NaN
     assert np.all(np.asarray(equal) == 0)
     with pytest.raises(ValueError, match="group_size"):
-        losses.group_normalized_advantages(jnp.asarray(rewards), 3)
+        ablations.group_normalized_advantages(jnp.asarray(rewards), 3)
     with pytest.raises(ValueError, match="group_size"):
-        losses.group_normalized_advantages(jnp.asarray(rewards), 1)
+        ablations.group_normalized_advantages(jnp.asarray(rewards), 1)
 
 
 def test_policy_gradient_and_label_cross_entropy(data):
     logits, ids, mask = data["student_logits"], data["completion_ids"], data["mask"]
     advantages = jnp.asarray([0.5, -2.0])
-    logprobs = losses.token_logprobs(logits, ids)
-    pg = losses.policy_gradient_loss(logprobs, advantages, mask)
+    logprobs = scoring.token_logprobs(logits, ids)
+    pg = ablations.policy_gradient_loss(logprobs, advantages, mask)
     assert_close(pg, -np.asarray(advantages)[:, None] * np.asarray(logprobs) * np.asarray(mask), REF_TOL)
-    grad = jax.grad(lambda x: jnp.sum(losses.policy_gradient_loss(x, advantages, mask)))(logprobs)
+    grad = jax.grad(lambda x: jnp.sum(ablations.policy_gradient_loss(x, advantages, mask)))(logprobs)
     assert_close(grad, -np.asarray(advantages)[:, None] * np.asarray(mask), REF_TOL)
-    ce = losses.label_cross_entropy(logits, ids, mask)
+    ce = ablations.label_cross_entropy(logits, ids, mask)
     assert_close(ce, -np_token_logprobs(logits, np.asarray(ids)) * np.asarray(mask), REF_TOL)
 
 
 def test_entropy_and_top_k_mass(data):
     logits = data["student_logits"]
     lp = np_log_softmax(logits, 2.0)
-    assert_close(losses.entropy(logits, temperature=2.0), -(np.exp(lp) * lp).sum(-1), REF_TOL)
-    assert_close(losses.top_k_mass(logits, 3, temperature=2.0), np.sort(np.exp(lp), -1)[..., -3:].sum(-1), REF_TOL)
+    assert_close(scoring.entropy(logits, temperature=2.0), -(np.exp(lp) * lp).sum(-1), REF_TOL)
+    assert_close(scoring.top_k_mass(logits, 3, temperature=2.0), np.sort(np.exp(lp), -1)[..., -3:].sum(-1), REF_TOL)
 
 
 # --------------------------------------------------------------------------------------------------
 # Configuration and dispatch
 # --------------------------------------------------------------------------------------------------
+
+
+def test_every_divergence_the_config_allows_has_a_form():
+    # A name added to `DIVERGENCES` (what `LossConfig.divergence` accepts) without a form fails here.
+    assert set(losses.DIVERGENCE_FORMS) == set(losses.DIVERGENCES)
+    for name in losses.DIVERGENCES:
+        config = losses.LossConfig(divergence=name, token_clip=None)
+        assert isinstance(losses.divergence_form(config), losses.Divergence)
+    # And every form is in the parity test of the chunked and fused forms against the naive one.
+    assert {config.divergence for config in FUSED_CONFIGS} == set(losses.DIVERGENCES)
+
+
+@pytest.mark.parametrize(
+    "config, hidden, top_k",
+    [
+        (losses.LossConfig(divergence="gjsd"), True, 0),
+        (losses.LossConfig(divergence="topk", top_k=5), True, 0),
+        (losses.LossConfig(divergence="topk", top_k=5, top_k_support="teacher"), False, 5),
+        (losses.LossConfig(divergence="topk_rkl", top_k=7, top_k_support="teacher"), False, 7),
+        (losses.LossConfig(divergence="topk_rkl", top_k=7), True, 0),
+        (losses.LossConfig(divergence="sampled_rkl"), False, 0),
+    ],
+    ids=lambda x: f"{x.divergence}-{x.top_k_support}" if isinstance(x, losses.LossConfig) else str(x),
+)
+def test_each_form_asks_the_teacher_for_what_it_reads(data, config, hidden, top_k):
+    config = dataclasses.replace(config, temperature=2.0, chunk_size=3)
+    request = losses.divergence_form(config).signal_request(config)
+    assert (request.hidden, request.top_k, request.temperature, request.chunk_size) == (hidden, top_k, 2.0, 3)
+    # The signal it asks for is enough: the hidden-state loss runs from it alone.
+    ht, w, ids = data["teacher_hidden"], data["kernel"], data["completion_ids"]
+    signal = scoring.signal_from_hidden(ht, w, ids, request)
+    assert (signal.hidden is not None, signal.top_k_indices is not None) == (hidden, top_k > 0)
+    assert (signal.token_logprobs is None) == hidden
+    out = chunked_losses.chunked_per_token_divergence(
+        config,
+        data["student_hidden"],
+        w,
+        completion_ids=ids,
+        sampler_logprobs=data["sampler_logprobs"],
+        teacher_hidden=signal.hidden,
+        teacher_top_k_logprobs=signal.top_k_logprobs,
+        teacher_top_k_indices=signal.top_k_indices,
+        teacher_token_logprobs=signal.token_logprobs,
+    )
+    assert np.all(np.isfinite(np.asarray(out.loss)))
 
 
 @pytest.mark.parametrize(
@@ -424,22 +479,24 @@ def test_dispatch_matches_the_direct_functions(data):
     s, t = data["student_logits"], data["teacher_logits"]
     ids, sampler = data["completion_ids"], data["sampler_logprobs"]
     kwargs = dict(completion_ids=ids, teacher_logits=t, sampler_logprobs=sampler)
-    ratio = losses.truncated_importance_ratio(losses.token_logprobs(s, ids), sampler, is_clip=2.0)
+    ratio = divergences.truncated_importance_ratio(scoring.token_logprobs(s, ids), sampler, is_clip=2.0)
 
     out = losses.per_token_divergence(losses.LossConfig(beta=0.5, token_clip=0.4), s, **kwargs)
-    assert_close(out.loss, ratio * jnp.minimum(losses.generalized_jsd(s, t, beta=0.5), 0.4), REF_TOL)
+    assert_close(out.loss, ratio * jnp.minimum(divergences.generalized_jsd(s, t, beta=0.5), 0.4), REF_TOL)
     assert_close(out.is_ratio, ratio, REF_TOL)
 
     out = losses.per_token_divergence(losses.LossConfig(divergence="topk", top_k=4, is_clip=None), s, **kwargs)
-    assert_close(out.loss, losses.top_k_divergence(s, t, k=4), REF_TOL)
+    assert_close(out.loss, divergences.top_k_divergence(s, t, k=4), REF_TOL)
 
-    values, indices = losses.top_k_logprobs(t, 4)
+    values, indices = scoring.top_k_logprobs(t, 4)
     config = losses.LossConfig(divergence="topk_rkl", top_k=4, top_k_support="teacher", is_clip=None)
     out = losses.per_token_divergence(config, s, teacher_top_k_logprobs=values, teacher_top_k_indices=indices)
-    assert_close(out.loss, losses.bias_corrected_top_k_reverse_kl(s, values, indices), REF_TOL)
+    assert_close(out.loss, divergences.bias_corrected_top_k_reverse_kl(s, values, indices), REF_TOL)
 
     out = losses.per_token_divergence(losses.LossConfig(divergence="sampled_rkl"), s, **kwargs)
-    direct = losses.sampled_token_reverse_kl(losses.token_logprobs(s, ids), losses.token_logprobs(t, ids), sampler)
+    direct = divergences.sampled_token_reverse_kl(
+        scoring.token_logprobs(s, ids), scoring.token_logprobs(t, ids), sampler
+    )
     assert_close(out.loss, direct.loss, REF_TOL)
     assert_close(out.divergence, -direct.advantage, REF_TOL)
 
@@ -452,7 +509,7 @@ def test_dispatch_names_missing_inputs(data):
         losses.per_token_divergence(losses.LossConfig(), s, teacher_logits=t, completion_ids=data["completion_ids"])
     with pytest.raises(ValueError, match="teacher_logits"):
         losses.per_token_divergence(losses.LossConfig(is_clip=None), s)
-    values, indices = losses.top_k_logprobs(t, 4)
+    values, indices = scoring.top_k_logprobs(t, 4)
     config = losses.LossConfig(divergence="topk", top_k=4, is_clip=None)
     with pytest.raises(ValueError, match="top_k_support='teacher'"):
         losses.per_token_divergence(config, s, teacher_top_k_logprobs=values, teacher_top_k_indices=indices)
@@ -469,11 +526,11 @@ def test_chunked_generalized_jsd_values_and_gradients(data, chunk_size):
 
     def naive(student_hidden, kernel, teacher_hidden, teacher_kernel):
         student_logits, teacher_logits = student_hidden @ kernel, teacher_hidden @ teacher_kernel
-        per_token = losses.generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=2.0)
+        per_token = divergences.generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=2.0)
         return jnp.sum(mask * per_token), per_token
 
     def chunked(student_hidden, kernel, teacher_hidden, teacher_kernel):
-        per_token = losses.chunked_generalized_jsd(
+        per_token = chunked_losses.chunked_generalized_jsd(
             student_hidden,
             teacher_hidden,
             kernel,
@@ -511,7 +568,7 @@ def test_fused_and_chunked_losses_match_naive(data, config):
     )
     weights = losses.reduction_weights(config, mask)
     if config.top_k_support == "teacher" and config.divergence != "gjsd":  # the teacher's stored top-K
-        stored = losses.chunked_teacher_scores(ht, w, ids, top_k=config.top_k, temperature=config.temperature)
+        stored = scoring.chunked_scores(ht, w, ids, top_k=config.top_k, temperature=config.temperature)
         teacher = dict(
             teacher_top_k_logprobs=stored.top_k_logprobs,
             teacher_top_k_indices=stored.top_k_indices,
@@ -531,11 +588,11 @@ def test_fused_and_chunked_losses_match_naive(data, config):
 
     def fused(student_hidden, kernel, teacher_hidden):
         teacher_inputs = {**teacher, "teacher_hidden": teacher_hidden} if "teacher_hidden" in teacher else teacher
-        return losses.fused_distillation_loss(config, student_hidden, kernel, weights, **teacher_inputs, **side)
+        return chunked_losses.fused_distillation_loss(config, student_hidden, kernel, weights, **teacher_inputs, **side)
 
     def chunked(student_hidden, kernel, teacher_hidden):
         teacher_inputs = {**teacher, "teacher_hidden": teacher_hidden} if "teacher_hidden" in teacher else teacher
-        out = losses.chunked_per_token_divergence(config, student_hidden, kernel, **teacher_inputs, **side)
+        out = chunked_losses.chunked_per_token_divergence(config, student_hidden, kernel, **teacher_inputs, **side)
         return jnp.sum(weights * out.loss), out
 
     grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)  # noqa: E731
@@ -558,7 +615,7 @@ def test_fused_loss_accumulates_over_micro_batches(data):
     @jax.value_and_grad
     def step_loss(kernel, student_hidden, teacher_hidden, completion_ids, step_mask, num_tokens_global):
         weights = losses.reduction_weights(config, step_mask, num_tokens_global=num_tokens_global)
-        return losses.fused_distillation_loss(
+        return chunked_losses.fused_distillation_loss(
             config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden, completion_ids=completion_ids
         )[0]
 
@@ -577,12 +634,12 @@ def test_bfloat16_hidden_states(data):
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
     def naive(student_hidden, kernel):
-        per_token = losses.generalized_jsd(f32(student_hidden) @ f32(kernel), f32(ht) @ f32(kernel), beta=0.5)
+        per_token = divergences.generalized_jsd(f32(student_hidden) @ f32(kernel), f32(ht) @ f32(kernel), beta=0.5)
         return jnp.sum(weights * per_token)
 
     expected, expected_grads = jax.value_and_grad(naive, argnums=(0, 1))(hs, w)
     value, grads = jax.value_and_grad(
-        lambda h, k: losses.fused_distillation_loss(config, h, k, weights, teacher_hidden=ht)[0], argnums=(0, 1)
+        lambda h, k: chunked_losses.fused_distillation_loss(config, h, k, weights, teacher_hidden=ht)[0], argnums=(0, 1)
     )(hs, w)
     assert value.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     assert_close(value, expected, dict(rtol=1e-5, atol=1e-6))  # logits: exact bf16 products, float32 sums
@@ -592,9 +649,9 @@ def test_bfloat16_hidden_states(data):
 
 def test_chunked_teacher_scores_match_logits(data):
     ht, w, ids = data["teacher_hidden"], data["kernel"], data["completion_ids"]
-    scores = losses.chunked_teacher_scores(ht, w, ids, top_k=4, temperature=2.0, chunk_size=3)
+    scores = scoring.chunked_scores(ht, w, ids, top_k=4, temperature=2.0, chunk_size=3)
     logits = ht @ w
-    values, indices = losses.top_k_logprobs(logits, 4, temperature=2.0)
+    values, indices = scoring.top_k_logprobs(logits, 4, temperature=2.0)
     np.testing.assert_array_equal(np.asarray(scores.top_k_indices), np.asarray(indices))
     assert_close(scores.top_k_logprobs, values, PARITY_TOL)
     assert_close(scores.token_logprobs, np_token_logprobs(logits, np.asarray(ids), 2.0), REF_TOL)
@@ -605,9 +662,13 @@ def test_chunked_teacher_scores_match_logits(data):
 
 def test_hidden_state_forms_reject_bad_shapes(data):
     with pytest.raises(ValueError, match="head_kernel"):
-        losses.chunked_generalized_jsd(data["student_hidden"], data["teacher_hidden"], data["kernel"].T, beta=0.5)
+        chunked_losses.chunked_generalized_jsd(
+            data["student_hidden"], data["teacher_hidden"], data["kernel"].T, beta=0.5
+        )
     with pytest.raises(ValueError, match="teacher_hidden"):
-        losses.chunked_generalized_jsd(data["student_hidden"], data["teacher_hidden"][:1], data["kernel"], beta=0.5)
+        chunked_losses.chunked_generalized_jsd(
+            data["student_hidden"], data["teacher_hidden"][:1], data["kernel"], beta=0.5
+        )
 
 
 def test_importance_ratio_against_the_tempered_filtered_sampler_is_unbiased():
@@ -622,14 +683,14 @@ def test_importance_ratio_against_the_tempered_filtered_sampler_is_unbiased():
     f = np.linspace(-1.0, 2.0, V)
     batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, V))
     tokens, sampled, plain = sample_tokens(jax.random.key(0), batch, temperature=temperature, top_k=top_k)
-    student = losses.token_logprobs(batch[:, None], tokens[:, None], temperature=temperature)[:, 0]
+    student = scoring.token_logprobs(batch[:, None], tokens[:, None], temperature=temperature)[:, 0]
 
     target = np.exp(np_log_softmax(logits, temperature))
     support = logits >= np.sort(logits)[-top_k]
     reference = float(np.sum(target[support] * f[support]))
 
     def estimate(behaviour):
-        ratio = np.asarray(losses.truncated_importance_ratio(student, behaviour, is_clip=1e6), np.float64)
+        ratio = np.asarray(divergences.truncated_importance_ratio(student, behaviour, is_clip=1e6), np.float64)
         values = ratio * f[np.asarray(tokens)]
         return values.mean(), values.std() / np.sqrt(draws)
 
@@ -646,6 +707,6 @@ def test_blockwise_top_k_equals_one_stage_top_k_with_ties(vocab, k):
     rng = np.random.default_rng(vocab)
     x = jnp.asarray(rng.integers(0, 12, size=(3, 4, vocab)).astype(np.float32))  # many ties
     expected = jax.lax.top_k(x, k)
-    got = losses._top_k(x, k)
+    got = scoring.vocab_top_k(x, k)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
