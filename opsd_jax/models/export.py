@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from opsd_jax.models import weights
@@ -205,8 +206,6 @@ def export_dtype(dtype: Any) -> np.dtype | None:
 def _to_host(value: Any) -> np.ndarray:
     """One parameter as a host array; a sharded array is assembled on the host, never on one device."""
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
     return np.asarray(jax.device_get(value))
 
@@ -368,8 +367,6 @@ def export_thinker(
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"opsd_jax export {out_dir}")
     logger.info(
         "exported %d tensors (%d bytes, %s) in %d file(s) to %s",

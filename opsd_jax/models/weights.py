@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +249,6 @@ def load_module(module, checkpoint: SafetensorsCheckpoint, *, prefix: str = "") 
     For loading a single part, such as one encoder in its parity test; `from_pretrained` loads the
     whole thinker without materialising random weights first.
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
     loaded = load_into(
         {path: variable.get_value() for path, variable in flat.items()},
