@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from opsd_jax.models import scoring
 from opsd_jax.opsd import chunked_losses, divergences, losses
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_memory.json"
@@ -75,7 +76,7 @@ def loss_and_grad_fns(args: argparse.Namespace) -> dict[str, Callable]:
 
     def fused(student_hidden, teacher_hidden, kernel, weights):
         return chunked_losses.fused_distillation_loss(
-            config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden
+            config, student_hidden, kernel, weights, scoring.TeacherSignal(hidden=teacher_hidden)
         )[0]
 
     fns = {"naive": naive, "chunked": chunked, "fused": fused}

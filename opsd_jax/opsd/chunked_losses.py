@@ -20,34 +20,27 @@ from opsd_jax.opsd.losses import LossConfig, PerTokenLoss, per_token_loss
 
 
 def _constant_inputs(
-    *,
-    completion_ids: jax.Array | None,
-    sampler_logprobs: jax.Array | None,
-    teacher_hidden: jax.Array | None,
-    teacher_top_k_logprobs: jax.Array | None,
-    teacher_top_k_indices: jax.Array | None,
-    teacher_token_logprobs: jax.Array | None,
+    *, teacher: TeacherSignal, completion_ids: jax.Array | None, sampler_logprobs: jax.Array | None
 ) -> dict:
-    """The per-token side inputs of the hidden-state forms (the teacher's signal, the sampled tokens and their
-    sampler log-probabilities), all constants: `{"completion_ids", "sampler_logprobs", "teacher"}`."""
+    """The per-token side inputs of the hidden-state forms (the teacher's per-token signal, the sampled tokens and
+    their sampler log-probabilities), all constants: `{"completion_ids", "sampler_logprobs", "teacher"}`. The
+    teacher's head kernel is not per token: it is passed beside the chunks."""
     constant = lambda x: None if x is None else jax.lax.stop_gradient(x)  # noqa: E731
-    teacher = TeacherSignal(
-        hidden=teacher_hidden,
-        top_k_logprobs=teacher_top_k_logprobs,
-        top_k_indices=teacher_top_k_indices,
-        token_logprobs=teacher_token_logprobs,
-    )
     return {
         "completion_ids": constant(completion_ids),
         "sampler_logprobs": constant(sampler_logprobs),
-        "teacher": jax.tree.map(constant, teacher),
+        "teacher": jax.tree.map(constant, teacher.replace(head_kernel=None)),
     }
 
 
-def _check_hidden(student_hidden: jax.Array, head_kernel: jax.Array, teacher_hidden: jax.Array | None) -> None:
+def _check_inputs(student_hidden: jax.Array, head_kernel: jax.Array, teacher: TeacherSignal) -> jax.Array:
+    """Checks the shapes; returns the teacher's head kernel (the student's when the signal carries none)."""
     check_hidden(student_hidden, head_kernel)
-    if teacher_hidden is not None:
-        check_same_shape("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    if teacher.logits is not None:
+        raise ValueError("teacher.logits: the hidden-state forms take the teacher's hidden states, not its logits")
+    if teacher.hidden is not None:
+        check_same_shape("student_hidden", student_hidden, "teacher.hidden", teacher.hidden)
+    return head_kernel if teacher.head_kernel is None else teacher.head_kernel
 
 
 def _chunk_per_token(
@@ -70,33 +63,22 @@ def chunked_per_token_divergence(
     config: LossConfig,
     student_hidden: jax.Array,
     head_kernel: jax.Array,
+    teacher: TeacherSignal,
     *,
     completion_ids: jax.Array | None = None,
-    teacher_hidden: jax.Array | None = None,
-    teacher_head_kernel: jax.Array | None = None,
-    teacher_top_k_logprobs: jax.Array | None = None,
-    teacher_top_k_indices: jax.Array | None = None,
-    teacher_token_logprobs: jax.Array | None = None,
     sampler_logprobs: jax.Array | None = None,
 ) -> PerTokenLoss:
     """`per_token_divergence` from final hidden states, one completion chunk at a time.
 
-    student_hidden / teacher_hidden `[B, T, H]` (after the final norm), head_kernel `[H, V]` (the teacher's
-    defaults to the student's; both teacher inputs are constants). Fully differentiable per token, like the
+    student_hidden `[B, T, H]` (after the final norm), head_kernel `[H, V]`; `teacher`: what the divergence form
+    asks of the teacher (`signal_from_hidden`): its hidden states `[B, T, H]` with its head kernel (None: the
+    student's), or its per-token scores; all of it a constant. Fully differentiable per token, like the
     logits form. Each chunk runs under `jax.checkpoint`, so the backward pass recomputes the chunk's logits
     instead of keeping them: peak memory ~ a few `[B, chunk_size, V]` float32 buffers plus the `[H, V]` gradient,
     at the price of the head matmuls running twice.
     """
-    _check_hidden(student_hidden, head_kernel, teacher_hidden)
-    teacher_head_kernel = jax.lax.stop_gradient(head_kernel if teacher_head_kernel is None else teacher_head_kernel)
-    inputs = _constant_inputs(
-        completion_ids=completion_ids,
-        teacher_hidden=teacher_hidden,
-        teacher_top_k_logprobs=teacher_top_k_logprobs,
-        teacher_top_k_indices=teacher_top_k_indices,
-        teacher_token_logprobs=teacher_token_logprobs,
-        sampler_logprobs=sampler_logprobs,
-    )
+    teacher_head_kernel = jax.lax.stop_gradient(_check_inputs(student_hidden, head_kernel, teacher))
+    inputs = _constant_inputs(teacher=teacher, completion_ids=completion_ids, sampler_logprobs=sampler_logprobs)
     inputs["student_hidden"] = student_hidden
     length = student_hidden.shape[1]
     chunks = jax.tree.map(lambda x: to_chunks(x, min(config.chunk_size, length)), inputs)
@@ -126,9 +108,8 @@ def chunked_generalized_jsd(
     """
     check_beta(beta)
     config = LossConfig(divergence="gjsd", beta=beta, temperature=temperature, is_clip=None, chunk_size=chunk_size)
-    return chunked_per_token_divergence(
-        config, student_hidden, head_kernel, teacher_hidden=teacher_hidden, teacher_head_kernel=teacher_head_kernel
-    ).loss
+    teacher = TeacherSignal(hidden=teacher_hidden, head_kernel=teacher_head_kernel)
+    return chunked_per_token_divergence(config, student_hidden, head_kernel, teacher).loss
 
 
 def fused_distillation_loss(
@@ -136,13 +117,9 @@ def fused_distillation_loss(
     student_hidden: jax.Array,
     head_kernel: jax.Array,
     token_weights: jax.Array,
+    teacher: TeacherSignal,
     *,
     completion_ids: jax.Array | None = None,
-    teacher_hidden: jax.Array | None = None,
-    teacher_head_kernel: jax.Array | None = None,
-    teacher_top_k_logprobs: jax.Array | None = None,
-    teacher_top_k_indices: jax.Array | None = None,
-    teacher_token_logprobs: jax.Array | None = None,
     sampler_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, PerTokenLoss]:
     """Scalar loss `sum(token_weights * per_token.loss)` and its gradient in one pass over completion chunks.
@@ -153,17 +130,9 @@ def fused_distillation_loss(
     the backward pass only scales it: the head matmuls run once, as in the naive form, and memory stays at a
     few `[B, chunk_size, V]` buffers. The returned per-token values are metrics and carry no gradient.
     """
-    _check_hidden(student_hidden, head_kernel, teacher_hidden)
+    teacher_head_kernel = _check_inputs(student_hidden, head_kernel, teacher)
     check_same_shape("token_weights", token_weights, "student_hidden[..., 0]", student_hidden[..., 0])
-    teacher_head_kernel = head_kernel if teacher_head_kernel is None else teacher_head_kernel
-    inputs = _constant_inputs(
-        completion_ids=completion_ids,
-        teacher_hidden=teacher_hidden,
-        teacher_top_k_logprobs=teacher_top_k_logprobs,
-        teacher_top_k_indices=teacher_top_k_indices,
-        teacher_token_logprobs=teacher_token_logprobs,
-        sampler_logprobs=sampler_logprobs,
-    )
+    inputs = _constant_inputs(teacher=teacher, completion_ids=completion_ids, sampler_logprobs=sampler_logprobs)
     inputs["token_weights"] = jax.lax.stop_gradient(token_weights.astype(jnp.float32))
     loss, per_token = _fused_loss(config, student_hidden, head_kernel, teacher_head_kernel, inputs)
     return loss, jax.tree.map(jax.lax.stop_gradient, per_token)

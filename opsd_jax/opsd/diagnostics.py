@@ -52,13 +52,9 @@ def inspect_rollouts(
             config,
             student_hidden,
             head,
+            signal,
             completion_ids=completion,
             sampler_logprobs=batch.sampler_logprobs[:rows],
-            teacher_hidden=signal.hidden,
-            teacher_head_kernel=signal.head_kernel,
-            teacher_top_k_logprobs=signal.top_k_logprobs,
-            teacher_top_k_indices=signal.top_k_indices,
-            teacher_token_logprobs=signal.token_logprobs,
         )
         scores = functools.partial(chunked_scores, temperature=config.temperature, chunk_size=config.chunk_size)
         student = scores(student_hidden, head, completion, top_k=1)

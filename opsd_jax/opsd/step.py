@@ -222,13 +222,9 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
         student_hidden,
         head,
         weights,
+        signal,
         completion_ids=batch.completion,
         sampler_logprobs=batch.sampler_logprobs,
-        teacher_hidden=signal.hidden,
-        teacher_head_kernel=signal.head_kernel,
-        teacher_top_k_logprobs=signal.top_k_logprobs,
-        teacher_top_k_indices=signal.top_k_indices,
-        teacher_token_logprobs=signal.token_logprobs,
     )
     loss = settings.teacher.distill_weight * distill
 

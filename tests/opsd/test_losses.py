@@ -438,12 +438,9 @@ def test_each_form_asks_the_teacher_for_what_it_reads(data, config, hidden, top_
         config,
         data["student_hidden"],
         w,
+        signal,
         completion_ids=ids,
         sampler_logprobs=data["sampler_logprobs"],
-        teacher_hidden=signal.hidden,
-        teacher_top_k_logprobs=signal.top_k_logprobs,
-        teacher_top_k_indices=signal.top_k_indices,
-        teacher_token_logprobs=signal.token_logprobs,
     )
     assert np.all(np.isfinite(np.asarray(out.loss)))
 
@@ -586,13 +583,20 @@ def test_fused_and_chunked_losses_match_naive(data, config):
             out = losses.per_token_divergence(config, student_hidden @ kernel, **{**teacher, **side})
         return jnp.sum(weights * out.loss), out
 
+    def signal(teacher_hidden):
+        if "teacher_hidden" in teacher:
+            return scoring.TeacherSignal(hidden=teacher_hidden)
+        return scoring.TeacherSignal(**{name.removeprefix("teacher_"): x for name, x in teacher.items()})
+
     def fused(student_hidden, kernel, teacher_hidden):
-        teacher_inputs = {**teacher, "teacher_hidden": teacher_hidden} if "teacher_hidden" in teacher else teacher
-        return chunked_losses.fused_distillation_loss(config, student_hidden, kernel, weights, **teacher_inputs, **side)
+        return chunked_losses.fused_distillation_loss(
+            config, student_hidden, kernel, weights, signal(teacher_hidden), **side
+        )
 
     def chunked(student_hidden, kernel, teacher_hidden):
-        teacher_inputs = {**teacher, "teacher_hidden": teacher_hidden} if "teacher_hidden" in teacher else teacher
-        out = chunked_losses.chunked_per_token_divergence(config, student_hidden, kernel, **teacher_inputs, **side)
+        out = chunked_losses.chunked_per_token_divergence(
+            config, student_hidden, kernel, signal(teacher_hidden), **side
+        )
         return jnp.sum(weights * out.loss), out
 
     grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)  # noqa: E731
@@ -615,8 +619,9 @@ def test_fused_loss_accumulates_over_micro_batches(data):
     @jax.value_and_grad
     def step_loss(kernel, student_hidden, teacher_hidden, completion_ids, step_mask, num_tokens_global):
         weights = losses.reduction_weights(config, step_mask, num_tokens_global=num_tokens_global)
+        teacher = scoring.TeacherSignal(hidden=teacher_hidden)
         return chunked_losses.fused_distillation_loss(
-            config, student_hidden, kernel, weights, teacher_hidden=teacher_hidden, completion_ids=completion_ids
+            config, student_hidden, kernel, weights, teacher, completion_ids=completion_ids
         )[0]
 
     total_tokens = jnp.sum(mask)  # counted once over the whole optimizer step
@@ -639,7 +644,8 @@ def test_bfloat16_hidden_states(data):
 
     expected, expected_grads = jax.value_and_grad(naive, argnums=(0, 1))(hs, w)
     value, grads = jax.value_and_grad(
-        lambda h, k: chunked_losses.fused_distillation_loss(config, h, k, weights, teacher_hidden=ht)[0], argnums=(0, 1)
+        lambda h, k: chunked_losses.fused_distillation_loss(config, h, k, weights, scoring.TeacherSignal(hidden=ht))[0],
+        argnums=(0, 1),
     )(hs, w)
     assert value.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     assert_close(value, expected, dict(rtol=1e-5, atol=1e-6))  # logits: exact bf16 products, float32 sums
@@ -665,7 +671,7 @@ def test_hidden_state_forms_reject_bad_shapes(data):
         chunked_losses.chunked_generalized_jsd(
             data["student_hidden"], data["teacher_hidden"], data["kernel"].T, beta=0.5
         )
-    with pytest.raises(ValueError, match="teacher_hidden"):
+    with pytest.raises(ValueError, match="teacher.hidden"):
         chunked_losses.chunked_generalized_jsd(
             data["student_hidden"], data["teacher_hidden"][:1], data["kernel"], beta=0.5
         )
