@@ -34,79 +34,47 @@ def clip_files(tmp_path_factory):
 ARGS = ["--max-new-tokens", "6", "--max-pixels", str(56 * 56), "--max-frames", "4"]
 
 
-def test_one_clip_prints_an_answer(checkpoint, clip_files, capsys):
-    video, wav = clip_files
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(checkpoint),
-                "--video",
-                str(video),
-                "--subtitle",
-                "I can't believe it!",
-                *ARGS,
-            ]
-        )
-        == 0
-    )
-    first = capsys.readouterr().out.strip().splitlines()[-1]
-    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--audio", str(wav), *ARGS]) == 0
-    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--no-audio", *ARGS]) == 0
-    # Greedy decoding is deterministic: the same clip gives the same answer.
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(checkpoint),
-                "--video",
-                str(video),
-                "--subtitle",
-                "I can't believe it!",
-                *ARGS,
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.strip().splitlines()[-1] == first
+def generate(checkpoint, *args: str) -> int:
+    """`opsd-jax generate --checkpoint CHECKPOINT --max-new-tokens 6 ... ARGS...`: small clips, short answers,
+    unless `args` say otherwise (a later flag wins)."""
+    return main(["generate", "--checkpoint", str(checkpoint), *ARGS, *args])
 
 
-def test_manifest_writes_one_answer_per_clip(checkpoint, clip_files, tmp_path):
-    video, wav = clip_files
+def manifest_of(tmp_path, video, ids, name="clips.jsonl", audio=None):
+    """A manifest of one clip per id, all of `video` (and `audio` for every other clip, when given)."""
     clips = [
         Clip(
-            id=f"c{i}",
+            id=clip_id,
             video=str(video),
-            audio=str(wav) if i % 2 else None,
+            audio=str(audio) if audio and i % 2 else None,
             subtitle="Hello",
             label="happy",
             dataset="demo",
             task="basic",
             split="test",
         )
-        for i in range(3)
+        for i, clip_id in enumerate(ids)
     ]
-    manifest = write_manifest(tmp_path / "clips.jsonl", clips)
+    return write_manifest(tmp_path / name, clips)
+
+
+def test_one_clip_prints_an_answer(checkpoint, clip_files, capsys):
+    video, wav = clip_files
+    with_subtitle = ["--video", str(video), "--subtitle", "I can't believe it!"]
+    assert generate(checkpoint, *with_subtitle) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert generate(checkpoint, "--video", str(video), "--audio", str(wav)) == 0
+    assert generate(checkpoint, "--video", str(video), "--no-audio") == 0
+    # Greedy decoding is deterministic: the same clip gives the same answer.
+    assert generate(checkpoint, *with_subtitle) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == first
+
+
+def test_manifest_writes_one_answer_per_clip(checkpoint, clip_files, tmp_path):
+    video, wav = clip_files
+    manifest = manifest_of(tmp_path, video, ["c0", "c1", "c2"], audio=wav)
     out = tmp_path / "answers.jsonl"
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(checkpoint),
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(out),
-                "--batch-size",
-                "2",
-                *ARGS,
-            ]
-        )
-        == 0
-    )
+    assert generate(checkpoint, "--manifest", str(manifest), "--out", str(out), "--batch-size", "2") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["c0", "c1", "c2"] and all(isinstance(r["output"], str) for r in rows)
 
@@ -114,16 +82,8 @@ def test_manifest_writes_one_answer_per_clip(checkpoint, clip_files, tmp_path):
 def test_unreadable_video_names_the_file(checkpoint, tmp_path, capsys):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
-    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(broken), *ARGS]) == 2
+    assert generate(checkpoint, "--video", str(broken)) == 2
     assert str(broken) in capsys.readouterr().err
-
-
-def manifest_of(tmp_path, video, ids, name="clips.jsonl"):
-    clips = [
-        Clip(id=i, video=str(video), subtitle="Hello", label="happy", dataset="demo", task="basic", split="test")
-        for i in ids
-    ]
-    return write_manifest(tmp_path / name, clips)
 
 
 def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_files, tmp_path, monkeypatch):
@@ -143,26 +103,15 @@ def test_manifest_run_resumes_and_never_truncates_the_answers(checkpoint, clip_f
         return real_answer(*args, **kwargs)
 
     monkeypatch.setattr(generate_cli, "answer", interrupted_on_the_second_batch)
-    command = [
-        "generate",
-        "--checkpoint",
-        str(checkpoint),
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        *ARGS,
-    ]
+    command = ["--manifest", str(manifest), "--out", str(out), "--batch-size", "2"]
     with pytest.raises(KeyboardInterrupt):
-        main(command)
+        generate(checkpoint, *command)
     assert out.read_text() == earlier + "\n"  # the earlier answers are intact while a run is in progress
     partial = [json.loads(line)["id"] for line in (tmp_path / "answers.jsonl.partial").read_text().splitlines()]
     assert partial == ["c0", "c1", "c2"]
     monkeypatch.setattr(generate_cli, "answer", real_answer)
     calls.clear()
-    assert main(command) == 0
+    assert generate(checkpoint, *command) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["c0", "c1", "c2", "c3"] and rows[0]["output"] == "EARLIER"
     assert not (tmp_path / "answers.jsonl.partial").exists()
@@ -177,10 +126,10 @@ def test_bad_clips_stop_the_run_or_are_skipped_and_counted(checkpoint, clip_file
     ]
     manifest = write_manifest(tmp_path / "clips.jsonl", clips)
     out = tmp_path / "answers.jsonl"
-    command = ["generate", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), *ARGS]
-    assert main(command) == 2
+    command = ["--manifest", str(manifest), "--out", str(out)]
+    assert generate(checkpoint, *command) == 2
     assert "'bad'" in capsys.readouterr().err and not out.exists()
-    assert main([*command, "--on-error", "skip"]) == 1
+    assert generate(checkpoint, *command, "--on-error", "skip") == 1
     said = capsys.readouterr().out.strip().splitlines()[-1]
     assert "wrote 2 answers" in said and "skipped 1 clip" in said and "'bad'" in said
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
@@ -239,7 +188,7 @@ def test_expected_errors_are_one_line_before_the_model_loads(
         source = ["--video", str(tmp_path)]
     else:
         source = ["--manifest", str(manifest), "--out", str(tmp_path / "answers.jsonl")]
-    assert main(["generate", "--checkpoint", str(ckpt), *source, *ARGS, *extra]) == 2
+    assert generate(ckpt, *source, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert __import__("re").search(expected, err), err
@@ -251,7 +200,7 @@ def test_a_prompt_over_the_models_context_is_refused(checkpoint, clip_files, tmp
     config = json.loads((small / "config.json").read_text())
     config["text_config"]["max_position_embeddings"] = 48
     (small / "config.json").write_text(json.dumps(config))
-    assert main(["generate", "--checkpoint", str(small), "--video", str(clip_files[0]), *ARGS]) == 2
+    assert generate(small, "--video", str(clip_files[0])) == 2
     err = capsys.readouterr().err.strip()
     assert "exceeds the model's context of 48 tokens (max_position_embeddings)" in err and "clip.mp4" in err
 
