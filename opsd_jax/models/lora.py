@@ -75,7 +75,7 @@ def target_layers(model: nnx.Module, pattern: str) -> list[tuple[str, Linear]]:
     """The linear layers of `model` whose '/'-joined path fully matches `pattern`, with their paths."""
     return [
         ("/".join(map(str, path)), module)
-        for path, module in model.iter_modules()
+        for path, module in nnx.iter_modules(model)
         if isinstance(module, Linear) and re.fullmatch(pattern, "/".join(map(str, path)))
     ]
 
@@ -165,8 +165,8 @@ def frozen_filter() -> Any:
 
 
 def is_lora_b(path: tuple) -> bool:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last))).endswith("_lora_b")
+    """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_b` adapter."""
+    return any(str(getattr(key, "key", getattr(key, "name", key))).endswith("_lora_b") for key in path)
 
 
 def without_adapters(adapters: nnx.State) -> nnx.State:
@@ -180,7 +180,7 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
     kernel's dtype; QLoRA's quantized kernels are dequantized first). Paths are `nnx` state paths."""
     rank, alpha = lora_settings(model)
     merged = {}
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
             kernel = dequantized_kernel(module)
             delta = module.kernel_lora_a[...].astype(jnp.float32) @ module.kernel_lora_b[...].astype(jnp.float32)
@@ -190,12 +190,27 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
 
 def dequantized_kernel(layer: Linear) -> jax.Array:
     """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
-    kernel = layer.kernel.get_value()
+    kernel = layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
     if isinstance(kernel, jax.Array):
         return kernel
-    return qwix.dequantize(kernel.array).astype(layer.kernel_lora_a.get_value().dtype)
+    return qwix.dequantize(kernel.array).astype(layer.kernel_lora_a.get_value().dtype)  # qwix's WithAux
 
 
 def lora_settings(model: nnx.Module) -> tuple[int, float]:
     """`(rank, alpha)` of an adapted thinker."""
     return type(model)._lora_rank, type(model)._lora_alpha
+
+
+def merged_thinker(adapted: nnx.Module) -> nnx.Module:
+    """A plain thinker (the class `apply_lora` adapted) whose adapted kernels are `merged_kernels`: what exports and
+    a decode copy without adapter matmuls run. Every other weight is `adapted`'s own array (not copied)."""
+    kernels = merged_kernels(adapted)
+    merged = nnx.clone(adapted)
+    for path, module in list(nnx.iter_modules(merged)):
+        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
+            in_axis = module.kernel_lora_a.get_metadata()["logical_axes"][0]
+            out_axis = module.kernel_lora_b.get_metadata()["logical_axes"][1]
+            module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=(in_axis, out_axis))
+            del module.kernel_lora_a, module.kernel_lora_b
+    merged.__class__ = type(adapted).__mro__[1]
+    return merged
