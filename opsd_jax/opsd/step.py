@@ -66,7 +66,7 @@ class TrainState:
     """Everything an update changes: step, trained parameters, optimizer state, the teacher's copy (frozen / EMA).
 
     With LoRA (`opsd_jax.models.lora`) `params` are the adapters only, `frozen` the base weights they adapt
-    (never updated, no optimizer state: the step hands them back as they came, in the same buffers), and the
+    (never updated, no optimizer state, not donated: the step hands back the same arrays), and the
     teacher's copy, when kept (EMA), is a copy of the adapters. Without LoRA `frozen` is None.
     """
 
@@ -154,7 +154,7 @@ def init_state(
     moments follow their parameters' shardings and scalars (step, counts) are replicated over it.
 
     An adapted model (LoRA) trains its adapters only: `frozen` holds its base weights themselves (one copy,
-    shared with the model until the first update donates them), and a frozen teacher needs no copy at all (it is
+    shared with the model), and a frozen teacher needs no copy at all (it is
     the base: the adapters with `lora_b` zero, `lora.without_adapters`).
     """
     adapted = lora.is_adapted(model)
@@ -194,9 +194,9 @@ def batch_counts(batches: StepBatch) -> dict[str, jax.Array]:
 
 
 def sync_model(model: Qwen2_5OmniThinker, state: TrainState) -> None:
-    """Points `model` (the one that samples) at `state`'s parameters: the trained ones and, with LoRA, the base
-    weights the update handed back (the same buffers: donated in, returned unchanged)."""
-    nnx.update(model, state.params, *(() if state.frozen is None else (state.frozen,)))
+    """Points `model` (the one that samples) at `state`'s trained parameters (with LoRA, the adapters: the base
+    weights are the model's own, never donated nor changed)."""
+    nnx.update(model, state.params)
 
 
 def _merge(settings: StepSettings, params: nnx.State, frozen: nnx.State | None) -> Qwen2_5OmniThinker:
@@ -355,15 +355,29 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, features, cou
 
 
 def make_train_step(settings: StepSettings, state: TrainState | None = None):
-    """The jitted update `(state, batches) -> (state, metrics)`; the state is donated.
+    """The jitted update `(state, batches) -> (state, metrics)`; the state is donated, except its frozen base
+    weights (LoRA), which other holders of them (the sampling model, a reader) keep using after the update.
 
     With a (sharded) example `state`, its shardings are pinned as the output shardings, so parameters
-    and optimizer state stay where they are (FSDP over the mesh) step after step.
+    and optimizer state stay where they are (FSDP over the mesh) step after step. The returned function has
+    `lower(state, batches)` for ahead-of-time compiles (memory analysis, `opsd-jax compile-check`).
     """
     out_shardings = None
     if state is not None:
-        out_shardings = (jax.tree.map(lambda x: x.sharding, state), None)
-    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=out_shardings)
+        out_shardings = (jax.tree.map(lambda x: x.sharding, state.saved()), None)
+
+    def with_frozen(trained: TrainState, frozen: nnx.State | None, batches: StepBatch):
+        new_state, metrics = train_step(trained.replace(frozen=frozen), batches, settings=settings)
+        return new_state.saved(), metrics
+
+    jitted = jax.jit(with_frozen, donate_argnums=(0,), out_shardings=out_shardings)
+
+    def step(state: TrainState, batches: StepBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        new_state, metrics = jitted(state.saved(), state.frozen, batches)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    step.lower = lambda state, batches: jitted.lower(state.saved(), state.frozen, batches)
+    return step
 
 
 def train_step(
