@@ -4,7 +4,10 @@ One checkpoint per saved step holds three items:
 * `state`: the `TrainState` (step, parameters, optimizer state, the frozen / EMA teacher), sharded
   arrays saved by every process for its own shards;
 * `data`: the grain iterator's state, so a resumed run reads exactly the batches it would have read;
-* `meta`: JSON (the step, the PRNG key's data, the metrics at that step).
+* `meta`: JSON (the step, the PRNG key's data, the metrics at that step; for a LoRA run, the base checkpoint).
+
+A LoRA run's state holds its adapters and their optimizer state only: the frozen base weights are the run's
+`model.checkpoint`, loaded again (and adapted) before a restore.
 
 Saves are asynchronous; orbax writes each checkpoint under a temporary name and renames it only when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest loadable one.
@@ -94,8 +97,10 @@ class RunCheckpointer:
         rng: jax.Array | None = None,
         metrics: dict[str, float] | None = None,
         force: bool = False,
+        base_checkpoint: str | None = None,
     ) -> bool:
-        """Starts an (asynchronous) save; `metrics` take part in the keep-best ranking when they hold it."""
+        """Starts an (asynchronous) save; `metrics` take part in the keep-best ranking when they hold it.
+        `base_checkpoint`: for a state of LoRA adapters, the checkpoint of the frozen weights they adapt."""
         items: dict[str, Any] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(
@@ -103,6 +108,7 @@ class RunCheckpointer:
                     "step": int(step),
                     "rng": None if rng is None else jax.random.key_data(rng).tolist(),
                     "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+                    **({} if base_checkpoint is None else {"base_checkpoint": str(base_checkpoint)}),
                 }
             ),
         }

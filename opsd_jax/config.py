@@ -25,7 +25,7 @@ import yaml
 from opsd_jax.data.jsonl import decode_utf8
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.opsd.prompts import PromptConfig
-from opsd_jax.settings import ConfigError, TeacherConfig, TrainConfig
+from opsd_jax.settings import ConfigError, LoraConfig, TeacherConfig, TrainConfig
 from opsd_jax.sharding import MeshConfig
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -61,10 +61,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights (float32: master weights)
     remat: bool = False  # recompute decoder-layer activations in the backward pass
+    # Train low-rank adapters on frozen base weights instead of every weight (null: full fine-tuning).
+    lora: LoraConfig | None = None
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices
         _check_local("model.checkpoint", self.checkpoint)
+        if self.lora is not None:
+            self.lora.validate()
 
 
 @dataclasses.dataclass(frozen=True)

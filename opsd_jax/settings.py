@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 
@@ -84,3 +85,40 @@ class TeacherConfig:
         for name in ("label_pg_weight", "label_ce_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"teacher.{name}: expected >= 0, got {getattr(self, name)}")
+
+
+# The text decoder's attention and MLP projections (module paths of `Qwen2_5OmniThinker`, '/'-joined).
+DECODER_PROJECTIONS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the frozen base weights (`opsd_jax.models.lora`, built with qwix).
+
+    `target_modules` is a regular expression that must match the whole '/'-joined path of a linear layer
+    (`model/layers/3/mlp/up_proj`, `visual/blocks/0/attn/qkv`, `lm_head`); the default adapts the text
+    decoder's attention and MLP projections. `base_dtype` stores the frozen base weights of the adapted
+    layers as they are ("param_dtype") or quantized by qwix (QLoRA: "int8" per channel, "nf4" in tiles of
+    `quantization_tile` input features). There is no dropout setting: qwix's LoRA dropout is always on, so
+    it would also perturb the teacher's scoring forward and the rollouts, which run the same adapted layers.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: str = DECODER_PROJECTIONS
+    base_dtype: Literal["param_dtype", "int8", "nf4"] = "param_dtype"
+    quantization_tile: int = 64
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{prefix}.rank: expected >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha: expected > 0, got {self.alpha}")
+        if self.quantization_tile < 1:
+            raise ConfigError(f"{prefix}.quantization_tile: expected >= 1, got {self.quantization_tile}")
+        try:
+            re.compile(self.target_modules)
+        except re.error as err:
+            raise ConfigError(
+                f"{prefix}.target_modules: {self.target_modules!r} is not a regular expression ({err})"
+            ) from None

@@ -46,6 +46,7 @@ from opsd_jax.data.vision_inputs import TEMPORAL_PATCH_SIZE
 from opsd_jax.eval.extract import answer_text
 from opsd_jax.eval.metrics import accuracy, macro_f1
 from opsd_jax.generation import Decoding, decode
+from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.monitor import MetricsWriter, matmul_parameters, peak_flops, step_model_flops
@@ -193,9 +194,13 @@ class Trainer:
                 remat=config.model.remat,
             )
         )
+        if config.model.lora is not None:  # adapters on the frozen base: one copy of it serves all (models.lora)
+            self.model = lora.apply_lora(
+                self.model, config.model.lora, seed=config.train.seed, mesh=self.mesh, rules=self.rules
+            )
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)
         self.output_dir = epath.Path(config.run.output_dir)  # local or gs://: every host must see it
-        params = nnx.state(self.model, nnx.Param)
+        params = nnx.state(self.model, lora.trainable_filter(self.model))
         self.tx = opsd_step.make_optimizer(config.train, params)
         self.schedule = opsd_step.learning_rate_schedule(config.train)
         self.settings = opsd_step.StepSettings(
@@ -427,7 +432,12 @@ class Trainer:
         first = jax.tree.map(lambda x: x[0], batch)  # micro-batch 0, whose first G rows are clip 0's rollouts
         rows = self.config.sampling.num_samples
         scored = inspect_rollouts(
-            self.state.params, self.state.teacher_params, first, settings=self.settings, rows=rows
+            self.state.params,
+            self.state.teacher_params,
+            first,
+            settings=self.settings,
+            rows=rows,
+            frozen=self.state.frozen,
         )
         scored = {name: to_host(value) for name, value in scored.items()}
         tokens, mask = to_host(first.completion)[:rows], to_host(first.completion_mask)[:rows]
@@ -502,12 +512,12 @@ class Trainer:
                 raise CheckpointError(f"{message} (--require-checkpoint); check run.output_dir")
             logger.warning("%s: starting at step 0", message)
             return 0
-        state, meta = self.checkpointer.restore(step, abstract_like(self.state), data_iterator=self.iterator)
+        state, meta = self.checkpointer.restore(step, abstract_like(self.state.saved()), data_iterator=self.iterator)
         logger.info("resuming from checkpoint step %d of %s", int(meta["step"]), self.checkpointer.directory)
-        self.state = state
+        self.state = state.replace(frozen=self.state.frozen)
         if meta.get("rng") is not None:
             self.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-        nnx.update(self.model, self.state.params)
+        opsd_step.sync_model(self.model, self.state)
         return int(meta["step"])
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -533,7 +543,13 @@ class Trainer:
             self.checkpointer.wait()
             raise TrainingDiverged(step, "parameters hold NaN or inf", self.checkpointer.latest_step())
         self.checkpointer.save(
-            step, self.state, data_iterator=self.iterator, rng=self.key, metrics=metrics, force=force
+            step,
+            self.state.saved(),
+            data_iterator=self.iterator,
+            rng=self.key,
+            metrics=metrics,
+            force=force,
+            base_checkpoint=self.config.model.checkpoint if self.state.frozen is not None else None,
         )
 
     def run(
@@ -584,7 +600,7 @@ class Trainer:
                     rollouts = self.inspect_rollouts(batch, clips, step + 1)
                     step_began += time.perf_counter() - inspected  # not part of the step's time
                 self.state, device_metrics = self.step_fn(self.state, batch)
-                nnx.update(self.model, self.state.params)
+                opsd_step.sync_model(self.model, self.state)
                 step += 1
                 metrics = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
                 self._check_finite(step, metrics)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from opsd_jax.checkpoint import RunCheckpointer
 from opsd_jax.config import Config, load_config
 from opsd_jax.data.builders import load_split
+from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import from_pretrained
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.sharding import AxisRules
@@ -133,10 +134,13 @@ def load_thinker(
     )
     if source.run_dir is None:
         return model, None
+    if source.config.model.lora is not None:  # the run trained adapters on this base: they are what it saved
+        model = lora.apply_lora(model, source.config.model.lora, mesh=mesh, rules=rules)
     checkpointer = RunCheckpointer(source.run_dir / "checkpoints", read_only=True)  # the run may still be training
     try:
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model, nnx.Param)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            nnx.state(model, lora.trainable_filter(model)),
         )
         step, params = checkpointer.restore_params(source.step, abstract)
     finally:

@@ -299,6 +299,24 @@ def write_run_config(run_setup, directory, tmp_path, *extra):
     return path
 
 
+def test_a_lora_run_saves_only_its_adapters_and_resumes_exactly(run_setup):
+    lora_settings = ("model.lora.rank=4", "model.lora.alpha=8", "teacher.mode=frozen")
+    whole = Trainer(config_for(run_setup, "lora_whole", *lora_settings))
+    summary = whole.run()
+    first = Trainer(config_for(run_setup, "lora_split", *lora_settings))
+    part = first.run(max_steps=2)
+    first.checkpointer.close()
+    second = Trainer(config_for(run_setup, "lora_split", *lora_settings))
+    rest = second.run(resume=True)
+    saved = second.checkpointer.manager.item_metadata(2)["state"]  # readable once a restore registered its handler
+    assert not saved.get("frozen") and not saved.get("teacher_params")  # no base weight, no teacher copy
+    saved_paths = ["/".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]]
+    assert saved_paths and all("_lora_" in path for path in saved_paths)
+    np.testing.assert_array_equal(part.losses + rest.losses, summary.losses)
+    for a, b in zip(params_of(whole), params_of(second)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_training_into_an_existing_run_without_resume_is_refused(run_setup, finished_run, tmp_path, capsys):
     from opsd_jax.cli import main
 

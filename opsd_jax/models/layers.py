@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 _INIT_STD = 0.02
 
@@ -41,7 +42,10 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # flax's promote_dtype (an astype for arrays) is what qwix intercepts to leave a QLoRA-quantized kernel
+        # as it is (opsd_jax.models.lora).
+        x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        y = jnp.dot(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

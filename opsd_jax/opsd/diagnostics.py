@@ -20,7 +20,7 @@ from flax import nnx
 from opsd_jax.models.scoring import chunked_scores, signal_from_hidden
 from opsd_jax.opsd.chunked_losses import chunked_per_token_divergence
 from opsd_jax.opsd.losses import divergence_form
-from opsd_jax.opsd.step import StepBatch, StepSettings
+from opsd_jax.opsd.step import StepBatch, StepSettings, student_and_teacher
 from opsd_jax.sharding import activation_sharding
 
 TOP_TOKENS = 5  # the teacher's most likely tokens shown where the student diverged most
@@ -28,19 +28,24 @@ TOP_TOKENS = 5  # the teacher's most likely tokens shown where the student diver
 
 @functools.partial(jax.jit, static_argnames=("settings", "rows"))
 def inspect_rollouts(
-    params: nnx.State, teacher_params: nnx.State | None, batch: StepBatch, *, settings: StepSettings, rows: int
+    params: nnx.State,
+    teacher_params: nnx.State | None,
+    batch: StepBatch,
+    *,
+    settings: StepSettings,
+    rows: int,
+    frozen: nnx.State | None = None,
 ) -> dict[str, jax.Array]:
     """The first `rows` rollouts of one micro-batch `batch` (no leading micro-batch axis), scored.
 
-    `teacher_params`: the frozen / EMA teacher's, None when the teacher is the live student.
+    `teacher_params`, `frozen`: as `TrainState`'s (`student_and_teacher` builds both models).
     Returns `divergence`, `student_logprob`, `teacher_logprob` `[rows, C]` float32 (the configured divergence
     and the sampled tokens' log-probabilities at `loss.temperature`), `teacher_top_logprobs` `[rows, C, K]`
     and `teacher_top_ids` `[rows, C, K]` int32 (K = `TOP_TOKENS`, or the vocabulary when smaller).
     """
     with activation_sharding(settings.mesh, settings.rules):
         config = settings.loss
-        model = nnx.merge(settings.graphdef, params)
-        teacher = model if teacher_params is None else nnx.merge(settings.graphdef, teacher_params)
+        model, teacher = student_and_teacher(settings, params, teacher_params, frozen)
         completion, mask = batch.completion[:rows], batch.completion_mask[:rows]
         student_hidden = model.completion_hidden(batch.student, batch.completion, batch.completion_mask)[:rows]
         teacher_hidden = teacher.completion_hidden(batch.teacher, batch.completion, batch.completion_mask)[:rows]

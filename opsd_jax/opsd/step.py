@@ -25,6 +25,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.models.scoring import chunked_scores, token_logprobs
 from opsd_jax.opsd import losses
@@ -62,12 +63,22 @@ class StepBatch:
 
 @struct.dataclass
 class TrainState:
-    """Everything an update changes: step, parameters, optimizer state, the teacher's copy (frozen / EMA)."""
+    """Everything an update changes: step, trained parameters, optimizer state, the teacher's copy (frozen / EMA).
+
+    With LoRA (`opsd_jax.models.lora`) `params` are the adapters only, `frozen` the base weights they adapt
+    (never updated, no optimizer state, not donated: the step hands back the same arrays), and the
+    teacher's copy, when kept (EMA), is a copy of the adapters. Without LoRA `frozen` is None.
+    """
 
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
     teacher_params: nnx.State | None
+    frozen: nnx.State | None = None
+
+    def saved(self) -> TrainState:
+        """What a checkpoint holds: everything but the frozen base weights (the run's `model.checkpoint` has them)."""
+        return self.replace(frozen=None)
 
 
 def step_batch_shardings(batches: StepBatch, mesh: Mesh, rules: AxisRules | None = None) -> StepBatch:
@@ -138,13 +149,22 @@ def init_state(
 ) -> TrainState:
     """The state of step 0; a frozen or EMA teacher starts as a copy of the initial parameters.
 
-    The state owns copies of the model's parameters (its buffers are donated to every update); keep
-    a model for sampling current with `nnx.update(model, state.params)`. With a `mesh`, optimizer
+    The state owns copies of the model's trained parameters (its buffers are donated to every update); keep
+    a model for sampling current with `sync_model(model, state)`. With a `mesh`, optimizer
     moments follow their parameters' shardings and scalars (step, counts) are replicated over it.
+
+    An adapted model (LoRA) trains its adapters only: `frozen` holds its base weights themselves (one copy,
+    shared with the model), and a frozen teacher needs no copy at all (it is
+    the base: the adapters with `lora_b` zero, `lora.without_adapters`).
     """
-    params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
-    teacher_params = None if teacher.mode == "live" else jax.tree.map(jnp.copy, params)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), teacher_params=teacher_params)
+    adapted = lora.is_adapted(model)
+    params = jax.tree.map(jnp.copy, nnx.state(model, lora.trainable_filter(model)))
+    keeps_teacher = teacher.mode == "ema" or (teacher.mode == "frozen" and not adapted)
+    teacher_params = jax.tree.map(jnp.copy, params) if keeps_teacher else None
+    frozen = nnx.state(model, lora.frozen_filter()) if adapted else None
+    state = TrainState(
+        step=jnp.int32(0), params=params, opt_state=tx.init(params), teacher_params=teacher_params, frozen=frozen
+    )
     if mesh is None:
         return state
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -173,9 +193,43 @@ def batch_counts(batches: StepBatch) -> dict[str, jax.Array]:
     }
 
 
-def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str, jax.Array], settings: StepSettings):
-    """Scalar loss of one micro-batch (already divided by whole-batch `counts`) and its metrics."""
-    model = nnx.merge(settings.graphdef, params)
+def sync_model(model: Qwen2_5OmniThinker, state: TrainState) -> None:
+    """Points `model` (the one that samples) at `state`'s trained parameters (with LoRA, the adapters: the base
+    weights are the model's own, never donated nor changed)."""
+    nnx.update(model, state.params)
+
+
+def _merge(settings: StepSettings, params: nnx.State, frozen: nnx.State | None) -> Qwen2_5OmniThinker:
+    return nnx.merge(settings.graphdef, params, *(() if frozen is None else (frozen,)))
+
+
+def student_and_teacher(
+    settings: StepSettings, params: nnx.State, teacher_params: nnx.State | None, frozen: nnx.State | None
+) -> tuple[Qwen2_5OmniThinker, Qwen2_5OmniThinker]:
+    """The student (`params`, with the base weights `frozen` under LoRA) and the teacher of `settings.teacher.mode`:
+    the student itself (live), or `teacher_params` (frozen / EMA) under `stop_gradient`; a frozen teacher of an
+    adapted student is the base model, the same weights with the adapters adding zeros (`lora.without_adapters`)."""
+    frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
+    model = _merge(settings, params, frozen)
+    if settings.teacher.mode == "live":
+        return model, model
+    if teacher_params is None:
+        teacher_params = lora.without_adapters(params)
+    return model, _merge(settings, jax.lax.stop_gradient(teacher_params), frozen)
+
+
+def _micro_batch_loss(
+    params,
+    teacher_params,
+    batch: StepBatch,
+    counts: dict[str, jax.Array],
+    settings: StepSettings,
+    frozen: nnx.State | None = None,
+):
+    """Scalar loss of one micro-batch (already divided by whole-batch `counts`) and its metrics.
+
+    `frozen`: an adapted model's base weights (None without LoRA); they get no gradient."""
+    model, teacher_model = student_and_teacher(settings, params, teacher_params, frozen)
     config = settings.loss
     features = model.encode_media(batch.student)
     if not settings.train_encoders:
@@ -199,9 +253,6 @@ def _micro_batch_loss(params, teacher_params, batch: StepBatch, counts: dict[str
     )
     head = gather_kernel(model.head_kernel())
 
-    teacher_model = model
-    if settings.teacher.mode != "live":
-        teacher_model = nnx.merge(settings.graphdef, jax.lax.stop_gradient(teacher_params))
     # The teacher sees the student's media. Its encoders are the student's when they are shared (live)
     # or never trained (a frozen or EMA copy of untouched weights is bit-identical: EMA of equal values
     # is exact), so the features encoded above serve both and the encoders run once per micro-batch.
@@ -300,15 +351,29 @@ def _ablation_terms(model, batch: StepBatch, student_hidden, head, features, cou
 
 
 def make_train_step(settings: StepSettings, state: TrainState | None = None):
-    """The jitted update `(state, batches) -> (state, metrics)`; the state is donated.
+    """The jitted update `(state, batches) -> (state, metrics)`; the state is donated, except its frozen base
+    weights (LoRA), which other holders of them (the sampling model, a reader) keep using after the update.
 
     With a (sharded) example `state`, its shardings are pinned as the output shardings, so parameters
-    and optimizer state stay where they are (FSDP over the mesh) step after step.
+    and optimizer state stay where they are (FSDP over the mesh) step after step. The returned function has
+    `lower(state, batches)` for ahead-of-time compiles (memory analysis, `opsd-jax compile-check`).
     """
     out_shardings = None
     if state is not None:
-        out_shardings = (jax.tree.map(lambda x: x.sharding, state), None)
-    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=out_shardings)
+        out_shardings = (jax.tree.map(lambda x: x.sharding, state.saved()), None)
+
+    def with_frozen(trained: TrainState, frozen: nnx.State | None, batches: StepBatch):
+        new_state, metrics = train_step(trained.replace(frozen=frozen), batches, settings=settings)
+        return new_state.saved(), metrics
+
+    jitted = jax.jit(with_frozen, donate_argnums=(0,), out_shardings=out_shardings)
+
+    def step(state: TrainState, batches: StepBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        new_state, metrics = jitted(state.saved(), state.frozen, batches)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    step.lower = lambda state, batches: jitted.lower(state.saved(), state.frozen, batches)
+    return step
 
 
 def train_step(
@@ -332,7 +397,7 @@ def _train_step(
     grad_fn = jax.grad(_micro_batch_loss, has_aux=True)
 
     def accumulate(carry, micro):
-        grads, metrics = grad_fn(state.params, state.teacher_params, micro, counts, settings)
+        grads, metrics = grad_fn(state.params, state.teacher_params, micro, counts, settings, state.frozen)
         summed = jax.tree.map(jnp.add, carry[0], grads)
         return (summed, carry[1] + 1), metrics
 
@@ -343,7 +408,9 @@ def _train_step(
     teacher_params = state.teacher_params
     if settings.teacher.mode == "ema":
         teacher_params = ema_update(teacher_params, params, settings.teacher.ema_rate)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, teacher_params=teacher_params)
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, teacher_params=teacher_params, frozen=state.frozen
+    )
     return new_state, summarize(metrics, grads)
 
 

@@ -1,0 +1,216 @@
+"""LoRA and QLoRA adapters on the thinker's frozen base weights, built with qwix.
+
+`apply_lora(model, config)` returns the thinker with qwix's `kernel_lora_a [in, rank]` / `kernel_lora_b
+[rank, out]` (`nnx.LoRAParam`) beside the `kernel` of every linear layer whose path matches
+`config.target_modules`; the layer computes `x @ kernel + (x @ a @ b) * alpha / rank`. With
+`base_dtype` int8 / nf4 qwix stores those kernels quantized (QLoRA) and computes with them as they are.
+
+How qwix is used here, and why not exactly as its README does:
+* qwix adds the adapters inside the matmuls it intercepts while a wrapped method runs, creating the
+  parameters on the first run. The thinker's decoder splits and merges each layer inside the forward
+  (`TextModel.__call__`, under `jax.checkpoint` with remat), so parameters created there would land on
+  temporary copies: the first run calls each target layer directly instead (any input creates them).
+* For NNX, qwix wraps one method of the module it is given. The thinker has many entry points (the
+  sampler's `prefill` / `extend`, the step's `completion_hidden`, `score_completions`, ...), so qwix wraps the
+  call of a tiny `_AdapterScope` module, and the adapted thinker's class runs each of its public methods
+  through that scope (`ADAPTED_METHODS`). Every forward of an adapted thinker runs with the adapters: a
+  forward outside the scope would not only drop them (and fail on QLoRA's quantized kernels), its
+  `jax.checkpoint` traces are cached per graph and shapes, so it could also reuse an adapted trace.
+* The teacher's forward without adapters (the base model) is therefore not a switched-off scope but the
+  same parameters with every `lora_b` zero (`without_adapters`): `x @ a @ 0` adds exact zeros, so the
+  logits equal the base model's, and no base weight is copied (the zeros are `[rank, out]` per layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, TypeVar
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from jax.sharding import Mesh
+
+from opsd_jax.models.layers import Linear
+from opsd_jax.settings import LoraConfig
+from opsd_jax.sharding import AxisRules, param_shardings
+
+T = TypeVar("T")
+
+# The thinker's methods that run the model; each runs inside the adapter scope on an adapted thinker.
+ADAPTED_METHODS = (
+    "__call__",
+    "forward",
+    "encode_media",
+    "embed_inputs",
+    "hidden_states",
+    "logits",
+    "extend",
+    "prefill",
+    "completion_hidden",
+    "score_completions",
+)
+_SCOPE_ROOT = "thinker"  # the adapted thinker's attribute in `_AdapterScope`: qwix's module paths start with it
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+class _AdapterScope(nnx.Module):
+    """The one module whose call qwix intercepts: `scope(run)` is `run(scope)` with the adapters active."""
+
+    def __init__(self, thinker: nnx.Module | None):
+        self.thinker = thinker
+
+    def __call__(self, run: Callable[[_AdapterScope], T]) -> T:
+        return run(self)
+
+
+def is_adapted(model: nnx.Module) -> bool:
+    """Whether `model` carries LoRA adapters (`apply_lora`'s output, or a merge of its graph)."""
+    return hasattr(type(model), "_adapter_scope")
+
+
+def target_layers(model: nnx.Module, pattern: str) -> list[tuple[str, Linear]]:
+    """The linear layers of `model` whose '/'-joined path fully matches `pattern`, with their paths."""
+    return [
+        ("/".join(map(str, path)), module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, Linear) and re.fullmatch(pattern, "/".join(map(str, path)))
+    ]
+
+
+def apply_lora(
+    model: nnx.Module,
+    config: LoraConfig,
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: AxisRules | None = None,
+) -> nnx.Module:
+    """The thinker `model` with adapters on its `config.target_modules` layers; `model` itself is left as it was
+    (its base weights are shared, not copied, except those QLoRA quantizes).
+
+    `a` starts He-uniform from `seed`, `b` at zero (the adapted model starts equal to the base). Adapters carry
+    `logical_axes` (`a`: the kernel's input axis and an unsharded rank, `b`: rank and the output axis), and with
+    a `mesh` they are placed by them under `rules`, as the base weights are.
+
+    Raises ValueError naming the pattern when it matches no linear layer.
+    """
+    targets = target_layers(model, config.target_modules)
+    if not targets:
+        raise ValueError(
+            f"model.lora.target_modules: {config.target_modules!r} matches no linear layer of the model "
+            "(paths look like model/layers/0/self_attn/q_proj)"
+        )
+    # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
+    kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
+    quantized = config.base_dtype != "param_dtype"
+    provider = qwix.LoraProvider(
+        module_path=f"{_SCOPE_ROOT}/({config.target_modules})",
+        rank=config.rank,
+        alpha=config.alpha,
+        weight_qtype=config.base_dtype if quantized else None,
+        tile_size=config.quantization_tile if config.base_dtype == "nf4" else None,
+    )
+
+    def create_adapters(scope: _AdapterScope) -> None:
+        for _, layer in target_layers(scope.thinker, config.target_modules):
+            layer(jnp.zeros((1, layer.kernel.shape[0]), layer.dtype))
+
+    scope = qwix.apply_lora_to_model(_AdapterScope(model), provider, create_adapters, rngs=nnx.Rngs(seed))
+    adapted = scope.thinker
+    scope.thinker = None  # the scope must not keep the weights alive: it only opens qwix's interception
+    for path, layer in target_layers(adapted, config.target_modules):
+        in_axis, out_axis = kernel_axes[path]
+        layer.kernel_lora_a.set_metadata("logical_axes", (in_axis, None))
+        layer.kernel_lora_b.set_metadata("logical_axes", (None, out_axis))
+    adapted.__class__ = _adapted_class(type(adapted), scope, config)
+    if mesh is not None:
+        adapters = nnx.state(adapted, nnx.LoRAParam)
+        nnx.update(adapted, jax.device_put(adapters, param_shardings(adapters, mesh, rules)))
+    return adapted
+
+
+def _adapted_class(thinker_class: type, scope: _AdapterScope, config: LoraConfig) -> type:
+    """A subclass of `thinker_class` whose `ADAPTED_METHODS` run inside `scope` (qwix's interception); it also
+    records the adapters' rank and alpha (for merging and export)."""
+
+    def scoped(name: str):
+        method = getattr(thinker_class, name)
+
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            return scope(lambda _: method(self, *args, **kwargs))
+
+        return run
+
+    fields = {name: scoped(name) for name in ADAPTED_METHODS}
+    return type(
+        f"Lora{thinker_class.__name__}",
+        (thinker_class,),
+        {**fields, "_adapter_scope": scope, "_lora_rank": config.rank, "_lora_alpha": config.alpha},
+    )
+
+
+def trainable_filter(model: nnx.Module) -> Any:
+    """What an update trains: the adapters of an adapted thinker, else every parameter."""
+    return nnx.LoRAParam if is_adapted(model) else nnx.Param
+
+
+def frozen_filter() -> Any:
+    """The state an adapted thinker does not train: its base weights, QLoRA's quantized kernels among them
+    (qwix stores those as its own arrays, not as `nnx.Param`)."""
+    return nnx.Not(nnx.LoRAParam)
+
+
+def is_lora_b(path: tuple) -> bool:
+    """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_b` adapter."""
+    return any(str(getattr(key, "key", getattr(key, "name", key))).endswith("_lora_b") for key in path)
+
+
+def without_adapters(adapters: nnx.State) -> nnx.State:
+    """`adapters` with every `lora_b` zero: merged with the base weights, the base model's forward (exactly:
+    each adapted layer adds `x @ a @ 0`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.zeros_like(x) if is_lora_b(path) else x, adapters)
+
+
+def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
+    """`{kernel path: kernel + a @ b * alpha / rank}` for every adapted layer of `model` (float32 sums, in the
+    kernel's dtype; QLoRA's quantized kernels are dequantized first). Paths are `nnx` state paths."""
+    rank, alpha = lora_settings(model)
+    merged = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
+            kernel = dequantized_kernel(module)
+            delta = module.kernel_lora_a[...].astype(jnp.float32) @ module.kernel_lora_b[...].astype(jnp.float32)
+            merged[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta * (alpha / rank)).astype(kernel.dtype)
+    return merged
+
+
+def dequantized_kernel(layer: Linear) -> jax.Array:
+    """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
+    kernel = layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
+    if isinstance(kernel, jax.Array):
+        return kernel
+    return qwix.dequantize(kernel.array).astype(layer.kernel_lora_a.get_value().dtype)  # qwix's WithAux
+
+
+def lora_settings(model: nnx.Module) -> tuple[int, float]:
+    """`(rank, alpha)` of an adapted thinker."""
+    return type(model)._lora_rank, type(model)._lora_alpha
+
+
+def merged_thinker(adapted: nnx.Module) -> nnx.Module:
+    """A plain thinker (the class `apply_lora` adapted) whose adapted kernels are `merged_kernels`: what exports and
+    a decode copy without adapter matmuls run. Every other weight is `adapted`'s own array (not copied)."""
+    kernels = merged_kernels(adapted)
+    merged = nnx.clone(adapted)
+    for path, module in list(nnx.iter_modules(merged)):
+        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
+            in_axis = module.kernel_lora_a.get_metadata()["logical_axes"][0]
+            out_axis = module.kernel_lora_b.get_metadata()["logical_axes"][1]
+            module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=(in_axis, out_axis))
+            del module.kernel_lora_a, module.kernel_lora_b
+    merged.__class__ = type(adapted).__mro__[1]
+    return merged

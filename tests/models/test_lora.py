@@ -1,0 +1,122 @@
+"""LoRA / QLoRA adapters (qwix) on the thinker: zero at the start, the LoRA formula, the base recovered exactly with
+`lora_b` zero (remat on: no cached adapted trace leaks into it), QLoRA's quantized kernels, logical axes on a mesh,
+sampling the adapted model, and a target pattern that matches nothing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opsd_jax.config import MeshConfig
+from opsd_jax.models import lora
+from opsd_jax.models.qwen2_5_omni import from_pretrained
+from opsd_jax.sampling import generate
+from opsd_jax.settings import LoraConfig
+from opsd_jax.sharding import make_mesh
+
+IDS = np.array([[5, 17, 99, 3, 42, 7, 150, 8], [0, 0, 0, 61, 62, 63, 64, 65]], np.int32)
+MASK = np.array([[1] * 8, [0, 0, 0] + [1] * 5], np.int32)
+CONFIG = LoraConfig(rank=4, alpha=8.0)
+
+
+def randomize_adapters(model, seed: int = 0) -> None:
+    """Non-zero `lora_b` (a freshly adapted model equals its base), as training would leave them."""
+    adapters = nnx.state(model, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_untied):
+    return from_pretrained(tiny_untied[1], remat=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(base):
+    return base.prepare_inputs(IDS, attention_mask=MASK)
+
+
+def test_a_fresh_adapter_leaves_the_model_unchanged_and_shares_its_weights(base, inputs):
+    adapted = lora.apply_lora(base, CONFIG)
+    np.testing.assert_array_equal(adapted.forward(inputs), base.forward(inputs))
+    # One copy of the base: the adapted model's kernels are the base's arrays, not copies.
+    assert adapted.model.layers[0].mlp.up_proj.kernel.get_value() is base.model.layers[0].mlp.up_proj.kernel.get_value()
+    paths = {"/".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))}
+    assert paths == {
+        f"model/layers/{i}/{name}"
+        for i in range(2)
+        for name in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj")
+        + ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+    }
+    q = adapted.model.layers[0].self_attn.q_proj
+    assert q.kernel_lora_a.get_value().shape == (64, 4) and q.kernel_lora_b.get_value().shape == (4, 64)
+    assert np.all(np.asarray(q.kernel_lora_b.get_value()) == 0)
+
+
+def test_adapted_forward_is_the_merged_kernels_and_zero_b_is_the_base_exactly(base, inputs):
+    adapted = lora.apply_lora(base, CONFIG)
+    randomize_adapters(adapted)
+    adapted_logits = adapted.forward(inputs)
+    assert float(jnp.max(jnp.abs(adapted_logits - base.forward(inputs)))) > 1e-2
+
+    merged = lora.merged_thinker(adapted)
+    assert not lora.is_adapted(merged) and not nnx.state(merged, nnx.LoRAParam)
+    np.testing.assert_allclose(adapted_logits, merged.forward(inputs), atol=1e-5)
+
+    # The teacher's view: the same parameters with lora_b zero, jitted (remat's traces are cached per graph).
+    graphdef, adapters, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+    teacher = jax.jit(lambda a, r: nnx.merge(graphdef, lora.without_adapters(a), r).forward(inputs))
+    student = jax.jit(lambda a, r: nnx.merge(graphdef, a, r).forward(inputs))
+    np.testing.assert_allclose(student(adapters, rest), adapted_logits, atol=1e-5)  # jitted vs eager rounding
+    base_graphdef, base_params = nnx.split(base)
+    original = jax.jit(lambda p: nnx.merge(base_graphdef, p).forward(inputs))(base_params)
+    np.testing.assert_array_equal(teacher(adapters, rest), original)
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_qlora_computes_with_the_quantized_kernels(base, inputs, base_dtype):
+    adapted = lora.apply_lora(base, LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype, quantization_tile=32))
+    assert not isinstance(adapted.model.layers[0].mlp.up_proj.kernel, nnx.Param)  # qwix's quantized array
+    assert isinstance(adapted.lm_head.kernel, nnx.Param)  # not a target: as it was
+    kernel = lora.dequantized_kernel(adapted.model.layers[0].mlp.up_proj)
+    reference = base.model.layers[0].mlp.up_proj.kernel.get_value()
+    assert kernel.shape == reference.shape
+    assert 0 < float(jnp.max(jnp.abs(kernel - reference))) < float(jnp.max(jnp.abs(reference)))
+    randomize_adapters(adapted)
+    logits = adapted.forward(inputs)
+    # Quantization moves the logits; the forward is the one of the dequantized kernels plus the adapters.
+    assert float(jnp.max(jnp.abs(logits - base.forward(inputs)))) > 1e-3
+    np.testing.assert_allclose(logits, lora.merged_thinker(adapted).forward(inputs), atol=1e-4)
+
+
+def test_adapters_carry_logical_axes_and_shard_on_the_mesh(tiny_untied):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    adapted = lora.apply_lora(from_pretrained(tiny_untied[1], mesh=mesh), CONFIG, mesh=mesh)
+    up = adapted.model.layers[0].mlp.up_proj
+    assert up.kernel_lora_a.get_metadata()["logical_axes"] == ("embed", None)
+    assert up.kernel_lora_b.get_metadata()["logical_axes"] == (None, "mlp")
+    a, b, kernel = up.kernel_lora_a.get_value(), up.kernel_lora_b.get_value(), up.kernel.get_value()
+    # a's input axis is split as the kernel's input axis is; b's output axis as the kernel's output axis.
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (2 - len(x.sharding.spec))  # noqa: E731
+    assert spec(a) == (spec(kernel)[0], None) and spec(b) == (None, spec(kernel)[1])
+    assert spec(kernel) != (None, None)  # the tiny model's up_proj is split on this mesh: the check means something
+
+
+def test_the_sampler_runs_the_adapted_model(base):
+    adapted = lora.apply_lora(base, CONFIG)
+    randomize_adapters(adapted, seed=3)
+    merged = lora.merged_thinker(adapted)
+    prompts = {"input_ids": IDS, "attention_mask": MASK}
+    kwargs = dict(max_new_tokens=6, temperature=0.0, eos_token_id=1, pad_token_id=0)
+    with_adapters = generate(adapted, prompts, **kwargs)
+    np.testing.assert_array_equal(with_adapters.tokens, generate(merged, prompts, **kwargs).tokens)
+    assert not np.array_equal(with_adapters.tokens, generate(base, prompts, **kwargs).tokens)
+
+
+def test_a_target_pattern_that_matches_nothing_is_refused(base):
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: 'decoder/.\*' matches no linear layer"):
+        lora.apply_lora(base, LoraConfig(target_modules="decoder/.*"))
