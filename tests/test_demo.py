@@ -26,15 +26,19 @@ REFERENCES = (
 )
 
 
-def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(tmp_path):
+def run_demo(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": with_host_device_count(os.environ.get("XLA_FLAGS", ""), 1)}
-    done = subprocess.run(
-        [sys.executable, "-m", "opsd_jax.demo", "--quick", "--arms", "all", "--workdir", str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, "-m", "opsd_jax.demo", *args],
         env=env,
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
     )
+
+
+def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(tmp_path):
+    done = run_demo("--quick", "--arms", "all", "--workdir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     [seed] = results["seeds"]
@@ -65,6 +69,22 @@ def test_quick_demo_runs_every_stage_in_both_conditions_and_writes_its_outputs(t
     for condition in demo.CONDITIONS:
         for arm in demo.ARMS:
             assert (tmp_path / "seed0" / "runs" / condition / arm / "logs" / "metrics.jsonl").is_file()
+
+    # Rerun: every finished arm is kept, not trained again, and the results are the same.
+    again = run_demo("--quick", "--arms", "all", "--workdir", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("kept from an earlier run") == len(demo.ARMS) * len(demo.CONDITIONS)
+    [kept] = json.loads((tmp_path / "results.json").read_text())["seeds"]
+    for name, condition in seed["conditions"].items():
+        for arm, result in condition["arms"].items():
+            assert kept["conditions"][name]["arms"][arm]["scores"] == result["scores"]
+    # Another arm budget trains that arm again; other data sizes are refused before any work.
+    one = run_demo(
+        "--quick", "--arms", "sft_labels", "--conditions", "standard", "--arm-steps", "1", "--workdir", str(tmp_path)
+    )
+    assert one.returncode == 0 and "kept from an earlier run" not in one.stdout, one.stderr[-4000:]
+    refused = run_demo("--arms", "sft_labels", "--workdir", str(tmp_path))
+    assert refused.returncode == 2 and "seed0/demo_size.json" in refused.stderr and "[seed 0]" not in refused.stdout
 
 
 def test_report_gives_mean_and_sample_standard_deviation_over_seeds():

@@ -15,7 +15,7 @@ from opsd_jax.demo import __doc__ as DESCRIPTION
 from opsd_jax.demo import report
 from opsd_jax.demo.arms import ARMS, DEFAULT_ARMS
 from opsd_jax.demo.data import CONDITIONS
-from opsd_jax.demo.run import QUICK, DemoSize, run_seed
+from opsd_jax.demo.run import QUICK, DemoSize, WorkdirError, check_seed_directory, run_seed
 
 
 def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -30,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m opsd_jax.demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"), help="where data, runs and results go")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("outputs/demo"),
+        help="where data, runs and results go (default: %(default)s). Each seed's data, warm start and finished "
+        "arms are kept there: rerunning a command completes what an interrupted or partial run left, without "
+        "redoing it; another --workdir starts afresh",
+    )
     parser.add_argument(
         "--seeds",
         default="0",
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     # Arms of one objective compile the same programs: the persistent cache compiles each once per workdir.
     jax.config.update("jax_compilation_cache_dir", str((args.workdir / "jax_cache").resolve()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    for seed in seeds:  # before any work: a seed directory made for other sizes is refused
+        try:
+            check_seed_directory(args.workdir / f"seed{seed}", size)
+        except WorkdirError as err:
+            parser.error(str(err))
     began = time.perf_counter()
     results = [run_seed(args.workdir / f"seed{seed}", size, seed, conditions, arms) for seed in seeds]
     seconds = time.perf_counter() - began

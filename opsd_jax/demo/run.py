@@ -38,6 +38,37 @@ class DemoSize:
 
 QUICK = DemoSize(train_clips=16, test_clips=8, warm_steps=2, arm_steps=2, eval_every=2)
 
+# What a seed's directory keeps from one invocation to the next: its data and warm start (made once, for these
+# sizes) and each arm's result (reused while the arm's own budget is unchanged), so an interrupted or partial
+# run (`--arms`, `--seeds`) is completed by rerunning the full command, not redone.
+_STAMP = "demo_size.json"
+
+
+class WorkdirError(ValueError):
+    """A seed directory made for other data or warm-start sizes than asked for."""
+
+
+def _seed_sizes(size: DemoSize) -> dict[str, int]:
+    return {"train_clips": size.train_clips, "test_clips": size.test_clips, "warm_steps": size.warm_steps}
+
+
+def check_seed_directory(root: Path, size: DemoSize) -> None:
+    """Refuses (`WorkdirError`, one line) a seed directory whose data and warm start were made for other sizes."""
+    stamp = root / _STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) != _seed_sizes(size):
+        raise WorkdirError(
+            f"{stamp}: this seed's data and warm start were made for {json.loads(stamp.read_text())}, not "
+            f"{_seed_sizes(size)}; pass another --workdir"
+        )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Atomically: a temporary file renamed into place, so an interrupted write leaves the old file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2))
+    partial.replace(path)
+
 
 def build_checkpoint(directory: Path, seed: int) -> Path:
     """A random tiny thinker, exported as a Hugging Face directory with the tiny tokenizer."""
@@ -142,15 +173,24 @@ def warm_start(
     export_thinker(
         trainer.model, json.loads((checkpoint / "config.json").read_text()), directory, tokenizer_dir=checkpoint
     )
-    report_file.write_text(json.dumps(report, indent=2))
+    _write_json(report_file, report)
     return directory, report
 
 
 def run_arm(
     root: Path, warm: Path, data: ConditionData, condition: str, arm_name: str, size: DemoSize, seed: int
 ) -> dict[str, Any]:
-    """One arm of one condition from the warm start: its accuracy along the way and its final scores."""
+    """One arm of one condition from the warm start: its accuracy along the way and its final scores.
+
+    Kept in `root/runs/CONDITION/ARM.json` with the arm's budget; a later call with the same budget returns
+    it (marked `"cached": true`) without training again."""
     arm = ARMS[arm_name]
+    result_file = root / "runs" / condition / f"{arm_name}.json"
+    budget = {"arm_steps": size.arm_steps, "eval_every": size.eval_every, "overrides": list(arm.overrides)}
+    if result_file.is_file():
+        kept = json.loads(result_file.read_text())
+        if kept.get("budget") == budget:
+            return {**kept["result"], "cached": True}
     eval_dir = data.datasets["main" if arm.subtitles else "no_subtitle"]
     trainer = make_trainer(
         warm,
@@ -163,16 +203,20 @@ def run_arm(
         arm.overrides,
     )
     summary = train(trainer)
-    return {
+    result = {
         "history": summary.eval_history,
         "seconds": summary.seconds,
         "scores": score(trainer, data, subtitles=arm.subtitles),
     }
+    _write_json(result_file, {"budget": budget, "result": result})
+    return result
 
 
 def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms: list[str]) -> dict[str, Any]:
     """Everything of one seed under `root`; returns its results (also written to `root/results.json`)."""
     began = time.perf_counter()
+    check_seed_directory(root, size)
+    _write_json(root / _STAMP, _seed_sizes(size))
     print(
         f"[seed {seed}] data: {size.train_clips} training and {size.test_clips} held-out clips per condition "
         f"({', '.join(conditions)}), rule-based rationales",
@@ -209,12 +253,12 @@ def run_seed(root: Path, size: DemoSize, seed: int, conditions: list[str], arms:
             print(
                 f"[seed {seed}] {condition} arm {index}/{len(arms)} {arm}: all {100 * s['all/accuracy']:.1f}%, "
                 f"misleading {100 * s['misleading/accuracy']:.1f}%, swapped media {100 * s['swapped/accuracy']:.1f}% "
-                f"({trained[arm]['seconds']:.0f}s)",
+                f"({trained[arm]['seconds']:.0f}s{', kept from an earlier run' if trained[arm].get('cached') else ''})",
                 flush=True,
             )
         results["conditions"][condition] = {"references": references, "arms": trained}
     results["seconds"] = time.perf_counter() - began
-    (root / "results.json").write_text(json.dumps(results, indent=2))
+    _write_json(root / "results.json", results)
     return results
 
 
