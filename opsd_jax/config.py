@@ -61,6 +61,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights (float32: master weights)
     remat: bool = False  # recompute decoder-layer activations in the backward pass
+    # The attention of the training/scoring forward (prompts, then their completions over the prompts' keys):
+    # XLA's, or the fused Pallas splash kernel (TPU; on other devices it runs interpreted, slowly). Prefill and
+    # decode always run XLA's.
+    attention: Literal["xla", "splash"] = "xla"
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

@@ -191,6 +191,7 @@ class Trainer:
                 rules=self.rules,
                 param_dtype=param_dtype,
                 remat=config.model.remat,
+                attention=config.model.attention,
             )
         )
         self.builder = PromptBuilder.from_pretrained(config.model.checkpoint)

@@ -121,7 +121,9 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
     dtype = jnp.dtype(config.model.dtype)
     param_dtype = jnp.dtype(config.model.param_dtype)
     module = nnx.eval_shape(
-        lambda: Qwen2_5OmniThinker(thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat)
+        lambda: Qwen2_5OmniThinker(
+            thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat, attention=config.model.attention
+        )
     )
     graphdef, state = nnx.split(module)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), state)
