@@ -403,7 +403,8 @@ class Qwen2_5OmniThinker(nnx.Module):
         positions = jnp.broadcast_to(positions[None], (3, rows, length))
         # Segment 1 is the real tokens, 0 the prompts' left padding. A prompt token sees the real prompt tokens up
         # to itself over a cache with the completions' columns after the prompt (never reached: causal). A padded
-        # prompt row sees the padding up to itself (never an empty row); its outputs feed no real token.
+        # prompt row sees the padding up to itself (never an empty row; `prefill_mask` gives it only its diagonal, so
+        # its outputs differ from a prefill's): they feed no real token.
         # Completion token i sees the prompt's real tokens and completion tokens 0..i.
         real = prompt.attention_mask.astype(jnp.int32)
         prefix_mask = CausalSegments(real, jnp.pad(real, ((0, 0), (0, length))), offset=0)
