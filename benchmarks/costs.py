@@ -221,8 +221,9 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     State: trainable x 16 B (bf16 param + fp32 master + fp32 Adam m, v + bf16 grad) + frozen encoders x 2 B
     + the teacher's copy, sharded over fsdp x tensor. Activations of one micro-step, rows sharded over
     data x fsdp: remat-kept layer inputs (2h B per token and layer), one recomputed layer (34h B per
-    token), float32 attention scores and probabilities of one layer, three vocab chunks of float32
-    logits (student, teacher, gradient) and the rollouts' KV cache.
+    token), float32 attention scores and probabilities of one layer (none with `model.attention: splash`, whose
+    kernel keeps a tile's scores on chip), three vocab chunks of float32 logits (student, teacher, gradient) and
+    the rollouts' KV cache.
     """
     trainable, frozen = model["trainable"], model["encoders"]
     if config.train.train_encoders:
@@ -234,10 +235,11 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     rows = prompts * config.sampling.num_samples // (mesh["data"] * mesh["fsdp"])
     length = config.data.prompt_length + config.sampling.max_new_tokens
     tokens = rows * length
+    scores = 0 if config.model.attention == "splash" else 2 * rows * model["heads"] // mesh["tensor"] * length**2 * 4
     activations = (
         tokens * model["layers"] * 2 * model["hidden"]
         + tokens * 34 * model["hidden"]
-        + 2 * rows * model["heads"] // mesh["tensor"] * length**2 * 4
+        + scores
         + 3 * rows * config.loss.chunk_size * model["vocab"] * 4
         + rows * length * kv_bytes_per_token(model)
     )

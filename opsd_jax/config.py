@@ -63,6 +63,10 @@ class ModelConfig:
     remat: bool = False  # recompute decoder-layer activations in the backward pass
     # Train low-rank adapters on frozen base weights instead of every weight (null: full fine-tuning).
     lora: LoraConfig | None = None
+    # The attention of the training/scoring forward (prompts, then their completions over the prompts' keys):
+    # XLA's, or the fused Pallas splash kernel (TPU; on other devices it runs interpreted, slowly). Prefill and
+    # decode always run XLA's.
+    attention: Literal["xla", "splash"] = "xla"
 
     def validate(self, num_devices: int | None) -> None:
         del num_devices

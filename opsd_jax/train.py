@@ -192,6 +192,7 @@ class Trainer:
                 rules=self.rules,
                 param_dtype=param_dtype,
                 remat=config.model.remat,
+                attention=config.model.attention,
             )
         )
         if config.model.lora is not None:  # adapters on the frozen base: one copy of it serves all (models.lora)

@@ -71,6 +71,7 @@ def test_shipped_config_runs_its_first_step_shrunk(path, tiny_files, tmp_path):
     finally:
         trainer.checkpointer.close()
     assert trainer.model.model.remat == config.model.remat
+    assert trainer.model.model.attention == config.model.attention  # splash runs interpreted on the CPU
     expected_dtype = np.dtype(config.model.param_dtype)
     assert {np.dtype(x.dtype) for x in jax.tree.leaves(trainer.state.params)} == {expected_dtype}
     metrics = summary.final_metrics

@@ -84,6 +84,12 @@ class ProgramReport:
     xla_flops: float = 0.0  # cost_analysis: loop bodies counted once
     flops: float = 0.0  # per run: loop bodies times their trip counts (see `analyse`)
     cost_model_seconds: float | None = None  # XLA's TPU cost model; loop bodies counted once
+    # Instructions the cost model does not price (`hlo.UNPRICED_CUSTOM_CALLS`): it gives -1 s for each, added back
+    # into `cost_model_seconds` (those priced at 0).
+    unpriced_custom_calls: int = 0
+    # Pallas kernels per run: the cost model prices them at about nothing and `xla_flops` / `flops` leave their
+    # FLOPs out (for the splash attention kernel see `opsd_jax.models.splash`).
+    pallas_kernel_calls: int = 0
     compute_seconds: float = 0.0  # xla_flops at the chip's bf16 peak: the cost model's own counting
     bytes_accessed: float = 0.0  # XLA's count: every operand and result, on-chip memory included
     loop_hbm_bytes: float = 0.0  # one iteration of the program's open-ended loop (the decode), HBM only
@@ -121,7 +127,9 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
     dtype = jnp.dtype(config.model.dtype)
     param_dtype = jnp.dtype(config.model.param_dtype)
     module = nnx.eval_shape(
-        lambda: Qwen2_5OmniThinker(thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat)
+        lambda: Qwen2_5OmniThinker(
+            thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat, attention=config.model.attention
+        )
     )
     graphdef, state = nnx.split(module)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), state)
@@ -309,8 +317,10 @@ def analyse(report: ProgramReport, compiled: jax.stages.Compiled, chip: Chip, *,
     costs = costs[0] if isinstance(costs, (list, tuple)) else (costs or {})
     report.xla_flops = float(costs.get("flops", 0.0))
     report.bytes_accessed = float(costs.get("bytes accessed", 0.0))
-    seconds = float(costs.get("optimal_seconds", -1.0))
     hlo = summarize(compiled.as_text())
+    report.unpriced_custom_calls = hlo.unpriced_custom_calls
+    report.pallas_kernel_calls = hlo.pallas_kernel_calls
+    seconds = float(costs["optimal_seconds"]) + hlo.unpriced_custom_calls if "optimal_seconds" in costs else -1.0
     report.loops = hlo.loops
     # The cost model gives no valid time for a `while` (it counts its body once): only loop-free
     # programs, or loops of known trip count whose bodies the FLOPs below scale, get a time.

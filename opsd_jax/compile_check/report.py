@@ -52,7 +52,7 @@ def table(reports: Sequence[ProgramReport], chip: Chip, header: str) -> str:
             lines.append(f"{r.name:<18} did not compile: {r.error}")
             continue
         m = r.memory
-        cost = f"{r.cost_model_seconds:.3f} s" if r.cost_model_seconds else "n/a (loop)"
+        cost = f"{r.cost_model_seconds:.3f} s" if r.cost_model_seconds else "n/a"
         ratio = (
             f"{r.cost_model_seconds / r.compute_seconds:.2f}x" if r.cost_model_seconds and r.compute_seconds else "-"
         )
@@ -61,6 +61,13 @@ def table(reports: Sequence[ProgramReport], chip: Chip, header: str) -> str:
             f"{m['resident'] / GB:6.2f} {r.peak / GB:7.2f} {100 * r.spare:5.1f}% {r.flops / 1e12:8.2f} {cost:>11} "
             f"{r.compute_seconds:8.3f}s {ratio:>6}"
         )
+    for r in reports:
+        if r.compiled and (r.unpriced_custom_calls or r.pallas_kernel_calls):
+            lines.append(
+                f"  {r.name}: cost model without {r.unpriced_custom_calls} custom calls it does not price (-1 s each, "
+                f"added back); {r.pallas_kernel_calls} Pallas kernel runs, priced at about nothing and their FLOPs "
+                "in neither count"
+            )
     lines.append("")
     lines.append("collectives per run (count / bytes of the largest buffer, loop bodies x trip counts):")
     for r in reports:

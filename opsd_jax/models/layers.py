@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from flax.nnx.nn.dtypes import promote_dtype
 
 _INIT_STD = 0.02
@@ -110,6 +110,29 @@ def rotate_half(x: jax.Array) -> jax.Array:
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """`x [..., seq, heads, head_dim]`, `cos`/`sin` `[..., seq, head_dim]` broadcast over heads."""
     return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
+
+
+@struct.dataclass
+class CausalSegments:
+    """A causal mask between segments: query i sees key j iff `j <= i + offset` and both carry the same
+    segment id (ids >= 0). The form the fused attention kernel (`opsd_jax.models.splash`) takes; `dense`
+    gives the boolean mask of `dot_product_attention`.
+
+    Attributes:
+      query_segments: int32 `[batch, q_len]`.
+      key_segments: int32 `[batch, kv_len]`.
+      offset: static; the key column of query 0's diagonal (the number of keys before the queries' own).
+    """
+
+    query_segments: jax.Array
+    key_segments: jax.Array
+    offset: int = struct.field(pytree_node=False)
+
+    def dense(self) -> jax.Array:
+        """Boolean `[batch, q_len, kv_len]`, True where attention is allowed."""
+        q_len, kv_len = self.query_segments.shape[1], self.key_segments.shape[1]
+        causal = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + self.offset
+        return causal[None] & (self.query_segments[:, :, None] == self.key_segments[:, None, :])
 
 
 # Queries per block of `dot_product_attention`. Whole, a long prompt's float32 scores and their bfloat16

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from opsd_jax.models import weights
 from opsd_jax.models.audio import AudioConfig, AudioEncoder, AudioPlan, prepare_audio
-from opsd_jax.models.layers import Linear
+from opsd_jax.models.layers import CausalSegments, Linear
 from opsd_jax.models.merge import check_placeholder_count, merge_modal_embeddings
 from opsd_jax.models.positions import PositionConfig, rope_index
 from opsd_jax.models.scoring import SignalRequest, TeacherSignal, signal_from_hidden
@@ -126,13 +126,21 @@ def text_position_ids(attention_mask: jax.Array) -> jax.Array:
 class Qwen2_5OmniThinker(nnx.Module):
     """`Qwen2_5OmniThinkerForConditionalGeneration` in Flax NNX."""
 
-    def __init__(self, config: ThinkerConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(
+        self,
+        config: ThinkerConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+        remat: bool = False,
+        attention: str = "xla",
+    ):
         self.config = config
         self.dtype = dtype
         text = config.text
         self.audio_tower = AudioEncoder(config.audio, dtype=dtype, rngs=rngs)
         self.visual = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
-        self.model = TextModel(text, dtype=dtype, rngs=rngs, remat=remat)
+        self.model = TextModel(text, dtype=dtype, rngs=rngs, remat=remat, attention=attention)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -393,19 +401,22 @@ class Qwen2_5OmniThinker(nnx.Module):
         start = repeat(first_new_position(prompt))
         positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
         positions = jnp.broadcast_to(positions[None], (3, rows, length))
+        # Segment 1 is the real tokens, 0 the prompts' left padding. A prompt token sees the real prompt tokens up
+        # to itself over a cache with the completions' columns after the prompt (never reached: causal). A padded
+        # prompt row sees the padding up to itself (never an empty row; `prefill_mask` gives it only its diagonal, so
+        # its outputs differ from a prefill's): they feed no real token.
         # Completion token i sees the prompt's real tokens and completion tokens 0..i.
-        sees_prompt = jnp.broadcast_to(
-            repeat(prompt.attention_mask.astype(bool))[:, None, :], (rows, length, prompt_len)
-        )
-        sees_completion = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (rows, length, length))
-        mask = jnp.concatenate([sees_prompt, sees_completion], axis=2)
+        real = prompt.attention_mask.astype(jnp.int32)
+        prefix_mask = CausalSegments(real, jnp.pad(real, ((0, 0), (0, length))), offset=0)
+        ones = jnp.ones((rows, length), jnp.int32)
+        mask = CausalSegments(ones, jnp.concatenate([repeat(real), ones], axis=1), offset=prompt_len)
         del completion_mask  # tokens after EOS only feed predictions that are masked out of every loss
         # Layer by layer, the prompts and then their completions over the prompts' cache: under FSDP each
         # layer's weights are gathered once per pass, not once for the prompts and again for the completions.
         prefix, hidden = self.model.prefix_and_continuations(
             self.embed_inputs(prompt, features),
             prompt.position_ids,
-            prefill_mask(prompt.attention_mask, prompt_len + length),
+            prefix_mask,
             self.model.embed_tokens(completion),
             positions,
             mask,
@@ -521,6 +532,7 @@ def from_pretrained(
     rules: AxisRules | None = None,
     param_dtype: jnp.dtype | None = None,
     remat: bool = False,
+    attention: str = "xla",
 ) -> Qwen2_5OmniThinker:
     """Loads a Hugging Face Qwen2.5-Omni (thinker) checkpoint directory into the Flax thinker.
 
@@ -530,7 +542,8 @@ def from_pretrained(
     default: the default table) as it is read, so a model larger than one device's memory never sits whole
     on one device. `dtype` is the compute dtype; `param_dtype`
     (default: the same) is the stored one, e.g. float32 master weights for bfloat16 training.
-    `remat` recomputes decoder-layer activations in the backward pass.
+    `remat` recomputes decoder-layer activations in the backward pass; `attention` is the scoring forward's
+    attention kernel (`opsd_jax.models.text.ATTENTION_KERNELS`).
     """
     path = Path(path)
     config = read_config(path)
@@ -539,7 +552,9 @@ def from_pretrained(
         logger.info("checkpoint %s has no lm_head.weight: using tied embeddings", path)
         config = dataclasses.replace(config, tie_word_embeddings=True)
 
-    abstract = nnx.eval_shape(lambda: Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat))
+    abstract = nnx.eval_shape(
+        lambda: Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat, attention=attention)
+    )
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from opsd_jax.models.layers import Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
+from opsd_jax.models.layers import CausalSegments, Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
+from opsd_jax.models.splash import splash_attention
 from opsd_jax.sharding import AxisRules, constrain, constrain_activation
 
 # Layer-boundary activation layouts (logical axes; see `opsd_jax.sharding.activation_sharding`).
@@ -104,8 +105,16 @@ def constrain_cache(cache: list[LayerCache], mesh: Mesh | None, rules: AxisRules
     return jax.tree.map(lambda x: constrain(x, CACHE_AXES, mesh, rules), cache)
 
 
+# The attention implementations of the scoring forward (`TextModel.prefix_and_continuations`): XLA's
+# (`dot_product_attention`) or the fused splash kernel (`opsd_jax.models.splash`, TPU; interpreted elsewhere).
+ATTENTION_KERNELS = ("xla", "splash")
+
+
 class Qwen2Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = "xla"):
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention: expected one of {list(ATTENTION_KERNELS)}, got {attention!r}")
+        self.attention = attention
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -120,11 +129,12 @@ class Qwen2Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | CausalSegments,
         cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """`x [batch, seq, hidden]`; `mask` boolean `[batch, seq, kv_len]`.
+        """`x [batch, seq, hidden]`; `mask` boolean `[batch, seq, kv_len]`, or `CausalSegments` (the scoring
+        forward), which runs the module's `attention` kernel (a dense mask always runs XLA's).
 
         With a cache, the new keys and values are written at `cache_index` (a scalar int32) and the
         queries attend over the whole cache (`kv_len = max_len`), the mask deciding what is visible.
@@ -145,7 +155,12 @@ class Qwen2Attention(nnx.Module):
                 value=jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
             )
             k, v = cache.key, cache.value
-        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if isinstance(mask, CausalSegments) and self.attention == "splash":
+            out = splash_attention(q, k, v, mask, scale=scale)
+        else:
+            dense = mask.dense() if isinstance(mask, CausalSegments) else mask
+            out = dot_product_attention(q, k, v, dense, scale=scale)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
@@ -162,9 +177,9 @@ class Qwen2MLP(nnx.Module):
 
 
 class Qwen2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = "xla"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
-        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs, attention=attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
         self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -178,14 +193,20 @@ class Qwen2DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embedding, decoder layers and final norm (the reference's `model.*` tensors)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(
+        self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, remat: bool = False, attention: str = "xla"
+    ):
         self.config = cfg
         self.dtype = dtype
         # Recompute each layer's activations in the backward pass instead of keeping them (only the
         # layer inputs stay alive): what long multimodal sequences need on an accelerator.
         self.remat = remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        # The scoring forward's attention kernel (`ATTENTION_KERNELS`); prefill and decode always run XLA's.
+        self.attention = attention
+        self.layers = nnx.List(
+            [Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs, attention=attention) for _ in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="norm", dtype=dtype)
 
     def init_cache(
@@ -252,10 +273,10 @@ class TextModel(nnx.Module):
         self,
         prefix_embeds: jax.Array,
         prefix_positions: jax.Array,
-        prefix_mask: jax.Array,
+        prefix_mask: CausalSegments,
         embeds: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: CausalSegments,
     ) -> tuple[jax.Array, jax.Array]:
         """Prompts and, in the same pass over the layers, several continuations of each.
 
@@ -266,10 +287,13 @@ class TextModel(nnx.Module):
         layer's cache outlives the layer.
 
         Args:
-          prefix_embeds: `[B, P, hidden]` the prompts; prefix_positions `[3, B, P]`; prefix_mask boolean
-            `[B, P, P + C]` over a cache that has the continuations' columns too (`prefill_mask`).
+          prefix_embeds: `[B, P, hidden]` the prompts; prefix_positions `[3, B, P]`; prefix_mask `[B, P]` queries
+            over `[B, P + C]` keys, a cache that has the continuations' columns too (offset 0).
           embeds: `[B * G, C, hidden]` the continuations, prompt-major (G per prompt); positions
-            `[3, B * G, C]`; mask boolean `[B * G, C, P + C]` over the prompt's keys, then its own.
+            `[3, B * G, C]`; mask `[B * G, C]` queries over `[B * G, P + C]` keys, the prompt's then its own
+            (offset P).
+
+        Both masks are `CausalSegments`, which the layers' attention runs with the model's `attention` kernel.
 
         Returns:
           hidden states after the final norm: the prompts' `[B, P, hidden]`, the continuations' `[B * G, C, hidden]`.

@@ -3,6 +3,7 @@
 from opsd_jax.sharding.mesh import (
     MeshConfig,
     activation_sharding,
+    active_activation_mesh,
     constrain,
     constrain_activation,
     logical_to_spec,
@@ -20,6 +21,7 @@ __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "activation_sharding",
+    "active_activation_mesh",
     "constrain",
     "constrain_activation",
     "logical_to_spec",

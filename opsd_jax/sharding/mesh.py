@@ -161,6 +161,12 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, MeshAxes] | None 
         _ACTIVATION_MESH.reset(token)
 
 
+def active_activation_mesh() -> tuple[Mesh, Mapping[str, MeshAxes]] | None:
+    """The mesh and rules of the enclosing `activation_sharding` context, or None outside one: for an
+    operation XLA cannot partition (a Pallas kernel) that must be mapped over the mesh by hand."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`constrain` on the mesh of the enclosing `activation_sharding` context; unchanged outside one."""
     active = _ACTIVATION_MESH.get()

@@ -162,7 +162,7 @@ def shrink_config(
     """`config` at tiny scale on `num_devices` CPU devices, pointed at `files`. Pure.
 
     Kept (every field not in `REPLACED_FIELDS`), because they decide which code runs or what it computes: `model.dtype`, `model.param_dtype`,
-    `model.remat`; the whole `teacher` section (mode, EMA rate, rationale or not, every loss weight),
+    `model.remat`, `model.attention`; the whole `teacher` section (mode, EMA rate, rationale or not, every loss weight),
     `loss` and `prompt` sections; `sampling.num_samples` (G), temperature, top-k, top-p;
     `train.grad_accum_steps` (the number of micro-batches the step's scan accumulates),
     `train.train_encoders` and the optimizer settings (learning rate, schedule, clipping, decay, Adam);

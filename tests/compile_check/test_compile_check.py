@@ -1,6 +1,8 @@
 """`opsd-jax compile-check` on a small TPU topology (v5e:2x2), without a TPU: the tiny thinker's train step,
 rollout and evaluation programs compile, the report is filled, no parameter-sized gather sits inside the
-decode loop, and a config too large for the slice exits non-zero naming the program."""
+decode loop, and a config too large for the slice exits non-zero naming the program. The HLO summary's counts
+(collectives by trip count, HBM bytes, matmul taps, custom calls the cost model does not price), and the splash
+attention kernel compiled for the slice."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from opsd_jax.cli import main
 from opsd_jax.compile_check.hlo import summarize
 from opsd_jax.config import ConfigError, load_config
+from opsd_jax.models.layers import CausalSegments
+from opsd_jax.models.splash import splash_attention
+from opsd_jax.sharding import MeshConfig, activation_sharding, make_mesh
 from opsd_jax.sharding.topology import TopologyError, parse_topology, topology_devices
 
 TOPOLOGY = "v5e:2x2"
@@ -232,3 +237,65 @@ def test_hlo_counts_a_batched_matmul_written_as_a_dilated_convolution_by_its_rea
     text = compiled.as_text()
     assert "lhs_dilate" in text  # the form this test is about (else XLA changed how it writes the einsum)
     assert summarize(text).uncounted_loop_flops == 2 * (2 * b * q * k * g * d * s)
+
+
+UNPRICED_AND_PALLAS_HLO = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8] get-tuple-element(%p), index=1
+  %kernel = f32[8] custom-call(%x), custom_call_target="tpu_custom_call", backend_config={}
+  %joined = f32[8] custom-call(%kernel), custom_call_target="ConcatBitcast"
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8]) tuple(%next, %joined)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8] parameter(0)
+  %joined = f32[8] custom-call(%x), custom_call_target="ConcatBitcast"
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[8]) tuple(%zero, %joined)
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_counts_unpriced_custom_calls_as_the_cost_model_does_and_pallas_kernels_per_run():
+    summary = summarize(UNPRICED_AND_PALLAS_HLO)
+    assert summary.loops == [("body", 3)]
+    # XLA's cost analysis takes a loop body once: the entry's ConcatBitcast and the body's, one each.
+    assert summary.unpriced_custom_calls == 2
+    assert summary.pallas_kernel_calls == 3  # the kernel runs once per iteration
+
+
+def test_the_splash_kernel_compiles_for_the_slice_on_the_rows_and_heads_each_chip_holds():
+    _, devices = topology_devices(TOPOLOGY)
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=2), devices)
+    heads = NamedSharding(mesh, PartitionSpec("fsdp", None, "tensor", None))
+    rows = NamedSharding(mesh, PartitionSpec("fsdp", None))
+    query = jax.ShapeDtypeStruct((4, 256, 4, 128), jnp.bfloat16, sharding=heads)
+    key = jax.ShapeDtypeStruct((4, 384, 2, 128), jnp.bfloat16, sharding=heads)
+    query_segments = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
+    key_segments = jax.ShapeDtypeStruct((4, 384), jnp.int32, sharding=rows)
+
+    def loss(q, k, v, query_segments, key_segments):
+        with activation_sharding(mesh):
+            out = splash_attention(q, k, v, CausalSegments(query_segments, key_segments, offset=128), scale=0.1)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), out_shardings=(heads, heads, heads))
+    compiled = step.lower(query, key, key, query_segments, key_segments).compile()
+    summary = summarize(compiled.as_text())
+    assert summary.pallas_kernel_calls == 2  # forward, and the fused backward (dq, dk, dv)
+    # Each chip runs the kernel on its rows and heads: nothing gathers the queries, keys or values.
+    assert not any(c.kind == "all-gather" for c in summary.collectives)
