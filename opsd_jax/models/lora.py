@@ -106,8 +106,11 @@ def apply_lora(
     # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
     kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
     quantized = config.base_dtype != "param_dtype"
+    # qwix adapts every matmul or convolution it intercepts inside a matching module: name the target linear
+    # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone.
+    targeted = "|".join(re.escape(path) for path, _ in targets)
     provider = qwix.LoraProvider(
-        module_path=f"{_SCOPE_ROOT}/({config.target_modules})",
+        module_path=f"{_SCOPE_ROOT}/({targeted})",
         rank=config.rank,
         alpha=config.alpha,
         weight_qtype=config.base_dtype if quantized else None,
