@@ -50,7 +50,8 @@ ARMS: dict[str, Arm] = {
         (*DISTILL, *LORA),
         lr_scale=LORA_LR_SCALE,
         description="OmniOPSD training rank-8 LoRA adapters on every linear layer, the frozen base as the teacher "
-        f"(the warm start, as omniopsd's frozen teacher), at {LORA_LR_SCALE:g}x the learning rate (LoRA's rule)",
+        f"(the warm start, as omniopsd's frozen teacher), at {LORA_LR_SCALE:g}x the learning rate: its update "
+        "reaches the weights through a @ b with b starting at zero, and LoRA's best rate is ~10x full fine-tuning's",
     ),
     "label_teacher": Arm(
         tuple(DISTILL),
