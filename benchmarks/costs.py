@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from opsd_jax.settings import DECODER_PROJECTIONS
+
 
 def _model(**fields: float) -> dict[str, Any]:
     return {**fields, "encoders": fields["audio"] + fields["vision"]}
@@ -53,6 +55,8 @@ MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
+PARAM_BYTES = {"float32": 4, "bfloat16": 2}
+QUANTIZED_BYTES = {"int8": 1.0, "nf4": 0.5}  # QLoRA's stored base kernels (`model.lora.base_dtype`), scales apart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,21 +218,59 @@ def kv_bytes_per_token(model: Mapping[str, float]) -> int:
     return int(model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2)
 
 
+def decoder_projections(model: Mapping[str, float]) -> tuple[list[tuple[int, int]], int]:
+    """The `(in, out)` kernel shapes of one decoder layer's attention and MLP projections (q, k, v, o, gate,
+    up, down: LoRA's default `target_modules`) and the number of layers."""
+    hidden, intermediate = int(model["hidden"]), int(model["intermediate"])
+    queries, kv = int(model["heads"] * model["head_dim"]), int(model["kv_heads"] * model["head_dim"])
+    shapes = [(hidden, queries), (hidden, kv), (hidden, kv), (queries, hidden)]
+    shapes += [(hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+    return shapes, int(model["layers"])
+
+
+def lora_state_bytes(config: Any, model: Mapping[str, float]) -> float:
+    """Bytes of a LoRA run's state (`config.model.lora`, default target modules), unsharded: every base weight
+    in `model.param_dtype` (QLoRA: the adapted kernels in int8 / nf4 with their scales in it), the adapters
+    with their Adam moments and gradients in the same dtype (qwix gives them the base kernel's: float32 masters
+    with param_dtype float32), an EMA teacher's copy of the adapters; a frozen teacher is the base (no copy)."""
+    settings = config.model.lora
+    if settings.target_modules != DECODER_PROJECTIONS:
+        raise ValueError(
+            f"memory_budget: budgets the default model.lora.target_modules only, got {settings.target_modules!r}"
+        )
+    param_bytes = PARAM_BYTES[config.model.param_dtype]
+    shapes, layers = decoder_projections(model)
+    kernels = layers * sum(inputs * outputs for inputs, outputs in shapes)
+    adapters = layers * settings.rank * sum(inputs + outputs for inputs, outputs in shapes)
+    base = (model["trainable"] + model["encoders"]) * param_bytes
+    if settings.base_dtype != "param_dtype":
+        if settings.base_dtype == "int8":  # one scale per output channel
+            scales = layers * sum(outputs for _, outputs in shapes)
+        else:  # nf4: one scale per tile of `quantization_tile` input features
+            scales = kernels / settings.quantization_tile
+        base += kernels * (QUANTIZED_BYTES[settings.base_dtype] - param_bytes) + scales * param_bytes
+    teacher = adapters * param_bytes if config.teacher.mode == "ema" else 0
+    return base + adapters * 4 * param_bytes + teacher
+
+
 def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, int]) -> tuple[float, float]:
     """(state, activations) in GB per device for an `opsd_jax.config.Config` on a mesh of `mesh` sizes,
     the arithmetic written out in the configs' comments.
 
     State: trainable x 16 B (bf16 param + fp32 master + fp32 Adam m, v + bf16 grad) + frozen encoders x 2 B
-    + the teacher's copy, sharded over fsdp x tensor. Activations of one micro-step, rows sharded over
-    data x fsdp: remat-kept layer inputs (2h B per token and layer), one recomputed layer (34h B per
-    token), float32 attention scores and probabilities of one layer (none with `model.attention: splash`, whose
-    kernel keeps a tile's scores on chip), three vocab chunks of float32 logits (student, teacher, gradient) and
-    the rollouts' KV cache.
+    + the teacher's copy, sharded over fsdp x tensor; with LoRA, `lora_state_bytes`. Activations of one
+    micro-step, rows sharded over data x fsdp: remat-kept layer inputs (2h B per token and layer), one
+    recomputed layer (34h B per token), float32 attention scores and probabilities of one layer (none with
+    `model.attention: splash`, whose kernel keeps a tile's scores on chip), three vocab chunks of float32 logits
+    (student, teacher, gradient) and the rollouts' KV cache.
     """
     trainable, frozen = model["trainable"], model["encoders"]
     if config.train.train_encoders:
         trainable, frozen = trainable + frozen, 0.0
-    state = trainable * 16 + frozen * 2 + model["trainable"] * TEACHER_BYTES[config.teacher.mode]
+    if config.model.lora is not None:
+        state = lora_state_bytes(config, model)
+    else:
+        state = trainable * 16 + frozen * 2 + model["trainable"] * TEACHER_BYTES[config.teacher.mode]
     state /= mesh["fsdp"] * mesh["tensor"]
 
     prompts = config.train.batch_size // config.train.grad_accum_steps

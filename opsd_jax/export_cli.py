@@ -1,7 +1,10 @@
 """`opsd-jax export`: trained thinker parameters -> a Hugging Face checkpoint directory.
 
-The export loads in transformers (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`) and in
-`opsd_jax.models.qwen2_5_omni.from_pretrained`, with the tokenizer and processor files copied along.
+`--format merged` (the default) writes full weights, which load in transformers
+(`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`) and in
+`opsd_jax.models.qwen2_5_omni.from_pretrained`, with the tokenizer and processor files copied along; a LoRA
+run's adapters are merged into the base weights. `--format peft` writes a LoRA run's adapters alone, as a
+PEFT adapter directory for `peft.PeftModel.from_pretrained` on the base checkpoint.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from opsd_jax.config import MeshConfig, local_path
-from opsd_jax.models.export import TOKENIZER_FILES, export_thinker
+from opsd_jax.models.export import (
+    DEFAULT_MAX_SHARD_BYTES,
+    TOKENIZER_FILES,
+    ExportError,
+    export_peft_adapter,
+    export_thinker,
+)
 from opsd_jax.models.weights import CheckpointError
 from opsd_jax.sharding import make_mesh
-from opsd_jax.trained import load_thinker, open_source
+from opsd_jax.trained import RUN_CONFIG, TrainedSource, load_thinker, open_source
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -38,8 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write trained thinker parameters as a Hugging Face checkpoint directory",
         description="Converts the thinker's parameters back to the Hugging Face layout (safetensors shards, "
-        "config.json, tokenizer files), thinker-only, loadable by transformers and by opsd-jax. The output "
-        "directory appears only once it is complete.",
+        "config.json, tokenizer files), thinker-only, loadable by transformers and by opsd-jax; or writes a LoRA "
+        "run's adapters as a PEFT adapter directory (--format peft). The output directory appears only once it "
+        "is complete.",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("merged", "peft"),
+        default="merged",
+        help="merged (default): full weights; a LoRA run's adapters are merged into its base weights "
+        "(kernel + a @ b * alpha / rank; a QLoRA run's quantized base kernels are dequantized first), a "
+        "checkpoint directory transformers loads on its own. peft: a LoRA run's adapters only "
+        "(adapter_config.json + adapter_model.safetensors, PEFT's names for the thinker's modules), which "
+        "peft.PeftModel.from_pretrained loads onto the run's base checkpoint (model.checkpoint); not for a "
+        "full fine-tune nor a QLoRA run (PEFT would add its adapters to the unquantized base)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -64,8 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-shard-size",
         type=parse_size,
-        default="5GB",
-        help="at most this much per safetensors file, e.g. 5GB, 500MB (default 5GB)",
+        help="--format merged: at most this much per safetensors file, e.g. 5GB, 500MB (default 5GB)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (once the new export is complete)"
@@ -77,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 class TrainedParams:
     """Parameters to export and the Hugging Face directory that describes their architecture.
 
-    params: a `Qwen2_5OmniThinker`, or an `nnx.State` of its `nnx.Param`s.
+    params: a `Qwen2_5OmniThinker` (with LoRA adapters for a LoRA run), or an `nnx.State` of its `nnx.Param`s.
     base_dir: the checkpoint directory whose config.json (and usually tokenizer) the run started from.
     """
 
@@ -91,7 +111,8 @@ def load_trained_params(path: str | Path, step: int | None = None) -> TrainedPar
     Accepts a Hugging Face checkpoint directory (config.json + safetensors), or a training run
     directory (`run.output_dir` of `opsd-jax train`: its `config.yaml` names the base checkpoint, and
     `checkpoints/` holds the trained parameters; `step` picks one, default the newest that restores), in
-    the run's `model.dtype` (a Hugging Face directory: float32).
+    the run's `model.dtype` (a Hugging Face directory: float32); a LoRA run's as the base thinker with its
+    trained adapters.
 
     Raises:
       CheckpointError: `path` is missing or neither kind of directory, or `step` is not saved.
@@ -102,17 +123,62 @@ def load_trained_params(path: str | Path, step: int | None = None) -> TrainedPar
     return TrainedParams(model, source.base_dir)
 
 
+def check_format(export_format: str, source: TrainedSource, max_shard_size: int | None) -> None:
+    """Refuses a `--format` that `source` cannot give (before any model loads).
+
+    Raises:
+      ExportError: `peft` for a Hugging Face directory, a full fine-tune or a QLoRA run, or with --max-shard-size.
+    """
+    if export_format != "peft":
+        return
+    if max_shard_size is not None:
+        raise ExportError("--max-shard-size: applies to --format merged; a PEFT adapter is one file")
+    if source.run_dir is None:
+        raise ExportError(
+            f"--format peft: {source.path} is a Hugging Face checkpoint directory, which holds no LoRA adapters; "
+            "pass the directory of a run with model.lora set"
+        )
+    settings = source.config.model.lora
+    if settings is None:
+        raise ExportError(
+            f"--format peft: {source.run_dir / RUN_CONFIG} has no model.lora (the run trained every weight, there "
+            "are no adapters); use --format merged"
+        )
+    if settings.base_dtype != "param_dtype":
+        raise ExportError(
+            f"--format peft: {source.run_dir / RUN_CONFIG} has model.lora.base_dtype {settings.base_dtype} (QLoRA): "
+            "its adapters were trained on quantized base kernels and PEFT would add them to the unquantized base, "
+            "another model; use --format merged (the dequantized base with the adapters merged)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_format(args.format, open_source(args.checkpoint, step=args.step, num_devices=None), args.max_shard_size)
     trained = load_trained_params(args.checkpoint, args.step)
     tokenizer_dir = args.tokenizer_dir
     if tokenizer_dir is None and any((trained.base_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         tokenizer_dir = trained.base_dir
+    if args.format == "peft":
+        adapter = export_peft_adapter(
+            trained.params,
+            args.out,
+            base_model=str(trained.base_dir),
+            dtype=args.dtype,
+            tokenizer_dir=tokenizer_dir,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"exported the LoRA adapters of {len(adapter.modules)} layers (rank {adapter.rank}, alpha "
+            f"{adapter.alpha:g}, {adapter.total_bytes / 1e6:.1f} MB, {adapter.dtype}) as a PEFT adapter for "
+            f"{trained.base_dir} to {adapter.directory}"
+        )
+        return 0
     summary = export_thinker(
         trained.params,
         trained.base_dir,
         args.out,
         dtype=args.dtype,
-        max_shard_bytes=args.max_shard_size,
+        max_shard_bytes=DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else args.max_shard_size,
         tokenizer_dir=tokenizer_dir,
         overwrite=args.overwrite,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 from benchmarks.costs import MODELS, kv_bytes_per_token, memory_budget, mesh_sizes
@@ -43,6 +44,8 @@ def test_there_are_named_run_configs():
         "qwen2_5_omni_7b_v5p64.yaml",
         "qwen2_5_omni_7b_v4_32.yaml",
         "gpu_1x_h100.yaml",
+        "qwen2_5_omni_7b_lora_gpu_1x_h100.yaml",
+        "qwen2_5_omni_7b_lora_v5e8.yaml",
     ):
         assert expected in names
 
@@ -113,6 +116,62 @@ def test_memory_budget_arithmetic_against_reference_figures():
     assert state == pytest.approx(121.85 + 2.63, abs=0.01)
     for model, kib in (("7b", 56), ("3b", 36)):
         assert kv_bytes_per_token(MODELS[model]) == kib * 1024
+
+
+def test_lora_memory_budget_counts_the_base_in_its_dtype_and_the_adapters():
+    # Rank 16 on q, k, v, o ([3584, 3584], [3584, 512] x 2, [3584, 3584]) and gate, up, down ([3584, 18944] x 2,
+    # [18944, 3584]) of the 7B's 28 layers: a [in, 16] + b [16, out] each.
+    adapters = 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    kernels = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944)
+    assert (adapters, kernels) == (40_370_176, 6_525_288_448)
+    everything = 8.9318e9  # the 7B thinker's parameters, encoders included: all of them are the frozen base
+    small = ["mesh.fsdp=1", "train.batch_size=1", "sampling.num_samples=1", "data.prompt_length=8"]
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+
+    def state(*overrides: str) -> float:
+        config = load_config(None, [*small, "model.lora.rank=16", *overrides], num_devices=1)
+        return memory_budget(config, MODELS["7b"], one)[0]
+
+    # float32 base, float32 adapters with Adam moments and gradients; a frozen teacher is the base: no copy.
+    assert state("teacher.mode=frozen") == pytest.approx((everything * 4 + adapters * 16) / 1e9, abs=1e-6)
+    assert state("teacher.mode=ema") == pytest.approx((everything * 4 + adapters * 20) / 1e9, abs=1e-6)
+    # bfloat16 parameters: base and adapters (qwix gives them the kernel's dtype) at 2 B.
+    assert state("model.param_dtype=bfloat16") == pytest.approx((everything * 2 + adapters * 8) / 1e9, abs=1e-6)
+    # QLoRA int8: the adapted kernels at 1 B with one float32 scale per output channel.
+    scales = 28 * (2 * 3584 + 2 * 512 + 2 * 18944 + 3584)
+    int8 = (everything - kernels) * 4 + kernels + scales * 4 + adapters * 16
+    assert state("model.lora.base_dtype=int8") == pytest.approx(int8 / 1e9, abs=1e-6)
+    with pytest.raises(ValueError, match="budgets the default model.lora.target_modules only"):
+        state("model.lora.target_modules=lm_head")
+
+
+def test_lora_budget_counts_the_adapters_apply_lora_makes(tiny_untied):
+    """The budget's projection shapes are the adapted thinker's own (the tiny one: its adapters counted)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from benchmarks.costs import decoder_projections
+    from opsd_jax.models import lora
+    from opsd_jax.models.qwen2_5_omni import from_pretrained
+    from opsd_jax.settings import LoraConfig
+
+    base = from_pretrained(tiny_untied[1])
+    text = base.config.text
+    dims = {
+        "hidden": text.hidden_size,
+        "heads": text.num_attention_heads,
+        "kv_heads": text.num_key_value_heads,
+        "head_dim": text.head_dim,
+        "intermediate": text.intermediate_size,
+        "layers": text.num_hidden_layers,
+    }
+    shapes, layers = decoder_projections(dims)
+    adapted = lora.apply_lora(base, dataclasses.replace(LoraConfig(), rank=3))
+    counted = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam)))
+    assert counted == layers * 3 * sum(inputs + outputs for inputs, outputs in shapes)
+    kernels = [layer.kernel.get_value().shape for _, layer in lora.adapted_layers(adapted)]
+    assert sorted(kernels) == sorted(shapes * layers)
 
 
 def test_tpu_configs_name_their_slice(loaded):

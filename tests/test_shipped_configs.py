@@ -13,6 +13,7 @@ import pytest
 
 from opsd_jax.checkpoint import RunCheckpointer, abstract_like
 from opsd_jax.config import load_config
+from opsd_jax.models import lora
 from opsd_jax.testing.tiny_run import REPLACED_FIELDS, build_tiny_run_files, longest_prompts, shrink_config
 from opsd_jax.train import Trainer
 
@@ -72,6 +73,7 @@ def test_shipped_config_runs_its_first_step_shrunk(path, tiny_files, tmp_path):
         trainer.checkpointer.close()
     assert trainer.model.model.remat == config.model.remat
     assert trainer.model.model.attention == config.model.attention  # splash runs interpreted on the CPU
+    assert lora.is_adapted(trainer.model) == (config.model.lora is not None)
     expected_dtype = np.dtype(config.model.param_dtype)
     assert {np.dtype(x.dtype) for x in jax.tree.leaves(trainer.state.params)} == {expected_dtype}
     metrics = summary.final_metrics
@@ -84,9 +86,10 @@ def test_shipped_config_runs_its_first_step_shrunk(path, tiny_files, tmp_path):
 
     reader = RunCheckpointer(tmp_path / "run" / "checkpoints")
     assert reader.latest_step() == 1
-    state, meta = reader.restore(None, abstract_like(trainer.state))
+    saved = trainer.state.saved()  # a LoRA run's checkpoint leaves out the frozen base (its model.checkpoint)
+    state, meta = reader.restore(None, abstract_like(saved))
     assert meta["step"] == 1
-    restored, live = jax.tree.leaves(state), jax.tree.leaves(trainer.state)
+    restored, live = jax.tree.leaves(state), jax.tree.leaves(saved)
     assert len(restored) == len(live)
     for a, b in zip(restored, live):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -39,6 +39,7 @@ from opsd_jax.compile_check.hlo import summarize
 from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
 from opsd_jax.data.chat_template import VideoPart, audio_in_video_runs, audio_token_count, vision_token_count
+from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.sampling.sampler import compile_generation, generation_params, sampling_settings
@@ -122,25 +123,34 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph and its parameters as sharded `ShapeDtypeStruct`s, as `from_pretrained` places them
-    (every parameter stored in `model.param_dtype`)."""
+    """The model's graph and its variables as sharded `ShapeDtypeStruct`s, as `from_pretrained` places them
+    (every floating-point parameter stored in `model.param_dtype`); with `model.lora`, the thinker as
+    `lora.apply_lora` adapts it (adapters beside the base weights, QLoRA's kernels quantized)."""
     dtype = jnp.dtype(config.model.dtype)
     param_dtype = jnp.dtype(config.model.param_dtype)
-    module = nnx.eval_shape(
-        lambda: Qwen2_5OmniThinker(
+
+    def build() -> Qwen2_5OmniThinker:
+        model = Qwen2_5OmniThinker(
             thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat, attention=config.model.attention
         )
+        return model if config.model.lora is None else lora.apply_lora(model, config.model.lora)
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+        state,
     )
-    graphdef, state = nnx.split(module)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), state)
     return graphdef, _abstract(state, param_shardings(state, mesh, config.mesh.axis_rules()))
 
 
-def abstract_train_state(params: nnx.State, config: Config, mesh: Mesh) -> tuple[opsd_step.TrainState, Any]:
+def abstract_train_state(
+    params: nnx.State, config: Config, mesh: Mesh, frozen: nnx.State | None = None
+) -> tuple[opsd_step.TrainState, Any]:
     """The trainer's `init_state` as sharded `ShapeDtypeStruct`s (optimizer moments follow their
-    parameters, scalars replicated), and the optimizer."""
+    parameters, scalars replicated), and the optimizer. With LoRA `params` are the adapters and `frozen` the
+    base weights; a frozen teacher is then the base itself (no copy), as `init_state` keeps it."""
     tx = opsd_step.make_optimizer(config.train, params)
-    teacher = config.teacher.mode != "live"
+    teacher = config.teacher.mode == "ema" or (config.teacher.mode == "frozen" and frozen is None)
 
     def init(p):
         return opsd_step.TrainState(
@@ -154,7 +164,7 @@ def abstract_train_state(params: nnx.State, config: Config, mesh: Mesh) -> tuple
     shardings = opsd_step.TrainState(
         step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=param_tree if teacher else None
     )
-    return _abstract(shapes, shardings), tx
+    return _abstract(shapes, shardings).replace(frozen=frozen), tx
 
 
 def optax_param_shardings(opt_state: Any, params: Any, replicated: NamedSharding) -> Any:
@@ -384,8 +394,12 @@ def check_config(
         record(report)
         return compiled
 
-    graphdef, params = abstract_thinker(thinker, config, mesh)
-    state, tx = abstract_train_state(params, config, mesh)
+    graphdef, params = abstract_thinker(thinker, config, mesh)  # every variable: what generation runs on
+    if config.model.lora is None:
+        state, tx = abstract_train_state(params, config, mesh)
+    else:  # the adapters train, the base weights are the state's `frozen` (`opsd_step.init_state`)
+        adapters, frozen = params.split(nnx.LoRAParam, ...)
+        state, tx = abstract_train_state(adapters, config, mesh, frozen=frozen)
     model = nnx.merge(graphdef, params)  # host-side planning reads only the config
     accumulation = config.train.grad_accum_steps
     prompts = config.train.batch_size // accumulation

@@ -185,8 +185,9 @@ def run_arm(
     Kept in `root/runs/CONDITION/ARM.json` with the arm's budget; a later call with the same budget returns
     it (marked `"cached": true`) without training again."""
     arm = ARMS[arm_name]
+    overrides = arm.run_overrides(load_config("demo_tiny").train.lr)
     result_file = root / "runs" / condition / f"{arm_name}.json"
-    budget = {"arm_steps": size.arm_steps, "eval_every": size.eval_every, "overrides": list(arm.overrides)}
+    budget = {"arm_steps": size.arm_steps, "eval_every": size.eval_every, "overrides": list(overrides)}
     if result_file.is_file():
         kept = json.loads(result_file.read_text())
         if kept.get("budget") == budget:
@@ -200,7 +201,7 @@ def run_arm(
         size,
         seed,
         size.arm_steps,
-        arm.overrides,
+        overrides,
     )
     summary = train(trainer)
     result = {

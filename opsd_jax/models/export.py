@@ -11,12 +11,16 @@ Memory: parameters sharded on a mesh are gathered to the host one at a time, and
 most one shard file's tensors, so a model larger than one device (or the host) exports fine. On
 several hosts every process takes part in each gather and process 0 writes.
 
+A thinker with LoRA adapters (`lora.apply_lora`) exports as its merged weights (`export_thinker`), or its
+adapters alone as a PEFT adapter directory (`export_peft_adapter`) that peft loads onto the base checkpoint.
+
 Atomicity: the files are written into a hidden sibling directory that is renamed to the final name at
 the end, so a crash never leaves a half-written export under that name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,7 +28,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from opsd_jax.models import weights
+from opsd_jax.models import lora, weights
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, from_pretrained
 
 logger = logging.getLogger(__name__)
@@ -143,9 +147,11 @@ def to_checkpoint_layout(
 
 def flat_parameters(source: Qwen2_5OmniThinker | nnx.State | Mapping) -> dict[str, tuple[str, Any]]:
     """Checkpoint name -> (parameter kind, array) for a thinker, an `nnx.State` of its params, or a
-    nested dict of arrays (an `nnx.to_pure_dict` or an orbax restore without a target)."""
+    nested dict of arrays (an `nnx.to_pure_dict` or an orbax restore without a target). A thinker with LoRA
+    adapters gives its merged weights (`lora.merged_thinker`: kernel + a @ b * alpha / rank, QLoRA's kernels
+    dequantized), the plain thinker that computes what it computes."""
     if isinstance(source, nnx.Module):
-        source = nnx.state(source, nnx.Param)
+        source = nnx.state(lora.merged_thinker(source) if lora.is_adapted(source) else source, nnx.Param)
     if isinstance(source, nnx.State):
         items = [
             (tuple(path), variable.get_value())
@@ -329,22 +335,16 @@ def export_thinker(
     dtype_name = written_dtype(params["model.embed_tokens.weight"][1]).name
     summary = ExportedCheckpoint(out_dir, tuple(files), len(params), sum(sizes.values()), dtype_name, tied)
 
-    writer = jax.process_index() == 0
-    staging = None
-    if writer:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        staging.chmod(0o755)  # mkdtemp's private 0o700 would stay on the published directory
-    try:
+    with _staging_directory(out_dir) as staging:
         for file, names in zip(files, shards):
             tensors = {}
             for name in names:
                 kind, value = params[name]
                 host = _to_host(value).astype(written_dtype(value), copy=False)
                 tensors[name] = to_checkpoint_layout(kind, host, name, folded.get(name))
-            if writer:
+            if staging is not None:
                 _write_shard(staging / file, tensors)
-        if writer:
+        if staging is not None:
             if len(files) > 1:
                 index = {
                     "metadata": {"total_size": summary.total_bytes},
@@ -361,13 +361,6 @@ def export_thinker(
             (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
             for path in extra_files:
                 shutil.copyfile(path, staging / path.name)
-            _publish(staging, out_dir)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"opsd_jax export {out_dir}")
     logger.info(
         "exported %d tensors (%d bytes, %s) in %d file(s) to %s",
         summary.num_tensors,
@@ -377,6 +370,27 @@ def export_thinker(
         out_dir,
     )
     return summary
+
+
+@contextlib.contextmanager
+def _staging_directory(out_dir: Path) -> Iterator[Path | None]:
+    """A hidden sibling of `out_dir` that process 0 writes into (None on other processes), renamed to
+    `out_dir` when the block completes and removed when it raises; all processes meet at the end."""
+    staging = None
+    if jax.process_index() == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        staging.chmod(0o755)  # mkdtemp's private 0o700 would stay on the published directory
+    try:
+        yield staging
+        if staging is not None:
+            _publish(staging, out_dir)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"opsd_jax export {out_dir}")
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -389,6 +403,121 @@ def _publish(staging: Path, out_dir: Path) -> None:
     out_dir.rename(retired)
     staging.rename(out_dir)
     shutil.rmtree(retired)
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT adapters
+# --------------------------------------------------------------------------------------------------
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's serialized names: its wrapper's path to the base model's modules
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedAdapter:
+    """What `export_peft_adapter` wrote: the directory, the adapted modules (transformers' names), rank, alpha."""
+
+    directory: Path
+    modules: tuple[str, ...]
+    rank: int
+    alpha: float
+    total_bytes: int
+    dtype: str
+
+
+def transformers_module_name(name: str) -> str:
+    """The module that checkpoint name `name` (e.g. `model.layers.0.mlp.up_proj`) loads into in transformers'
+    `Qwen2_5OmniThinkerForConditionalGeneration` (transformers 5, which the project pins): the text model
+    nests as `model.language_model`, the encoders under `model.` (its conversion mapping for
+    qwen2_5_omni_thinker); the names PEFT saves and loads adapters by."""
+    head, _, rest = name.partition(".")
+    if head == "model":
+        return f"model.language_model.{rest}"
+    if head in ("visual", "audio_tower"):
+        return f"model.{name}"
+    return name
+
+
+def export_peft_adapter(
+    adapted: nnx.Module,
+    out_dir: str | Path,
+    *,
+    base_model: str,
+    dtype: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> ExportedAdapter:
+    """Writes the adapters of a LoRA thinker as a PEFT adapter directory: `adapter_config.json` (LoRA, `r`,
+    `lora_alpha`, `target_modules` = the adapted layers, no dropout) and `adapter_model.safetensors`
+    (`base_model.model.NAME.lora_A.weight` = a^T `[rank, in]`, `...lora_B.weight` = b^T `[out, rank]` for each
+    adapted module NAME, `transformers_module_name`: what PEFT itself saves for the thinker), which `peft.PeftModel.from_pretrained` loads onto the base
+    thinker (transformers' `Qwen2_5OmniThinkerForConditionalGeneration`): PEFT adds `B(A(x)) * alpha / r`,
+    the adapted layer's own `x @ a @ b * alpha / rank`.
+
+    Args:
+      adapted: the thinker with adapters (`lora.apply_lora`), sharded or not.
+      out_dir: the directory to create; it must not exist unless `overwrite`.
+      base_model: what `base_model_name_or_path` names: the base checkpoint the adapters were trained on.
+      dtype: None keeps the adapters' dtype; else "float32", "bfloat16" or "float16".
+      tokenizer_dir: a directory whose tokenizer / processor / generation files are copied along.
+      overwrite: replace an existing `out_dir` (only once the new export is complete).
+
+    Raises:
+      ExportError: `adapted` has no adapters, its base kernels are quantized (QLoRA: PEFT would add the
+        adapters to the unquantized base, another model than the one trained), or an adapted layer is a
+        folded convolution (PEFT adapts the Conv3d itself, with other shapes).
+    """
+    out_dir = Path(out_dir)
+    if not lora.is_adapted(adapted):
+        raise ExportError("PEFT export: the thinker has no LoRA adapters (a run with model.lora set trains them)")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"export directory {out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    target_dtype = export_dtype(dtype)
+    extra_files = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
+    rank, alpha = lora.lora_settings(adapted)
+    layers = {weights.checkpoint_name(path): layer for path, layer in lora.adapted_layers(adapted)}
+    modules = tuple(transformers_module_name(name.removesuffix(".weight")) for name in layers)
+    quantized = [name for name, layer in layers.items() if lora.is_quantized(layer)]
+    if quantized:
+        raise ExportError(
+            f"PEFT export: the adapters of {len(quantized)} layers ({quantized[0]}, ...) were trained on quantized "
+            "base kernels (QLoRA); PEFT would add them to the unquantized base, another model: export merged weights"
+        )
+    folded = sorted(set(layers) & set(folded_kernel_shapes(adapted.config)))
+    if folded:
+        raise ExportError(f"PEFT export: {folded[0]} is a convolution in transformers; PEFT cannot load its adapters")
+
+    tensors = {}
+    for layer, module in zip(layers.values(), modules):
+        for suffix, variable in (("lora_A", layer.kernel_lora_a), ("lora_B", layer.kernel_lora_b)):
+            host = _to_host(variable.get_value())
+            written = target_dtype if target_dtype is not None else host.dtype
+            tensors[f"{PEFT_PREFIX}{module}.{suffix}.weight"] = np.ascontiguousarray(host.T.astype(written))
+    dtype_name = next(iter(tensors.values())).dtype.name
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(modules),  # whole module names: PEFT adapts exactly these
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    with _staging_directory(out_dir) as staging:
+        if staging is not None:
+            _write_shard(staging / PEFT_WEIGHTS_FILE, tensors)
+            (staging / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+            for path in extra_files:
+                shutil.copyfile(path, staging / path.name)
+    total = sum(tensor.nbytes for tensor in tensors.values())
+    logger.info("exported the adapters of %d layers (rank %d, %d bytes) to %s", len(modules), rank, total, out_dir)
+    return ExportedAdapter(out_dir, modules, rank, float(alpha), total, dtype_name)
 
 
 def export_roundtrip(model_or_params, config_source, out_dir: str | Path, **export_kwargs) -> Qwen2_5OmniThinker:

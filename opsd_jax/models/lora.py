@@ -106,8 +106,11 @@ def apply_lora(
     # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
     kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
     quantized = config.base_dtype != "param_dtype"
+    # qwix adapts every matmul or convolution it intercepts inside a matching module: name the target linear
+    # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone.
+    targeted = "|".join(re.escape(path) for path, _ in targets)
     provider = qwix.LoraProvider(
-        module_path=f"{_SCOPE_ROOT}/({config.target_modules})",
+        module_path=f"{_SCOPE_ROOT}/({targeted})",
         rank=config.rank,
         alpha=config.alpha,
         weight_qtype=config.base_dtype if quantized else None,
@@ -180,18 +183,35 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
     kernel's dtype; QLoRA's quantized kernels are dequantized first). Paths are `nnx` state paths."""
     rank, alpha = lora_settings(model)
     merged = {}
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
-            kernel = dequantized_kernel(module)
-            delta = module.kernel_lora_a[...].astype(jnp.float32) @ module.kernel_lora_b[...].astype(jnp.float32)
-            merged[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta * (alpha / rank)).astype(kernel.dtype)
+    for path, module in adapted_layers(model):
+        kernel = dequantized_kernel(module)
+        delta = module.kernel_lora_a[...].astype(jnp.float32) @ module.kernel_lora_b[...].astype(jnp.float32)
+        merged[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta * (alpha / rank)).astype(kernel.dtype)
     return merged
+
+
+def adapted_layers(model: nnx.Module) -> list[tuple[tuple, Linear]]:
+    """`(module path, layer)` of every linear layer of `model` that carries adapters, in module order."""
+    return [
+        (tuple(path), module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a")
+    ]
+
+
+def _base_kernel(layer: Linear) -> Any:
+    return layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
+
+
+def is_quantized(layer: Linear) -> bool:
+    """Whether an adapted layer's base kernel is stored quantized (QLoRA: qwix's form, not an array)."""
+    return not isinstance(_base_kernel(layer), jax.Array)
 
 
 def dequantized_kernel(layer: Linear) -> jax.Array:
     """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
-    kernel = layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
-    if isinstance(kernel, jax.Array):
+    kernel = _base_kernel(layer)
+    if not is_quantized(layer):
         return kernel
     return qwix.dequantize(kernel.array).astype(layer.kernel_lora_a.get_value().dtype)  # qwix's WithAux
 
@@ -206,11 +226,10 @@ def merged_thinker(adapted: nnx.Module) -> nnx.Module:
     a decode copy without adapter matmuls run. Every other weight is `adapted`'s own array (not copied)."""
     kernels = merged_kernels(adapted)
     merged = nnx.clone(adapted)
-    for path, module in list(nnx.iter_modules(merged)):
-        if isinstance(module, Linear) and hasattr(module, "kernel_lora_a"):
-            in_axis = module.kernel_lora_a.get_metadata()["logical_axes"][0]
-            out_axis = module.kernel_lora_b.get_metadata()["logical_axes"][1]
-            module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=(in_axis, out_axis))
-            del module.kernel_lora_a, module.kernel_lora_b
+    for path, module in adapted_layers(merged):
+        in_axis = module.kernel_lora_a.get_metadata()["logical_axes"][0]
+        out_axis = module.kernel_lora_b.get_metadata()["logical_axes"][1]
+        module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=(in_axis, out_axis))
+        del module.kernel_lora_a, module.kernel_lora_b
     merged.__class__ = type(adapted).__mro__[1]
     return merged

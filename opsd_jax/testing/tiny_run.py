@@ -24,6 +24,7 @@ from opsd_jax.config import Config, ConfigError, load_config
 from opsd_jax.data.builders import SyntheticAffectConfig, build_synthetic_affect, load_split
 from opsd_jax.data.chat_template import PromptBuilder
 from opsd_jax.data.pipeline import ProcessorInputs
+from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import from_pretrained
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.opsd.prompts import encode_clip_batch
@@ -230,16 +231,22 @@ def shrink_config(
 
 def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: float = 0.05) -> list:
     """A run directory (`config.run.output_dir`) as `opsd-jax train` leaves it, without running a step: its
-    config.yaml and a sealed checkpoint of the whole train state (`opsd_jax.opsd.step.init_state`) per step,
-    the base checkpoint's parameters plus `noise` x N(0, 1) (another draw per step), so that a reader that
-    ignored the checkpoint, or took another step, would hold other parameters. Returns the saved parameter
-    trees (numpy, float32), one per step."""
+    config.yaml and a sealed checkpoint of the train state (`opsd_jax.opsd.step.init_state`, what
+    `TrainState.saved` keeps) per step, the trained parameters plus `noise` x N(0, 1) (another draw per step),
+    so that a reader that ignored the checkpoint, or took another step, would hold other parameters. The
+    trained parameters are the base checkpoint's, or with `model.lora` the adapters on it (`lora_b` no longer
+    zero: the adapted model differs from its base). Returns the saved parameter trees (numpy, float32), one
+    per step."""
     output_dir = epath.Path(config.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(output_dir, config)
     mesh = make_mesh(config.mesh)
     model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=config.mesh.axis_rules())
-    params = nnx.state(model, nnx.Param)
+    if config.model.lora is not None:
+        model = lora.apply_lora(
+            model, config.model.lora, seed=config.train.seed, mesh=mesh, rules=config.mesh.axis_rules()
+        )
+    params = nnx.state(model, lora.trainable_filter(model))
     tx = opsd_step.make_optimizer(config.train, params)
     checkpointer = RunCheckpointer(output_dir / "checkpoints", keep_last=len(steps), keep_best=0, async_save=False)
     saved = []
@@ -252,7 +259,9 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
             params,
         )
         nnx.update(model, noisy)
-        checkpointer.save(step, opsd_step.init_state(model, tx, config.teacher, mesh), rng=jax.random.key(0))
+        state = opsd_step.init_state(model, tx, config.teacher, mesh)
+        base = config.model.checkpoint if state.frozen is not None else None
+        checkpointer.save(step, state.saved(), rng=jax.random.key(0), base_checkpoint=base)
         saved.append(jax.tree.map(np.asarray, noisy))
     checkpointer.close()
     return saved
