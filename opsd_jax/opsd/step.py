@@ -372,8 +372,36 @@ def make_train_step(settings: StepSettings, state: TrainState | None = None):
         new_state, metrics = jitted(state.saved(), state.frozen, batches)
         return new_state.replace(frozen=state.frozen), metrics
 
-    step.lower = lambda state, batches: jitted.lower(state.saved(), state.frozen, batches)
+    step.lower = lambda state, batches: _LoweredStep(jitted.lower(state.saved(), state.frozen, batches))
     return step
+
+
+class _LoweredStep:
+    """`make_train_step(...).lower(state, batches)`: XLA's lowering, whose `compile()` is called like the step
+    itself, `(state, batches)` (the frozen base travels beside the donated state, as in the step)."""
+
+    def __init__(self, lowered):
+        self._lowered = lowered
+
+    def compile(self) -> _CompiledStep:
+        return _CompiledStep(self._lowered.compile())
+
+    def __getattr__(self, name: str):
+        return getattr(self._lowered, name)
+
+
+class _CompiledStep:
+    """A compiled train step called as `(state, batches) -> (state, metrics)`; XLA's analyses pass through."""
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+
+    def __call__(self, state: TrainState, batches: StepBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        new_state, metrics = self._compiled(state.saved(), state.frozen, batches)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    def __getattr__(self, name: str):
+        return getattr(self._compiled, name)
 
 
 def train_step(

@@ -8,6 +8,7 @@ architecture pages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -67,6 +68,14 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
     Needs libtpu (`pip install 'opsd-jax[tpu]'`, which brings `jax[tpu]`); no TPU is needed.
     """
     chip, grid = parse_topology(name)
+    return chip, list(_described_devices(name, chip.megacore, math.prod(grid)))
+
+
+@functools.cache
+def _described_devices(name: str, megacore: bool, chips: int) -> tuple[jax.Device, ...]:
+    """libtpu's devices of a slice, described once per process: jitted functions traced for one compile keep
+    their sharding constraints' devices in JAX's trace caches, and a second description's devices, equal in id
+    but not the same objects, would then be refused as incompatible by the next compile of the same shapes."""
     # Compiling needs no TPU, so several processes may load libtpu at once (a test run beside a long
     # compile); without this libtpu takes a machine-wide lock and refuses the second process.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -74,7 +83,7 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
         from jax.experimental import topologies  # needs libtpu (the tpu extra): its absence is named below
 
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, chip_config_name="megacore" if chip.megacore else "default"
+            platform="tpu", topology_name=name, chip_config_name="megacore" if megacore else "default"
         )
     except (ImportError, RuntimeError) as err:
         raise TopologyError(
@@ -82,6 +91,6 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
             "libtpu: pip install 'opsd-jax[tpu]' (or pip install 'jax[tpu]')"
         ) from err
     devices = sorted(description.devices, key=lambda device: device.id)
-    if len(devices) != math.prod(grid):
-        raise TopologyError(f"topology {name!r}: libtpu describes {len(devices)} devices for {math.prod(grid)} chips")
-    return chip, devices
+    if len(devices) != chips:
+        raise TopologyError(f"topology {name!r}: libtpu describes {len(devices)} devices for {chips} chips")
+    return tuple(devices)
