@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, first_new_position, place_inputs
 from opsd_jax.models.text import LayerCache, constrain_cache
 from opsd_jax.sampling.filters import sample_tokens
-from opsd_jax.sharding import AxisRules, activation_sharding
+from opsd_jax.sharding import AxisRules, activation_sharding, move_split
 
 
 @struct.dataclass
@@ -76,36 +76,76 @@ class SamplingSettings:
 # encoders' LayerNorms compute from float32 weights: they keep theirs (they run once, in the prefill).
 _DECODER_PARAMS = ("model", "lm_head")
 
+# The copy is also laid out for decoding. Training splits each matrix's model width (`embed`) over the
+# FSDP axes, so that a many-token pass gathers whole weights; a decode step has one token per row and
+# leaves the weights in place, so with that layout every MLP and output-head matmul makes partial sums
+# as wide as its output ([rows, 18944] per MLP projection, [rows, 152064] logits at 7B) that are written
+# to HBM and all-reduced, every token. In the copy, those matrices' `embed` split moves onto their
+# output (MLP, vocabulary) dimension: each chip computes whole values of its slice of the MLP and of the
+# logits, and only [rows, hidden]-sized activations move. Attention keeps its layout (its head
+# dimensions do not split evenly over the FSDP axes).  {path suffix: the `embed` dimension}
+_DECODE_SPLIT = {
+    ("mlp", "gate_proj", "kernel"): 0,
+    ("mlp", "up_proj", "kernel"): 0,
+    ("mlp", "down_proj", "kernel"): 1,
+    ("lm_head", "kernel"): 0,
+}
+
+
+def _names(path: tuple) -> tuple:
+    """A parameter's key path as names, without the trailing `value` of an NNX variable's leaf."""
+    names = tuple(getattr(entry, "key", getattr(entry, "name", None)) for entry in path)
+    return names[:-1] if names[-1:] == ("value",) else names
+
 
 def _is_decoder_weight(path: tuple, leaf: Any, dtype: jnp.dtype) -> bool:
-    top = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+    top = _names(path[:1])[0] if path else None
     return top in _DECODER_PARAMS and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _cast_decoder(params: nnx.State, dtype: jnp.dtype) -> nnx.State:
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(dtype) if _is_decoder_weight(path, x, dtype) else x, params
-    )
+def _decode_sharding(path: tuple, leaf: Any) -> Any:
+    """The sharding of `leaf`'s decode copy: `_DECODE_SPLIT`'s matrices with their `embed` split moved
+    onto their other dimension (where it divides evenly); every other leaf's unchanged."""
+    sharding = getattr(leaf, "sharding", None)
+    names = _names(path)
+    for suffix, embed in _DECODE_SPLIT.items():
+        if names[-len(suffix) :] == suffix and leaf.ndim == 2:
+            return move_split(sharding, leaf.shape, source=embed, target=1 - embed)
+    return sharding
+
+
+_KEEP = "keep"  # a leaf generation takes as it is
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "layout"))
+def _cast_decoder(params: nnx.State, dtype: jnp.dtype, layout: tuple) -> nnx.State:
+    """`layout`: per leaf of `params` (flattened), `_KEEP` or the sharding of its decode copy (a static
+    argument: a traced leaf has no sharding to read)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    copies = [
+        x if sharding is _KEEP else jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
+        for x, sharding in zip(leaves, layout)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, copies)
 
 
 def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
     """The parameters generation runs on: the text decoder's and output head's weights in the compute
-    `dtype` (a sharded copy, as each weight is placed), everything else as it is. Unchanged, and no
-    copy, when the weights are already in `dtype`. Abstract parameters (`jax.ShapeDtypeStruct`s, as
-    `compile_generation` takes) give abstract ones with the same shardings."""
+    `dtype`, as a copy laid out for decoding (`_DECODE_SPLIT`), everything else as it is. Unchanged, and
+    no copy, when the weights are already in `dtype`. Abstract parameters (`jax.ShapeDtypeStruct`s, as
+    `compile_generation` takes) give abstract ones with the copy's shardings."""
     dtype = jnp.dtype(dtype)
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    if not any(_is_decoder_weight(path, leaf, dtype) for path, leaf in leaves):
+    layout = tuple(_decode_sharding(path, x) if _is_decoder_weight(path, x, dtype) else _KEEP for path, x in leaves)
+    if all(sharding is _KEEP for sharding in layout):
         return params
-    if all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) if _is_decoder_weight(path, x, dtype) else x
-            ),
-            params,
-        )
-    return _cast_decoder(params, dtype)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for _, x in leaves):
+        copies = [
+            x if sharding is _KEEP else jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
+            for (_, x), sharding in zip(leaves, layout)
+        ]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), copies)
+    return _cast_decoder(params, dtype, layout)
 
 
 def _emit(

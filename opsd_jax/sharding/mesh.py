@@ -74,12 +74,33 @@ class MeshConfig:
                 raise ConfigError(
                     f"mesh.logical_axis_rules.{logical}: unknown logical axis; known: {sorted(LOGICAL_AXIS_RULES)}"
                 )
-            targets = [] if target is None else [target] if isinstance(target, str) else list(target)
-            for axis in targets:
+            for axis in mesh_axes(target):
                 if axis not in MESH_AXES:
                     raise ConfigError(
                         f"mesh.logical_axis_rules.{logical}: unknown mesh axis {axis!r}; expected one of {MESH_AXES}"
                     )
+
+
+def mesh_axes(target: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one rule or spec entry (`None`, one name, or several) as a tuple."""
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def move_split(
+    sharding: jax.sharding.Sharding, shape: Sequence[int], source: int, target: int
+) -> jax.sharding.Sharding:
+    """`sharding` with the mesh axes that split dimension `source` moved onto dimension `target` (after
+    its own), `source` left whole. Unchanged when it is not a NamedSharding, `source` is not split, or
+    `target` would not divide evenly."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    moved = mesh_axes(spec[source])
+    axes = mesh_axes(spec[target]) + moved
+    if not moved or shape[target] % math.prod(sharding.mesh.shape[axis] for axis in axes):
+        return sharding
+    spec[source], spec[target] = None, axes
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def resolve_mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -116,8 +137,7 @@ def logical_to_spec(
     spec: list[MeshAxes] = []
     for name, size in zip(logical_axes, shape):
         target = None if name is None else rules[name]
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        axes = tuple(axis for axis in axes if axis not in used and mesh.shape[axis] > 1)
+        axes = tuple(axis for axis in mesh_axes(target) if axis not in used and mesh.shape[axis] > 1)
         if axes and size % math.prod(mesh.shape[axis] for axis in axes):
             logger.debug("replicating axis %s of size %d: not divisible over %s", name, size, axes)
             axes = ()

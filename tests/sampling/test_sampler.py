@@ -332,3 +332,35 @@ def test_generation_runs_on_a_compute_dtype_copy_of_the_decoder_with_the_same_to
         sampler_module.generation_params = original
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
     np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(reference.logprobs))
+
+
+def test_the_decode_copy_splits_the_mlp_and_head_over_their_outputs_with_the_same_tokens(tiny_untied):
+    """On a mesh the compute-dtype copy moves the MLP's and the output head's `embed` split onto their
+    output dimension (so a decode step makes whole values, not partial sums over the FSDP axes), keeps
+    attention's layout, and samples what the float32 weights in their training layout sample."""
+    _, checkpoint = tiny_untied
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = from_pretrained(checkpoint, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    _, params = nnx.split(model)
+    copy = sampler_module.generation_params(params, jnp.bfloat16)
+    specs = {
+        jax.tree_util.keystr(path).removesuffix(".value"): tuple(leaf.sharding.spec)
+        + (None,) * (leaf.ndim - len(leaf.sharding.spec))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(copy)
+    }
+    layer = "['model']['layers'][0]"
+    assert specs[f"{layer}['mlp']['gate_proj']['kernel']"] == (None, ("tensor", "fsdp"))
+    assert specs[f"{layer}['mlp']['down_proj']['kernel']"] == (("tensor", "fsdp"), None)
+    assert specs["['lm_head']['kernel']"] == (None, ("tensor", "fsdp"))
+    assert specs[f"{layer}['self_attn']['q_proj']['kernel']"] == ("fsdp", "tensor")  # attention as trained
+
+    kwargs = dict(max_new_tokens=8, temperature=0, eos_token_id=10**6, pad_token_id=PAD, num_samples=2)
+    inputs = {"input_ids": IDS, "attention_mask": MASK}
+    out = generate(model, inputs, mesh=mesh, **kwargs)
+    original = sampler_module.generation_params
+    try:  # the float32 weights in their training layout, cast at every use
+        sampler_module.generation_params = lambda params, dtype: params
+        reference = generate(model, inputs, mesh=mesh, **kwargs)
+    finally:
+        sampler_module.generation_params = original
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))

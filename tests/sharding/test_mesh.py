@@ -7,11 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opsd_jax.config import MeshConfig
 from opsd_jax.models.layers import Linear
-from opsd_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec, make_mesh, resolve_rules, shard_batch, shard_module
+from opsd_jax.sharding import (
+    LOGICAL_AXIS_RULES,
+    logical_to_spec,
+    make_mesh,
+    move_split,
+    resolve_rules,
+    shard_batch,
+    shard_module,
+)
 
 
 @pytest.mark.parametrize(
@@ -60,3 +69,12 @@ def test_shard_module_and_batch(devices):
     batch = shard_batch({"x": x, "step": 3}, mesh)
     assert batch["step"] == 3
     np.testing.assert_allclose(np.asarray(jax.jit(lambda m, v: m(v))(layer, batch["x"])), expected, atol=1e-6)
+
+
+def test_move_split_moves_one_dimensions_axes_onto_another_where_they_divide():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
+    embed_split = NamedSharding(mesh, P("fsdp", "tensor"))
+    assert move_split(embed_split, (64, 128), source=0, target=1).spec == P(None, ("tensor", "fsdp"))
+    assert move_split(embed_split, (64, 6), source=0, target=1) is embed_split  # 6 does not split 8 ways
+    whole = NamedSharding(mesh, P(None, "tensor"))
+    assert move_split(whole, (64, 128), source=0, target=1) is whole  # nothing to move
