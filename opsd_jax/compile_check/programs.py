@@ -148,23 +148,26 @@ def abstract_train_state(
 ) -> tuple[opsd_step.TrainState, Any]:
     """The trainer's `init_state` as sharded `ShapeDtypeStruct`s (optimizer moments follow their
     parameters, scalars replicated), and the optimizer. With LoRA `params` are the adapters and `frozen` the
-    base weights; a frozen teacher is then the base itself (no copy), as `init_state` keeps it."""
+    base weights; a frozen teacher is then the base itself (no copy), as `init_state` keeps it. The teacher's
+    copy is `opsd_step.teacher_copy`'s, as `init_state` makes it (its leaves placed as their parameters)."""
     tx = opsd_step.make_optimizer(config.train, params)
-    teacher = config.teacher.mode == "ema" or (config.teacher.mode == "frozen" and frozen is None)
+    teacher_params = opsd_step.teacher_copy(
+        params,
+        config.teacher,
+        train_encoders=config.train.train_encoders,
+        dtype=jnp.dtype(config.model.dtype),
+        adapted=frozen is not None,
+    )
 
     def init(p):
-        return opsd_step.TrainState(
-            step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=p if teacher else None
-        )
+        return opsd_step.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=None)
 
     shapes = jax.eval_shape(init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_tree = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = optax_param_shardings(shapes.opt_state, params, replicated)
-    shardings = opsd_step.TrainState(
-        step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=param_tree if teacher else None
-    )
-    return _abstract(shapes, shardings).replace(frozen=frozen), tx
+    shardings = opsd_step.TrainState(step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=None)
+    return _abstract(shapes, shardings).replace(teacher_params=teacher_params, frozen=frozen), tx
 
 
 def optax_param_shardings(opt_state: Any, params: Any, replicated: NamedSharding) -> Any:
