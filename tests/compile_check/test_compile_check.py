@@ -344,3 +344,23 @@ def test_the_splash_kernel_compiles_for_the_slice_on_the_rows_and_heads_each_chi
     assert summary.pallas_kernel_calls == 2  # forward, and the fused backward (dq, dk, dv)
     # Each chip runs the kernel on its rows and heads: nothing gathers the queries, keys or values.
     assert not any(c.kind == "all-gather" for c in summary.collectives)
+
+
+def test_the_abstract_lora_thinker_stores_its_base_as_apply_lora_does(tiny_untied):
+    """`model.lora.base_dtype: dtype`: compile-check's abstract thinker has the dtypes of the thinker the trainer
+    adapts (kernels and embeddings of the decoder in bfloat16; norms, output head, encoders, adapters float32)."""
+    from opsd_jax.compile_check.programs import abstract_thinker
+    from opsd_jax.models.qwen2_5_omni import read_config
+
+    overrides = ["model.dtype=bfloat16", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.base_dtype=dtype"]
+    settings = load_config(None, [f"model.checkpoint={tiny_untied[1]}", "mesh.fsdp=-1", *overrides], num_devices=8)
+    mesh = make_mesh(settings.mesh, jax.devices()[:8])
+    _, abstract = abstract_thinker(read_config(tiny_untied[1]), settings, mesh)
+    model = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    adapted = lora.apply_lora(model, settings.model.lora)
+    dtypes = {path: x.get_value().dtype for path, x in nnx.to_flat_state(nnx.state(adapted))}
+    assert {path: x.get_value().dtype for path, x in nnx.to_flat_state(abstract)} == dtypes
+    assert {dtypes[("model", "layers", 0, "mlp", "up_proj", key)] for key in ("kernel", "kernel_lora_a")} == {
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float32),
+    }
