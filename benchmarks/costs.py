@@ -54,7 +54,6 @@ MODELS: dict[str, dict[str, Any]] = {
         vocab=152_064,
     ),
 }
-TEACHER_BYTES = {"live": 0, "frozen": 2, "ema": 4}  # frozen: a bf16 copy; ema: a float32 copy
 PARAM_BYTES = {"float32": 4, "bfloat16": 2}
 QUANTIZED_BYTES = {"int8": 1.0, "nf4": 0.5}  # QLoRA's stored base kernels (`model.lora.base_dtype`), scales apart
 
@@ -228,11 +227,34 @@ def decoder_projections(model: Mapping[str, float]) -> tuple[list[tuple[int, int
     return shapes, int(model["layers"])
 
 
+def decoder_bytes(config: Any, model: Mapping[str, float]) -> float:
+    """Bytes of the text decoder and output head (`trainable`) stored as `opsd_jax.models.precision` allows: the
+    decoder's weights in the compute dtype `model.dtype` (its layers cast them there anyway), the training step's
+    output head (`hidden x vocab`, budgeted untied: multiplied as stored) in `model.param_dtype`."""
+    head = model["hidden"] * model["vocab"]
+    return (model["trainable"] - head) * PARAM_BYTES[config.model.dtype] + head * PARAM_BYTES[config.model.param_dtype]
+
+
+def teacher_bytes(config: Any, model: Mapping[str, float]) -> float:
+    """Bytes of a full fine-tune's teacher copy, unsharded (`opsd_jax.opsd.step.teacher_copy`): the weights
+    training changes (decoder and output head; the encoders too with `train.train_encoders`), an EMA teacher's
+    in `model.param_dtype` (float32 masters), a frozen teacher's decoder as `decoder_bytes` stores it (trained
+    encoders in `model.param_dtype`: their LayerNorms compute from them as they are); a live teacher: none."""
+    if config.teacher.mode == "live":
+        return 0.0
+    param_bytes = PARAM_BYTES[config.model.param_dtype]
+    encoders = model["encoders"] * param_bytes if config.train.train_encoders else 0.0
+    if config.teacher.mode == "ema":
+        return model["trainable"] * param_bytes + encoders
+    return decoder_bytes(config, model) + encoders
+
+
 def lora_state_bytes(config: Any, model: Mapping[str, float]) -> float:
     """Bytes of a LoRA run's state (`config.model.lora`, default target modules), unsharded: every base weight
-    in `model.param_dtype` (QLoRA: the adapted kernels in int8 / nf4 with their scales in it), the adapters
-    with their Adam moments and gradients in the same dtype (qwix gives them the base kernel's: float32 masters
-    with param_dtype float32), an EMA teacher's copy of the adapters; a frozen teacher is the base (no copy)."""
+    in `model.param_dtype` (QLoRA: the adapted kernels in int8 / nf4 with their scales in it; `base_dtype`
+    dtype: the decoder's as `decoder_bytes` stores them, its norm weights, 0.2 M at 7B, counted there too), the adapters with their Adam moments and gradients in
+    `model.param_dtype` (qwix gives them the dtype of the base kernel it creates them on: the base as loaded), an
+    EMA teacher's copy of the adapters; a frozen teacher is the base (no copy)."""
     settings = config.model.lora
     if settings.target_modules != DECODER_PROJECTIONS:
         raise ValueError(
@@ -243,7 +265,9 @@ def lora_state_bytes(config: Any, model: Mapping[str, float]) -> float:
     kernels = layers * sum(inputs * outputs for inputs, outputs in shapes)
     adapters = layers * settings.rank * sum(inputs + outputs for inputs, outputs in shapes)
     base = (model["trainable"] + model["encoders"]) * param_bytes
-    if settings.base_dtype != "param_dtype":
+    if settings.base_dtype == "dtype":
+        base = decoder_bytes(config, model) + model["encoders"] * param_bytes
+    elif settings.base_dtype != "param_dtype":
         if settings.base_dtype == "int8":  # one scale per output channel
             scales = layers * sum(outputs for _, outputs in shapes)
         else:  # nf4: one scale per tile of `quantization_tile` input features
@@ -258,7 +282,7 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     the arithmetic written out in the configs' comments.
 
     State: trainable x 16 B (bf16 param + fp32 master + fp32 Adam m, v + bf16 grad) + frozen encoders x 2 B
-    + the teacher's copy, sharded over fsdp x tensor; with LoRA, `lora_state_bytes`. Activations of one
+    + the teacher's copy (`teacher_bytes`), sharded over fsdp x tensor; with LoRA, `lora_state_bytes`. Activations of one
     micro-step, rows sharded over data x fsdp: remat-kept layer inputs (2h B per token and layer), one
     recomputed layer (34h B per token), float32 attention scores and probabilities of one layer (none with
     `model.attention: splash`, whose kernel keeps a tile's scores on chip), three vocab chunks of float32 logits
@@ -270,7 +294,7 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     if config.model.lora is not None:
         state = lora_state_bytes(config, model)
     else:
-        state = trainable * 16 + frozen * 2 + model["trainable"] * TEACHER_BYTES[config.teacher.mode]
+        state = trainable * 16 + frozen * 2 + teacher_bytes(config, model)
     state /= mesh["fsdp"] * mesh["tensor"]
 
     prompts = config.train.batch_size // config.train.grad_accum_steps

@@ -1,10 +1,14 @@
 """State memory and step time of the OmniOPSD train step: full fine-tuning vs LoRA vs QLoRA, side by side.
 
 One small text-only thinker (the tiny test thinker widened: `--hidden`, `--layers`, `--intermediate`, `--vocab`),
-one micro-batch of `--prompts` prompts x `--samples` completions, a frozen teacher in every arm:
+one micro-batch of `--prompts` prompts x `--samples` completions, computed in `--dtype` over parameters stored in
+`--param-dtype`, a frozen teacher in every arm but full_ema:
 
-- full:  every weight trained (AdamW moments for all) and the frozen teacher a second copy of all of them;
+- full:  every weight trained (AdamW moments for all; the encoders' updates are zero, `train_encoders: false`)
+  and the frozen teacher a copy of the trained weights (decoder and head) with the decoder's in `--dtype`;
+- full_ema: the same with an EMA teacher, whose copy of the trained weights stays in `--param-dtype`;
 - lora:  adapters of `--rank` on the decoder's projections; the base weights once, the teacher is the base;
+- lora_dtype_base: the same with the decoder's base weights stored in `--dtype` (`model.lora.base_dtype: dtype`);
 - qlora_int8 / qlora_nf4: the same with the adapted kernels stored quantized by qwix.
 
 State bytes are the train state's arrays (parameters, optimizer moments, teacher copy, frozen base); XLA's memory
@@ -13,6 +17,7 @@ wall time of `--runs` steps. Ratios are against the full fine-tune.
 
     python benchmarks/lora.py                     # the default small config, on the default backend
     python benchmarks/lora.py --runs 0            # memory only
+    python -m benchmarks.lora --dtype bfloat16 --runs 0 --out benchmarks/results/lora_bfloat16.json
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.settings import LoraConfig, TeacherConfig, TrainConfig
 from opsd_jax.testing.reference import tiny_thinker_config_dict
 
-ARMS = ("full", "lora", "qlora_int8", "qlora_nf4")
+ARMS = ("full", "full_ema", "lora", "lora_dtype_base", "qlora_int8", "qlora_nf4")
+BASE_DTYPES = {"lora": "param_dtype", "lora_dtype_base": "dtype", "qlora_int8": "int8", "qlora_nf4": "nf4"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,7 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--completion-length", type=int, default=128)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
@@ -76,9 +83,11 @@ def build(args: argparse.Namespace, arm: str):
         )
     )
     model = Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0), remat=True)
-    if arm != "full":
-        base_dtype = {"lora": "param_dtype", "qlora_int8": "int8", "qlora_nf4": "nf4"}[arm]
-        model = lora.apply_lora(model, LoraConfig(rank=args.rank, alpha=2.0 * args.rank, base_dtype=base_dtype))
+    param_dtype = jnp.dtype(args.param_dtype)  # as from_pretrained stores them
+    nnx.update(model, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(model, nnx.Param)))
+    if arm in BASE_DTYPES:
+        config = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, base_dtype=BASE_DTYPES[arm])
+        model = lora.apply_lora(model, config)
     ids = np.random.default_rng(0).integers(0, 200, (args.prompts, args.prompt_length)).astype(np.int32)
     prompt = model.prepare_inputs(ids, attention_mask=np.ones_like(ids))
     rows, length = args.prompts * args.samples, args.completion_length
@@ -93,12 +102,13 @@ def build(args: argparse.Namespace, arm: str):
         label_ids=jnp.ones((args.prompts, 4), jnp.int32),
         label_mask=jnp.ones((args.prompts, 4), bool),
     )
-    train, teacher = TrainConfig(lr=1e-4, total_steps=100), TeacherConfig(mode="frozen")
+    train = TrainConfig(lr=1e-4, total_steps=100)
+    teacher = TeacherConfig(mode="ema" if arm == "full_ema" else "frozen")
     tx = step.make_optimizer(train, nnx.state(model, lora.trainable_filter(model)))
     settings = step.StepSettings(
         graphdef=nnx.graphdef(model), tx=tx, loss=LossConfig(), teacher=teacher, train_encoders=False
     )
-    return settings, step.init_state(model, tx, teacher), jax.tree.map(lambda x: x[None], batch)
+    return settings, step.init_state(model, tx, teacher, train_encoders=False), jax.tree.map(lambda x: x[None], batch)
 
 
 def nbytes(tree) -> int:

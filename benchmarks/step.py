@@ -279,15 +279,18 @@ class JaxStep:
             train_encoders=False,
             mesh=self.mesh,
         )
-        self.state = opsd_step.init_state(self.model, tx, self.config.teacher, self.mesh)
+        self.state = opsd_step.init_state(
+            self.model, tx, self.config.teacher, self.mesh, train_encoders=settings.train_encoders
+        )
         self.train_step = opsd_step.make_train_step(settings, self.state)
         self.workload = workload
         self.keys = jax.random.split(jax.random.key(0), step.prompts)
         loss_config, graphdef = self.config.loss, settings.graphdef
 
-        def score(teacher_params, batch):
-            """The teacher's scoring alone: hidden states over [teacher prompt | completion], token logprobs."""
-            teacher = nnx.merge(graphdef, teacher_params)
+        def score(params, teacher_params, batch):
+            """The teacher's scoring alone: hidden states over [teacher prompt | completion], token logprobs
+            (the teacher's copy holds the trained weights: the rest are the student's, `student_and_teacher`)."""
+            teacher = nnx.merge(graphdef, opsd_step.overlay(params, teacher_params))
             signal = teacher_signal(teacher, batch.teacher, batch.completion, batch.completion_mask, loss_config)
             return chunked_scores(
                 signal.hidden,
@@ -356,7 +359,7 @@ class JaxStep:
 
         del inputs
 
-        args = (self.state.teacher_params, jax.tree.map(lambda x: x[0], batch))
+        args = (self.state.params, self.state.teacher_params, jax.tree.map(lambda x: x[0], batch))
         return jax.block_until_ready(self._compiled("teacher", self.score, *args)(*args))
 
     def update(self, inputs, batch, scored=None) -> dict[str, Any]:
@@ -379,7 +382,9 @@ class JaxStep:
         encode = jax.jit(lambda model, student: model.encode_media(student))
         return {
             "train_step": xla_flops(self._compiled("train_step", self.train_step, self.state, batch)),
-            "teacher": xla_flops(self._compiled("teacher", self.score, self.state.teacher_params, micro)),
+            "teacher": xla_flops(
+                self._compiled("teacher", self.score, self.state.params, self.state.teacher_params, micro)
+            ),
             "encoders": xla_flops(encode.lower(self.model, inputs[0]).compile()) if self.has_media else 0.0,
         }
 

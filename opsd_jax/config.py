@@ -73,6 +73,12 @@ class ModelConfig:
         _check_local("model.checkpoint", self.checkpoint)
         if self.lora is not None:
             self.lora.validate()
+            width = {"float32": 4, "bfloat16": 2}
+            if self.lora.base_dtype == "dtype" and width[self.dtype] > width[self.param_dtype]:
+                raise ConfigError(
+                    f"model.lora.base_dtype: dtype would store the base weights in model.dtype {self.dtype}, wider than "
+                    f"model.param_dtype {self.param_dtype}; use param_dtype"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

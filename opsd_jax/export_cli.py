@@ -144,7 +144,7 @@ def check_format(export_format: str, source: TrainedSource, max_shard_size: int 
             f"--format peft: {source.run_dir / RUN_CONFIG} has no model.lora (the run trained every weight, there "
             "are no adapters); use --format merged"
         )
-    if settings.base_dtype != "param_dtype":
+    if settings.base_dtype in ("int8", "nf4"):
         raise ExportError(
             f"--format peft: {source.run_dir / RUN_CONFIG} has model.lora.base_dtype {settings.base_dtype} (QLoRA): "
             "its adapters were trained on quantized base kernels and PEFT would add them to the unquantized base, "

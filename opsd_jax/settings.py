@@ -97,8 +97,12 @@ class LoraConfig:
 
     `target_modules` is a regular expression that must match the whole '/'-joined path of a linear layer
     (`model/layers/3/mlp/up_proj`, `visual/blocks/0/attn/qkv`, `lm_head`); the default adapts the text
-    decoder's attention and MLP projections. `base_dtype` stores the frozen base weights of the adapted
-    layers as they are ("param_dtype") or quantized by qwix (QLoRA: "int8" per channel, "nf4" in tiles of
+    decoder's attention and MLP projections. `base_dtype` stores the frozen base weights as they are
+    ("param_dtype"), the text decoder's kernels and embeddings in the compute dtype `model.dtype` ("dtype": where
+    its layers cast them anyway, so the same outputs from half the bytes of float32; the adapters stay in
+    `model.param_dtype`, the encoders' weights, the decoder's norms and the training step's output head as they
+    are: `opsd_jax.models.precision`), or the
+    adapted layers' kernels quantized by qwix (QLoRA: "int8" per channel, "nf4" in tiles of
     `quantization_tile` input features). There is no dropout setting: qwix's LoRA dropout is always on, so
     it would also perturb the teacher's scoring forward and the rollouts, which run the same adapted layers.
     """
@@ -106,7 +110,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
     target_modules: str = DECODER_PROJECTIONS
-    base_dtype: Literal["param_dtype", "int8", "nf4"] = "param_dtype"
+    base_dtype: Literal["param_dtype", "dtype", "int8", "nf4"] = "param_dtype"
     quantization_tile: int = 64
 
     def validate(self, prefix: str = "model.lora") -> None:

@@ -213,7 +213,9 @@ class Trainer:
             mesh=self.mesh,
             rules=self.rules,
         )
-        self.state = opsd_step.init_state(self.model, self.tx, config.teacher, self.mesh)
+        self.state = opsd_step.init_state(
+            self.model, self.tx, config.teacher, self.mesh, train_encoders=config.train.train_encoders
+        )
         self.step_fn = opsd_step.make_train_step(self.settings, self.state)
         self.key = jax.random.key(config.train.seed)
         self.checkpointer = RunCheckpointer(

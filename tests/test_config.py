@@ -47,6 +47,12 @@ def test_config_is_frozen():
         ("", ["train.lr.x=1"], r"train\.lr: expected a number, got dict"),
         ("", ["run.log_rollouts_every=-1"], r"run\.log_rollouts_every: expected >= 0 \(0 = never\), got -1"),
         ("", ["run.wandb_project= "], r"run\.wandb_project: expected a project name"),
+        ("", ["model.lora.base_dtype=float16"], r"model\.lora\.base_dtype: expected one of \['param_dtype', 'dtype'"),
+        (
+            "",
+            ["model.lora.base_dtype=dtype", "model.dtype=float32", "model.param_dtype=bfloat16"],
+            r"^model\.lora\.base_dtype: dtype would store the base weights in model\.dtype float32, wider than",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, overrides, message):

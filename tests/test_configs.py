@@ -114,6 +114,27 @@ def test_memory_budget_arithmetic_against_reference_figures():
     )
     state, _ = memory_budget(config, MODELS["7b"], {"data": 1, "fsdp": 1, "tensor": 1})
     assert state == pytest.approx(121.85 + 2.63, abs=0.01)
+
+
+def test_the_teachers_copy_is_budgeted_as_the_step_keeps_it():
+    """`opsd_jax.opsd.step.teacher_copy`: the trained weights only (decoder and head, 7.6156 B at 7B; the encoders'
+    1.3162 B only when trained), an EMA teacher's in float32, a frozen one's decoder in bfloat16 (its output head,
+    3584 x 152064, and trained encoders in float32)."""
+    small = ["mesh.fsdp=1", "train.batch_size=1", "sampling.num_samples=1", "data.prompt_length=8"]
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    trainable, encoders, head = 7.6156e9, 1.3162e9, 3584 * 152_064
+
+    def teacher(*overrides: str) -> float:
+        config = load_config(None, [*small, "model.dtype=bfloat16", *overrides], num_devices=1)
+        live = load_config(None, [*small, "model.dtype=bfloat16", *overrides, "teacher.mode=live"], num_devices=1)
+        return memory_budget(config, MODELS["7b"], one)[0] - memory_budget(live, MODELS["7b"], one)[0]
+
+    frozen = (trainable - head) * 2 + head * 4
+    assert teacher("teacher.mode=frozen") == pytest.approx(frozen / 1e9, abs=1e-6)
+    assert teacher("teacher.mode=ema") == pytest.approx(trainable * 4 / 1e9, abs=1e-6)
+    trained = ["train.train_encoders=true"]
+    assert teacher("teacher.mode=frozen", *trained) == pytest.approx((frozen + encoders * 4) / 1e9, abs=1e-6)
+    assert teacher("teacher.mode=ema", *trained) == pytest.approx((trainable + encoders) * 4 / 1e9, abs=1e-6)
     for model, kib in (("7b", 56), ("3b", 36)):
         assert kv_bytes_per_token(MODELS[model]) == kib * 1024
 
@@ -141,6 +162,11 @@ def test_lora_memory_budget_counts_the_base_in_its_dtype_and_the_adapters():
     scales = 28 * (2 * 3584 + 2 * 512 + 2 * 18944 + 3584)
     int8 = (everything - kernels) * 4 + kernels + scales * 4 + adapters * 16
     assert state("model.lora.base_dtype=int8") == pytest.approx(int8 / 1e9, abs=1e-6)
+    # base_dtype dtype: the decoder's base weights in the compute dtype (bfloat16), the output head ([3584, 152064],
+    # multiplied as stored by the step) and the encoders (1.3162 B) in float32, the adapters in float32.
+    head, encoders = 3584 * 152_064, 1.3162e9
+    cast = (everything - encoders - head) * 2 + (head + encoders) * 4 + adapters * 16
+    assert state("model.dtype=bfloat16", "model.lora.base_dtype=dtype") == pytest.approx(cast / 1e9, abs=1e-6)
     with pytest.raises(ValueError, match="budgets the default model.lora.target_modules only"):
         state("model.lora.target_modules=lm_head")
 

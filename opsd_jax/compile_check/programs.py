@@ -40,6 +40,7 @@ from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
 from opsd_jax.data.chat_template import VideoPart, audio_in_video_runs, audio_token_count, vision_token_count
 from opsd_jax.models import lora
+from opsd_jax.models.precision import in_compute_dtype
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.sampling.sampler import compile_generation, generation_params, sampling_settings
@@ -125,7 +126,8 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its variables as sharded `ShapeDtypeStruct`s, as `from_pretrained` places them
     (every floating-point parameter stored in `model.param_dtype`); with `model.lora`, the thinker as
-    `lora.apply_lora` adapts it (adapters beside the base weights, QLoRA's kernels quantized)."""
+    `lora.apply_lora` adapts it (adapters beside the base weights, QLoRA's kernels quantized, `base_dtype`
+    dtype's base weights in `model.dtype`)."""
     dtype = jnp.dtype(config.model.dtype)
     param_dtype = jnp.dtype(config.model.param_dtype)
 
@@ -140,6 +142,8 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
         lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
         state,
     )
+    if config.model.lora is not None and config.model.lora.base_dtype == "dtype":  # as `apply_lora` casts the base
+        state = in_compute_dtype(state, dtype, where=lora.casts_base_weight)
     return graphdef, _abstract(state, param_shardings(state, mesh, config.mesh.axis_rules()))
 
 
@@ -148,23 +152,26 @@ def abstract_train_state(
 ) -> tuple[opsd_step.TrainState, Any]:
     """The trainer's `init_state` as sharded `ShapeDtypeStruct`s (optimizer moments follow their
     parameters, scalars replicated), and the optimizer. With LoRA `params` are the adapters and `frozen` the
-    base weights; a frozen teacher is then the base itself (no copy), as `init_state` keeps it."""
+    base weights; a frozen teacher is then the base itself (no copy), as `init_state` keeps it. The teacher's
+    copy is `opsd_step.teacher_copy`'s, as `init_state` makes it (its leaves placed as their parameters)."""
     tx = opsd_step.make_optimizer(config.train, params)
-    teacher = config.teacher.mode == "ema" or (config.teacher.mode == "frozen" and frozen is None)
+    teacher_params = opsd_step.teacher_copy(
+        params,
+        config.teacher,
+        train_encoders=config.train.train_encoders,
+        dtype=jnp.dtype(config.model.dtype),
+        adapted=frozen is not None,
+    )
 
     def init(p):
-        return opsd_step.TrainState(
-            step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=p if teacher else None
-        )
+        return opsd_step.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), teacher_params=None)
 
     shapes = jax.eval_shape(init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_tree = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = optax_param_shardings(shapes.opt_state, params, replicated)
-    shardings = opsd_step.TrainState(
-        step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=param_tree if teacher else None
-    )
-    return _abstract(shapes, shardings).replace(frozen=frozen), tx
+    shardings = opsd_step.TrainState(step=replicated, params=param_tree, opt_state=opt_shardings, teacher_params=None)
+    return _abstract(shapes, shardings).replace(teacher_params=teacher_params, frozen=frozen), tx
 
 
 def optax_param_shardings(opt_state: Any, params: Any, replicated: NamedSharding) -> Any:

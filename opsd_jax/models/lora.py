@@ -4,6 +4,12 @@
 [rank, out]` (`nnx.LoRAParam`) beside the `kernel` of every linear layer whose path matches
 `config.target_modules`; the layer computes `x @ kernel + (x @ a @ b) * alpha / rank`. With
 `base_dtype` int8 / nf4 qwix stores those kernels quantized (QLoRA) and computes with them as they are.
+With `base_dtype` dtype the text decoder's base kernels, biases and embedding table are stored in the compute
+dtype (`model.dtype`): qwix gives the adapters the dtype of the kernel they adapt when it creates them, so they
+are created on the base as loaded (`model.param_dtype`, float32 masters) and the base is cast afterwards; its
+layers cast those weights to the compute dtype where they use them, so the outputs are the same. The decoder's
+norm weights stay as they are: they are cast to the activations' dtype, which the float32 adapters' deltas make
+float32 (`opsd_jax.models.precision`).
 
 How qwix is used here, and why not exactly as its README does:
 * qwix adds the adapters inside the matmuls it intercepts while a wrapped method runs, creating the
@@ -34,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opsd_jax.models.layers import Linear
+from opsd_jax.models.precision import cast_at_use_always, in_compute_dtype
 from opsd_jax.settings import LoraConfig
 from opsd_jax.sharding import AxisRules, param_shardings
 
@@ -54,6 +61,7 @@ ADAPTED_METHODS = (
 )
 _SCOPE_ROOT = "thinker"  # the adapted thinker's attribute in `_AdapterScope`: qwix's module paths start with it
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
+QUANTIZED = ("int8", "nf4")  # `LoraConfig.base_dtype`s of QLoRA
 
 
 class _AdapterScope(nnx.Module):
@@ -89,7 +97,7 @@ def apply_lora(
     rules: AxisRules | None = None,
 ) -> nnx.Module:
     """The thinker `model` with adapters on its `config.target_modules` layers; `model` itself is left as it was
-    (its base weights are shared, not copied, except those QLoRA quantizes).
+    (its base weights are shared, not copied, except those QLoRA quantizes and those `base_dtype` dtype casts).
 
     `a` starts He-uniform from `seed`, `b` at zero (the adapted model starts equal to the base). Adapters carry
     `logical_axes` (`a`: the kernel's input axis and an unsharded rank, `b`: rank and the output axis), and with
@@ -105,7 +113,7 @@ def apply_lora(
         )
     # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
     kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
-    quantized = config.base_dtype != "param_dtype"
+    quantized = config.base_dtype in QUANTIZED
     # qwix adapts every matmul or convolution it intercepts inside a matching module: name the target linear
     # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone.
     targeted = "|".join(re.escape(path) for path, _ in targets)
@@ -129,6 +137,9 @@ def apply_lora(
         layer.kernel_lora_a.set_metadata("logical_axes", (in_axis, None))
         layer.kernel_lora_b.set_metadata("logical_axes", (None, out_axis))
     adapted.__class__ = _adapted_class(type(adapted), scope, config)
+    if config.base_dtype == "dtype":  # after qwix made the adapters, in the dtype of the kernels as loaded
+        base = nnx.state(adapted, nnx.Not(nnx.LoRAParam))
+        nnx.update(adapted, in_compute_dtype(base, adapted.dtype, where=casts_base_weight))
     if mesh is not None:
         adapters = nnx.state(adapted, nnx.LoRAParam)
         nnx.update(adapted, jax.device_put(adapters, param_shardings(adapters, mesh, rules)))
@@ -165,6 +176,18 @@ def frozen_filter() -> Any:
     """The state an adapted thinker does not train: its base weights, QLoRA's quantized kernels among them
     (qwix stores those as its own arrays, not as `nnx.Param`)."""
     return nnx.Not(nnx.LoRAParam)
+
+
+def is_adapter(path: tuple) -> bool:
+    """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_a` / `*_lora_b` adapter."""
+    return any(str(getattr(key, "key", getattr(key, "name", key))).endswith(LORA_SUFFIXES) for key in path)
+
+
+def casts_base_weight(path: tuple) -> bool:
+    """Which base weights `base_dtype` dtype may store in the compute dtype (of those `in_compute_dtype` allows):
+    not the adapters, and only the weights cast to the layer's own dtype (`cast_at_use_always`): the adapters'
+    float32 deltas make the activations after an adapted layer float32, and `RMSNorm` casts its weight to those."""
+    return not is_adapter(path) and cast_at_use_always(path)
 
 
 def is_lora_b(path: tuple) -> bool:

@@ -26,6 +26,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.models import lora
+from opsd_jax.models.precision import in_compute_dtype
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.models.scoring import chunked_scores, token_logprobs
 from opsd_jax.opsd import losses
@@ -65,6 +66,8 @@ class StepBatch:
 class TrainState:
     """Everything an update changes: step, trained parameters, optimizer state, the teacher's copy (frozen / EMA).
 
+    The teacher's copy (`teacher_copy`) holds only the weights training changes (`trained_part`: without the
+    encoders when they are not trained); the teacher's forward takes the rest from `params` (`student_and_teacher`).
     With LoRA (`opsd_jax.models.lora`) `params` are the adapters only, `frozen` the base weights they adapt
     (never updated, no optimizer state, not donated: the step hands back the same arrays), and the
     teacher's copy, when kept (EMA), is a copy of the adapters. Without LoRA `frozen` is None.
@@ -112,6 +115,35 @@ def is_encoder_path(path: tuple) -> bool:
     return str(path[0]) in ENCODER_PREFIXES
 
 
+def trained_part(tree: nnx.State, train_encoders: bool) -> nnx.State:
+    """The part of a parameter tree (of arrays, shapes or shardings) that updates change: all of it, or without
+    the encoders' when they are not trained (`make_optimizer` zeroes their updates)."""
+    if train_encoders:
+        return tree
+    return nnx.from_flat_state([(path, x) for path, x in nnx.to_flat_state(tree) if not is_encoder_path(path)])
+
+
+def teacher_copy(
+    params: nnx.State, teacher: TeacherConfig, *, train_encoders: bool, dtype: Any, adapted: bool = False
+) -> nnx.State | None:
+    """The teacher's weights a state keeps, a copy of the initial `params` (no buffer shared with them): None for a
+    live teacher and for the frozen teacher of an adapted model (the base: `lora.without_adapters`); else the
+    weights training changes (`trained_part`), the others being the student's own, equal to their initial values.
+
+    An EMA teacher keeps them in their own dtype (float32 master weights: the average moves by `rate` times
+    small differences). A frozen one keeps the decoder's in the compute `dtype` (`model.dtype`), where the layers
+    use them anyway (`opsd_jax.models.precision.in_compute_dtype`: the logits are bit-identical to a float32
+    copy's); the step's output head and any trained encoder weight keep their dtype. Works on arrays and on
+    `jax.ShapeDtypeStruct`s (`opsd_jax.compile_check`'s abstract state).
+    """
+    if teacher.mode == "live" or (teacher.mode == "frozen" and adapted):
+        return None
+    trained = trained_part(params, train_encoders)
+    if teacher.mode == "ema":
+        return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), trained)
+    return in_compute_dtype(trained, dtype, copy=True)
+
+
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Update count (0 for the first update) -> learning rate: linear warm-up, then cosine decay."""
     return optax.warmup_cosine_decay_schedule(
@@ -145,9 +177,15 @@ def make_optimizer(config: TrainConfig, params: nnx.State) -> optax.GradientTran
 
 
 def init_state(
-    model: Qwen2_5OmniThinker, tx: optax.GradientTransformation, teacher: TeacherConfig, mesh: Mesh | None = None
+    model: Qwen2_5OmniThinker,
+    tx: optax.GradientTransformation,
+    teacher: TeacherConfig,
+    mesh: Mesh | None = None,
+    *,
+    train_encoders: bool,
 ) -> TrainState:
-    """The state of step 0; a frozen or EMA teacher starts as a copy of the initial parameters.
+    """The state of step 0; a frozen or EMA teacher starts as a copy of the initial parameters that training
+    changes (`teacher_copy`; `train_encoders` as `train.train_encoders`).
 
     The state owns copies of the model's trained parameters (its buffers are donated to every update); keep
     a model for sampling current with `sync_model(model, state)`. With a `mesh`, optimizer
@@ -159,8 +197,7 @@ def init_state(
     """
     adapted = lora.is_adapted(model)
     params = jax.tree.map(jnp.copy, nnx.state(model, lora.trainable_filter(model)))
-    keeps_teacher = teacher.mode == "ema" or (teacher.mode == "frozen" and not adapted)
-    teacher_params = jax.tree.map(jnp.copy, params) if keeps_teacher else None
+    teacher_params = teacher_copy(params, teacher, train_encoders=train_encoders, dtype=model.dtype, adapted=adapted)
     frozen = nnx.state(model, lora.frozen_filter()) if adapted else None
     state = TrainState(
         step=jnp.int32(0), params=params, opt_state=tx.init(params), teacher_params=teacher_params, frozen=frozen
@@ -203,19 +240,35 @@ def _merge(settings: StepSettings, params: nnx.State, frozen: nnx.State | None) 
     return nnx.merge(settings.graphdef, params, *(() if frozen is None else (frozen,)))
 
 
+def overlay(params: nnx.State, part: nnx.State) -> nnx.State:
+    """`params` with the leaves `part` holds (at the same paths) replaced by `part`'s."""
+    flat = dict(nnx.to_flat_state(params))
+    flat.update(nnx.to_flat_state(part))
+    return nnx.from_flat_state(list(flat.items()))
+
+
+def at_paths_of(params: nnx.State, part: nnx.State) -> nnx.State:
+    """The leaves of `params` at the paths `part` holds."""
+    flat = dict(nnx.to_flat_state(params))
+    return nnx.from_flat_state([(path, flat[path]) for path, _ in nnx.to_flat_state(part)])
+
+
 def student_and_teacher(
     settings: StepSettings, params: nnx.State, teacher_params: nnx.State | None, frozen: nnx.State | None
 ) -> tuple[Qwen2_5OmniThinker, Qwen2_5OmniThinker]:
     """The student (`params`, with the base weights `frozen` under LoRA) and the teacher of `settings.teacher.mode`:
     the student itself (live), or `teacher_params` (frozen / EMA) under `stop_gradient`; a frozen teacher of an
-    adapted student is the base model, the same weights with the adapters adding zeros (`lora.without_adapters`)."""
+    adapted student is the base model, the same weights with the adapters adding zeros (`lora.without_adapters`).
+    `teacher_params` may hold part of the parameters (`teacher_copy`: those training changes); the teacher takes
+    the others from `params` (under `stop_gradient`: untrained, they still equal the teacher's initial copy)."""
     frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
     model = _merge(settings, params, frozen)
     if settings.teacher.mode == "live":
         return model, model
     if teacher_params is None:
         teacher_params = lora.without_adapters(params)
-    return model, _merge(settings, jax.lax.stop_gradient(teacher_params), frozen)
+    teacher = overlay(jax.lax.stop_gradient(params), jax.lax.stop_gradient(teacher_params))
+    return model, _merge(settings, teacher, frozen)
 
 
 def _micro_batch_loss(
@@ -435,7 +488,7 @@ def _train_step(
     params = optax.apply_updates(state.params, updates)
     teacher_params = state.teacher_params
     if settings.teacher.mode == "ema":
-        teacher_params = ema_update(teacher_params, params, settings.teacher.ema_rate)
+        teacher_params = ema_update(teacher_params, at_paths_of(params, teacher_params), settings.teacher.ema_rate)
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state, teacher_params=teacher_params, frozen=state.frozen
     )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from opsd_jax.models.precision import is_decoder_param, param_names
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, first_new_position, place_inputs
 from opsd_jax.models.text import LayerCache, constrain_cache
 from opsd_jax.sampling.filters import sample_tokens
@@ -71,10 +72,10 @@ class SamplingSettings:
 
 
 # Generation reads every decoder weight once per token. The decoder's layers (Linear, Embed, RMSNorm)
-# cast each weight to the compute dtype where they use it, so a copy already in that dtype gives the
-# same outputs from half the bytes of float32 master weights, and no per-token conversion. The
-# encoders' LayerNorms compute from float32 weights: they keep theirs (they run once, in the prefill).
-_DECODER_PARAMS = ("model", "lm_head")
+# cast each weight to the compute dtype where they use it (`opsd_jax.models.precision`), so a copy already
+# in that dtype gives the same outputs from half the bytes of float32 master weights, and no per-token
+# conversion. The encoders' LayerNorms compute from float32 weights: they keep theirs (they run once, in
+# the prefill). Generation's output head casts too (`logits`), so the copy covers it as well.
 
 # The copy is also laid out for decoding. Training splits each matrix's model width (`embed`) over the
 # FSDP axes, so that a many-token pass gathers whole weights; a decode step has one token per row and
@@ -92,22 +93,15 @@ _DECODE_SPLIT = {
 }
 
 
-def _names(path: tuple) -> tuple:
-    """A parameter's key path as names, without the trailing `value` of an NNX variable's leaf."""
-    names = tuple(getattr(entry, "key", getattr(entry, "name", None)) for entry in path)
-    return names[:-1] if names[-1:] == ("value",) else names
-
-
 def _is_decoder_weight(path: tuple, leaf: Any, dtype: jnp.dtype) -> bool:
-    top = _names(path[:1])[0] if path else None
-    return top in _DECODER_PARAMS and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
+    return is_decoder_param(path) and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
 
 
 def _decode_sharding(path: tuple, leaf: Any) -> Any:
     """The sharding of `leaf`'s decode copy: `_DECODE_SPLIT`'s matrices with their `embed` split moved
     onto their other dimension (where it divides evenly); every other leaf's unchanged."""
     sharding = getattr(leaf, "sharding", None)
-    names = _names(path)
+    names = param_names(path)
     for suffix, embed in _DECODE_SPLIT.items():
         if names[-len(suffix) :] == suffix and leaf.ndim == 2:
             return move_split(sharding, leaf.shape, source=embed, target=1 - embed)

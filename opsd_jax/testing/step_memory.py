@@ -67,7 +67,7 @@ def train_step_memory(
     settings = step.StepSettings(
         graphdef=nnx.graphdef(model), tx=tx, loss=LossConfig(), teacher=teacher, train_encoders=False
     )
-    state = step.init_state(model, tx, teacher)
+    state = step.init_state(model, tx, teacher, train_encoders=False)
     stats = step.make_train_step(settings).lower(state, batches).compile().memory_analysis()
     return {
         "temp_bytes": int(stats.temp_size_in_bytes),

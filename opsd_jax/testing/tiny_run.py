@@ -259,7 +259,7 @@ def write_tiny_run(config: Config, steps: tuple[int, ...] = (1,), *, noise: floa
             params,
         )
         nnx.update(model, noisy)
-        state = opsd_step.init_state(model, tx, config.teacher, mesh)
+        state = opsd_step.init_state(model, tx, config.teacher, mesh, train_encoders=config.train.train_encoders)
         base = config.model.checkpoint if state.frozen is not None else None
         checkpointer.save(step, state.saved(), rng=jax.random.key(0), base_checkpoint=base)
         saved.append(jax.tree.map(np.asarray, noisy))

@@ -148,7 +148,7 @@ def test_a_lora_config_compiles_with_the_base_alone_beside_its_adapters(tiny_unt
     """LoRA's train step and rollouts compile from abstract adapted states (`nnx.eval_shape`): the frozen base once
     (a frozen teacher is the base), beside the adapters' float32 masters and Adam moments; the full fine-tune
     of the same config holds its parameters, two Adam moments of the decoder and the teacher's copy (here
-    725.6 KB per chip against LoRA's 320.1 KB)."""
+    534.2 KB per chip, 62.6 KB of it the teacher's bfloat16 copy of the decoder, against LoRA's 320.1 KB)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG.format(checkpoint=tiny_untied[1]))
     programs = ["--programs", "train_step", "rollout_prefill", "rollout_decode", *CLIP, "teacher.mode=frozen"]
@@ -161,17 +161,25 @@ def test_a_lora_config_compiles_with_the_base_alone_beside_its_adapters(tiny_unt
         assert program["compiled"], program["error"]
     # The step's arguments are its state and its batch (the same in both): LoRA saves at least the difference of
     # the states' sizes, counted from the trainer's own init_state on the tiny thinker, placed on a mesh of the
-    # slice's 4 chips (measured: 579 KB saved, states differ by 406 KB; the other 174 KB of the full
+    # slice's 4 chips (measured: 222.7 KB saved, states differ by 214.1 KB; the other 8.6 KB of the full
     # fine-tune's arguments are XLA's count, not traced further).
     states = {}
     for name, overrides in (("full", []), ("lora", ["model.lora.rank=4", "model.lora.alpha=8"])):
         settings = load_config(config, ["teacher.mode=frozen", *overrides], num_devices=4)
         mesh = make_mesh(settings.mesh, jax.devices()[:4])
-        model = from_pretrained(tiny_untied[1], mesh=mesh, rules=settings.mesh.axis_rules())
+        model = from_pretrained(
+            tiny_untied[1],
+            dtype=jnp.dtype(settings.model.dtype),  # as the trainer loads it: the frozen teacher's copy is in dtype
+            param_dtype=jnp.dtype(settings.model.param_dtype),
+            mesh=mesh,
+            rules=settings.mesh.axis_rules(),
+        )
         if settings.model.lora is not None:
             model = lora.apply_lora(model, settings.model.lora, mesh=mesh, rules=settings.mesh.axis_rules())
         tx = opsd_step.make_optimizer(settings.train, nnx.state(model, lora.trainable_filter(model)))
-        states[name] = bytes_per_chip(opsd_step.init_state(model, tx, settings.teacher, mesh))
+        states[name] = bytes_per_chip(
+            opsd_step.init_state(model, tx, settings.teacher, mesh, train_encoders=settings.train.train_encoders)
+        )
     arguments = {name: results[name]["train_step"]["memory"]["arguments"] for name in results}
     assert arguments["full"] - arguments["lora"] >= states["full"] - states["lora"] > 0
 
@@ -336,3 +344,23 @@ def test_the_splash_kernel_compiles_for_the_slice_on_the_rows_and_heads_each_chi
     assert summary.pallas_kernel_calls == 2  # forward, and the fused backward (dq, dk, dv)
     # Each chip runs the kernel on its rows and heads: nothing gathers the queries, keys or values.
     assert not any(c.kind == "all-gather" for c in summary.collectives)
+
+
+def test_the_abstract_lora_thinker_stores_its_base_as_apply_lora_does(tiny_untied):
+    """`model.lora.base_dtype: dtype`: compile-check's abstract thinker has the dtypes of the thinker the trainer
+    adapts (kernels and embeddings of the decoder in bfloat16; norms, output head, encoders, adapters float32)."""
+    from opsd_jax.compile_check.programs import abstract_thinker
+    from opsd_jax.models.qwen2_5_omni import read_config
+
+    overrides = ["model.dtype=bfloat16", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.base_dtype=dtype"]
+    settings = load_config(None, [f"model.checkpoint={tiny_untied[1]}", "mesh.fsdp=-1", *overrides], num_devices=8)
+    mesh = make_mesh(settings.mesh, jax.devices()[:8])
+    _, abstract = abstract_thinker(read_config(tiny_untied[1]), settings, mesh)
+    model = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    adapted = lora.apply_lora(model, settings.model.lora)
+    dtypes = {path: x.get_value().dtype for path, x in nnx.to_flat_state(nnx.state(adapted))}
+    assert {path: x.get_value().dtype for path, x in nnx.to_flat_state(abstract)} == dtypes
+    assert {dtypes[("model", "layers", 0, "mlp", "up_proj", key)] for key in ("kernel", "kernel_lora_a")} == {
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float32),
+    }

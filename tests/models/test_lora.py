@@ -4,6 +4,8 @@ sampling the adapted model, and a target pattern that matches nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,38 @@ def test_adapted_forward_is_the_merged_kernels_and_zero_b_is_the_base_exactly(ba
     base_graphdef, base_params = nnx.split(base)
     original = jax.jit(lambda p: nnx.merge(base_graphdef, p).forward(inputs))(base_params)
     np.testing.assert_array_equal(teacher(adapters, rest), original)
+
+
+def test_a_base_stored_in_the_compute_dtype_gives_the_same_logits_from_half_the_bytes(tiny_untied):
+    # bfloat16 compute over float32 parameters (master weights), as the shipped LoRA configs run.
+    base = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
+    inputs = base.prepare_inputs(IDS, attention_mask=MASK)
+    stored = lora.apply_lora(base, CONFIG)
+    cast = lora.apply_lora(base, dataclasses.replace(CONFIG, base_dtype="dtype"))
+    assert base.model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.float32  # the input model is unchanged
+    # The adapters keep model.param_dtype (qwix made them on the float32 kernels), the same values.
+    adapters, cast_adapters = nnx.state(stored, nnx.LoRAParam), nnx.state(cast, nnx.LoRAParam)
+    assert {x.dtype for x in jax.tree.leaves(cast_adapters)} == {jnp.dtype(jnp.float32)}
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(cast_adapters)):
+        np.testing.assert_array_equal(a, b)
+    # The decoder's kernels and embeddings in bfloat16; the step's output head (used as stored), the decoder's norms
+    # (cast to the activations' dtype: float32 after an adapted layer) and the encoders' weights as they are.
+    base_state, cast_base = nnx.state(stored, lora.frozen_filter()), nnx.state(cast, lora.frozen_filter())
+    halved = 0
+    for (path, x), (_, y) in zip(nnx.to_flat_state(base_state), nnx.to_flat_state(cast_base)):
+        x, y = x.get_value(), y.get_value()
+        down = path[0] == "model" and path[-1] in ("kernel", "bias", "embedding")  # not the RMSNorm weights
+        assert y.dtype == (jnp.bfloat16 if down else jnp.float32), path
+        assert y.nbytes == (x.nbytes // 2 if down else x.nbytes)
+        halved += x.nbytes if down else 0
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x).astype(y.dtype))
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    assert nbytes(cast_base) == nbytes(base_state) - halved // 2
+    # Trained adapters (lora_b not zero): the same logits, bit for bit, and the same step head kernel.
+    randomize_adapters(stored)
+    randomize_adapters(cast)
+    np.testing.assert_array_equal(cast.forward(inputs), stored.forward(inputs))
+    np.testing.assert_array_equal(cast.head_kernel(), stored.head_kernel())
 
 
 @pytest.mark.parametrize("base_dtype", ["int8", "nf4"])

@@ -31,7 +31,7 @@ def adapted_settings(model, mode: str, *, train: TrainConfig | None = None, mesh
         train_encoders=False,
         mesh=mesh,
     )
-    return settings, S.init_state(model, tx, settings.teacher, mesh)
+    return settings, S.init_state(model, tx, settings.teacher, mesh, train_encoders=False)
 
 
 def nbytes(tree) -> int:

@@ -11,6 +11,7 @@ from flax import nnx
 
 from opsd_jax.config import MeshConfig, TeacherConfig, TrainConfig
 from opsd_jax.models.qwen2_5_omni import from_pretrained
+from opsd_jax.models.scoring import head_logits
 from opsd_jax.opsd import step as S
 from opsd_jax.opsd.losses import LossConfig
 from opsd_jax.sampling import generate
@@ -75,7 +76,7 @@ def settings_for(
     settings = S.StepSettings(
         graphdef=nnx.graphdef(model), tx=tx, loss=loss, teacher=teacher, train_encoders=train.train_encoders, mesh=mesh
     )
-    return settings, S.init_state(model, tx, teacher, mesh)
+    return settings, S.init_state(model, tx, teacher, mesh, train_encoders=train.train_encoders)
 
 
 def flat_leaves(tree) -> list[np.ndarray]:
@@ -159,10 +160,90 @@ def test_frozen_encoders_do_not_move_and_the_decoder_does(model):
 
 def test_ema_teacher_moves_toward_the_student_by_its_rate(model):
     settings, state = settings_for(model, "ema", teacher=TeacherConfig(mode="ema", ema_rate=0.25))
+    # The EMA copy holds the weights training changes, in float32: not the encoders (train_encoders: false).
+    assert set(state.teacher_params.keys()) == {"model", "lm_head"}
+    assert {x.dtype for x in jax.tree.leaves(state.teacher_params)} == {jnp.dtype(jnp.float32)}
+    # The update is the one a copy of every parameter (the old state) made, on the weights it keeps.
+    whole = jax.tree.map(jnp.copy, state.replace(teacher_params=state.params))  # own buffers: the step donates
     initial = flat_leaves(state.teacher_params)
-    state, _ = S.make_train_step(settings)(state, stack(make_batch(model)))
-    for t0, t1, p1 in zip(initial, flat_leaves(state.teacher_params), flat_leaves(state.params)):
+    batch = stack(make_batch(model))
+    state, metrics = S.make_train_step(settings)(state, batch)
+    whole, whole_metrics = S.make_train_step(settings)(whole, batch)
+    moved = S.at_paths_of(state.params, state.teacher_params)
+    for t0, t1, p1 in zip(initial, flat_leaves(state.teacher_params), flat_leaves(moved)):
         np.testing.assert_allclose(t1, 0.75 * t0 + 0.25 * p1, atol=1e-6)
+    for a, b in zip(flat_leaves(state.teacher_params), flat_leaves(S.at_paths_of(whole.teacher_params, moved))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(flat_leaves(state.params), flat_leaves(whole.params)):
+        np.testing.assert_array_equal(a, b)
+    assert float(metrics["loss"]) == float(whole_metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tiny_untied, tiny_tied):
+    """bfloat16 compute over float32 parameters (master weights), untied and tied output heads."""
+    return {
+        name: from_pretrained(fixture[1], dtype=jnp.bfloat16, param_dtype=jnp.float32)
+        for name, fixture in (("untied", tiny_untied), ("tied", tiny_tied))
+    }
+
+
+@pytest.mark.parametrize("head", ["untied", "tied"])
+def test_a_frozen_teacher_copies_the_trained_weights_in_the_compute_dtype_with_the_same_logits(bf16_models, head):
+    model = bf16_models[head]
+    settings, state = settings_for(model, "frozen")
+    flat = dict(nnx.to_flat_state(state.teacher_params))
+    # No encoder weight (never trained: the teacher uses the student's); the decoder's in bfloat16, where its
+    # layers cast them anyway, but for the step's output head (multiplied as stored: float32).
+    output_head = ("model", "embed_tokens", "embedding") if head == "tied" else ("lm_head", "kernel")
+    assert {path[0] for path in flat} == ({"model"} if head == "tied" else {"model", "lm_head"})
+    for path, value in flat.items():
+        assert value[...].dtype == (jnp.float32 if path == output_head else jnp.bfloat16), path
+    # What the old state kept: a float32 copy of every parameter. The teacher's logits are bit-identical.
+    whole = jax.tree.map(jnp.copy, state.params)
+    batch = make_batch(model)
+
+    @jax.jit
+    def teacher_logits(params, teacher_params):
+        _, teacher = S.student_and_teacher(settings, params, teacher_params, None)
+        hidden = teacher.completion_hidden(batch.teacher, batch.completion, batch.completion_mask)
+        return head_logits(hidden, teacher.head_kernel())
+
+    logits = teacher_logits(state.params, state.teacher_params)
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_array_equal(logits, teacher_logits(state.params, whole))
+    # ... and so are the step's loss, metrics and gradients (untied only: XLA:CPU has no bfloat16 x bfloat16 =
+    # float32 dot, which the tied embedding's gradient takes, whatever the teacher's copy).
+    if head == "tied":
+        return
+    counts = S.batch_counts(batch)
+    grads, metrics = loss_grad()(state.params, state.teacher_params, batch, counts, settings)
+    whole_grads, whole_metrics = loss_grad()(state.params, whole, batch, counts, settings)
+    for a, b in zip(flat_leaves((grads, metrics)), flat_leaves((whole_grads, whole_metrics))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_frozen_teacher_of_trained_encoders_copies_them_in_their_dtype(bf16_models):
+    train = TrainConfig(lr=1e-3, total_steps=100, train_encoders=True)
+    _, state = settings_for(bf16_models["untied"], "frozen", train=train)
+    assert set(state.teacher_params.keys()) == {"audio_tower", "visual", "model", "lm_head"}
+    for name in ("audio_tower", "visual"):  # their LayerNorms compute from float32 weights: not down-cast
+        assert {x.dtype for x in jax.tree.leaves(state.teacher_params[name])} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("mode", ["frozen", "ema"])
+def test_a_state_with_the_teachers_partial_copy_restores_exactly(bf16_models, mode, tmp_path):
+    from opsd_jax.checkpoint import RunCheckpointer, abstract_like
+
+    _, state = settings_for(bf16_models["untied"], mode)
+    checkpointer = RunCheckpointer(tmp_path, keep_last=1, keep_best=0, async_save=False)
+    checkpointer.save(1, state.saved())
+    restored, _ = checkpointer.restore(1, abstract_like(state.saved()))
+    checkpointer.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state.saved())
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.saved())):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_ablation_terms_add_to_the_loss(model):
