@@ -185,7 +185,7 @@ def run_arm(
     Kept in `root/runs/CONDITION/ARM.json` with the arm's budget; a later call with the same budget returns
     it (marked `"cached": true`) without training again."""
     arm = ARMS[arm_name]
-    overrides = arm.run_overrides(load_config("demo_tiny").train.lr)
+    overrides = arm.overrides
     result_file = root / "runs" / condition / f"{arm_name}.json"
     budget = {"arm_steps": size.arm_steps, "eval_every": size.eval_every, "overrides": list(overrides)}
     if result_file.is_file():
