@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from opsd_jax.models.precision import param_names
 from opsd_jax.models.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -259,13 +260,8 @@ def _keyed_leaves(tree: Any) -> list[tuple[str, Any]]:
     metadata tree (nested dicts) and an abstract state (dataclasses, nnx.State) name leaves alike."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]:
-        parts = []
-        for entry in path:
-            name = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
-            parts.append(str(name))
-        if parts and parts[-1] == "value":  # nnx.Variable's payload, absent from the saved tree's names
-            parts = parts[:-1]
-        out.append(("/".join(parts), leaf))
+        # without nnx.Variable's payload name `value`, absent from the saved tree's names
+        out.append(("/".join(map(str, param_names(path))), leaf))
     return out
 
 

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opsd_jax.models.layers import Linear
-from opsd_jax.models.precision import cast_at_use_always, in_compute_dtype
+from opsd_jax.models.precision import cast_at_use_always, in_compute_dtype, param_names
 from opsd_jax.settings import LoraConfig
 from opsd_jax.sharding import AxisRules, param_shardings
 
@@ -180,7 +180,7 @@ def frozen_filter() -> Any:
 
 def is_adapter(path: tuple) -> bool:
     """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_a` / `*_lora_b` adapter."""
-    return any(str(getattr(key, "key", getattr(key, "name", key))).endswith(LORA_SUFFIXES) for key in path)
+    return any(str(name).endswith(LORA_SUFFIXES) for name in param_names(path))
 
 
 def casts_base_weight(path: tuple) -> bool:
@@ -192,7 +192,7 @@ def casts_base_weight(path: tuple) -> bool:
 
 def is_lora_b(path: tuple) -> bool:
     """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_b` adapter."""
-    return any(str(getattr(key, "key", getattr(key, "name", key))).endswith("_lora_b") for key in path)
+    return any(str(name).endswith("_lora_b") for name in param_names(path))
 
 
 def without_adapters(adapters: nnx.State) -> nnx.State:

@@ -32,9 +32,9 @@ TIED_HEAD = ("model", "embed_tokens", "embedding")
 
 
 def param_names(path: tuple) -> tuple:
-    """A parameter's key path (of `jax.tree_util`, or `nnx.to_flat_state`'s) as names, without the trailing
-    `value` of an NNX variable's leaf."""
-    names = tuple(getattr(entry, "key", getattr(entry, "name", entry)) for entry in path)
+    """A parameter's key path (of `jax.tree_util`, or `nnx.to_flat_state`'s) as names (dict keys, attribute
+    names, sequence indices), without the trailing `value` of an NNX variable's leaf."""
+    names = tuple(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))) for entry in path)
     return names[:-1] if names[-1:] == ("value",) else names
 
 
