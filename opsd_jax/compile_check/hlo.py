@@ -5,7 +5,8 @@ one run of the program executes it: the sum over its call sites of the caller's 
 count of the calling `while` (`known_trip_count` in its backend config; a loop without one, such as the
 decode loop that stops at EOS, counts once, as one iteration). A collective's bytes are those of its
 largest buffer (the gathered result of an all-gather, the full operand of a reduce-scatter or an
-all-reduce): the data volume it spreads over the chips.
+all-reduce): the data volume it spreads over the chips; a combined one (XLA's combiners make tuples of
+several) counts each of its buffers.
 
 `loop_hbm_bytes` is what one iteration of a loop reads from and writes to HBM. XLA's "bytes accessed"
 is no measure of that: it counts every operand and result of every instruction wherever it lives,
@@ -81,7 +82,7 @@ def shape_bytes(dtype: str, dims: str) -> float:
 @dataclasses.dataclass(frozen=True)
 class Collective:
     kind: str  # one of COLLECTIVES ("-start" / "-done" halves are counted once, as their kind)
-    bytes: float  # the largest buffer of the instruction
+    bytes: float  # the data it moves: its largest buffer, the sum of a combined (tuple) collective's
     executions: int  # per run of the program (trip counts applied)
     in_loop: bool  # inside a while body
 
@@ -323,8 +324,15 @@ def summarize(text: str) -> HloSummary:
                 pallas += times * (target is not None and target.group(1) == PALLAS_CUSTOM_CALL)
             kind = i.opcode[: -len("-start")] if i.opcode.endswith("-start") else i.opcode
             if kind in COLLECTIVES:
-                buffers = [i.shapes] + [shapes.get(operand, ()) for operand in i.operands]
-                size = max((shape_bytes(dtype, dims) for arrays in buffers for dtype, dims in arrays), default=0.0)
+                operands = [shape_bytes(*array) for operand in i.operands for array in shapes.get(operand, ())]
+                # A combined collective (a tuple) moves each of its buffers: operands reduced or exchanged whole,
+                # results gathered whole.
+                if kind in _SUMMED_OPERANDS:
+                    size = sum(operands)
+                elif i.opcode == "all-gather":
+                    size = sum(shape_bytes(*array) for array in i.shapes)
+                else:  # a start's result also holds its operands (and a permute's, context words): the largest
+                    size = max([shape_bytes(*array) for array in i.shapes] + operands, default=0.0)
                 collectives.append(Collective(kind, size, times, in_loop.get(name, False)))
 
     @functools.cache
@@ -355,6 +363,8 @@ def summarize(text: str) -> HloSummary:
     )
 
 
+# Collectives whose operands are all moved in full: a combined (tuple) one moves their sum.
+_SUMMED_OPERANDS = ("all-reduce", "reduce-scatter", "all-to-all")
 _NO_TRAFFIC = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "opt-barrier", "after-all", "iota")
 _READS_PART = ("dynamic-slice", "gather", "slice")  # read what they take of their first operand
 

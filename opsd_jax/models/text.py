@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from opsd_jax.models.layers import CausalSegments, Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
 from opsd_jax.models.splash import splash_attention
-from opsd_jax.sharding import AxisRules, constrain, constrain_activation
+from opsd_jax.sharding import AxisRules, activation_batch_shards, constrain, constrain_activation
 
 # Layer-boundary activation layouts (logical axes; see `opsd_jax.sharding.activation_sharding`).
 HIDDEN_AXES = ("batch", "length", "activation_embed")
@@ -139,6 +139,13 @@ class Qwen2Attention(nnx.Module):
         With a cache, the new keys and values are written at `cache_index` (a scalar int32) and the
         queries attend over the whole cache (`kv_len = max_len`), the mask deciding what is visible.
         """
+        q, k, v = self.project(x, cos, sin)
+        out, cache = self.attend(q, k, v, mask, cache, cache_index)
+        return self.o_proj(out), cache
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`x [batch, seq, hidden]` -> rotated queries `[batch, seq, heads, head_dim]`, rotated keys and values
+        `[batch, seq, kv_heads, head_dim]`; `cos`, `sin` `[batch, seq, head_dim]`. Token by token."""
         batch, seq, _ = x.shape
         heads = functools.partial(constrain_activation, logical_axes=("batch", "length", "activation_heads", None))
         kv_heads = functools.partial(
@@ -147,7 +154,20 @@ class Qwen2Attention(nnx.Module):
         q = heads(self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim))
         k = kv_heads(self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
         v = kv_heads(self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | CausalSegments,
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attention of projected `q`, `k`, `v` (`project`) -> `[batch, seq, heads * head_dim]` before the output
+        projection, and the updated cache (see `__call__`)."""
+        batch, seq = q.shape[:2]
         if cache is not None:
             start = (0, cache_index, 0, 0)
             cache = LayerCache(
@@ -161,7 +181,7 @@ class Qwen2Attention(nnx.Module):
         else:
             dense = mask.dense() if isinstance(mask, CausalSegments) else mask
             out = dot_product_attention(q, k, v, dense, scale=scale)
-        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
+        return out.reshape(batch, seq, self.num_heads * self.head_dim), cache
 
 
 class Qwen2MLP(nnx.Module):
@@ -185,9 +205,13 @@ class Qwen2DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        return self.after_attention(x, attn_out), cache
+
+    def after_attention(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+        """The layer from its attention output on: residual, MLP, residual. Token by token."""
         x = constrain_activation(x + attn_out, HIDDEN_AXES)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain_activation(x, HIDDEN_AXES), cache
+        return constrain_activation(x, HIDDEN_AXES)
 
 
 class TextModel(nnx.Module):
@@ -281,10 +305,11 @@ class TextModel(nnx.Module):
         """Prompts and, in the same pass over the layers, several continuations of each.
 
         Equal to a forward over the prompts into a KV cache followed by a forward of the continuations
-        over that cache repeated for each (`__call__` twice), but each layer runs the prompts and then
-        the continuations while its weights are at hand: under FSDP a layer's weights are gathered
-        once per pass instead of once for the prompts and once more for the continuations, and no
-        layer's cache outlives the layer.
+        over that cache repeated for each (`__call__` twice), but each layer runs the prompts and the
+        continuations while its weights are at hand: under FSDP a layer's weights are gathered once per
+        pass instead of once for the prompts and once more for the continuations, and no layer's cache
+        outlives the layer. Where the batch axes split both alike, their tokens pass through each weight
+        together (`JointTokens`), so that each weight's gradient is reduced once.
 
         Args:
           prefix_embeds: `[B, P, hidden]` the prompts; prefix_positions `[3, B, P]`; prefix_mask `[B, P]` queries
@@ -310,8 +335,20 @@ class TextModel(nnx.Module):
         x = constrain_activation(prefix_embeds.astype(self.dtype), HIDDEN_AXES)
         y = constrain_activation(embeds.astype(self.dtype), HIDDEN_AXES)
         split = [nnx.split(layer) for layer in self.layers]
+        tokens = JointTokens.of(x, y)
+        if tokens is not None:
+            # One token matrix through every layer: see `JointTokens`.
+            h = constrain_activation(tokens.join(x, y), HIDDEN_AXES)
+            rope_ = tuple(tokens.join(a, b) for a, b in zip(prefix_rope, rope_))
+            run = _remat_joint_layer if self.remat else _joint_layer
+            for i, (graphdef, state) in enumerate(split):
+                if i + 1 < len(split):  # prefetch at most one layer ahead: see `__call__`
+                    h, next_state = jax.lax.optimization_barrier((h, split[i + 1][1]))
+                    split[i + 1] = (split[i + 1][0], next_state)
+                h = run(graphdef, state, tokens, h, rope_, prefix_mask, mask)
+            return tokens.split(self.norm(h))
         for i, (graphdef, state) in enumerate(split):
-            if i + 1 < len(split):  # prefetch at most one layer ahead: see `__call__`
+            if i + 1 < len(split):
                 x, y, next_state = jax.lax.optimization_barrier((x, y, split[i + 1][1]))
                 split[i + 1] = (split[i + 1][0], next_state)
             run = _remat_prefix_layer if self.remat else _prefix_layer
@@ -319,9 +356,72 @@ class TextModel(nnx.Module):
         return self.norm(x), self.norm(y)
 
 
+@dataclasses.dataclass(frozen=True)
+class JointTokens:
+    """Prompts `[B, P, ...]` and their continuations `[B * G, C, ...]` as one token matrix
+    `[S, B / S * P + B * G / S * C, ...]`, where S is the number of parts the batch axes split rows into.
+
+    Every step of a decoder layer but attention works token by token, so the scoring forward can run each
+    weight over the prompts' and the continuations' tokens in one matmul. What that buys is in the backward:
+    a weight used once has one gradient, reduced over the chips once (one reduce-scatter under FSDP); used
+    twice, XLA reduces each use's partial gradient separately, twice the traffic (the 7B v5p step's weight
+    gradient all-reduces, compiled: issue 15). Each chip's rows of the two stay on it: splitting rows into
+    S shards is a local reshape when S divides B, and each shard's prompt tokens sit before its continuations'.
+    """
+
+    batch: int
+    prompt_len: int
+    rows: int
+    length: int
+    shards: int
+
+    @classmethod
+    def of(cls, x: jax.Array, y: jax.Array) -> JointTokens | None:
+        """The join of `x [B, P, ...]` and `y [B * G, C, ...]` on the active activation mesh; None when the
+        batch axes split the prompts and the continuations differently (fewer prompts than batch shards: the
+        prompts are replicated) and the join would move rows between chips."""
+        shards = activation_batch_shards(x.shape[0])
+        if shards != activation_batch_shards(y.shape[0]):
+            return None
+        return cls(x.shape[0], x.shape[1], y.shape[0], y.shape[1], shards)
+
+    def join(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """`x [B, P, ...]`, `y [B * G, C, ...]` -> `[S, tokens, ...]`, each shard's prompts then continuations."""
+        shard = lambda a: a.reshape(self.shards, -1, *a.shape[2:])  # noqa: E731
+        return jnp.concatenate([shard(x), shard(y)], axis=1)
+
+    def split(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The inverse of `join`: `[S, tokens, ...]` -> `[B, P, ...]`, `[B * G, C, ...]`."""
+        cut = self.batch // self.shards * self.prompt_len
+        return (
+            h[:, :cut].reshape(self.batch, self.prompt_len, *h.shape[2:]),
+            h[:, cut:].reshape(self.rows, self.length, *h.shape[2:]),
+        )
+
+
+def _joint_layer(graphdef, state, tokens: JointTokens, h, rope, x_mask, y_mask):
+    """One layer over joined tokens `h [S, T, hidden]` (`JointTokens`, rotary tables `rope` joined alike):
+    the projections and the MLP over all tokens at once; attention apart, the prompts over their own keys and
+    values (this layer's cache), the continuations over the prompt's (repeated G times) and their own."""
+    layer = nnx.merge(graphdef, state)
+    attention = layer.self_attn
+    q, k, v = attention.project(layer.input_layernorm(h), *rope)
+    (qx, qy), (kx, ky), (vx, vy) = tokens.split(q), tokens.split(k), tokens.split(v)
+    shape = (tokens.batch, tokens.prompt_len + tokens.length, attention.num_kv_heads, attention.head_dim)
+    cache = LayerCache(jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype))
+    out_x, cache = attention.attend(qx, kx, vx, x_mask, cache, jnp.int32(0))
+    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=tokens.rows // tokens.batch, axis=0), cache)
+    out_y, _ = attention.attend(qy, ky, vy, y_mask, cache, jnp.int32(tokens.prompt_len))
+    return layer.after_attention(h, attention.o_proj(tokens.join(out_x, out_y)))
+
+
+_remat_joint_layer = jax.checkpoint(_joint_layer, static_argnums=(0, 2))
+
+
 def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
     """One layer over prompts `x [B, P, h]`, then over their continuations `y [B * G, C, h]`, which see
-    the prompt's keys and values (this layer's cache, repeated G times) and their own."""
+    the prompt's keys and values (this layer's cache, repeated G times) and their own: where the two cannot
+    be joined (`JointTokens.of`)."""
     layer = nnx.merge(graphdef, state)
     batch, prompt_len, _ = x.shape
     rows, length, _ = y.shape

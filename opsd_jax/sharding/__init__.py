@@ -2,6 +2,7 @@
 
 from opsd_jax.sharding.mesh import (
     MeshConfig,
+    activation_batch_shards,
     activation_sharding,
     active_activation_mesh,
     constrain,
@@ -22,6 +23,7 @@ __all__ = [
     "AxisRules",
     "MESH_AXES",
     "MeshConfig",
+    "activation_batch_shards",
     "activation_sharding",
     "active_activation_mesh",
     "constrain",

@@ -196,6 +196,17 @@ def constrain_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> ja
     return constrain(x, logical_axes, mesh, rules)
 
 
+def activation_batch_shards(rows: int) -> int:
+    """Into how many parts `constrain_activation` splits `rows` along the logical `batch` axis on the mesh of the
+    enclosing `activation_sharding` context (1 outside one, or where the batch axes do not divide `rows`)."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    (axes,) = logical_to_spec(("batch",), (rows,), mesh, rules)
+    return math.prod(mesh.shape[axis] for axis in mesh_axes(axes))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
     """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable under `rules`
     (a resolved table, `resolve_rules`; default: the default table).

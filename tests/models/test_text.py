@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,9 @@ import pytest
 import torch
 from flax import nnx
 
-from opsd_jax.models.qwen2_5_omni import from_pretrained
-from opsd_jax.models.text import mrope_cos_sin
+from opsd_jax.models.qwen2_5_omni import from_pretrained, input_shardings
+from opsd_jax.models.text import JointTokens, mrope_cos_sin
+from opsd_jax.sharding import MeshConfig, activation_sharding, make_mesh, shard_module
 
 # Float32 on the CPU: the two implementations differ only in summation order (observed ~2e-7).
 LOGIT_ATOL = 1e-4
@@ -153,3 +155,65 @@ def test_each_layer_prefetches_its_weights_no_earlier_than_the_layer_before_star
         # the hidden states [batch, seq, hidden] first, then the parameters of layer i + 1, nothing else
         assert barrier.invars[0].aval.shape == embeds.shape
         assert len(barrier.invars) == 1 + sizes[i + 1]
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_joint_tokens_scoring_equals_the_forward_by_parts_on_a_mesh(tiny_untied, remat):
+    """On a mesh whose batch axes split the prompts and the continuations alike (data 2 x fsdp 2: 4 parts), the
+    scoring forward runs them through each weight as one token matrix (`JointTokens`): the same hidden states
+    and gradients as the layer-by-layer forward over each part (float32; only summation order differs)."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 200, (4, 8)).astype(np.int32)
+    mask = np.ones((4, 8), np.int32)
+    mask[1, :3] = 0
+    completion = jnp.asarray(rng.integers(1, 200, (8, 5)).astype(np.int32))
+    completion_mask = jnp.ones((8, 5), bool)
+
+    def hidden_and_grads(joint: bool):
+        model = from_pretrained(tiny_untied[1])
+        model.model.remat = remat
+        shard_module(model, mesh)
+        prompt = model.prepare_inputs(ids, attention_mask=mask)
+        prompt = jax.device_put(prompt, input_shardings(prompt, mesh))
+        graphdef, params = nnx.split(model)
+
+        def hidden(p):
+            with activation_sharding(mesh):
+                if joint:
+                    # The joint path is the one taken: the batch axes split 4 prompts and 8 rows alike.
+                    embeds = jnp.zeros((4, 8, 1)), jnp.zeros((8, 5, 1))
+                    assert JointTokens.of(*embeds) == JointTokens(4, 8, 8, 5, shards=4)
+                    return nnx.merge(graphdef, p).completion_hidden(prompt, completion, completion_mask)
+                with mock.patch.object(JointTokens, "of", return_value=None):
+                    return nnx.merge(graphdef, p).completion_hidden(prompt, completion, completion_mask)
+
+        def loss(p):
+            return jnp.sum(hidden(p) ** 2)
+
+        return jax.jit(hidden)(params), jax.jit(jax.grad(loss))(params)
+
+    hidden_joint, grads_joint = hidden_and_grads(True)
+    hidden_parts, grads_parts = hidden_and_grads(False)
+    np.testing.assert_allclose(np.asarray(hidden_joint), np.asarray(hidden_parts), atol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads_joint), jax.tree.leaves(grads_parts)):
+        got, expected = np.asarray(got), np.asarray(expected)
+        assert np.abs(got - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
+
+
+def test_joint_tokens_keep_each_shards_rows_and_fall_back_where_prompts_are_fewer_than_shards():
+    tokens = JointTokens(batch=4, prompt_len=3, rows=8, length=2, shards=2)
+    x = jnp.arange(4 * 3).reshape(4, 3)
+    y = 100 + jnp.arange(8 * 2).reshape(8, 2)
+    h = tokens.join(x, y)
+    # Shard 0 holds prompts 0-1 then their continuations (rows 0-3), shard 1 the rest: no row changes chips.
+    np.testing.assert_array_equal(h[0], jnp.concatenate([x[:2].ravel(), y[:4].ravel()]))
+    np.testing.assert_array_equal(h[1], jnp.concatenate([x[2:].ravel(), y[4:].ravel()]))
+    back_x, back_y = tokens.split(h)
+    np.testing.assert_array_equal(back_x, x)
+    np.testing.assert_array_equal(back_y, y)
+    # Outside a mesh: one part. Two prompts over 8 batch shards are replicated while their 8 rows are split: no join.
+    assert JointTokens.of(jnp.zeros((2, 3, 1)), jnp.zeros((8, 2, 1))).shards == 1
+    with activation_sharding(make_mesh(MeshConfig(fsdp=8))):
+        assert JointTokens.of(jnp.zeros((2, 3, 1)), jnp.zeros((8, 2, 1))) is None
+        assert JointTokens.of(jnp.zeros((8, 3, 1)), jnp.zeros((16, 2, 1))).shards == 8
