@@ -143,7 +143,7 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
         state,
     )
     if config.model.lora is not None and config.model.lora.base_dtype == "dtype":  # as `apply_lora` casts the base
-        state = in_compute_dtype(state, dtype, where=lora.casts_base_weight)
+        state = in_compute_dtype(state, dtype, where=lambda path: not lora.is_adapter(path))
     return graphdef, _abstract(state, param_shardings(state, mesh, config.mesh.axis_rules()))
 
 

@@ -45,7 +45,9 @@ class Linear(nnx.Module):
         # flax's promote_dtype (an astype for arrays) is what qwix intercepts to leave a QLoRA-quantized kernel
         # as it is (opsd_jax.models.lora).
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        y = jnp.dot(x, kernel)
+        # In `dtype` even in an adapted layer, whose float32 adapters would make it float32 (qwix adds their delta
+        # inside the matmul): the activations after it stay in the compute dtype, and a zero delta adds nothing.
+        y = jnp.dot(x, kernel).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -5,11 +5,11 @@
 `config.target_modules`; the layer computes `x @ kernel + (x @ a @ b) * alpha / rank`. With
 `base_dtype` int8 / nf4 qwix stores those kernels quantized (QLoRA) and computes with them as they are.
 With `base_dtype` dtype the text decoder's base kernels, biases and embedding table are stored in the compute
-dtype (`model.dtype`): qwix gives the adapters the dtype of the kernel they adapt when it creates them, so they
-are created on the base as loaded (`model.param_dtype`, float32 masters) and the base is cast afterwards; its
-layers cast those weights to the compute dtype where they use them, so the outputs are the same. The decoder's
-norm weights stay as they are: they are cast to the activations' dtype, which the float32 adapters' deltas make
-float32 (`opsd_jax.models.precision`).
+dtype (`model.dtype`), but the step's output head (`opsd_jax.models.precision`): its layers cast those weights to
+the compute dtype where they use them, so the outputs are the same. Whatever the base, the adapters are kept in
+the dtype of the kernels as loaded (`model.param_dtype`, float32 masters: qwix would give QLoRA's the quantization
+scale's), and an adapted layer's output is in the compute dtype (`Linear`), as a plain layer's: under bfloat16
+compute a fresh adapter (`b` zero) leaves every activation as the base model's, bit for bit.
 
 How qwix is used here, and why not exactly as its README does:
 * qwix adds the adapters inside the matmuls it intercepts while a wrapped method runs, creating the
@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opsd_jax.models.layers import Linear
-from opsd_jax.models.precision import cast_at_use_always, in_compute_dtype, param_names
+from opsd_jax.models.precision import in_compute_dtype, param_names
 from opsd_jax.settings import LoraConfig
 from opsd_jax.sharding import AxisRules, param_shardings
 
@@ -113,6 +113,7 @@ def apply_lora(
         )
     # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
     kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
+    kernel_dtypes = {path: layer.kernel.get_value().dtype for path, layer in targets}
     quantized = config.base_dtype in QUANTIZED
     # qwix adapts every matmul or convolution it intercepts inside a matching module: name the target linear
     # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone.
@@ -134,12 +135,14 @@ def apply_lora(
     scope.thinker = None  # the scope must not keep the weights alive: it only opens qwix's interception
     for path, layer in target_layers(adapted, config.target_modules):
         in_axis, out_axis = kernel_axes[path]
+        for adapter in (layer.kernel_lora_a, layer.kernel_lora_b):
+            adapter.set_value(adapter.get_value().astype(kernel_dtypes[path]))
         layer.kernel_lora_a.set_metadata("logical_axes", (in_axis, None))
         layer.kernel_lora_b.set_metadata("logical_axes", (None, out_axis))
     adapted.__class__ = _adapted_class(type(adapted), scope, config)
-    if config.base_dtype == "dtype":  # after qwix made the adapters, in the dtype of the kernels as loaded
+    if config.base_dtype == "dtype":
         base = nnx.state(adapted, nnx.Not(nnx.LoRAParam))
-        nnx.update(adapted, in_compute_dtype(base, adapted.dtype, where=casts_base_weight))
+        nnx.update(adapted, in_compute_dtype(base, adapted.dtype))
     if mesh is not None:
         adapters = nnx.state(adapted, nnx.LoRAParam)
         nnx.update(adapted, jax.device_put(adapters, param_shardings(adapters, mesh, rules)))
@@ -181,13 +184,6 @@ def frozen_filter() -> Any:
 def is_adapter(path: tuple) -> bool:
     """Whether a tree path (of `jax.tree_util`, into an `nnx.State`) leads into a `*_lora_a` / `*_lora_b` adapter."""
     return any(str(name).endswith(LORA_SUFFIXES) for name in param_names(path))
-
-
-def casts_base_weight(path: tuple) -> bool:
-    """Which base weights `base_dtype` dtype may store in the compute dtype (of those `in_compute_dtype` allows):
-    not the adapters, and only the weights cast to the layer's own dtype (`cast_at_use_always`): the adapters'
-    float32 deltas make the activations after an adapted layer float32, and `RMSNorm` casts its weight to those."""
-    return not is_adapter(path) and cast_at_use_always(path)
 
 
 def is_lora_b(path: tuple) -> bool:

@@ -8,14 +8,12 @@ theirs must stay as they are. One exception in training: the step's output head
 is stored (`scoring.head_logits`, float32 accumulation), so there a float32 kernel computes in float32;
 generation's head (`logits`, a `Linear` or `Embed.attend`) casts it.
 
-`Linear` and `Embed` cast to their own dtype, `RMSNorm` to its input's: the compute dtype too, except
-in an adapted model (LoRA), whose float32 adapters (`model.param_dtype`) make each adapted layer's output,
-and so the activations after it, float32; a norm weight stored in bfloat16 would then differ from a float32
-one. `cast_at_use_always` names the weights cast whatever the activations are.
+`Linear` and `Embed` cast to their own dtype, `RMSNorm` to its input's: the compute dtype too, in an
+adapted model (LoRA) as well (an adapted `Linear` casts its output, float32 adapters' delta included).
 
 Used by generation's decode copy (`opsd_jax.sampling.sampler.generation_params`: every decoder weight),
 a frozen teacher's copy (`opsd_jax.opsd.step.teacher_copy`: the decoder's weights but the step's output head)
-and LoRA's `base_dtype: dtype` (`opsd_jax.models.lora`: of those, the `Linear` and `Embed` weights).
+and LoRA's `base_dtype: dtype` (`opsd_jax.models.lora`: the same base weights as the frozen teacher's copy).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 DECODER_PARAMS = ("model", "lm_head")  # the thinker's attributes: text decoder, untied output head
-LAYER_DTYPE_WEIGHTS = ("kernel", "bias", "embedding")  # `Linear`'s and `Embed`'s: cast to the layer's own dtype
 UNTIED_HEAD = ("lm_head", "kernel")
 TIED_HEAD = ("model", "embed_tokens", "embedding")
 
@@ -54,12 +51,6 @@ def casts_at_use(path: tuple, head: tuple[str, ...]) -> bool:
     """Whether every forward (generation, the training step's student and teacher) casts this parameter to the
     compute dtype before using it: a decoder weight other than the step's output head `head` (`head_path`)."""
     return is_decoder_param(path) and param_names(path) != head
-
-
-def cast_at_use_always(path: tuple) -> bool:
-    """Whether a decoder weight is cast to the layer's own dtype (`Linear`, `Embed`), not to its input's
-    (`RMSNorm`): stored in the compute dtype, it gives the same outputs whatever the activations' dtype."""
-    return param_names(path)[-1] in LAYER_DTYPE_WEIGHTS
 
 
 def in_compute_dtype(
