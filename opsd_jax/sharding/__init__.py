@@ -2,6 +2,7 @@
 
 from opsd_jax.sharding.mesh import (
     MeshConfig,
+    activation_axis_parts,
     activation_batch_shards,
     activation_sharding,
     active_activation_mesh,
@@ -23,6 +24,7 @@ __all__ = [
     "AxisRules",
     "MESH_AXES",
     "MeshConfig",
+    "activation_axis_parts",
     "activation_batch_shards",
     "activation_sharding",
     "active_activation_mesh",

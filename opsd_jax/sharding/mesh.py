@@ -207,6 +207,16 @@ def activation_batch_shards(rows: int) -> int:
     return math.prod(mesh.shape[axis] for axis in mesh_axes(axes))
 
 
+def activation_axis_parts(logical: str) -> int:
+    """Into how many parts the enclosing `activation_sharding` context's mesh splits the logical activation axis
+    `logical` at most (the product of its mesh axes' sizes; 1 outside a context)."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    return math.prod(mesh.shape[axis] for axis in mesh_axes(rules[logical]))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
     """A tree like `state` (of `nnx.Variable`s) holding the NamedSharding of each variable under `rules`
     (a resolved table, `resolve_rules`; default: the default table).

@@ -159,16 +159,16 @@ def test_each_layer_prefetches_its_weights_no_earlier_than_the_layer_before_star
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
 def test_joint_tokens_scoring_equals_the_forward_by_parts_on_a_mesh(tiny_untied, remat):
-    """On a mesh whose batch axes split the prompts and the continuations alike (data 2 x fsdp 2: 4 parts), the
+    """On a mesh whose batch axes split the prompts and the continuations alike (data 2 x fsdp 4: 8 parts), the
     scoring forward runs them through each weight as one token matrix (`JointTokens`): the same hidden states
     and gradients as the layer-by-layer forward over each part (float32; only summation order differs)."""
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     rng = np.random.default_rng(0)
-    ids = rng.integers(1, 200, (4, 8)).astype(np.int32)
-    mask = np.ones((4, 8), np.int32)
+    ids = rng.integers(1, 200, (8, 8)).astype(np.int32)
+    mask = np.ones((8, 8), np.int32)
     mask[1, :3] = 0
-    completion = jnp.asarray(rng.integers(1, 200, (8, 5)).astype(np.int32))
-    completion_mask = jnp.ones((8, 5), bool)
+    completion = jnp.asarray(rng.integers(1, 200, (16, 5)).astype(np.int32))
+    completion_mask = jnp.ones((16, 5), bool)
 
     def hidden_and_grads(joint: bool):
         model = from_pretrained(tiny_untied[1])
@@ -181,9 +181,9 @@ def test_joint_tokens_scoring_equals_the_forward_by_parts_on_a_mesh(tiny_untied,
         def hidden(p):
             with activation_sharding(mesh):
                 if joint:
-                    # The joint path is the one taken: the batch axes split 4 prompts and 8 rows alike.
-                    embeds = jnp.zeros((4, 8, 1)), jnp.zeros((8, 5, 1))
-                    assert JointTokens.of(*embeds) == JointTokens(4, 8, 8, 5, shards=4)
+                    # The joint path is the one taken: the batch axes split 8 prompts and 16 rows alike.
+                    embeds = jnp.zeros((8, 8, 1)), jnp.zeros((16, 5, 1))
+                    assert JointTokens.of(*embeds) == JointTokens(8, 8, 16, 5, shards=8)
                     return nnx.merge(graphdef, p).completion_hidden(prompt, completion, completion_mask)
                 with mock.patch.object(JointTokens, "of", return_value=None):
                     return nnx.merge(graphdef, p).completion_hidden(prompt, completion, completion_mask)
@@ -201,7 +201,7 @@ def test_joint_tokens_scoring_equals_the_forward_by_parts_on_a_mesh(tiny_untied,
         assert np.abs(got - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
 
 
-def test_joint_tokens_keep_each_shards_rows_and_fall_back_where_prompts_are_fewer_than_shards():
+def test_joint_tokens_keep_each_shards_rows_and_fall_back_where_prompts_are_fewer_or_tensors_split():
     tokens = JointTokens(batch=4, prompt_len=3, rows=8, length=2, shards=2)
     x = jnp.arange(4 * 3).reshape(4, 3)
     y = 100 + jnp.arange(8 * 2).reshape(8, 2)
@@ -217,3 +217,6 @@ def test_joint_tokens_keep_each_shards_rows_and_fall_back_where_prompts_are_fewe
     with activation_sharding(make_mesh(MeshConfig(fsdp=8))):
         assert JointTokens.of(jnp.zeros((2, 3, 1)), jnp.zeros((8, 2, 1))) is None
         assert JointTokens.of(jnp.zeros((8, 3, 1)), jnp.zeros((16, 2, 1))).shards == 8
+    # Under tensor parallelism XLA windows the joined matmuls over the tensor axis (see `JointTokens.of`): by parts.
+    with activation_sharding(make_mesh(MeshConfig(fsdp=4, tensor=2))):
+        assert JointTokens.of(jnp.zeros((8, 3, 1)), jnp.zeros((16, 2, 1))) is None
