@@ -54,6 +54,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.data
 	$(BIN)/python -m benchmarks.data --num-frames 4 --size 56 --audio-seconds 1.0 --step-rate 3.7 \
 		--out benchmarks/results/data_demo.json
+	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 0 --decode-tokens 0 --out benchmarks/results/lora_bfloat16.json
+	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 3 --out benchmarks/results/lora_decode_bfloat16.json
+	$(BIN)/python -m benchmarks.collectives --config configs/qwen2_5_omni_7b_v5p64.yaml
 	failed=""; for config in $(TPU_CONFIGS); do \
 		$(BIN)/opsd-jax compile-check --config configs/$$config.yaml --out benchmarks/results/compile_$$config.json \
 			|| failed="$$failed $$config"; \
