@@ -69,7 +69,9 @@ def table(reports: Sequence[ProgramReport], chip: Chip, header: str) -> str:
                 "in neither count"
             )
     lines.append("")
-    lines.append("collectives per run (count / bytes: each one's largest buffer, every buffer of a combined one; loop bodies x trip counts):")
+    lines.append(
+        "collectives per run (count / bytes: each one's largest buffer, every buffer of a combined one; loop bodies x trip counts):"
+    )
     for r in reports:
         if r.compiled:
             lines.append(f"  {r.name:<18} {_collectives(r)}")
