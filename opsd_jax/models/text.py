@@ -409,19 +409,31 @@ class JointTokens:
         )
 
 
+def _attend_prompts_then_continuations(attention: Qwen2Attention, x_qkv, x_mask, y_qkv, y_mask):
+    """Attention of prompts (projected `x_qkv`, `[B, P, ...]` each) over their own keys and values (this layer's
+    cache), then of their continuations (`y_qkv`, `[B * G, C, ...]`) over the prompt's (the cache repeated G times)
+    and their own -> both outputs before the output projection."""
+    (qx, kx, vx), (qy, ky, vy) = x_qkv, y_qkv
+    batch, prompt_len = qx.shape[:2]
+    rows, length = qy.shape[:2]
+    shape = (batch, prompt_len + length, attention.num_kv_heads, attention.head_dim)
+    cache = LayerCache(jnp.zeros(shape, kx.dtype), jnp.zeros(shape, kx.dtype))
+    out_x, cache = attention.attend(qx, kx, vx, x_mask, cache, jnp.int32(0))
+    # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
+    # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
+    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=rows // batch, axis=0), cache)
+    out_y, _ = attention.attend(qy, ky, vy, y_mask, cache, jnp.int32(prompt_len))
+    return out_x, out_y
+
+
 def _joint_layer(graphdef, state, tokens: JointTokens, h, rope, x_mask, y_mask):
     """One layer over joined tokens `h [S, T, hidden]` (`JointTokens`, rotary tables `rope` joined alike):
-    the projections and the MLP over all tokens at once; attention apart, the prompts over their own keys and
-    values (this layer's cache), the continuations over the prompt's (repeated G times) and their own."""
+    the projections and the MLP over all tokens at once, attention apart (`_attend_prompts_then_continuations`)."""
     layer = nnx.merge(graphdef, state)
     attention = layer.self_attn
     q, k, v = attention.project(layer.input_layernorm(h), *rope)
     (qx, qy), (kx, ky), (vx, vy) = tokens.split(q), tokens.split(k), tokens.split(v)
-    shape = (tokens.batch, tokens.prompt_len + tokens.length, attention.num_kv_heads, attention.head_dim)
-    cache = LayerCache(jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype))
-    out_x, cache = attention.attend(qx, kx, vx, x_mask, cache, jnp.int32(0))
-    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=tokens.rows // tokens.batch, axis=0), cache)
-    out_y, _ = attention.attend(qy, ky, vy, y_mask, cache, jnp.int32(tokens.prompt_len))
+    out_x, out_y = _attend_prompts_then_continuations(attention, (qx, kx, vx), x_mask, (qy, ky, vy), y_mask)
     return layer.after_attention(h, attention.o_proj(tokens.join(out_x, out_y)))
 
 
@@ -429,21 +441,14 @@ _remat_joint_layer = jax.checkpoint(_joint_layer, static_argnums=(0, 2))
 
 
 def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
-    """One layer over prompts `x [B, P, h]`, then over their continuations `y [B * G, C, h]`, which see
-    the prompt's keys and values (this layer's cache, repeated G times) and their own: where the two cannot
-    be joined (`JointTokens.of`)."""
+    """One layer over prompts `x [B, P, h]` and their continuations `y [B * G, C, h]` apart, attention as in
+    `_attend_prompts_then_continuations`: where the two cannot be joined (`JointTokens.of`)."""
     layer = nnx.merge(graphdef, state)
-    batch, prompt_len, _ = x.shape
-    rows, length, _ = y.shape
     attention = layer.self_attn
-    shape = (batch, prompt_len + length, attention.num_kv_heads, attention.head_dim)
-    cache = LayerCache(jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
-    x, cache = layer(x, *x_rope, x_mask, cache, jnp.int32(0))
-    # A static repeat count lowers to a broadcast; `total_repeat_length` would make it a gather, which
-    # libtpu's all-reduce-scatter fusion fails on under FSDP (RET_CHECK in hlo_instruction.cc).
-    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=rows // batch, axis=0), cache)
-    y, _ = layer(y, *y_rope, y_mask, cache, jnp.int32(prompt_len))
-    return x, y
+    x_qkv = attention.project(layer.input_layernorm(x), *x_rope)
+    y_qkv = attention.project(layer.input_layernorm(y), *y_rope)
+    out_x, out_y = _attend_prompts_then_continuations(attention, x_qkv, x_mask, y_qkv, y_mask)
+    return layer.after_attention(x, attention.o_proj(out_x)), layer.after_attention(y, attention.o_proj(out_y))
 
 
 _remat_prefix_layer = jax.checkpoint(_prefix_layer, static_argnums=(0,))
