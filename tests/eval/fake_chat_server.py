@@ -67,6 +67,16 @@ class FakeChatServer:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+                counted = [True]
+
+                def leave() -> None:
+                    # Before the reply's first byte: a client that has read its reply may send its next
+                    # request before this handler's thread runs again, and must not be counted twice.
+                    if counted[0]:
+                        counted[0] = False
+                        with server._lock:
+                            server.in_flight -= 1
+
                 try:
                     answer = server.reply(body, attempt)
                     time.sleep(answer.delay_s)
@@ -94,6 +104,7 @@ class FakeChatServer:
                             message += f" (you sent Authorization: {self.headers.get('Authorization')})"
                         payload = {"error": {"message": message, "type": "test"}}
                     data = json.dumps(payload).encode()
+                    leave()
                     self.send_response(answer.status)
                     self.send_header("Content-Type", "application/json")
                     if answer.send_length:
@@ -113,8 +124,7 @@ class FakeChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                    leave()
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
