@@ -17,22 +17,22 @@ analysis of the compiled step gives its arguments (state + batch), outputs and t
 wall time of `--runs` steps. Ratios are against the full fine-tune.
 
 Decoding (`--decode-tokens N`, with `--runs`; 0 skips it), for the `--decode-arms` (LoRA arms): the sampler's
-jitted prefill and decode loop (the programs `opsd_jax.sampling.generate` runs, on the decoder copy
-`generation_params` makes), greedy, N new tokens (no EOS: every row decodes all N) for the step's prompts,
+jitted prefill and decode loop (the programs `opsd_jax.sampling.generate` runs, on what
+`sampler.generation_model` gives), greedy, N new tokens (no EOS: every row decodes all N) for the step's prompts,
 `--samples` rollouts each, run on the adapted thinker with non-zero adapters (`lora_b` drawn with standard
 deviation `--adapter-scale`, as training would leave them) two ways, side by side:
 
-- adapted: as the sampler runs it today, every adapted matmul adding `x @ a @ b * alpha / rank` (QLoRA: from the
-  quantized kernels);
-- merged: `lora.merged_thinker(adapted)`, a plain thinker whose kernels are `kernel + a @ b * alpha / rank`
-  (QLoRA: dequantized), as a decode copy would be.
+- adapted (`merge_adapters=False`): every adapted matmul adding `x @ a @ b * alpha / rank` (QLoRA: from the
+  quantized kernels); the sampler's choice when the base is stored in the compute dtype or quantized;
+- merged (`merge_adapters=True`): a plain thinker whose kernels are `kernel + a @ b * alpha / rank` (QLoRA:
+  dequantized) in the decode copy; the sampler's choice when it makes that copy anyway (float32 masters).
 
 `ms/token` is the median (over `--runs` rounds after a warm-up one, each round running the adapted and the merged
 programs in turn) time of the decode loop divided by its N - 1 steps (the prefill samples token 0), each step one
 token for every row; `merged / adapted` is their ratio (below 1: the merged copy decodes faster), `fastest runs`
 the ratio of the two programs' fastest runs (on a shared machine, the runs least slowed by other work; the JSON
-keeps every run's time). `prefill ms` is the prefill's median time. `merge ms` is the median time of the merge
-itself (jitted `lora.merged_kernels`, into the compute dtype), paid again whenever the adapters change (every
+keeps every run's time). `prefill ms` is the prefill's median time. `merge ms` is the median time of the merged decode
+copy less that of the copy without the merge (`generation_model`, jitted), paid again whenever the adapters change (every
 train step), and `break-even tokens` the number of decode steps after which merging has paid for itself at the
 median times (none: it never does). `equal tokens` is the fraction of the greedy tokens on which the two agree
 (rounding differs between the two computations, and a greedy rollout that diverges once stays diverged).
@@ -236,7 +236,7 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[
     return {name: samples[1:] for name, samples in times.items()}
 
 
-def generation_runs(args: argparse.Namespace, model: nnx.Module, inputs, key: jax.Array):
+def generation_runs(args: argparse.Namespace, model: nnx.Module, merge: bool, inputs, key: jax.Array):
     """(prefill, decode, tokens): blocking calls of the sampler's two programs on `model` (`--runs` + 1 calls of
     decode at most), and the greedy tokens of the last decode."""
     settings = sampler.sampling_settings(
@@ -246,8 +246,7 @@ def generation_runs(args: argparse.Namespace, model: nnx.Module, inputs, key: ja
         pad_token_id=0,
         num_samples=args.samples,
     )
-    graphdef, params = nnx.split(model)
-    params = sampler.generation_params(params, model.dtype)
+    graphdef, params = sampler.generation_model(*nnx.split(model), model.dtype, merge_adapters=merge)
     # The jitted programs `generate` runs (its prefill, then its decode loop), called as it calls them; not
     # `compile_generation`'s ahead-of-time executables, which refuse QLoRA nf4's packed uint4 kernels on CPU.
     static = dict(sampling=settings, mesh=None)
@@ -271,21 +270,24 @@ def measure_decode(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     adapted = thinker(args, arm)
     randomize_adapters(adapted, args.adapter_scale)
     graphdef, state = nnx.split(adapted)
-    # The merge's own work: every adapted kernel + a @ b * alpha / rank, in the compute dtype (the decoder copy
-    # generation makes anyway when the weights are stored wider); the other weights are the adapted model's.
-    merge = jax.jit(
-        lambda state: {
-            "/".join(map(str, path)): kernel.astype(adapted.dtype)
-            for path, kernel in lora.merged_kernels(nnx.merge(graphdef, state)).items()
-        }
-    )
-    merge_seconds = median_seconds(lambda: jax.block_until_ready(merge(state)), repeats=args.runs)
-    merged = lora.merged_thinker(adapted)
+    # The merge's own work: the decode copy with the adapters merged in, less the copy without (none when the
+    # base is stored in the compute dtype or quantized), paid again whenever the adapters change (every step).
+    copy_seconds = {
+        name: median_seconds(
+            lambda merge=merge: jax.block_until_ready(
+                sampler.generation_model(graphdef, state, adapted.dtype, merge_adapters=merge)[1]
+            ),
+            repeats=args.runs,
+        )
+        for name, merge in (("adapted", False), ("merged", True))
+    }
+    merge_seconds = copy_seconds["merged"] - copy_seconds["adapted"]
     ids = prompt_ids(args)
     inputs = adapted.prepare_inputs(ids, attention_mask=np.ones_like(ids))
     key = jax.random.key(0)
     programs = {
-        name: generation_runs(args, model, inputs, key) for name, model in (("adapted", adapted), ("merged", merged))
+        name: generation_runs(args, adapted, merge, inputs, key)
+        for name, merge in (("adapted", False), ("merged", True))
     }
     runs = {
         f"{name}_{program}": calls[index]
@@ -307,6 +309,7 @@ def measure_decode(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         "merged_over_adapted": merged_token / adapted_token,
         # On a shared machine the runs a burst of other work slows are the noise; the fastest are the least.
         "merged_over_adapted_fastest": min(samples["merged_decode"]) / min(samples["adapted_decode"]),
+        "copy_seconds": copy_seconds,  # generation_model's decode copy, without and with the merge
         "merge_seconds": merge_seconds,
         "break_even_tokens": merge_seconds / saved if saved > 0 else None,
         "equal_token_fraction": float(equal.mean()),

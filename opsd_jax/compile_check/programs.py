@@ -40,10 +40,10 @@ from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
 from opsd_jax.data.chat_template import VideoPart, audio_in_video_runs, audio_token_count, vision_token_count
 from opsd_jax.models import lora
-from opsd_jax.models.precision import in_compute_dtype
+from opsd_jax.models.precision import in_compute_dtype, param_names
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
-from opsd_jax.sampling.sampler import compile_generation, generation_params, sampling_settings
+from opsd_jax.sampling.sampler import compile_generation, generation_model, sampling_settings
 from opsd_jax.sharding import make_mesh, param_shardings
 from opsd_jax.sharding.topology import Chip
 
@@ -464,15 +464,17 @@ def check_config(
         elif step is not None:
             step_report.flops *= accumulation
 
-    # Generation runs on a compute-dtype copy of the decoder while the rest of the state (optimizer
-    # moments, the teacher's copy, the master weights when the copy is not them) stays in HBM.
-    generation = generation_params(params, model.dtype)  # what `generate` runs on (abstract here)
+    # Generation runs on a compute-dtype copy of the decoder (LoRA's adapters merged into it when it is made)
+    # while the rest of the state (optimizer moments, the teacher's copy, the master weights and adapters the
+    # copy replaces) stays in HBM.
+    _, generation = generation_model(graphdef, params, model.dtype)  # what `generate` runs on (abstract here)
+    taken = {param_names(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(generation)}
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
     resident += bytes_per_chip(
         [
             master
-            for master, copy in zip(jax.tree.leaves(params), jax.tree.leaves(generation))
-            if master.dtype != copy.dtype
+            for path, master in jax.tree_util.tree_leaves_with_path(params)
+            if taken.get(param_names(path)) != master.dtype
         ]
     )
     sampling = config.sampling
@@ -533,7 +535,7 @@ def check_config(
             else:
                 analyse(report, program, chip, resident=beside)
                 if report is decode:
-                    report.per_token = decode_per_token(report, generation_params(weights, model.dtype), chip)
+                    report.per_token = decode_per_token(report, generation_model(graph, weights, model.dtype)[1], chip)
             record(report)
     return reports
 

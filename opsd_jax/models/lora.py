@@ -198,15 +198,22 @@ def without_adapters(adapters: nnx.State) -> nnx.State:
 
 
 def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
-    """`{kernel path: kernel + a @ b * alpha / rank}` for every adapted layer of `model` (float32 sums, in the
-    kernel's dtype; QLoRA's quantized kernels are dequantized first). Paths are `nnx` state paths."""
+    """`{kernel path: merge_kernel(...)}` for every adapted layer of `model` (paths are `nnx` state paths)."""
     rank, alpha = lora_settings(model)
-    merged = {}
-    for path, module in adapted_layers(model):
-        kernel = dequantized_kernel(module)
-        delta = module.kernel_lora_a[...].astype(jnp.float32) @ module.kernel_lora_b[...].astype(jnp.float32)
-        merged[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta * (alpha / rank)).astype(kernel.dtype)
-    return merged
+    return {
+        (*path, "kernel"): merge_kernel(
+            stored_kernel(module), module.kernel_lora_a[...], module.kernel_lora_b[...], alpha / rank
+        )
+        for path, module in adapted_layers(model)
+    }
+
+
+def merge_kernel(kernel: Any, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """`kernel + a @ b * scale` (`scale` = alpha / rank), summed in float32, in the kernel's dtype. `kernel [in, out]`
+    as `stored_kernel` gives it: QLoRA's quantized form is dequantized first (into the adapters' dtype)."""
+    kernel = dequantize(kernel, a.dtype)
+    delta = a.astype(jnp.float32) @ b.astype(jnp.float32)
+    return (kernel.astype(jnp.float32) + delta * scale).astype(kernel.dtype)
 
 
 def adapted_layers(model: nnx.Module) -> list[tuple[tuple, Linear]]:
@@ -218,21 +225,26 @@ def adapted_layers(model: nnx.Module) -> list[tuple[tuple, Linear]]:
     ]
 
 
-def _base_kernel(layer: Linear) -> Any:
+def stored_kernel(layer: Linear) -> Any:
+    """A layer's base kernel as stored: an array, or for QLoRA qwix's quantized form (a pytree, not an array)."""
     return layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
 
 
 def is_quantized(layer: Linear) -> bool:
     """Whether an adapted layer's base kernel is stored quantized (QLoRA: qwix's form, not an array)."""
-    return not isinstance(_base_kernel(layer), jax.Array)
+    return not isinstance(stored_kernel(layer), jax.Array)
+
+
+def dequantize(kernel: Any, dtype: Any) -> jax.Array:
+    """A kernel as `stored_kernel` gives it, as an array: itself, or QLoRA's quantized form dequantized into `dtype`."""
+    if isinstance(kernel, jax.Array):
+        return kernel
+    return qwix.dequantize(kernel.array).astype(dtype)  # qwix's WithAux
 
 
 def dequantized_kernel(layer: Linear) -> jax.Array:
     """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
-    kernel = _base_kernel(layer)
-    if not is_quantized(layer):
-        return kernel
-    return qwix.dequantize(kernel.array).astype(layer.kernel_lora_a.get_value().dtype)  # qwix's WithAux
+    return dequantize(stored_kernel(layer), layer.kernel_lora_a.get_value().dtype)
 
 
 def lora_settings(model: nnx.Module) -> tuple[int, float]:

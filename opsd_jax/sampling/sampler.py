@@ -16,8 +16,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from opsd_jax.models import lora
 from opsd_jax.models.precision import is_decoder_param, param_names
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, first_new_position, place_inputs
 from opsd_jax.models.text import LayerCache, constrain_cache
@@ -108,38 +109,99 @@ def _decode_sharding(path: tuple, leaf: Any) -> Any:
     return sharding
 
 
-_KEEP = "keep"  # a leaf generation takes as it is
+@functools.partial(jax.jit, static_argnames=("scale", "layout"))
+def _decoder_copy(sources: list, scale: float, layout: tuple) -> list:
+    """The decode copies of `sources`: each an array, or a LoRA layer's `(stored kernel, a, b)` (merged:
+    `lora.merge_kernel` with `scale`), cast and placed as `layout` says (per source, a static argument: a traced
+    array has no sharding to read) `(dtype or None, sharding or None)`. Only what changes goes through: jit
+    would return a copy even of an argument it returns untouched."""
+    copies = []
+    for source, (cast, sharding) in zip(sources, layout):
+        x = lora.merge_kernel(*source, scale) if isinstance(source, tuple) else source
+        x = x if cast is None else x.astype(cast)
+        copies.append(x if sharding is None else jax.lax.with_sharding_constraint(x, sharding))
+    return copies
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "layout"))
-def _cast_decoder(params: nnx.State, dtype: jnp.dtype, layout: tuple) -> nnx.State:
-    """`layout`: per leaf of `params` (flattened), `_KEEP` or the sharding of its decode copy (a static
-    argument: a traced leaf has no sharding to read)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    copies = [
-        x if sharding is _KEEP else jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
-        for x, sharding in zip(leaves, layout)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, copies)
+def generation_model(
+    graphdef: nnx.GraphDef, params: nnx.State, dtype: Any, *, merge_adapters: bool | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph and parameters generation runs on: the text decoder's and output head's weights in the compute
+    `dtype`, as a copy laid out for decoding (`_DECODE_SPLIT`), every other array as it is (not copied).
+    Unchanged, and no copy at all, when the weights are already in `dtype`.
 
-
-def generation_params(params: nnx.State, dtype: Any) -> nnx.State:
-    """The parameters generation runs on: the text decoder's and output head's weights in the compute
-    `dtype`, as a copy laid out for decoding (`_DECODE_SPLIT`), everything else as it is. Unchanged, and
-    no copy, when the weights are already in `dtype`. Abstract parameters (`jax.ShapeDtypeStruct`s, as
-    `compile_generation` takes) give abstract ones with the copy's shardings."""
+    A LoRA thinker (`lora.apply_lora`) decodes its merged copy (a plain thinker whose kernels are `kernel +
+    a @ b * alpha / rank`, `lora.merged_thinker`), which spares every token the adapters' two extra matmuls,
+    when `merge_adapters` says so; by default (None) exactly when every adapted kernel gets a decode copy
+    anyway (master weights wider than `dtype`, in the decoder): the merge then costs one `a @ b` per layer
+    and no memory. With the base stored in `dtype` or quantized (QLoRA), a merged copy would be a second
+    copy of the adapted kernels (QLoRA's in bfloat16, several times its base): the adapters run instead
+    (`benchmarks/lora.py` times both). Abstract parameters (`jax.ShapeDtypeStruct`s, as `compile_generation`
+    takes) give abstract ones with the copy's shardings.
+    """
     dtype = jnp.dtype(dtype)
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    layout = tuple(_decode_sharding(path, x) if _is_decoder_weight(path, x, dtype) else _KEEP for path, x in leaves)
-    if all(sharding is _KEEP for sharding in layout):
-        return params
-    if all(isinstance(x, jax.ShapeDtypeStruct) for _, x in leaves):
+    model = nnx.merge(graphdef, params)  # shares the arrays; reads the structure
+    if merge_adapters is None:
+        merge_adapters = lora.is_adapted(model) and all(
+            not lora.is_quantized(layer) and _is_decoder_weight(path, layer.kernel.get_value(), dtype)
+            for path, layer in lora.adapted_layers(model)
+        )
+    elif merge_adapters and not lora.is_adapted(model):
+        raise ValueError("merge_adapters: the model has no LoRA adapters to merge")
+    out_graphdef, out, merged = graphdef, params, {}
+    if merge_adapters:
+        out_graphdef, out = nnx.split(
+            nnx.eval_shape(lambda state: lora.merged_thinker(nnx.merge(graphdef, state)), params)
+        )
+        merged = {(*path, "kernel"): layer for path, layer in lora.adapted_layers(model)}
+    stored = {param_names(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    leaves = []  # per leaf of `out`: the stored array, or the index of its copy in `sources`
+    sources, like, layout = [], [], []
+    for path, _ in jax.tree_util.tree_leaves_with_path(out):
+        names = param_names(path)
+        layer = merged.get(names)
+        if layer is not None:
+            a, b = layer.kernel_lora_a.get_value(), layer.kernel_lora_b.get_value()
+            kernel = lora.stored_kernel(layer)
+            source, target = (kernel, a, b), _merged_kernel_like(kernel, a, b)
+        elif _is_decoder_weight(path, stored[names], dtype):
+            source = target = stored[names]
+        else:
+            leaves.append(stored[names])
+            continue
+        decoder = is_decoder_param(path)  # an encoder's adapted kernel (merge_adapters=True) keeps dtype and layout
+        leaves.append(len(sources))
+        sources.append(source)
+        like.append(target)
+        layout.append(
+            (dtype if decoder and target.dtype != dtype else None, _decode_sharding(path, target) if decoder else None)
+        )
+    if not sources and out is params:
+        return graphdef, params
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         copies = [
-            x if sharding is _KEEP else jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
-            for (_, x), sharding in zip(leaves, layout)
+            jax.ShapeDtypeStruct(x.shape, cast or x.dtype, sharding=sharding or getattr(x, "sharding", None))
+            for x, (cast, sharding) in zip(like, layout)
         ]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), copies)
-    return _cast_decoder(params, dtype, layout)
+    else:
+        rank, alpha = lora.lora_settings(model) if merged else (1, 1.0)
+        copies = _decoder_copy(sources, alpha / rank, tuple(layout))
+    leaves = [copies[leaf] if isinstance(leaf, int) else leaf for leaf in leaves]
+    return out_graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out), leaves)
+
+
+def _merged_kernel_like(kernel: Any, a: Any, b: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of `lora.merge_kernel(kernel, a, b, ...)`: the stored kernel's, or for a quantized
+    one (QLoRA) the adapters' dtype and the sharding their input and output axes give."""
+    if not isinstance(kernel, jax.ShapeDtypeStruct | jax.Array):
+        sharding = None
+        if isinstance(getattr(a, "sharding", None), NamedSharding):
+            spec_a = tuple(a.sharding.spec) + (None,) * (2 - len(a.sharding.spec))
+            spec_b = tuple(b.sharding.spec) + (None,) * (2 - len(b.sharding.spec))
+            sharding = NamedSharding(a.sharding.mesh, PartitionSpec(spec_a[0], spec_b[1]))
+        return jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype, sharding=sharding)
+    return kernel
 
 
 def _emit(
@@ -318,7 +380,7 @@ def compile_generation(
     returns, with the shardings the compiled prefill gives it. `rules`: the run's logical-axis table
     (`MeshConfig.axis_rules`; default: the default table).
     """
-    params = generation_params(params, nnx.merge(graphdef, params).dtype)
+    graphdef, params = generation_model(graphdef, params, nnx.merge(graphdef, params).dtype)
     prefill = _prefill.lower(graphdef, params, inputs, key, sampling=settings, mesh=mesh, rules=rules).compile()
     state = jax.tree.map(
         lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
@@ -390,8 +452,7 @@ def generate(
         prepared = pad_prompts(prepared, bucket_length(prepared.input_ids.shape[1], prompt_buckets), pad_token_id)
     if mesh is not None:
         prepared = place_inputs(prepared, mesh, rules=rules)
-    graphdef, params = nnx.split(model)
-    params = generation_params(params, model.dtype)
+    graphdef, params = generation_model(*nnx.split(model), model.dtype)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = _prefill(graphdef, params, prepared, key, sampling=sampling, mesh=mesh, rules=rules)
     state = _decode(graphdef, params, state, sampling=sampling, mesh=mesh, rules=rules)

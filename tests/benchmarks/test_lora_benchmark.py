@@ -36,7 +36,8 @@ def test_lora_benchmark_times_adapted_and_merged_decoding(tmp_path, capsys):
     assert decode["merged_over_adapted_fastest"] == pytest.approx(
         min(samples["merged_decode"]) / min(samples["adapted_decode"])
     )
-    assert decode["merge_seconds"] > 0
+    copies = decode["copy_seconds"]  # the decode copy without and with the merge
+    assert copies["merged"] > 0 and decode["merge_seconds"] == pytest.approx(copies["merged"] - copies["adapted"])
     assert 0.0 <= decode["equal_row_fraction"] <= decode["equal_token_fraction"] <= 1.0
     printed = capsys.readouterr().out
     assert "| lora | " in printed and "merged / adapted" in printed and "equal tokens" in printed
