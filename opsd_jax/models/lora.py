@@ -231,8 +231,9 @@ def stored_kernel(layer: Linear) -> Any:
 
 
 def is_quantized(layer: Linear) -> bool:
-    """Whether an adapted layer's base kernel is stored quantized (QLoRA: qwix's form, not an array)."""
-    return not isinstance(stored_kernel(layer), jax.Array)
+    """Whether an adapted layer's base kernel is stored quantized (QLoRA: qwix's form, not an array; abstract
+    weights, as compile-check traces them, are `jax.ShapeDtypeStruct`s)."""
+    return not isinstance(stored_kernel(layer), jax.Array | jax.ShapeDtypeStruct)
 
 
 def dequantize(kernel: Any, dtype: Any) -> jax.Array:

@@ -150,7 +150,8 @@ def test_a_config_too_large_for_the_slice_exits_non_zero_naming_the_program(repo
 
 
 def test_a_lora_config_compiles_with_the_base_alone_beside_its_adapters(tiny_untied, tmp_path):
-    """LoRA's train step and rollouts compile from abstract adapted states (`nnx.eval_shape`): the frozen base once
+    """LoRA's train step and rollouts compile from abstract adapted states (`nnx.eval_shape`), the rollouts on the
+    merged decode copy, as a full fine-tune's: the frozen base once
     (a frozen teacher is the base), beside the adapters' float32 masters and Adam moments; the full fine-tune
     of the same config holds its parameters, two Adam moments of the decoder and the teacher's copy (here
     534.2 KB per chip, 62.6 KB of it the teacher's bfloat16 copy of the decoder, against LoRA's 320.1 KB)."""
@@ -164,6 +165,11 @@ def test_a_lora_config_compiles_with_the_base_alone_beside_its_adapters(tiny_unt
         results[name] = {p["name"]: p for p in json.loads(out.read_text())["programs"]}
     for program in results["lora"].values():
         assert program["compiled"], program["error"]
+    # float32 masters under bfloat16 compute: the rollouts decode the merged kernels in generation's bfloat16 copy
+    # (`sampler.generation_model`), the very arrays a full fine-tune's rollouts read, and no adapter.
+    decode = {name: results[name]["rollout_decode"] for name in results}
+    assert decode["lora"]["memory"]["arguments"] == decode["full"]["memory"]["arguments"]
+    assert decode["lora"]["per_token"]["collective_count"] == decode["full"]["per_token"]["collective_count"]
     # The step's arguments are its state and its batch (the same in both): LoRA saves at least the difference of
     # the states' sizes, counted from the trainer's own init_state on the tiny thinker, placed on a mesh of the
     # slice's 4 chips (measured: 222.7 KB saved, states differ by 214.1 KB; the other 8.6 KB of the full
