@@ -135,7 +135,7 @@ def generation_model(
     when `merge_adapters` says so; by default (None) exactly when every adapted kernel gets a decode copy
     anyway (master weights wider than `dtype`, in the decoder): the merge then costs one `a @ b` per layer
     and no memory. With the base stored in `dtype` or quantized (QLoRA), a merged copy would be a second
-    copy of the adapted kernels (QLoRA's in bfloat16, several times its base): the adapters run instead
+    copy of the adapted kernels (QLoRA's in bfloat16, two to four times its base): the adapters run instead
     (`benchmarks/lora.py` times both). Abstract parameters (`jax.ShapeDtypeStruct`s, as `compile_generation`
     takes) give abstract ones with the copy's shardings.
     """
