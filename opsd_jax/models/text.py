@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ from opsd_jax.sharding import (
     constrain,
     constrain_activation,
 )
+
+T = TypeVar("T")
 
 # Layer-boundary activation layouts (logical axes; see `opsd_jax.sharding.activation_sharding`).
 HIDDEN_AXES = ("batch", "length", "activation_embed")
@@ -280,23 +282,18 @@ class TextModel(nnx.Module):
         )
         x = constrain_activation(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         new_cache = [] if cache is not None else None
-        split = [nnx.split(layer) for layer in self.layers]
-        for i, (graphdef, state) in enumerate(split):
+
+        def run(i: int, graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
             layer_cache = None if cache is None else cache[i]
-            if i + 1 < len(split):
-                # Prefetch at most one layer ahead. Under FSDP each layer all-gathers its weights; left
-                # free, XLA's TPU scheduler starts every layer's gathers early to overlap them with
-                # compute, and the gathered copies of all layers stay alive together (the compiled step's
-                # peak then sits at the HBM size whatever the activations need). Tying the next layer's
-                # parameters to this layer's input lets its gathers overlap this layer, no earlier.
-                x, next_state = jax.lax.optimization_barrier((x, split[i + 1][1]))
-                split[i + 1] = (split[i + 1][0], next_state)
             if self.remat:
                 x, layer_cache = _remat_layer(graphdef, state, x, cos, sin, mask, layer_cache, cache_index)
             else:
                 x, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache, cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
+            return x
+
+        x = _through_layers(self.layers, x, run)
         return self.norm(x), new_cache
 
     def prefix_and_continuations(
@@ -340,25 +337,24 @@ class TextModel(nnx.Module):
         prefix_rope, rope_ = rope(prefix_positions), rope(positions)
         x = constrain_activation(prefix_embeds.astype(self.dtype), HIDDEN_AXES)
         y = constrain_activation(embeds.astype(self.dtype), HIDDEN_AXES)
-        split = [nnx.split(layer) for layer in self.layers]
         tokens = JointTokens.of(x, y)
         if tokens is not None:
             # One token matrix through every layer: see `JointTokens`.
             h = constrain_activation(tokens.join(x, y), HIDDEN_AXES)
             rope_ = tuple(tokens.join(a, b) for a, b in zip(prefix_rope, rope_))
-            run = _remat_joint_layer if self.remat else _joint_layer
-            for i, (graphdef, state) in enumerate(split):
-                if i + 1 < len(split):  # prefetch at most one layer ahead: see `__call__`
-                    h, next_state = jax.lax.optimization_barrier((h, split[i + 1][1]))
-                    split[i + 1] = (split[i + 1][0], next_state)
-                h = run(graphdef, state, tokens, h, rope_, prefix_mask, mask)
+            layer = _remat_joint_layer if self.remat else _joint_layer
+            h = _through_layers(
+                self.layers,
+                h,
+                lambda _, graphdef, state, h: layer(graphdef, state, tokens, h, rope_, prefix_mask, mask),
+            )
             return tokens.split(self.norm(h))
-        for i, (graphdef, state) in enumerate(split):
-            if i + 1 < len(split):
-                x, y, next_state = jax.lax.optimization_barrier((x, y, split[i + 1][1]))
-                split[i + 1] = (split[i + 1][0], next_state)
-            run = _remat_prefix_layer if self.remat else _prefix_layer
-            x, y = run(graphdef, state, x, prefix_rope, prefix_mask, y, rope_, mask)
+        layer = _remat_prefix_layer if self.remat else _prefix_layer
+        x, y = _through_layers(
+            self.layers,
+            (x, y),
+            lambda _, graphdef, state, xy: layer(graphdef, state, xy[0], prefix_rope, prefix_mask, xy[1], rope_, mask),
+        )
         return self.norm(x), self.norm(y)
 
 
@@ -407,6 +403,24 @@ class JointTokens:
             h[:, :cut].reshape(self.batch, self.prompt_len, *h.shape[2:]),
             h[:, cut:].reshape(self.rows, self.length, *h.shape[2:]),
         )
+
+
+def _through_layers(layers: Sequence[nnx.Module], carry: T, run: Callable[[int, nnx.GraphDef, nnx.State, T], T]) -> T:
+    """`carry = run(i, graphdef, state, carry)` for each layer i (split into its graph and state), in order, with each
+    layer's weights prefetched at most one layer ahead.
+
+    Under FSDP each layer all-gathers its weights; left free, XLA's TPU scheduler starts every layer's gathers early
+    to overlap them with compute, and the gathered copies of all layers stay alive together (the compiled step's
+    peak then sits at the HBM size whatever the activations need). Tying the next layer's parameters to this
+    layer's input (`carry`, every array of it) lets its gathers overlap this layer, no earlier.
+    """
+    split = [nnx.split(layer) for layer in layers]
+    for i, (graphdef, state) in enumerate(split):
+        if i + 1 < len(split):
+            carry, next_state = jax.lax.optimization_barrier((carry, split[i + 1][1]))
+            split[i + 1] = (split[i + 1][0], next_state)
+        carry = run(i, graphdef, state, carry)
+    return carry
 
 
 def _attend_prompts_then_continuations(attention: Qwen2Attention, x_qkv, x_mask, y_qkv, y_mask):
