@@ -80,7 +80,8 @@ def initialize_distributed() -> None:
 
 
 def check_slice(config: Config) -> None:
-    """On a TPU, the slice must be the one `mesh.topology` names (its memory budget and compile check are)."""
+    """On a TPU, the slice must be the one `mesh.topology` names (its memory budget and compile check are). A GPU
+    config's topology is what its budget and compile check are for; on more GPUs `mesh.fsdp: -1` shards it."""
     topology = config.mesh.topology
     if topology and jax.default_backend() == "tpu" and jax.device_count() != topology_chips(topology):
         raise ConfigError(

@@ -200,13 +200,14 @@ def test_lora_budget_counts_the_adapters_apply_lora_makes(tiny_untied):
     assert sorted(kernels) == sorted(shapes * layers)
 
 
-def test_tpu_configs_name_their_slice(loaded):
-    """A TPU config names its topology (compile-check compiles for it); its chips are the config's devices."""
-    from opsd_jax.sharding.topology import topology_chips
+def test_tpu_and_gpu_configs_name_their_slice(loaded):
+    """A TPU or GPU config names its topology (compile-check compiles for it); its chips are the config's devices."""
+    from opsd_jax.sharding.topology import topology_chip, topology_chips
 
     path, devices, config = loaded
-    if header(path, "hbm_gb") is None or "gpu" in path.name or "demo" in path.name:
+    if header(path, "hbm_gb") is None or "demo" in path.name:
         assert config.mesh.topology is None
         return
-    assert config.mesh.topology is not None, f"{path.name}: set mesh.topology (e.g. v5p:4x4x2)"
+    assert config.mesh.topology is not None, f"{path.name}: set mesh.topology (e.g. v5p:4x4x2, h100:1)"
     assert topology_chips(config.mesh.topology) == devices
+    assert topology_chip(config.mesh.topology).platform == ("cuda" if "gpu" in path.name else "tpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from opsd_jax.compile_check import report as report_module
 from opsd_jax.compile_check.programs import ClipShape, check_config
 from opsd_jax.config import ConfigError, load_config
 from opsd_jax.models.architectures import thinker_config
-from opsd_jax.sharding.topology import TopologyError, topology_chips, topology_devices
+from opsd_jax.sharding.topology import TopologyError, topology_chip, topology_chips, topology_devices
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     config.validate(chips)  # the mesh must fill the slice: a one-line error, before any compile
 
+    if topology_chip(topology).platform == "cuda" and "xla_gpu_enable_triton_gemm" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        # Without a GPU XLA cannot autotune its Triton matmuls, and some find no tiling at all ("Couldn't find
+        # output tile sizes"): compile the matmuls as cuBLAS calls, which need none. Read once, when XLA starts.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
     try:
         chip, devices = topology_devices(topology)
     except TopologyError as err:
@@ -102,17 +109,20 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compile-check",
-        help="compile a config's programs for its TPU slice, without a TPU, and report memory and traffic",
+        help="compile a config's programs for its TPU slice or GPUs, without them, and report memory and traffic",
         description="Compiles every program a training run of the config compiles (the train step with its "
         "micro-batch loop, one micro-batch alone for XLA's cost model, the rollout's prefill and decode loop, "
-        "evaluation's generation) for a TPU topology, on this machine, with libtpu and no TPU. Prints per chip: "
+        "evaluation's generation) for a TPU topology with libtpu, or for GPUs with the CUDA plugin, on this machine, "
+        "with no TPU or GPU. Prints per chip: "
         "memory (arguments, temporaries, outputs, what stays resident, the peak against HBM), FLOPs (loop "
         "bodies times their trip counts), XLA's cost-model time against pure compute, collectives by kind, and "
         "for the decode loop the bytes per generated token against the HBM floor. Exits 1 naming the program "
         "when one does not compile or leaves less than --min-spare of HBM, 2 on bad arguments. The model's "
         "architecture is the checkpoint's config.json, or the published one named by the checkpoint "
         "directory (Qwen2.5-Omni-3B / -7B) when the weights are elsewhere. Needs libtpu: "
-        "pip install 'opsd-jax[tpu]'. A 7B config takes 5-20 minutes and up to ~12 GB of RAM.",
+        "pip install 'opsd-jax[tpu]'; GPUs (h100:N) need the CUDA plugin, pip install 'opsd-jax[cuda]', whose "
+        "compile has no cost model (XLA prices GPU programs only on a GPU) and no autotuning (matmuls compiled as "
+        "cuBLAS calls). A 7B config takes 5-20 minutes and up to ~12 GB of RAM.",
     )
     parser.add_argument(
         "--config",
@@ -120,7 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="YAML run config file, or the name of a shipped one (demo_tiny, qwen2_5_omni_3b_v5e16, ...: configs/)",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as in train")
-    parser.add_argument("--topology", help="TPU slice, GENERATION:CHIPGRID, e.g. v5p:4x4x2 (default: mesh.topology)")
+    parser.add_argument(
+        "--topology",
+        help="TPU slice, GENERATION:CHIPGRID, e.g. v5p:4x4x2, or GPUs on one host, MODEL:COUNT, e.g. h100:1 "
+        "(default: mesh.topology)",
+    )
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument(
         "--programs",

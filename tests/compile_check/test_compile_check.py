@@ -226,6 +226,30 @@ def test_topology_names_are_checked():
         load_config(None, ["mesh.topology=v7:2x2"], num_devices=None)
 
 
+def test_gpu_topologies_name_a_count_and_are_described_by_the_cuda_plugin_or_say_how_to_get_it():
+    """`h100:N`: N GPUs on one host. With the CUDA plugin (`opsd-jax[cuda]`) their compile-only devices come from
+    the card's description, no GPU needed; without it the error names the extra."""
+    import importlib.util
+
+    from opsd_jax.sharding.topology import topology_devices
+
+    chip, grid = parse_topology("h100:1")
+    assert chip.platform == "cuda" and grid == (1,) and chip.hbm_bytes == pytest.approx(81.24e9, rel=1e-3)
+    for bad in ("h100:2x2", "h100:0", "a100:1"):
+        with pytest.raises(TopologyError):
+            parse_topology(bad)
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        plugin = None
+    if plugin is None:
+        with pytest.raises(TopologyError, match=r"opsd-jax\[cuda\]"):
+            topology_devices("h100:1")
+    else:
+        _, devices = topology_devices("h100:1")
+        assert len(devices) == 1 and "H100" in devices[0].device_kind
+
+
 def test_a_mesh_that_does_not_fill_the_slice_is_a_one_line_error(report, tmp_path, capsys):
     _, _, checkpoint = report
     config = tmp_path / "bad.yaml"
