@@ -11,8 +11,10 @@ DEMO_STAMP := $(VENV)/.installed-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# The shipped TPU configs, each compiled for its slice by `make bench` (libtpu, no TPU; 5-20 minutes each).
-TPU_CONFIGS := qwen2_5_omni_3b_v5e16 qwen2_5_omni_7b_v5p64 qwen2_5_omni_7b_v4_32
+# The shipped TPU configs, each compiled for its slice by `make bench` (libtpu, no TPU; 5-20 minutes each), and the
+# GPU configs for one H100 (the CUDA plugin, pip install -e '.[cuda]', no GPU; 3-5 minutes each).
+TPU_CONFIGS := qwen2_5_omni_3b_v5e16 qwen2_5_omni_7b_v5p64 qwen2_5_omni_7b_v4_32 qwen2_5_omni_7b_lora_v5e8
+GPU_CONFIGS := gpu_1x_h100 qwen2_5_omni_7b_lora_gpu_1x_h100
 
 .PHONY: test demo bench venv clean
 
@@ -57,7 +59,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 0 --decode-tokens 0 --out benchmarks/results/lora_bfloat16.json
 	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 3 --out benchmarks/results/lora_decode_bfloat16.json
 	$(BIN)/python -m benchmarks.collectives --config configs/qwen2_5_omni_7b_v5p64.yaml
-	failed=""; for config in $(TPU_CONFIGS); do \
+	configs="$(TPU_CONFIGS)"; \
+	if $(BIN)/python -c "import jax_plugins.xla_cuda12" 2>/dev/null; then configs="$$configs $(GPU_CONFIGS)"; \
+	else echo "GPU configs ($(GPU_CONFIGS)) not compiled: the CUDA plugin is missing, pip install -e '.[cuda]'" >&2; fi; \
+	failed=""; for config in $$configs; do \
 		$(BIN)/opsd-jax compile-check --config configs/$$config.yaml --out benchmarks/results/compile_$$config.json \
 			|| failed="$$failed $$config"; \
 	done; test -z "$$failed" || { echo "compile-check failed:$$failed" >&2; exit 1; }
