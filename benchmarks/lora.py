@@ -18,7 +18,7 @@ wall time of `--runs` steps. Ratios are against the full fine-tune.
 
 Decoding (`--decode-tokens N`, with `--runs`; 0 skips it), for the `--decode-arms` (LoRA arms): the sampler's
 jitted prefill and decode loop (the programs `opsd_jax.sampling.generate` runs, on what
-`sampler.generation_model` gives), greedy, N new tokens (no EOS: every row decodes all N) for the step's prompts,
+`decode_weights.generation_model` gives), greedy, N new tokens (no EOS: every row decodes all N) for the step's prompts,
 `--samples` rollouts each, run on the adapted thinker with non-zero adapters (`lora_b` drawn with standard
 deviation `--adapter-scale`, as training would leave them) two ways, side by side:
 
@@ -60,7 +60,7 @@ from opsd_jax.models import lora
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig
 from opsd_jax.opsd import step
 from opsd_jax.opsd.losses import LossConfig
-from opsd_jax.sampling import sampler
+from opsd_jax.sampling import decode_weights, sampler
 from opsd_jax.settings import LoraConfig, TeacherConfig, TrainConfig
 from opsd_jax.testing.reference import tiny_thinker_config_dict
 
@@ -246,7 +246,7 @@ def generation_runs(args: argparse.Namespace, model: nnx.Module, merge: bool, in
         pad_token_id=0,
         num_samples=args.samples,
     )
-    graphdef, params = sampler.generation_model(*nnx.split(model), model.dtype, merge_adapters=merge)
+    graphdef, params = decode_weights.generation_model(*nnx.split(model), model.dtype, merge_adapters=merge)
     # The jitted programs `generate` runs (its prefill, then its decode loop), called as it calls them; not
     # `compile_generation`'s ahead-of-time executables, which refuse QLoRA nf4's packed uint4 kernels on CPU.
     static = dict(sampling=settings, mesh=None)
@@ -275,7 +275,7 @@ def measure_decode(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     copy_seconds = {
         name: median_seconds(
             lambda merge=merge: jax.block_until_ready(
-                sampler.generation_model(graphdef, state, adapted.dtype, merge_adapters=merge)[1]
+                decode_weights.generation_model(graphdef, state, adapted.dtype, merge_adapters=merge)[1]
             ),
             repeats=args.runs,
         )

@@ -43,7 +43,8 @@ from opsd_jax.models import lora
 from opsd_jax.models.precision import in_compute_dtype, param_names
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
-from opsd_jax.sampling.sampler import compile_generation, generation_model, sampling_settings
+from opsd_jax.sampling.decode_weights import generation_model
+from opsd_jax.sampling.sampler import compile_generation, sampling_settings
 from opsd_jax.sharding import make_mesh, param_shardings
 from opsd_jax.sharding.topology import Chip
 

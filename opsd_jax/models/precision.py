@@ -11,7 +11,7 @@ generation's head (`logits`, a `Linear` or `Embed.attend`) casts it.
 `Linear` and `Embed` cast to their own dtype, `RMSNorm` to its input's: the compute dtype too, in an
 adapted model (LoRA) as well (an adapted `Linear` casts its output, float32 adapters' delta included).
 
-Used by generation's decode copy (`opsd_jax.sampling.sampler.generation_model`: every decoder weight),
+Used by generation's decode copy (`opsd_jax.sampling.decode_weights.generation_model`: every decoder weight),
 a frozen teacher's copy (`opsd_jax.opsd.step.teacher_copy`: the decoder's weights but the step's output head)
 and LoRA's `base_dtype: dtype` (`opsd_jax.models.lora`: the same base weights as the frozen teacher's copy).
 """

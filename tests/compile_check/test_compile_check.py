@@ -166,7 +166,7 @@ def test_a_lora_config_compiles_with_the_base_alone_beside_its_adapters(tiny_unt
     for program in results["lora"].values():
         assert program["compiled"], program["error"]
     # float32 masters under bfloat16 compute: the rollouts decode the merged kernels in generation's bfloat16 copy
-    # (`sampler.generation_model`), the very arrays a full fine-tune's rollouts read, and no adapter.
+    # (`decode_weights.generation_model`), the very arrays a full fine-tune's rollouts read, and no adapter.
     decode = {name: results[name]["rollout_decode"] for name in results}
     assert decode["lora"]["memory"]["arguments"] == decode["full"]["memory"]["arguments"]
     assert decode["lora"]["per_token"]["collective_count"] == decode["full"]["per_token"]["collective_count"]

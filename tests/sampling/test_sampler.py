@@ -13,7 +13,7 @@ from scipy import stats
 
 from opsd_jax.config import MeshConfig
 from opsd_jax.models.qwen2_5_omni import from_pretrained
-from opsd_jax.sampling import generate
+from opsd_jax.sampling import decode_weights, generate
 from opsd_jax.sampling import sampler as sampler_module
 from opsd_jax.sampling.filters import sampling_logits
 from opsd_jax.sharding import make_mesh
@@ -322,7 +322,7 @@ def test_generation_runs_on_a_compute_dtype_copy_of_the_decoder_with_the_same_to
 
     model = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32)
     graphdef, params = nnx.split(model)
-    _, copy = sampler_module.generation_model(graphdef, params, jnp.bfloat16)
+    _, copy = decode_weights.generation_model(graphdef, params, jnp.bfloat16)
     dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(copy)}
     decoder = [dtype for path, dtype in dtypes.items() if path.startswith(("['model']", "['lm_head']"))]
     assert decoder and all(dtype == jnp.bfloat16 for dtype in decoder)
@@ -331,7 +331,7 @@ def test_generation_runs_on_a_compute_dtype_copy_of_the_decoder_with_the_same_to
     stored = {path: x for path, x in jax.tree_util.tree_leaves_with_path(params)}
     kept = [(x, stored[path]) for path, x in jax.tree_util.tree_leaves_with_path(copy) if x.dtype == stored[path].dtype]
     assert kept and all(x.unsafe_buffer_pointer() == y.unsafe_buffer_pointer() for x, y in kept)  # not copied
-    assert sampler_module.generation_model(graphdef, copy, jnp.bfloat16)[1] is copy  # no second copy
+    assert decode_weights.generation_model(graphdef, copy, jnp.bfloat16)[1] is copy  # no second copy
 
     kwargs = dict(
         max_new_tokens=8, temperature=0.7, top_k=50, eos_token_id=10**6, pad_token_id=PAD, num_samples=2, seed=1
@@ -349,7 +349,7 @@ def test_the_decode_copy_splits_the_mlp_and_head_over_their_outputs_with_the_sam
     _, checkpoint = tiny_untied
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = from_pretrained(checkpoint, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    _, copy = sampler_module.generation_model(*nnx.split(model), jnp.bfloat16)
+    _, copy = decode_weights.generation_model(*nnx.split(model), jnp.bfloat16)
     specs = {
         jax.tree_util.keystr(path).removesuffix(".value"): tuple(leaf.sharding.spec)
         + (None,) * (leaf.ndim - len(leaf.sharding.spec))
@@ -391,7 +391,7 @@ def test_a_lora_thinker_decodes_its_merged_kernels_when_the_decode_copy_is_made_
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     adapted = _adapted(tiny_untied[1], mesh=mesh)
-    graphdef, params = sampler_module.generation_model(*nnx.split(adapted), jnp.bfloat16)
+    graphdef, params = decode_weights.generation_model(*nnx.split(adapted), jnp.bfloat16)
     decoder = nnx.merge(graphdef, params)
     assert not lora.is_adapted(decoder) and not nnx.state(decoder, nnx.LoRAParam)
     up = decoder.model.layers[0].mlp.up_proj.kernel.get_value()
@@ -408,7 +408,7 @@ def test_a_lora_thinker_decodes_its_merged_kernels_when_the_decode_copy_is_made_
     reference = generate(lora.merged_thinker(adapted), inputs, mesh=mesh, seed=1, **kwargs)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(reference.logprobs), atol=1e-6)
-    unmerged = sampler_module.generation_model(*nnx.split(adapted), jnp.bfloat16, merge_adapters=False)
+    unmerged = decode_weights.generation_model(*nnx.split(adapted), jnp.bfloat16, merge_adapters=False)
     assert lora.is_adapted(nnx.merge(*unmerged))  # the adapters kept when asked (benchmarks/lora.py times both)
 
 
@@ -420,7 +420,7 @@ def test_a_lora_thinker_whose_base_needs_no_decode_copy_runs_its_adapters(tiny_u
 
     adapted = _adapted(tiny_untied[1], base_dtype=base_dtype)
     graphdef, params = nnx.split(adapted)
-    decode_graphdef, decode_params = sampler_module.generation_model(graphdef, params, jnp.bfloat16)
+    decode_graphdef, decode_params = decode_weights.generation_model(graphdef, params, jnp.bfloat16)
     assert lora.is_adapted(nnx.merge(decode_graphdef, decode_params))
     stored = {path: x for path, x in jax.tree_util.tree_leaves_with_path(params)}
     kernels = [
@@ -434,4 +434,4 @@ def test_a_lora_thinker_whose_base_needs_no_decode_copy_runs_its_adapters(tiny_u
 def test_merge_adapters_refuses_a_thinker_without_adapters(setup):
     _, model = setup
     with pytest.raises(ValueError, match="merge_adapters"):
-        sampler_module.generation_model(*nnx.split(model), jnp.float32, merge_adapters=True)
+        decode_weights.generation_model(*nnx.split(model), jnp.float32, merge_adapters=True)
