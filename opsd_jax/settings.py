@@ -105,6 +105,7 @@ class LoraConfig:
     adapted layers' kernels quantized by qwix (QLoRA: "int8" per channel, "nf4" in tiles of
     `quantization_tile` input features). There is no dropout setting: qwix's LoRA dropout is always on, so
     it would also perturb the teacher's scoring forward and the rollouts, which run the same adapted layers.
+    `decode` chooses whether generation runs the adapters or a copy with them merged in.
     """
 
     rank: int = 16
@@ -112,6 +113,12 @@ class LoraConfig:
     target_modules: str = DECODER_PROJECTIONS
     base_dtype: Literal["param_dtype", "dtype", "int8", "nf4"] = "param_dtype"
     quantization_tile: int = 64
+    # How generation decodes the adapted model (`opsd_jax.sampling.decode_weights.generation_model`): "auto" merges
+    # the adapters into the compute-dtype copy of the decoder when generation makes that copy anyway (a base stored
+    # wider than `model.dtype`), and runs them otherwise; "merged" always decodes a merged copy (costing, while it
+    # generates, a compute-dtype copy of the adapted kernels beside a base already stored in `model.dtype`, or
+    # QLoRA's); "adapted" always runs the adapters.
+    decode: Literal["auto", "merged", "adapted"] = "auto"
 
     def validate(self, prefix: str = "model.lora") -> None:
         if self.rank < 1:

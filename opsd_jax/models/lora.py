@@ -151,7 +151,7 @@ def apply_lora(
 
 def _adapted_class(thinker_class: type, scope: _AdapterScope, config: LoraConfig) -> type:
     """A subclass of `thinker_class` whose `ADAPTED_METHODS` run inside `scope` (qwix's interception); it also
-    records the adapters' rank and alpha (for merging and export)."""
+    records the adapters' rank and alpha (for merging and export) and how generation decodes it (`decode`)."""
 
     def scoped(name: str):
         method = getattr(thinker_class, name)
@@ -166,7 +166,13 @@ def _adapted_class(thinker_class: type, scope: _AdapterScope, config: LoraConfig
     return type(
         f"Lora{thinker_class.__name__}",
         (thinker_class,),
-        {**fields, "_adapter_scope": scope, "_lora_rank": config.rank, "_lora_alpha": config.alpha},
+        {
+            **fields,
+            "_adapter_scope": scope,
+            "_lora_rank": config.rank,
+            "_lora_alpha": config.alpha,
+            "_lora_decode": config.decode,
+        },
     )
 
 
@@ -246,6 +252,11 @@ def dequantize(kernel: Any, dtype: Any) -> jax.Array:
 def dequantized_kernel(layer: Linear) -> jax.Array:
     """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
     return dequantize(stored_kernel(layer), layer.kernel_lora_a.get_value().dtype)
+
+
+def decode_setting(model: nnx.Module) -> str:
+    """`LoraConfig.decode` of an adapted thinker: "auto", "merged" or "adapted"."""
+    return type(model)._lora_decode
 
 
 def lora_settings(model: nnx.Module) -> tuple[int, float]:

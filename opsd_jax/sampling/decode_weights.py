@@ -75,7 +75,8 @@ def generation_model(
 
     A LoRA thinker (`lora.apply_lora`) decodes its merged copy (a plain thinker whose kernels are `kernel +
     a @ b * alpha / rank`, `lora.merged_thinker`), which spares every token the adapters' two extra matmuls,
-    when `merge_adapters` says so; by default (None) exactly when every adapted kernel gets a decode copy
+    when `merge_adapters` says so; by default (None) as its `model.lora.decode` says, and under "auto" exactly
+    when every adapted kernel gets a decode copy
     anyway (master weights wider than `dtype`, in the decoder): the merge then costs one `a @ b` per layer
     and no memory. With the base stored in `dtype` or quantized (QLoRA), a merged copy would be a second
     copy of the adapted kernels (QLoRA's in bfloat16, two to four times its base): the adapters run instead
@@ -84,7 +85,9 @@ def generation_model(
     """
     dtype = jnp.dtype(dtype)
     model = nnx.merge(graphdef, params)  # shares the arrays; reads the structure
-    if merge_adapters is None:
+    if merge_adapters is None and lora.is_adapted(model) and lora.decode_setting(model) != "auto":
+        merge_adapters = lora.decode_setting(model) == "merged"
+    elif merge_adapters is None:
         merge_adapters = lora.is_adapted(model) and all(
             not lora.is_quantized(layer) and _is_decoder_weight(path, layer.kernel.get_value(), dtype)
             for path, layer in lora.adapted_layers(model)

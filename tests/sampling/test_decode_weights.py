@@ -151,3 +151,28 @@ def test_merge_adapters_refuses_a_thinker_without_adapters(tiny_untied):
     model = from_pretrained(tiny_untied[1])
     with pytest.raises(ValueError, match="merge_adapters"):
         decode_weights.generation_model(*nnx.split(model), jnp.float32, merge_adapters=True)
+
+
+@pytest.mark.parametrize(
+    ("base_dtype", "decode", "merged"), [("dtype", "merged", True), ("param_dtype", "adapted", False)]
+)
+def test_model_lora_decode_overrides_the_automatic_choice(tiny_untied, base_dtype, decode, merged):
+    """`model.lora.decode`: "merged" decodes a merged copy even over a base already in the compute dtype (a copy
+    of the adapted kernels), "adapted" runs the adapters even where the copy is made anyway."""
+    from opsd_jax.models import lora
+
+    adapted = _adapted(tiny_untied[1], base_dtype=base_dtype, decode=decode)
+    graphdef, params = decode_weights.generation_model(*nnx.split(adapted), jnp.bfloat16)
+    decoder = nnx.merge(graphdef, params)
+    assert lora.is_adapted(decoder) is not merged
+    if merged:
+        up = decoder.model.layers[0].mlp.up_proj.kernel.get_value()
+        expected = lora.merged_kernels(adapted)[("model", "layers", 0, "mlp", "up_proj", "kernel")]
+        np.testing.assert_array_equal(np.asarray(up, np.float32), np.asarray(expected, np.float32))
+
+
+def test_model_lora_decode_takes_one_of_its_choices():
+    from opsd_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.lora.decode"):
+        load_config(None, ["model.lora.rank=4", "model.lora.decode=fused"], num_devices=None)
