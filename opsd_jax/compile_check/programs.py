@@ -40,7 +40,7 @@ from opsd_jax.config import Config, ConfigError
 from opsd_jax.data.audio_features import HOP_LENGTH, SAMPLING_RATE
 from opsd_jax.data.chat_template import VideoPart, audio_in_video_runs, audio_token_count, vision_token_count
 from opsd_jax.models import lora
-from opsd_jax.models.precision import in_compute_dtype, param_names
+from opsd_jax.models.precision import in_compute_dtype
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerConfig, ThinkerInputs, input_shardings
 from opsd_jax.opsd import step as opsd_step
 from opsd_jax.sampling.decode_weights import generation_model
@@ -469,15 +469,9 @@ def check_config(
     # while the rest of the state (optimizer moments, the teacher's copy, the master weights and adapters the
     # copy replaces) stays in HBM.
     _, generation = generation_model(graphdef, params, model.dtype)  # what `generate` runs on (abstract here)
-    taken = {param_names(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(generation)}
+    taken = {id(leaf) for leaf in jax.tree.leaves(generation)}  # the leaves it takes as they are, not copies
     resident = bytes_per_chip(state.opt_state) + bytes_per_chip(state.teacher_params)
-    resident += bytes_per_chip(
-        [
-            master
-            for path, master in jax.tree_util.tree_leaves_with_path(params)
-            if taken.get(param_names(path)) != master.dtype
-        ]
-    )
+    resident += bytes_per_chip([master for master in jax.tree.leaves(params) if id(master) not in taken])
     sampling = config.sampling
 
     def generation_inputs(count: int) -> tuple[ThinkerInputs, jax.ShapeDtypeStruct]:
