@@ -202,7 +202,7 @@ def test_lora_budget_counts_the_adapters_apply_lora_makes(tiny_untied):
 
 def test_tpu_and_gpu_configs_name_their_slice(loaded):
     """A TPU or GPU config names its topology (compile-check compiles for it); its chips are the config's devices."""
-    from opsd_jax.sharding.topology import topology_chip, topology_chips
+    from opsd_jax.sharding.topology import parse_topology, topology_chips
 
     path, devices, config = loaded
     if header(path, "hbm_gb") is None or "demo" in path.name:
@@ -210,4 +210,4 @@ def test_tpu_and_gpu_configs_name_their_slice(loaded):
         return
     assert config.mesh.topology is not None, f"{path.name}: set mesh.topology (e.g. v5p:4x4x2, h100:1)"
     assert topology_chips(config.mesh.topology) == devices
-    assert topology_chip(config.mesh.topology).platform == ("cuda" if "gpu" in path.name else "tpu")
+    assert parse_topology(config.mesh.topology)[0].platform == ("cuda" if "gpu" in path.name else "tpu")

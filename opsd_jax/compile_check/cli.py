@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from opsd_jax.compile_check import report as report_module
 from opsd_jax.compile_check.programs import ClipShape, check_config
 from opsd_jax.config import ConfigError, load_config
 from opsd_jax.models.architectures import thinker_config
-from opsd_jax.sharding.topology import TopologyError, topology_chip, topology_chips, topology_devices
+from opsd_jax.sharding.topology import TopologyError, topology_chips, topology_devices
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +48,6 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     config.validate(chips)  # the mesh must fill the slice: a one-line error, before any compile
 
-    if topology_chip(topology).platform == "cuda" and "xla_gpu_enable_triton_gemm" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        # Without a GPU XLA cannot autotune its Triton matmuls, and some find no tiling at all ("Couldn't find
-        # output tile sizes"): compile the matmuls as cuBLAS calls, which need none. Read once, when XLA starts.
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
     try:
         chip, devices = topology_devices(topology)
     except TopologyError as err:

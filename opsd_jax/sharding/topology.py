@@ -97,11 +97,6 @@ def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
     return CHIPS[generation], grid
 
 
-def topology_chip(name: str) -> Chip:
-    """The chip (or GPU) of a named topology."""
-    return parse_topology(name)[0]
-
-
 def topology_chips(name: str) -> int:
     """Chips (= JAX devices) of a named topology."""
     return math.prod(parse_topology(name)[1])
@@ -114,37 +109,40 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
     GPUs (`pip install 'opsd-jax[cuda]'`); no TPU or GPU is needed.
     """
     chip, grid = parse_topology(name)
-    return chip, list(_described_devices(name, chip.megacore, math.prod(grid)))
+    return chip, list(_described_devices(name, chip, math.prod(grid)))
 
 
 @functools.cache
-def _described_devices(name: str, megacore: bool, chips: int) -> tuple[jax.Device, ...]:
+def _described_devices(name: str, chip: Chip, chips: int) -> tuple[jax.Device, ...]:
     """libtpu's (or the CUDA plugin's) devices of a slice, described once per process: jitted functions traced
     for one compile keep their sharding constraints' devices in JAX's trace caches, and a second description's
     devices, equal in id but not the same objects, would then be refused as incompatible by the next compile of
     the same shapes."""
-    generation = name.partition(":")[0]
-    gpu = CHIPS[generation].platform == "cuda"
-    # Compiling needs no TPU, so several processes may load libtpu at once (a test run beside a long
-    # compile); without this libtpu takes a machine-wide lock and refuses the second process. Without a GPU
-    # the CUDA plugin's check of the driver's version fails and the plugin would not register: skip it.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    needs = (
-        "the CUDA plugin: pip install 'opsd-jax[cuda]' (or pip install 'jax[cuda12]')"
-        if gpu
-        else ("libtpu: pip install 'opsd-jax[tpu]' (or pip install 'jax[tpu]')")
-    )
+    gpu = chip.platform == "cuda"
+    if gpu:
+        # Without a GPU the CUDA plugin's check of the driver's version fails and the plugin would not register:
+        # skip it. Nor can XLA autotune its Triton matmuls, some of which then find no tiling at all ("Couldn't
+        # find output tile sizes"): compile the matmuls as cuBLAS calls, which need none (XLA reads its flags
+        # once, when it starts: the compile-check command describes the devices before anything else runs).
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
+        needs = "the CUDA plugin: pip install 'opsd-jax[cuda]' (or pip install 'jax[cuda12]')"
+    else:
+        # Compiling needs no TPU, so several processes may load libtpu at once (a test run beside a long
+        # compile); without this libtpu takes a machine-wide lock and refuses the second process.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        needs = "libtpu: pip install 'opsd-jax[tpu]' (or pip install 'jax[tpu]')"
     try:
         from jax.experimental import topologies  # needs libtpu / the CUDA plugin: their absence is named below
 
         if gpu:
             description = topologies.get_topology_desc(
-                platform="cuda", target_config=GPU_TARGETS[generation], topology=f"1x1x{chips}"
+                platform="cuda", target_config=GPU_TARGETS[chip.generation], topology=f"1x1x{chips}"
             )
         else:
             description = topologies.get_topology_desc(
-                platform="tpu", topology_name=name, chip_config_name="megacore" if megacore else "default"
+                platform="tpu", topology_name=name, chip_config_name="megacore" if chip.megacore else "default"
             )
     except (ImportError, RuntimeError, NotImplementedError) as err:
         raise TopologyError(
