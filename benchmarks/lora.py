@@ -23,9 +23,9 @@ jitted prefill and decode loop (the programs `opsd_jax.sampling.generate` runs, 
 deviation `--adapter-scale`, as training would leave them) two ways, side by side:
 
 - adapted (`merge_adapters=False`): every adapted matmul adding `x @ a @ b * alpha / rank` (QLoRA: from the
-  quantized kernels); the sampler's choice when the base is stored in the compute dtype or quantized;
+  quantized kernels); `model.lora.decode: auto`'s choice when the base is stored in the compute dtype or quantized;
 - merged (`merge_adapters=True`): a plain thinker whose kernels are `kernel + a @ b * alpha / rank` (QLoRA:
-  dequantized) in the decode copy; the sampler's choice when it makes that copy anyway (float32 masters).
+  dequantized) in the decode copy; `auto`'s choice when generation makes that copy anyway (float32 masters).
 
 `ms/token` is the median (over `--runs` rounds after a warm-up one, each round running the adapted and the merged
 programs in turn) time of the decode loop divided by its N - 1 steps (the prefill samples token 0), each step one

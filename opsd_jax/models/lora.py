@@ -236,22 +236,22 @@ def stored_kernel(layer: Linear) -> Any:
     return layer.kernel.get_value() if isinstance(layer.kernel, nnx.Variable) else layer.kernel
 
 
-def is_quantized(layer: Linear) -> bool:
-    """Whether an adapted layer's base kernel is stored quantized (QLoRA: qwix's form, not an array; abstract
+def is_quantized_kernel(kernel: Any) -> bool:
+    """Whether a kernel as `stored_kernel` gives it is quantized (QLoRA: qwix's form, not an array; abstract
     weights, as compile-check traces them, are `jax.ShapeDtypeStruct`s)."""
-    return not isinstance(stored_kernel(layer), jax.Array | jax.ShapeDtypeStruct)
+    return not isinstance(kernel, jax.Array | jax.ShapeDtypeStruct)
+
+
+def is_quantized(layer: Linear) -> bool:
+    """Whether an adapted layer's base kernel is stored quantized (`is_quantized_kernel`)."""
+    return is_quantized_kernel(stored_kernel(layer))
 
 
 def dequantize(kernel: Any, dtype: Any) -> jax.Array:
     """A kernel as `stored_kernel` gives it, as an array: itself, or QLoRA's quantized form dequantized into `dtype`."""
-    if isinstance(kernel, jax.Array):
+    if not is_quantized_kernel(kernel):
         return kernel
     return qwix.dequantize(kernel.array).astype(dtype)  # qwix's WithAux
-
-
-def dequantized_kernel(layer: Linear) -> jax.Array:
-    """A layer's base kernel `[in, out]` as an array (QLoRA stores qwix's quantized form)."""
-    return dequantize(stored_kernel(layer), layer.kernel_lora_a.get_value().dtype)
 
 
 def decode_setting(model: nnx.Module) -> str:

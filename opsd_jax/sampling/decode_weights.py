@@ -76,29 +76,23 @@ def generation_model(
     A LoRA thinker (`lora.apply_lora`) decodes its merged copy (a plain thinker whose kernels are `kernel +
     a @ b * alpha / rank`, `lora.merged_thinker`), which spares every token the adapters' two extra matmuls,
     when `merge_adapters` says so; by default (None) as its `model.lora.decode` says, and under "auto" exactly
-    when every adapted kernel gets a decode copy
-    anyway (master weights wider than `dtype`, in the decoder): the merge then costs one `a @ b` per layer
-    and no memory. With the base stored in `dtype` or quantized (QLoRA), a merged copy would be a second
-    copy of the adapted kernels (QLoRA's in bfloat16, two to four times its base): the adapters run instead
-    (`benchmarks/lora.py` times both). Abstract parameters (`jax.ShapeDtypeStruct`s, as `compile_generation`
+    when every adapted kernel gets a decode copy anyway (master weights wider than `dtype`, in the decoder): the
+    merge then costs one `a @ b` per layer and no memory. With the base stored in `dtype` or quantized (QLoRA),
+    a merged copy would be a second copy of the adapted kernels (QLoRA's in bfloat16, two to four times its
+    base): "auto" runs the adapters there (`benchmarks/lora.py` times both). Abstract parameters (`jax.ShapeDtypeStruct`s, as `compile_generation`
     takes) give abstract ones with the copy's shardings.
     """
     dtype = jnp.dtype(dtype)
     model = nnx.merge(graphdef, params)  # shares the arrays; reads the structure
-    if merge_adapters is None and lora.is_adapted(model) and lora.decode_setting(model) != "auto":
-        merge_adapters = lora.decode_setting(model) == "merged"
-    elif merge_adapters is None:
-        merge_adapters = lora.is_adapted(model) and all(
-            not lora.is_quantized(layer) and _is_decoder_weight(path, layer.kernel.get_value(), dtype)
-            for path, layer in lora.adapted_layers(model)
-        )
+    if merge_adapters is None:
+        merge_adapters = lora.is_adapted(model) and _merges_by_default(model, dtype)
     elif merge_adapters and not lora.is_adapted(model):
         raise ValueError("merge_adapters: the model has no LoRA adapters to merge")
     out_graphdef, out, merged = graphdef, params, {}
     if merge_adapters:
-        leaves, treedef = jax.tree_util.tree_flatten(params)
+        flat, treedef = jax.tree_util.tree_flatten(params)
         out_graphdef, out = _merged_structure(
-            graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+            graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat)
         )
         merged = {(*path, "kernel"): layer for path, layer in lora.adapted_layers(model)}
     stored = {param_names(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
@@ -138,6 +132,18 @@ def generation_model(
     return out_graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out), leaves)
 
 
+def _merges_by_default(model: nnx.Module, dtype: jnp.dtype) -> bool:
+    """An adapted thinker's `model.lora.decode`: "merged", "adapted", or under "auto" whether every adapted kernel
+    gets a decode copy anyway (stored unquantized, wider than `dtype`, in the decoder)."""
+    setting = lora.decode_setting(model)
+    if setting != "auto":
+        return setting == "merged"
+    return all(
+        not lora.is_quantized(layer) and _is_decoder_weight(path, layer.kernel.get_value(), dtype)
+        for path, layer in lora.adapted_layers(model)
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _merged_structure(
     graphdef: nnx.GraphDef, treedef: Any, leaves: tuple[jax.ShapeDtypeStruct, ...]
@@ -151,7 +157,7 @@ def _merged_structure(
 def _merged_kernel_like(kernel: Any, a: Any, b: Any) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of `lora.merge_kernel(kernel, a, b, ...)`: the stored kernel's, or for a quantized
     one (QLoRA) the adapters' dtype and the sharding their input and output axes give."""
-    if not isinstance(kernel, jax.ShapeDtypeStruct | jax.Array):
+    if lora.is_quantized_kernel(kernel):
         sharding = None
         if isinstance(getattr(a, "sharding", None), NamedSharding):
             spec_a = tuple(a.sharding.spec) + (None,) * (2 - len(a.sharding.spec))

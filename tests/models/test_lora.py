@@ -134,7 +134,9 @@ def test_qlora_computes_with_the_quantized_kernels(base, inputs, base_dtype):
     adapted = lora.apply_lora(base, LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype, quantization_tile=32))
     assert not isinstance(adapted.model.layers[0].mlp.up_proj.kernel, nnx.Param)  # qwix's quantized array
     assert isinstance(adapted.lm_head.kernel, nnx.Param)  # not a target: as it was
-    kernel = lora.dequantized_kernel(adapted.model.layers[0].mlp.up_proj)
+    layer = adapted.model.layers[0].mlp.up_proj
+    assert lora.is_quantized(layer)
+    kernel = lora.dequantize(lora.stored_kernel(layer), layer.kernel_lora_a.get_value().dtype)
     reference = base.model.layers[0].mlp.up_proj.kernel.get_value()
     assert kernel.shape == reference.shape
     assert 0 < float(jnp.max(jnp.abs(kernel - reference))) < float(jnp.max(jnp.abs(reference)))
