@@ -2,7 +2,8 @@
 
 XLA's own `cost_analysis()` counts a `while` body once. Here every computation gets the number of times
 one run of the program executes it: the sum over its call sites of the caller's count times the trip
-count of the calling `while` (`known_trip_count` in its backend config; a loop without one, such as the
+count of the calling `while` (`known_trip_count` in its backend config, else read from a `counter < limit`
+condition, the counter's start in the initial carry and its step in the body; a loop without one, such as the
 decode loop that stops at EOS, counts once, as one iteration). A collective's bytes are those of its
 largest buffer (the gathered result of an all-gather, the full operand of a reduce-scatter or an
 all-reduce): the data volume it spreads over the chips; a combined one (XLA's combiners make tuples of
@@ -126,6 +127,7 @@ class _Instruction:
     spaces: tuple[int, ...]  # each array's memory space (0: HBM)
     operands: tuple[str, ...]  # operand names
     line: str  # kept only where attributes matter (loops, calls, matmuls, collectives); else ""
+    root: bool = False  # the computation's ROOT (a loop body's next carry)
 
 
 _KEEP_LINE = (
@@ -146,6 +148,7 @@ _KEEP_LINE = (
     "reduce-window",
     "all-reduce",
     "parameter",  # its number: which operand of a fusion it is
+    "get-tuple-element",  # its index: which element of a loop's carry a condition reads
 )
 
 
@@ -181,22 +184,75 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
                 tuple(int(space.group(1)) if (space := _MEMORY_SPACE.search(layout)) else 0 for *_, layout in arrays),
                 operands,
                 line if keep else "",
+                line.lstrip().startswith("ROOT "),
             )
         )
     return computations, entry
 
 
-def _trip_count(condition: list[_Instruction]) -> int | None:
-    """The trip count of a `while` whose condition is `counter < constant` (a scan, `fori_loop`); None for
-    any other condition (the decode loop also stops when every row has emitted EOS)."""
+def _trip_count(
+    condition: list[_Instruction], body: list[_Instruction], caller: list[_Instruction], loop: _Instruction
+) -> int | None:
+    """The trip count of a `while` whose condition is `counter < limit` (a scan, a `fori_loop`, a windowed
+    matmul); None for any other condition (the decode loop also stops when every row has emitted EOS).
+
+    The counter starts at the constant the loop's initial carry holds and grows by the constant the body adds:
+    XLA's bidirectional windowed matmuls step theirs by 2 (over 16 chips: 8 as the limit, 4 trips). Where the
+    carry or the body does not show those constants, the counter is taken to start at 0 and step by 1.
+    """
     compares = [i for i in condition if i.opcode == "compare"]
     logic = [i for i in condition if i.opcode in ("and", "or", "not", "reduce", "all-reduce")]
     # s32 for scans and fori_loops, u32 for the windowed (collective) matmuls XLA makes of FSDP dots.
     constants = [i for i in condition if i.opcode == "constant" and i.shapes in ((("s32", ""),), (("u32", ""),))]
     if len(compares) != 1 or logic or len(constants) != 1 or "direction=LT" not in compares[0].line:
         return None
-    value = re.search(r"constant\((-?\d+)\)", constants[0].line)
+    limit = _constant(constants[0])
+    if limit is None:
+        return None
+    start, step = 0, 1
+    reads = [i for i in condition if i.opcode == "get-tuple-element" and i.name in compares[0].operands]
+    index = re.search(r"\bindex=(\d+)", reads[0].line) if len(reads) == 1 else None
+    if index is not None:
+        element = int(index.group(1))
+        start = _carried_constant(caller, loop.operands[:1], element, default=start)
+        step = _step(body, element, default=step)
+    return max(0, -(-(limit - start) // step)) if step > 0 else None
+
+
+def _constant(instruction: _Instruction | None) -> int | None:
+    value = re.search(r"constant\((-?\d+)\)", instruction.line) if instruction is not None else None
     return int(value.group(1)) if value else None
+
+
+def _carried_constant(caller: list[_Instruction], init: tuple[str, ...], element: int, *, default: int) -> int:
+    """The constant a loop's initial carry (`init`, a tuple in `caller`) holds at `element`, through copies."""
+    named = {i.name: i for i in caller}
+    carry = named.get(init[0]) if init else None
+    if carry is None or carry.opcode != "tuple" or element >= len(carry.operands):
+        return default
+    value = named.get(carry.operands[element])
+    while value is not None and value.opcode in ("copy", "bitcast") and value.operands:
+        value = named.get(value.operands[0])
+    found = _constant(value) if value is not None and value.opcode == "constant" else None
+    return default if found is None else found
+
+
+def _step(body: list[_Instruction], element: int, *, default: int) -> int:
+    """What a loop body adds to its carry's `element` each iteration: `add(get-tuple-element, constant)`."""
+    named = {i.name: i for i in body}
+    roots = [i for i in body if i.root]
+    if len(roots) != 1 or roots[0].opcode != "tuple" or element >= len(roots[0].operands):
+        return default
+    update = named.get(roots[0].operands[element])
+    if update is None or update.opcode != "add":
+        return default
+    parts = [named.get(operand) for operand in update.operands]
+    counters = [p for p in parts if p is not None and p.opcode == "get-tuple-element"]
+    steps = [_constant(p) for p in parts if p is not None and p.opcode == "constant"]
+    if len(counters) != 1 or len(steps) != 1 or steps[0] is None:
+        return default
+    own = re.search(r"\bindex=(\d+)", counters[0].line)
+    return steps[0] if own is not None and int(own.group(1)) == element else default
 
 
 def _dims(shapes: tuple[tuple[str, str], ...]) -> list[list[int]]:
@@ -290,7 +346,16 @@ def summarize(text: str) -> HloSummary:
                 count = (
                     int(trip.group(1))
                     if trip
-                    else (_trip_count(computations.get(condition.group(1), [])) if condition else None)
+                    else (
+                        _trip_count(
+                            computations.get(condition.group(1), []),
+                            computations.get(body.group(1), []) if body else [],
+                            instructions,
+                            i,
+                        )
+                        if condition
+                        else None
+                    )
                 )
                 if body:
                     loops.append((body.group(1), count))

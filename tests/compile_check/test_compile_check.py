@@ -217,6 +217,31 @@ def test_hlo_counts_a_collective_in_a_loop_by_its_trip_count(counter):
     assert all(row["loop_bytes"] == row["bytes"] > 0 for row in totals.values())
 
 
+@pytest.mark.parametrize("counter", [jnp.int32, jnp.uint32])
+def test_hlo_reads_a_loop_counters_start_and_step(counter):
+    """A counter that starts at 1 and steps by 2 below 9 runs 4 times (XLA's bidirectional windowed matmuls step
+    theirs by 2 from 0: a count of the limit alone doubled their FLOPs and collective-permutes)."""
+    _, devices = topology_devices(TOPOLOGY)
+    mesh = Mesh(np.asarray(devices).reshape(4), ("x",))
+    sharded = NamedSharding(mesh, PartitionSpec("x"))
+
+    def body(carry):
+        step, x = carry
+        return step + counter(2), jax.lax.with_sharding_constraint(jnp.roll(jnp.sin(x), 1, axis=0), sharded)
+
+    fn = jax.jit(
+        lambda x: jax.lax.while_loop(lambda carry: carry[0] < counter(9), body, (counter(1), x))[1],
+        in_shardings=sharded,
+        out_shardings=sharded,
+    )
+    compiled = fn.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=sharded)).compile()
+    text = compiled.as_text()
+    assert "known_trip_count" not in text  # the count comes from the condition, the carry and the body
+    summary = summarize(text)
+    assert [count for _, count in summary.loops] == [4]
+    assert summary.collectives and all(c.executions == 4 for c in summary.collectives)
+
+
 def test_topology_names_are_checked():
     assert parse_topology("v5p:4x4x2")[1] == (4, 4, 2)
     for bad in ("v5p", "v9:2x2", "v5e:2xq", "v5e:0x2"):
