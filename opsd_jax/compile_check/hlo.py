@@ -191,14 +191,15 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str | None]:
 
 
 def _trip_count(
-    condition: list[_Instruction], body: list[_Instruction], caller: list[_Instruction], loop: _Instruction
+    condition: list[_Instruction], body: list[_Instruction], caller: dict[str, _Instruction], loop: _Instruction
 ) -> int | None:
     """The trip count of a `while` whose condition is `counter < limit` (a scan, a `fori_loop`, a windowed
     matmul); None for any other condition (the decode loop also stops when every row has emitted EOS).
 
     The counter starts at the constant the loop's initial carry holds and grows by the constant the body adds:
     XLA's bidirectional windowed matmuls step theirs by 2 (over 16 chips: 8 as the limit, 4 trips). Where the
-    carry or the body does not show those constants, the counter is taken to start at 0 and step by 1.
+    carry or the body does not show those constants, the counter is taken to start at 0 and step by 1. `caller`:
+    the calling computation's instructions by name.
     """
     compares = [i for i in condition if i.opcode == "compare"]
     logic = [i for i in condition if i.opcode in ("and", "or", "not", "reduce", "all-reduce")]
@@ -224,9 +225,9 @@ def _constant(instruction: _Instruction | None) -> int | None:
     return int(value.group(1)) if value else None
 
 
-def _carried_constant(caller: list[_Instruction], init: tuple[str, ...], element: int, *, default: int) -> int:
-    """The constant a loop's initial carry (`init`, a tuple in `caller`) holds at `element`, through copies."""
-    named = {i.name: i for i in caller}
+def _carried_constant(named: dict[str, _Instruction], init: tuple[str, ...], element: int, *, default: int) -> int:
+    """The constant a loop's initial carry (`init`, a tuple among the caller's instructions `named`) holds at
+    `element`, through copies."""
     carry = named.get(init[0]) if init else None
     if carry is None or carry.opcode != "tuple" or element >= len(carry.operands):
         return default
@@ -335,6 +336,7 @@ def summarize(text: str) -> HloSummary:
     calls: dict[str, list[tuple[str, int, bool]]] = collections.defaultdict(list)  # caller -> [(callee, times, loop)]
     loops: list[tuple[str, int | None]] = []
     for name, instructions in computations.items():
+        named = None  # this computation's instructions by name, made for its first loop
         for i in instructions:
             callees = _CALLEE.findall(i.line)
             for group in _CALLEE_LIST.findall(i.line):
@@ -343,6 +345,7 @@ def summarize(text: str) -> HloSummary:
                 body = re.search(r"\bbody=%?([\w.\-]+)", i.line)
                 condition = re.search(r"\bcondition=%?([\w.\-]+)", i.line)
                 trip = _TRIP.search(i.line)
+                named = named if named is not None else {j.name: j for j in instructions}
                 count = (
                     int(trip.group(1))
                     if trip
@@ -350,7 +353,7 @@ def summarize(text: str) -> HloSummary:
                         _trip_count(
                             computations.get(condition.group(1), []),
                             computations.get(body.group(1), []) if body else [],
-                            instructions,
+                            named,
                             i,
                         )
                         if condition
