@@ -286,7 +286,9 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     micro-step, rows sharded over data x fsdp: remat-kept layer inputs (2h B per token and layer), one
     recomputed layer (34h B per token), float32 attention scores and probabilities of one layer (none with
     `model.attention: splash`, whose kernel keeps a tile's scores on chip), three vocab chunks of float32 logits
-    (student, teacher, gradient) and the rollouts' KV cache.
+    (student, teacher, gradient) and the rollouts' KV cache. With `model.remat_policy: save_dots`, also every
+    layer's matmul outputs (q, k, v, o, gate, up, down in bf16; those split by the tensor axis divided by it) for
+    the tokens the layers run: each prompt once for its rollouts, then every rollout's new tokens.
     """
     trainable, frozen = model["trainable"], model["encoders"]
     if config.train.train_encoders:
@@ -309,7 +311,19 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
         + 3 * rows * config.loss.chunk_size * model["vocab"] * 4
         + rows * length * kv_bytes_per_token(model)
     )
+    if config.model.remat and config.model.remat_policy == "save_dots":
+        layer_tokens = (
+            prompts * config.data.prompt_length + prompts * config.sampling.num_samples * config.sampling.max_new_tokens
+        ) // (mesh["data"] * mesh["fsdp"])
+        activations += layer_tokens * model["layers"] * saved_dot_bytes_per_token(model, mesh["tensor"])
     return state / 1e9, activations / 1e9
+
+
+def saved_dot_bytes_per_token(model: Mapping[str, float], tensor: int) -> float:
+    """Bytes per token of one decoder layer's bf16 matmul outputs (`remat_policy: save_dots`) on one device:
+    q, k, v, gate and up split over the tensor axis, o and down whole."""
+    (q, k, v, o, gate, up, down), _ = decoder_projections(model)
+    return 2 * ((q[1] + k[1] + v[1] + gate[1] + up[1]) / tensor + o[1] + down[1])
 
 
 def mesh_sizes(config: Any, devices: int) -> dict[str, int]:

@@ -61,6 +61,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights (float32: master weights)
     remat: bool = False  # recompute decoder-layer activations in the backward pass
+    # With remat, what each layer keeps for its backward: its input alone ("full"), or also its matmuls' outputs
+    # ("save_dots": q, k, v, o, gate, up and down per token, so the backward recomputes only element-wise work and
+    # attention; for the 7B, 2 x (2 x 3,584 + 2 x 512 + 2 x 18,944 + 3,584) = 99 KB per token and layer).
+    remat_policy: Literal["full", "save_dots"] = "full"
     # Train low-rank adapters on frozen base weights instead of every weight (null: full fine-tuning).
     lora: LoraConfig | None = None
     # The attention of the training/scoring forward (prompts, then their completions over the prompts' keys):
@@ -71,6 +75,8 @@ class ModelConfig:
     def validate(self, num_devices: int | None) -> None:
         del num_devices
         _check_local("model.checkpoint", self.checkpoint)
+        if self.remat_policy != "full" and not self.remat:
+            raise ConfigError(f"model.remat_policy: {self.remat_policy} applies with model.remat: true, which is off")
         if self.lora is not None:
             self.lora.validate()
             width = {"float32": 4, "bfloat16": 2}

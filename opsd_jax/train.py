@@ -193,6 +193,7 @@ class Trainer:
                 rules=self.rules,
                 param_dtype=param_dtype,
                 remat=config.model.remat,
+                remat_policy=config.model.remat_policy,
                 attention=config.model.attention,
             )
         )

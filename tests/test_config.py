@@ -48,6 +48,8 @@ def test_config_is_frozen():
         ("", ["run.log_rollouts_every=-1"], r"run\.log_rollouts_every: expected >= 0 \(0 = never\), got -1"),
         ("", ["run.wandb_project= "], r"run\.wandb_project: expected a project name"),
         ("", ["model.lora.base_dtype=float16"], r"model\.lora\.base_dtype: expected one of \['param_dtype', 'dtype'"),
+        ("", ["model.remat_policy=save_dots"], r"^model\.remat_policy: save_dots applies with model\.remat: true"),
+        ("", ["model.remat_policy=dots"], r"^model\.remat_policy: expected one of \['full', 'save_dots'\]"),
         (
             "",
             ["model.lora.base_dtype=dtype", "model.dtype=float32", "model.param_dtype=bfloat16"],

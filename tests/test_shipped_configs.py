@@ -72,6 +72,7 @@ def test_shipped_config_runs_its_first_step_shrunk(path, tiny_files, tmp_path):
     finally:
         trainer.checkpointer.close()
     assert trainer.model.model.remat == config.model.remat
+    assert trainer.model.model.remat_policy == config.model.remat_policy
     assert trainer.model.model.attention == config.model.attention  # splash runs interpreted on the CPU
     assert lora.is_adapted(trainer.model) == (config.model.lora is not None)
     expected_dtype = np.dtype(config.model.param_dtype)

@@ -134,7 +134,12 @@ def abstract_thinker(thinker: ThinkerConfig, config: Config, mesh: Mesh) -> tupl
 
     def build() -> Qwen2_5OmniThinker:
         model = Qwen2_5OmniThinker(
-            thinker, dtype=dtype, rngs=nnx.Rngs(0), remat=config.model.remat, attention=config.model.attention
+            thinker,
+            dtype=dtype,
+            rngs=nnx.Rngs(0),
+            remat=config.model.remat,
+            remat_policy=config.model.remat_policy,
+            attention=config.model.attention,
         )
         return model if config.model.lora is None else lora.apply_lora(model, config.model.lora)
 

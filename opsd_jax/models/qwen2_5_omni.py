@@ -133,6 +133,7 @@ class Qwen2_5OmniThinker(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
         remat: bool = False,
+        remat_policy: str = "full",
         attention: str = "xla",
     ):
         self.config = config
@@ -140,7 +141,9 @@ class Qwen2_5OmniThinker(nnx.Module):
         text = config.text
         self.audio_tower = AudioEncoder(config.audio, dtype=dtype, rngs=rngs)
         self.visual = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
-        self.model = TextModel(text, dtype=dtype, rngs=rngs, remat=remat, attention=attention)
+        self.model = TextModel(
+            text, dtype=dtype, rngs=rngs, remat=remat, remat_policy=remat_policy, attention=attention
+        )
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -532,6 +535,7 @@ def from_pretrained(
     rules: AxisRules | None = None,
     param_dtype: jnp.dtype | None = None,
     remat: bool = False,
+    remat_policy: str = "full",
     attention: str = "xla",
 ) -> Qwen2_5OmniThinker:
     """Loads a Hugging Face Qwen2.5-Omni (thinker) checkpoint directory into the Flax thinker.
@@ -542,7 +546,8 @@ def from_pretrained(
     default: the default table) as it is read, so a model larger than one device's memory never sits whole
     on one device. `dtype` is the compute dtype; `param_dtype`
     (default: the same) is the stored one, e.g. float32 master weights for bfloat16 training.
-    `remat` recomputes decoder-layer activations in the backward pass; `attention` is the scoring forward's
+    `remat` recomputes decoder-layer activations in the backward pass, keeping what `remat_policy` says
+    (`opsd_jax.models.text.REMAT_POLICIES`); `attention` is the scoring forward's
     attention kernel (`opsd_jax.models.text.ATTENTION_KERNELS`).
     """
     path = Path(path)
@@ -553,7 +558,9 @@ def from_pretrained(
         config = dataclasses.replace(config, tie_word_embeddings=True)
 
     abstract = nnx.eval_shape(
-        lambda: Qwen2_5OmniThinker(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat, attention=attention)
+        lambda: Qwen2_5OmniThinker(
+            config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat, remat_policy=remat_policy, attention=attention
+        )
     )
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))

@@ -116,6 +116,11 @@ def constrain_cache(cache: list[LayerCache], mesh: Mesh | None, rules: AxisRules
 # The attention implementations of the scoring forward (`TextModel.prefix_and_continuations`): XLA's
 # (`dot_product_attention`) or the fused splash kernel (`opsd_jax.models.splash`, TPU; interpreted elsewhere).
 ATTENTION_KERNELS = ("xla", "splash")
+# What a rematerialised layer keeps for its backward pass (`ModelConfig.remat_policy`): its input alone ("full"),
+# or also the outputs of its projections and MLP matmuls ("save_dots"), so that the backward recomputes only the
+# element-wise work and attention, not the layer's matmuls. Attention's own scores are never kept (XLA's are
+# batched dots, which the policy does not save; the splash kernel is no dot).
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Qwen2Attention(nnx.Module):
@@ -226,13 +231,24 @@ class TextModel(nnx.Module):
     """Embedding, decoder layers and final norm (the reference's `model.*` tensors)."""
 
     def __init__(
-        self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, remat: bool = False, attention: str = "xla"
+        self,
+        cfg: TextConfig,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        remat: bool = False,
+        remat_policy: str = "full",
+        attention: str = "xla",
     ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy: expected one of {list(REMAT_POLICIES)}, got {remat_policy!r}")
         self.config = cfg
         self.dtype = dtype
         # Recompute each layer's activations in the backward pass instead of keeping them (only the
-        # layer inputs stay alive): what long multimodal sequences need on an accelerator.
+        # layer inputs stay alive, and with "save_dots" its matmuls' outputs): what long multimodal sequences
+        # need on an accelerator.
         self.remat = remat
+        self.remat_policy = remat_policy
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs)
         # The scoring forward's attention kernel (`ATTENTION_KERNELS`); prefill and decode always run XLA's.
         self.attention = attention
@@ -286,7 +302,8 @@ class TextModel(nnx.Module):
         def run(i: int, graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
             layer_cache = None if cache is None else cache[i]
             if self.remat:
-                x, layer_cache = _remat_layer(graphdef, state, x, cos, sin, mask, layer_cache, cache_index)
+                remat_layer = _REMAT_LAYER[self.remat_policy]
+                x, layer_cache = remat_layer(graphdef, state, x, cos, sin, mask, layer_cache, cache_index)
             else:
                 x, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache, cache_index)
             if new_cache is not None:
@@ -342,14 +359,14 @@ class TextModel(nnx.Module):
             # One token matrix through every layer: see `JointTokens`.
             h = constrain_activation(tokens.join(x, y), HIDDEN_AXES)
             rope_ = tuple(tokens.join(a, b) for a, b in zip(prefix_rope, rope_))
-            layer = _remat_joint_layer if self.remat else _joint_layer
+            layer = _REMAT_JOINT_LAYER[self.remat_policy] if self.remat else _joint_layer
             h = _through_layers(
                 self.layers,
                 h,
                 lambda _, graphdef, state, h: layer(graphdef, state, tokens, h, rope_, prefix_mask, mask),
             )
             return tokens.split(self.norm(h))
-        layer = _remat_prefix_layer if self.remat else _prefix_layer
+        layer = _REMAT_PREFIX_LAYER[self.remat_policy] if self.remat else _prefix_layer
         x, y = _through_layers(
             self.layers,
             (x, y),
@@ -451,7 +468,9 @@ def _joint_layer(graphdef, state, tokens: JointTokens, h, rope, x_mask, y_mask):
     return layer.after_attention(h, attention.o_proj(tokens.join(out_x, out_y)))
 
 
-_remat_joint_layer = jax.checkpoint(_joint_layer, static_argnums=(0, 2))
+_REMAT_JOINT_LAYER = {
+    name: jax.checkpoint(_joint_layer, static_argnums=(0, 2), policy=policy) for name, policy in REMAT_POLICIES.items()
+}
 
 
 def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
@@ -465,18 +484,24 @@ def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
     return layer.after_attention(x, attention.o_proj(out_x)), layer.after_attention(y, attention.o_proj(out_y))
 
 
-_remat_prefix_layer = jax.checkpoint(_prefix_layer, static_argnums=(0,))
+_REMAT_PREFIX_LAYER = {
+    name: jax.checkpoint(_prefix_layer, static_argnums=(0,), policy=policy) for name, policy in REMAT_POLICIES.items()
+}
 
 
-@functools.partial(jax.checkpoint, static_argnums=(0,))
-def _remat_layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
-    """One decoder layer as a pure function of its parameters, rematerialised in the backward pass.
+def _layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
+    """One decoder layer as a pure function of its parameters, for `_REMAT_LAYER`: rematerialised in the backward.
 
     Pure (split / merge inside) rather than `nnx.remat` on the module: a module merged outside a
     `lax.while_loop` (the sampler's decode loop) cannot be mutated by `nnx.remat` inside the loop body,
-    which lives at another trace level. Only the layer's inputs are saved for the backward.
+    which lives at another trace level.
     """
     return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
+
+
+_REMAT_LAYER = {
+    name: jax.checkpoint(_layer, static_argnums=(0,), policy=policy) for name, policy in REMAT_POLICIES.items()
+}
 
 
 def prefill_mask(attention_mask: jax.Array, cache_length: int) -> jax.Array:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import io
+import re
 from unittest import mock
 
 import jax
@@ -12,8 +16,8 @@ import pytest
 import torch
 from flax import nnx
 
-from opsd_jax.models.qwen2_5_omni import from_pretrained, input_shardings
-from opsd_jax.models.text import JointTokens, mrope_cos_sin
+from opsd_jax.models.qwen2_5_omni import from_pretrained, input_shardings, read_config
+from opsd_jax.models.text import REMAT_POLICIES, JointTokens, mrope_cos_sin
 from opsd_jax.sharding import MeshConfig, activation_sharding, make_mesh, shard_module
 
 # Float32 on the CPU: the two implementations differ only in summation order (observed ~2e-7).
@@ -99,15 +103,16 @@ def test_remat_and_float32_master_weights(tiny_untied):
 
     _, checkpoint = tiny_untied
     ids, mask = left_padded_batch(vocab_limit=200)
-    plain, remat = from_pretrained(checkpoint), from_pretrained(checkpoint, remat=True)
+    plain = from_pretrained(checkpoint)
 
     def loss(model):
         return jnp.sum(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)
 
     g_plain = nnx.grad(loss)(plain)
-    g_remat = nnx.grad(loss)(remat)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    for policy in REMAT_POLICIES:
+        remat = from_pretrained(checkpoint, remat=True, remat_policy=policy)
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(nnx.grad(loss)(remat))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
     mixed = from_pretrained(checkpoint, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert mixed.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
@@ -116,6 +121,36 @@ def test_remat_and_float32_master_weights(tiny_untied):
     reference = np.asarray(plain(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.abs(np.asarray(logits.astype(jnp.float32)) - reference)[real].max() < 0.03 * np.abs(reference[real]).max()
+
+
+def test_the_remat_policy_decides_what_a_layer_keeps_for_its_backward(tiny_untied):
+    """Full remat keeps a layer's input alone; save_dots also its projections' and MLP's outputs (the widest of
+    them `[batch, seq, intermediate]`), plain autodiff everything."""
+    from flax import nnx
+
+    _, checkpoint = tiny_untied
+    ids, mask = left_padded_batch(vocab_limit=200)
+
+    def widths(**kw):
+        graphdef, params = nnx.split(from_pretrained(checkpoint, **kw))
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p)(jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)
+
+        # The residuals of the shape [batch, seq, features], counted by their features (JAX's public API prints
+        # them, one `dtype[shape] from ...` line each).
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            jax.ad_checkpoint.print_saved_residuals(loss, params)
+        shapes = [tuple(map(int, s.split(","))) for s in re.findall(r"^\w+\[([\d,]+)\]", printed.getvalue(), re.M)]
+        return collections.Counter(shape[-1] for shape in shapes if shape[:2] == ids.shape)
+
+    text = read_config(checkpoint).text
+    layers, intermediate = text.num_hidden_layers, text.intermediate_size
+    full, dots, plain = widths(remat=True), widths(remat=True, remat_policy="save_dots"), widths()
+    assert full[intermediate] == 0
+    assert dots[intermediate] == 2 * layers  # gate and up, per layer
+    assert plain[intermediate] >= 2 * layers
+    assert sum(full.values()) < sum(dots.values())
 
 
 def test_attention_in_query_blocks_equals_whole_attention_and_its_gradient():
