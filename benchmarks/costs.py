@@ -312,9 +312,8 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
         + rows * length * kv_bytes_per_token(model)
     )
     if config.model.remat and config.model.remat_policy == "save_dots":
-        layer_tokens = (
-            prompts * config.data.prompt_length + prompts * config.sampling.num_samples * config.sampling.max_new_tokens
-        ) // (mesh["data"] * mesh["fsdp"])
+        per_prompt = config.data.prompt_length + config.sampling.num_samples * config.sampling.max_new_tokens
+        layer_tokens = prompts * per_prompt // (mesh["data"] * mesh["fsdp"])
         activations += layer_tokens * model["layers"] * saved_dot_bytes_per_token(model, mesh["tensor"])
     return state / 1e9, activations / 1e9
 

@@ -468,9 +468,12 @@ def _joint_layer(graphdef, state, tokens: JointTokens, h, rope, x_mask, y_mask):
     return layer.after_attention(h, attention.o_proj(tokens.join(out_x, out_y)))
 
 
-_REMAT_JOINT_LAYER = {
-    name: jax.checkpoint(_joint_layer, static_argnums=(0, 2), policy=policy) for name, policy in REMAT_POLICIES.items()
-}
+def _rematerialised(layer: Callable, static_argnums: tuple[int, ...]) -> dict[str, Callable]:
+    """`layer` under `jax.checkpoint` with each of `REMAT_POLICIES`, by the policy's name."""
+    return {name: jax.checkpoint(layer, static_argnums=static_argnums, policy=p) for name, p in REMAT_POLICIES.items()}
+
+
+_REMAT_JOINT_LAYER = _rematerialised(_joint_layer, static_argnums=(0, 2))
 
 
 def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
@@ -484,9 +487,7 @@ def _prefix_layer(graphdef, state, x, x_rope, x_mask, y, y_rope, y_mask):
     return layer.after_attention(x, attention.o_proj(out_x)), layer.after_attention(y, attention.o_proj(out_y))
 
 
-_REMAT_PREFIX_LAYER = {
-    name: jax.checkpoint(_prefix_layer, static_argnums=(0,), policy=policy) for name, policy in REMAT_POLICIES.items()
-}
+_REMAT_PREFIX_LAYER = _rematerialised(_prefix_layer, static_argnums=(0,))
 
 
 def _layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
@@ -499,9 +500,7 @@ def _layer(graphdef, state, x, cos, sin, mask, cache, cache_index):
     return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
 
 
-_REMAT_LAYER = {
-    name: jax.checkpoint(_layer, static_argnums=(0,), policy=policy) for name, policy in REMAT_POLICIES.items()
-}
+_REMAT_LAYER = _rematerialised(_layer, static_argnums=(0,))
 
 
 def prefill_mask(attention_mask: jax.Array, cache_length: int) -> jax.Array:
