@@ -11,6 +11,8 @@ The encoder splits in two halves:
   elsewhere) is a segment-id equality mask. Segments are contiguous runs in window order, so when the
   plan's static bound on their length is short next to the bucket, each block of queries only looks at
   a band of nearby keys (`banded_segment_attention`); otherwise attention is dense over the bucket.
+  Where every segment lies within one block of queries (same-sized clips whose frame pairs and windows
+  fill whole blocks, as fixed-resolution training clips do), the band is the block itself.
 
 Attribute paths mirror the checkpoint (`visual.blocks.0.attn.q.weight` <-> `blocks.0.attn.q.kernel`),
 so `opsd_jax.models.weights` loads every tensor, the Conv3d patch embedding folded into a dense kernel.
@@ -176,6 +178,10 @@ class VisionPlan:
         that bound would not be shorter than `P` (dense attention is then the cheaper path, and every such
         plan of a bucket compiles once). See `attention_span`. Plans stacked into one pytree (say,
         micro-batches) must agree on them.
+      full_reach, window_reach: static ints, the blocks (of `max_*_segment` rows, in window order) on
+        each side of its own that a real segment's rows reach (`band_reach`): 0 where every real segment
+        lies within one block, so the band shrinks to the block (a third of the keys); else 1. Always 0
+        where attention is dense.
     """
 
     patch_order: np.ndarray
@@ -186,6 +192,8 @@ class VisionPlan:
     num_tokens: np.ndarray
     max_full_segment: int = flax.struct.field(pytree_node=False)
     max_window_segment: int = flax.struct.field(pytree_node=False)
+    full_reach: int = flax.struct.field(pytree_node=False)
+    window_reach: int = flax.struct.field(pytree_node=False)
 
 
 def uses_band(span: int, patches: int) -> bool:
@@ -205,6 +213,21 @@ def attention_span(longest: int, patches: int) -> int:
     """
     span = max(_MIN_SPAN, 1 << (int(longest) - 1).bit_length())
     return span if uses_band(span, patches) else int(patches)
+
+
+def band_reach(segments: np.ndarray, span: int, patches: int) -> int:
+    """The band a plan needs: the most blocks of `span` rows that a segment of `segments` reaches past the
+    block of its first row (0 if attention over the `patches`-row bucket is dense).
+
+    `segments`: the `[real patches]` ids in window order, each segment one contiguous run. For runs of at
+    most `span` rows this is 1, or 0 where every run stays in one block (it starts at a multiple of `span`,
+    say, or several short runs share a block).
+    """
+    if not uses_band(span, patches):
+        return 0
+    starts = np.flatnonzero(np.diff(segments, prepend=segments[0] - 1))
+    ends = np.append(starts[1:], len(segments)) - 1
+    return int(np.max(ends // span - starts // span))
 
 
 def _check_grid(grid_thw: Any, config: VisionConfig) -> np.ndarray:
@@ -282,6 +305,7 @@ def vision_plan(grid_thw: Any, config: VisionConfig, patch_bucket: int | None = 
     # Only real segments bound the band: the padding tail may be longer, but its rows are dropped and no
     # real row attends to it (see `banded_segment_attention`).
     longest_frame, longest_window = np.bincount(full_segments).max(), np.bincount(window_segments).max()
+    full_span, window_span = attention_span(longest_frame, bucket), attention_span(longest_window, bucket)
     return VisionPlan(
         patch_order=np.concatenate([patch_order, np.arange(num_patches, bucket)]).astype(np.int32),
         token_restore=np.concatenate([np.argsort(window_index), np.arange(num_tokens, num_tokens + pad_tokens)]).astype(
@@ -291,8 +315,10 @@ def vision_plan(grid_thw: Any, config: VisionConfig, patch_bucket: int | None = 
         full_segments=np.pad(full_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
         window_segments=np.pad(window_segments, (0, pad), constant_values=PAD_SEGMENT).astype(np.int32),
         num_tokens=np.asarray(num_tokens, dtype=np.int32),
-        max_full_segment=attention_span(longest_frame, bucket),
-        max_window_segment=attention_span(longest_window, bucket),
+        max_full_segment=full_span,
+        max_window_segment=window_span,
+        full_reach=band_reach(full_segments, full_span, bucket),
+        window_reach=band_reach(window_segments, window_span, bucket),
     )
 
 
@@ -340,37 +366,36 @@ def banded_segment_attention(
     v: jax.Array,
     segments: jax.Array,
     *,
-    max_segment: int,
     block: int,
+    reach: int,
     scale: float,
 ) -> jax.Array:
-    """Attention within contiguous segments, in `O(P * (block + 2 * max_segment))` instead of `O(P^2)`.
+    """Attention within contiguous segments, in `O(P * (2 * reach + 1) * block)` instead of `O(P^2)`.
 
-    A query in a segment of at most `max_segment` rows only sees keys less than `max_segment` rows
-    away. The queries are cut into blocks of `block` rows (the last one padded), and block `b` attends to
-    the key rows `[(b - r) * block, (b + 1 + r) * block)`, `r = ceil(max_segment / block)`, with the
-    segment-id equality mask restricted to that band: a superset of the keys its queries need, gathered
-    as `2r + 1` shifted views of the keys cut into chunks of `block` rows (no index arrays). Rows of the
-    band outside `[0, P)` carry a segment id no row has.
+    The queries are cut into blocks of `block` rows (the last one padded), and block `b` attends to the
+    key rows `[(b - r) * block, (b + 1 + r) * block)`, `r = reach`, with the segment-id equality mask
+    restricted to that band, gathered as `2r + 1` shifted views of the keys cut into chunks of `block`
+    rows (no index arrays). It holds every key a query needs when no segment reaches more than `reach`
+    blocks past the block of any of its rows: `reach = ceil(L / block)` for segments of at most `L`
+    rows; 0 when each segment lies within one block. Rows of the band outside `[0, P)` carry a segment
+    id no row has.
 
     Args:
       q: `[P, heads, head_dim]`.
       k, v: `[P, kv_heads, head_dim]`, `heads` a multiple of `kv_heads`.
       segments: `[P]` int32 ids; a query attends to the keys with its id. Every segment whose rows are
-        used must be one contiguous run of at most `max_segment` rows. A longer run (bucket padding)
-        gives finite rows that saw only part of their segment: fine for rows that are dropped.
-      max_segment: static bound on the segments' lengths.
-      block: static number of query rows per block (`max_segment` makes the band `3 * max_segment` keys).
+        used must be one contiguous run within `reach` blocks of each of its rows. A longer run (bucket
+        padding) gives finite rows that saw only part of their segment: fine for rows that are dropped.
+      block: static number of query rows per block.
+      reach: static number of key blocks on each side of a query block's own.
       scale: multiplier of `q . k`.
 
     Returns:
-      `[P, heads, head_dim]` in the query's dtype: on the rows of segments of at most `max_segment`
-      rows, the result of `dot_product_attention` with `segment_mask(segments)` (a float32 softmax over
+      `[P, heads, head_dim]` in the query's dtype: on the rows of segments within `reach` blocks, the result of `dot_product_attention` with `segment_mask(segments)` (a float32 softmax over
       the same keys, summed in another order).
     """
     patches = q.shape[0]
     blocks = -(-patches // block)
-    reach = -(-max_segment // block)
     tail = blocks * block - patches
 
     def chunked(x: jax.Array, fill: int, side: int) -> jax.Array:
@@ -425,11 +450,14 @@ class VisionAttention(nnx.Module):
         self.v = Linear(dim, dim, axes=("encoder_embed", "encoder_heads"), **kw)
         self.proj = Linear(dim, dim, axes=("encoder_heads", "encoder_embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int, reach: int
+    ) -> jax.Array:
         """`x [P, hidden]`, float32 `cos`/`sin` `[P, head_dim]`, `segments [P]` -> `[P, hidden]`.
 
-        `span` (static) bounds the real segments' lengths, as the plan's `max_*_segment`: a band of keys
-        around each block of `span` queries where that is cheaper (`uses_band`), else a dense `[P, P]` mask.
+        `span` and `reach` (static) are the plan's `max_*_segment` and `*_reach`: each block of `span`
+        queries attends to a band of `2 reach + 1` blocks of keys where that is cheaper (`uses_band`), else
+        to a dense `[P, P]` mask.
         """
         patches = x.shape[0]
 
@@ -442,7 +470,7 @@ class VisionAttention(nnx.Module):
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(k.dtype)
         scale = self.head_dim**-0.5
         if uses_band(span, patches):
-            out = banded_segment_attention(q, k, v, segments, max_segment=span, block=span, scale=scale)
+            out = banded_segment_attention(q, k, v, segments, block=span, reach=reach, scale=scale)
         else:
             out = dot_product_attention(q[None], k[None], v[None], segment_mask(segments), scale=scale)[0]
         return self.proj(out.reshape(patches, self.num_heads * self.head_dim))
@@ -468,8 +496,10 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, segments, span)
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, span: int, reach: int
+    ) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segments, span, reach)
         return x + self.mlp(self.norm2(x))
 
 
@@ -505,8 +535,9 @@ class VisionEncoder(nnx.Module):
 
     Attention is segment-local. Where the plan's static bound `L` on a kind of segment (frame pairs for
     the full-attention blocks, windows for the others) is short next to the bucket (`3 L < P`), the
-    queries go in blocks of `L` rows, each against a band of `3 L` keys: `[P / L, heads, L, 3 L]` float32
-    scores, work and memory `O(P * L)`, so a micro-batch of many clips costs in proportion to its patches.
+    queries go in blocks of `L` rows, each against a band of `3 L` keys (`L` where every segment lies in one
+    block: the plan's `*_reach`): `[P / L, heads, L, 3 L]` float32 scores, work and memory `O(P * L)`, so a
+    micro-batch of many clips costs in proportion to its patches.
     Otherwise (one long frame, small buckets) the mask is a dense `[P, P]` one, `O(P^2)`. Either way the
     real rows equal the reference's per-segment (`cu_seqlens`) attention.
     """
@@ -543,8 +574,8 @@ class VisionEncoder(nnx.Module):
         rows = functools.partial(constrain_activation, logical_axes=("media", None))
         x = rows(jnp.take(self.patch_embed(pixel_values), plan.patch_order, axis=0))  # window order
         cos, sin = vision_rotary(plan.positions, head_dim=cfg.head_dim, theta=cfg.rope_theta)
-        full = (plan.full_segments, plan.max_full_segment)
-        window = (plan.window_segments, plan.max_window_segment)
+        full = (plan.full_segments, plan.max_full_segment, plan.full_reach)
+        window = (plan.window_segments, plan.max_window_segment, plan.window_reach)
         for index, block in enumerate(self.blocks):
             x = rows(block(x, cos, sin, *(full if index in cfg.fullatt_block_indexes else window)))
         return jnp.take(rows(self.merger(x)), plan.token_restore, axis=0)

@@ -23,6 +23,7 @@ from opsd_jax.models.vision import (
     PAD_SEGMENT,
     VisionConfig,
     VisionEncoder,
+    band_reach,
     banded_segment_attention,
     pad_patches,
     segment_mask,
@@ -183,36 +184,42 @@ def test_plan_pads_to_bucket_with_an_isolated_segment(setup):
         assert (segments[120:] == PAD_SEGMENT).all() and (segments[:120] != PAD_SEGMENT).all()
 
 
-# (grid, bucket) -> (max_full_segment, max_window_segment). Bounds are the longest real segment rounded
-# up to a power of two of at least 64, or the bucket P itself where 3 x bound >= P (dense attention).
+# (grid, bucket) -> (max_full_segment, max_window_segment, full_reach, window_reach). Bounds are the longest
+# real segment rounded up to a power of two of at least 64, or the bucket P itself where 3 x bound >= P
+# (dense attention, reach 0). Reach is 1 where a real segment crosses a block of `bound` rows, else 0.
 @pytest.mark.parametrize(
     "grid, bucket, spans",
     [
         # 16 patches; 64 x 3 >= 16: dense.
-        ([[1, 4, 4]], None, (16, 16)),
+        ([[1, 4, 4]], None, (16, 16, 0, 0)),
         # The two grids of one bucket in the compile-once test: frames of 120 and 16 patches, windows of
         # <= 64 and 16; all bounds x 3 >= 128, so both plans say (128, 128) and share a program.
-        ([[1, 10, 12]], 128, (128, 128)),
-        ([[2, 4, 4]], 128, (128, 128)),
-        # Frame of 120 -> 128 (x 3 >= 256: dense); windows of <= 64 (x 3 < 256: banded).
-        ([[1, 10, 12], [2, 6, 8]], 256, (256, 64)),
-        # 504 patches: frames of 120 and 64 -> 128 (384 < 504), windows <= 64.
-        ([[1, 10, 12], [6, 8, 8]], None, (128, 64)),
-        # Frames of 468 -> 512 (1536 >= 1404: dense); windows of 4 x 4 merged tokens = 64 patches.
-        ([[3, 18, 26]], None, (1404, 64)),
-        # Frames of 16 patches: the floor of 64.
-        ([[40, 4, 4]], None, (64, 64)),
+        ([[1, 10, 12]], 128, (128, 128, 0, 0)),
+        ([[2, 4, 4]], 128, (128, 128, 0, 0)),
+        # Frame of 120 -> 128 (x 3 >= 256: dense); windows of <= 64 (x 3 < 256: banded). Windows of 64, 32,
+        # 16 and 8 patches fill the first 120 rows, so the second clip's first 48-patch window crosses row 128.
+        ([[1, 10, 12], [2, 6, 8]], 256, (256, 64, 0, 1)),
+        # 504 patches: frames of 120 and 64 -> 128 (384 < 504), windows <= 64; both cross blocks past row 120.
+        ([[1, 10, 12], [6, 8, 8]], None, (128, 64, 1, 1)),
+        # Frames of 468 -> 512 (1536 >= 1404: dense); windows of up to 4 x 4 merged tokens = 64 patches, the
+        # edge ones partial (9 x 13 merged tokens), so later windows cross blocks.
+        ([[3, 18, 26]], None, (1404, 64, 0, 1)),
+        # Frames of 16 patches: the floor of 64; four frames fill each block.
+        ([[40, 4, 4]], None, (64, 64, 0, 0)),
         # The forward benchmark's 4 clips of 8 frames at 112 px: one 64-patch window per frame pair.
-        ([[4, 8, 8]] * 4, None, (64, 64)),
-        # Two clips of 448 px frames: 1024-patch frame pairs, 8192 patches.
-        ([[4, 32, 32]] * 2, None, (1024, 64)),
+        ([[4, 8, 8]] * 4, None, (64, 64, 0, 0)),
+        # Two clips of 448 px frames: 1024-patch frame pairs, 8192 patches, whole windows of 64.
+        ([[4, 32, 32]] * 2, None, (1024, 64, 0, 0)),
+        # The TPU configs' micro-batch: 32 clips of 16 frames at 224 px in a bucket of 65,600 patches.
+        ([[8, 16, 16]] * 32, 65_600, (256, 64, 0, 0)),
     ],
 )
 def test_plan_static_segment_bounds(setup, grid, bucket, spans):
     _, config, _ = setup
     plan = vision_plan(np.array(grid), config, patch_bucket=bucket)
-    assert (plan.max_full_segment, plan.max_window_segment) == spans
-    assert all(type(span) is int for span in spans)
+    static = (plan.max_full_segment, plan.max_window_segment, plan.full_reach, plan.window_reach)
+    assert static == spans
+    assert all(type(value) is int for value in static)  # hashable metadata, not numpy scalars
 
 
 @pytest.mark.parametrize(
@@ -246,32 +253,48 @@ def test_call_rejects_pixel_values_not_matching_the_plan(setup):
 # ----------------------------------------------------------------------------------------------------
 
 
-# Uneven segments (longest 17), then a padding tail of 37 rows, longer than the band's bound:
+# Uneven segments (longest 17), then a padding tail of 37 rows, longer than any band:
 # P = 79 + 37 = 116, not a multiple of any block below.
 _SEGMENT_LENGTHS = (3, 17, 1, 16, 9, 17, 4, 12)
+# Segments that each lie within one block of 16 rows (16 | 9 + 7 | 16 | 5 + 11), then the same tail.
+_ALIGNED_LENGTHS = (16, 9, 7, 16, 5, 11)
 _PAD_ROWS = 37
 
 
-@pytest.mark.parametrize(
-    "max_segment, block",
-    [(17, 17), (17, 8), (17, 32), (32, 16)],
-    ids=["block=bound", "block<bound", "block>bound", "loose_bound"],
-)
-def test_banded_attention_matches_dense_segment_mask(max_segment, block):
-    """Real rows equal dense attention under the `[1, P, P]` segment mask (float32, <= 1e-5); padding rows,
-    whose segment is longer than the bound, stay finite (they are dropped)."""
-    segments = np.concatenate(
-        [np.repeat(np.arange(len(_SEGMENT_LENGTHS)), _SEGMENT_LENGTHS), np.full(_PAD_ROWS, PAD_SEGMENT)]
-    ).astype(np.int32)
-    patches, real = len(segments), sum(_SEGMENT_LENGTHS)
-    rng = np.random.default_rng(max_segment * block)
+def _attention_case(lengths, seed):
+    segments = np.concatenate([np.repeat(np.arange(len(lengths)), lengths), np.full(_PAD_ROWS, PAD_SEGMENT)])
+    rng = np.random.default_rng(seed)
     # 4 query heads over 2 key/value heads, as `dot_product_attention` allows.
-    q, k, v = (rng.standard_normal((patches, heads, 8), dtype=np.float32) for heads in (4, 2, 2))
+    q, k, v = (rng.standard_normal((len(segments), heads, 8), dtype=np.float32) for heads in (4, 2, 2))
     dense = dot_product_attention(q[None], k[None], v[None], segment_mask(segments), scale=8**-0.5)[0]
-    banded = banded_segment_attention(q, k, v, segments, max_segment=max_segment, block=block, scale=8**-0.5)
-    assert banded.shape == dense.shape == (patches, 4, 8)
-    assert np.abs(np.asarray(banded)[:real] - np.asarray(dense)[:real]).max() <= LAYOUT_ATOL
-    assert np.isfinite(np.asarray(banded)).all()
+    return segments.astype(np.int32), (q, k, v), np.asarray(dense)
+
+
+@pytest.mark.parametrize(
+    "lengths, block, needed, reach",
+    [
+        (_SEGMENT_LENGTHS, 17, 1, 1),
+        (_SEGMENT_LENGTHS, 8, 2, 2),
+        (_SEGMENT_LENGTHS, 32, 1, 1),
+        (_SEGMENT_LENGTHS, 16, 1, 2),
+        (_ALIGNED_LENGTHS, 16, 0, 0),
+    ],
+    ids=["block=longest", "block<longest", "block>longest", "wider_than_needed", "aligned"],
+)
+def test_banded_attention_matches_dense_segment_mask(lengths, block, needed, reach):
+    """Real rows equal dense attention under the `[1, P, P]` segment mask (float32, <= 1e-5) for a band of
+    at least the reach the plan computes; padding rows, whose segment is longer than the band, stay finite
+    (they are dropped). One block less of reach loses keys of a segment that crosses a block."""
+    segments, (q, k, v), dense = _attention_case(lengths, seed=block + reach)
+    real = sum(lengths)
+    assert band_reach(segments[:real], block, len(segments)) == needed
+    banded = np.asarray(banded_segment_attention(q, k, v, segments, block=block, reach=reach, scale=8**-0.5))
+    assert banded.shape == dense.shape == (len(segments), 4, 8)
+    assert np.abs(banded[:real] - dense[:real]).max() <= LAYOUT_ATOL
+    assert np.isfinite(banded).all()
+    if needed:
+        short = banded_segment_attention(q, k, v, segments, block=block, reach=needed - 1, scale=8**-0.5)
+        assert np.abs(np.asarray(short)[:real] - dense[:real]).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,6 +332,23 @@ def test_banded_encoder_matches_reference_and_dense(setup):
     assert traces == [(bucket, 1176)] * 2  # the static bounds are part of the program
     assert np.abs(banded - dense[:num_tokens]).max() <= LAYOUT_ATOL
     assert np.abs(banded - _reference_tokens(model, pixel_values, grid)).max() <= REFERENCE_ATOL
+
+
+def test_block_local_band_matches_reference(setup):
+    """Three clips whose frame pairs and windows are 64 patches each: every segment lies within one block
+    of the 64-row bound, so the plan's band is the block alone (reach 0, a third of the keys). The real
+    tokens equal the reference, and the same plan with a band of three blocks."""
+    model, config, encoder = setup
+    grid = [[2, 8, 8]] * 3
+    pixel_values = _patches(grid, seed=5)
+    plan = vision_plan(np.array(grid), config)
+    assert (plan.max_full_segment, plan.max_window_segment, plan.full_reach, plan.window_reach) == (64, 64, 0, 0)
+    assert uses_band(64, len(pixel_values))
+    run, _ = _counting_jit()
+    narrow = np.asarray(run(encoder, pixel_values, plan))
+    wide = np.asarray(run(encoder, pixel_values, plan.replace(full_reach=1, window_reach=1)))
+    assert np.abs(narrow - wide).max() <= LAYOUT_ATOL
+    assert np.abs(narrow - _reference_tokens(model, pixel_values, grid)).max() <= REFERENCE_ATOL
 
 
 def test_bucket_padding_keeps_valid_rows_and_compiles_once_per_bucket(setup):
