@@ -391,8 +391,9 @@ def banded_segment_attention(
       scale: multiplier of `q . k`.
 
     Returns:
-      `[P, heads, head_dim]` in the query's dtype: on the rows of segments within `reach` blocks, the result of `dot_product_attention` with `segment_mask(segments)` (a float32 softmax over
-      the same keys, summed in another order).
+      `[P, heads, head_dim]` in the query's dtype: on the rows of segments within `reach` blocks, the
+      result of `dot_product_attention` with `segment_mask(segments)` (a float32 softmax over the same
+      keys, summed in another order).
     """
     patches = q.shape[0]
     blocks = -(-patches // block)
@@ -535,9 +536,9 @@ class VisionEncoder(nnx.Module):
 
     Attention is segment-local. Where the plan's static bound `L` on a kind of segment (frame pairs for
     the full-attention blocks, windows for the others) is short next to the bucket (`3 L < P`), the
-    queries go in blocks of `L` rows, each against a band of `3 L` keys (`L` where every segment lies in one
-    block: the plan's `*_reach`): `[P / L, heads, L, 3 L]` float32 scores, work and memory `O(P * L)`, so a
-    micro-batch of many clips costs in proportion to its patches.
+    queries go in blocks of `L` rows, each against a band of `B = (2 r + 1) L` keys, `r` the plan's `*_reach`
+    (1, or 0 where every segment lies in one block): `[P / L, heads, L, B]` float32 scores, work and memory
+    `O(P * L)`, so a micro-batch of many clips costs in proportion to its patches.
     Otherwise (one long frame, small buckets) the mask is a dense `[P, P]` one, `O(P^2)`. Either way the
     real rows equal the reference's per-segment (`cu_seqlens`) attention.
     """
