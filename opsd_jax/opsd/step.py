@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from opsd_jax.models import lora
 from opsd_jax.models.precision import in_compute_dtype
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
-from opsd_jax.models.scoring import chunked_scores, token_logprobs
+from opsd_jax.models.scoring import token_logprobs
 from opsd_jax.opsd import losses
 from opsd_jax.opsd.ablations import group_normalized_advantages, label_cross_entropy
 from opsd_jax.opsd.chunked_losses import fused_distillation_loss
@@ -321,7 +321,8 @@ def _micro_batch_loss(
     weights = losses.reduction_weights(
         config, mask, num_tokens_global=counts["tokens"], num_sequences_global=counts["sequences"]
     )
-    distill, per_token = fused_distillation_loss(
+    # The metrics score the sampled tokens on the loss's own chunks of logits: no second head pass.
+    distill, per_token, scores = fused_distillation_loss(
         config,
         student_hidden,
         head,
@@ -329,29 +330,11 @@ def _micro_batch_loss(
         signal,
         completion_ids=batch.completion,
         sampler_logprobs=batch.sampler_logprobs,
+        top_k_mass=min(config.top_k, head.shape[-1]),
     )
     loss = settings.teacher.distill_weight * distill
-
-    # Metrics: the sampled tokens under student and teacher, without a [B, C, V] tensor.
-    student_scores = chunked_scores(
-        jax.lax.stop_gradient(student_hidden),
-        jax.lax.stop_gradient(head),
-        batch.completion,
-        top_k=min(config.top_k, head.shape[-1]),
-        temperature=config.temperature,
-        chunk_size=config.chunk_size,
-    )
-    teacher_token = signal.token_logprobs
-    if teacher_token is None:
-        teacher_token = chunked_scores(
-            signal.hidden,
-            signal.head_kernel,
-            batch.completion,
-            top_k=1,
-            temperature=config.temperature,
-            chunk_size=config.chunk_size,
-        ).token_logprobs
-    advantage = teacher_token - student_scores.token_logprobs
+    teacher_token = scores.teacher_token
+    advantage = teacher_token - scores.student_token
 
     if settings.teacher.label_pg_weight > 0 or settings.teacher.label_ce_weight > 0:
         loss = loss + _ablation_terms(model, batch, student_hidden, head, features, counts, settings)
@@ -364,15 +347,15 @@ def _micro_batch_loss(
     metrics = {
         "loss": loss,
         "divergence_sum": masked_sum(per_token.divergence),
-        "student_logprob_sum": masked_sum(student_scores.token_logprobs),
+        "student_logprob_sum": masked_sum(scores.student_token),
         "teacher_logprob_sum": masked_sum(teacher_token),
         "advantage_sum": masked_sum(advantage),
         "advantage_positive": masked_sum((advantage > 0).astype(jnp.float32)),
         "is_ratio_sum": masked_sum(ratio),
         "is_ratio_max": jnp.max(jnp.where(mask, ratio, 0.0)),
         "is_clipped": masked_sum(clipped.astype(jnp.float32)),
-        "top_k_mass_sum": masked_sum(jnp.sum(jnp.exp(student_scores.top_k_logprobs), axis=-1)),
-        "entropy_sum": masked_sum(student_scores.entropy),
+        "top_k_mass_sum": masked_sum(scores.top_k_mass),
+        "entropy_sum": masked_sum(scores.entropy),
         "tokens": jnp.sum(mask.astype(jnp.float32)),
         "sequences": jnp.float32(mask.shape[0]),
     }

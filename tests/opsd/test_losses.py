@@ -589,9 +589,10 @@ def test_fused_and_chunked_losses_match_naive(data, config):
         return scoring.TeacherSignal(**{name.removeprefix("teacher_"): x for name, x in teacher.items()})
 
     def fused(student_hidden, kernel, teacher_hidden):
-        return chunked_losses.fused_distillation_loss(
+        loss, per_token, _ = chunked_losses.fused_distillation_loss(
             config, student_hidden, kernel, weights, signal(teacher_hidden), **side
         )
+        return loss, per_token
 
     def chunked(student_hidden, kernel, teacher_hidden):
         out = chunked_losses.chunked_per_token_divergence(
@@ -651,6 +652,36 @@ def test_bfloat16_hidden_states(data):
     assert_close(value, expected, dict(rtol=1e-5, atol=1e-6))  # logits: exact bf16 products, float32 sums
     for g, e in zip(grads, expected_grads):  # the head's backward runs in bfloat16 (like autodiff of a bf16 matmul)
         assert_close(g, e, dict(rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(e)))))
+
+
+@pytest.mark.parametrize("teacher_form", ["hidden", "token_logprobs"])
+def test_fused_loss_scores_the_sampled_tokens(data, teacher_form):
+    """The metrics the fused loss reads off its own chunks equal a float64 numpy scoring of the full logits."""
+    hs, ht, w, ids, sampler = (
+        data[k] for k in ("student_hidden", "teacher_hidden", "kernel", "completion_ids", "sampler_logprobs")
+    )
+    config = losses.LossConfig(divergence="sampled_rkl", temperature=2.0, chunk_size=3)
+    weights = losses.reduction_weights(config, data["mask"])
+    teacher_logits = np.asarray(ht @ w, np.float64)
+    if teacher_form == "hidden":
+        teacher = scoring.TeacherSignal(hidden=ht)
+    else:
+        teacher = scoring.TeacherSignal(token_logprobs=jnp.asarray(np_token_logprobs(teacher_logits, ids, 2.0)))
+    _, _, scores = jax.jit(
+        lambda h, k: chunked_losses.fused_distillation_loss(
+            config, h, k, weights, teacher, completion_ids=ids, sampler_logprobs=sampler, top_k_mass=3
+        )
+    )(hs, w)
+    tempered = np.asarray(hs @ w, np.float64) / 2.0
+    logp = tempered - np.logaddexp.reduce(tempered, axis=-1, keepdims=True)
+    assert_close(scores.student_token, np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0], REF_TOL)
+    assert_close(scores.teacher_token, np_token_logprobs(teacher_logits, np.asarray(ids), 2.0), REF_TOL)
+    assert_close(scores.entropy, -(np.exp(logp) * logp).sum(-1), REF_TOL)
+    assert_close(scores.top_k_mass, np.sort(np.exp(logp), -1)[..., -3:].sum(-1), REF_TOL)
+    no_mass = chunked_losses.fused_distillation_loss(
+        config, hs, w, weights, teacher, completion_ids=ids, sampler_logprobs=sampler
+    )[2]
+    assert no_mass.top_k_mass is None
 
 
 def test_chunked_teacher_scores_match_logits(data):
