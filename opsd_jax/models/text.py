@@ -15,7 +15,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from opsd_jax.models.layers import CausalSegments, Embed, Linear, RMSNorm, apply_rotary, dot_product_attention
+from opsd_jax.models.layers import (
+    CausalSegments,
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    dot_product_attention,
+    swiglu,
+)
 from opsd_jax.models.splash import splash_attention
 from opsd_jax.sharding import (
     AxisRules,
@@ -205,7 +213,7 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = swiglu(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(constrain_activation(hidden, ("batch", "length", "activation_mlp")))
 
 
