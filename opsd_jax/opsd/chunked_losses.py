@@ -4,7 +4,8 @@ The logits forms (`opsd_jax.opsd.losses.per_token_divergence`) build `[batch, co
 (2.5 GB each for Qwen2.5-Omni's 151,936-token vocabulary at 4 x 1,024 tokens). These never do:
 `chunked_per_token_divergence` (and its GJSD shorthand `chunked_generalized_jsd`) maps over completion chunks
 under `jax.checkpoint`, recomputing each chunk's logits in the backward pass; `fused_distillation_loss`
-computes the scalar loss and its gradient in a single scan (a custom VJP), without the recomputation.
+computes the scalar loss and its gradient in a single scan (a custom VJP), without the recomputation, and scores
+the sampled tokens for the step's metrics on the same logits (`SampledScores`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class SampledScores(NamedTuple):
     """What the fused loss also reports about the sampled tokens, each `[B, T]` and without gradient (metrics).
 
     The loss's chunks already hold the student's and the teacher's logits; scoring the tokens there spares the
-    head matmuls of a second pass over the completions (two `[B, T, H] x [H, V]` products per micro-batch).
+    head matmuls of separate passes over the completions (two `[B, T, H] x [H, V]` products per micro-batch).
     """
 
     student_token: jax.Array | None  # the sampled tokens' student log-probabilities (None without completion_ids)
