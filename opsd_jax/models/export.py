@@ -3,7 +3,9 @@
 Every `nnx.Param` goes back to the tensor name and torch layout it was loaded from (`weights`
 documents the forward direction): kernels are transposed back (a convolution kernel `[k, in, out]`
 becomes `[out, in, k]`), the vision patch-embedding kernel `[c*t*h*w, out]` is unfolded to the Conv3d
-weight `[out, c, t, h, w]`, and embeddings, norms and biases are written unchanged. The directory is
+weight `[out, c, t, h, w]`, the text decoder's attention kernels and biases, which keep heads as an axis,
+are folded back into the checkpoint's matrices and vectors, and embeddings, norms and other biases are
+written unchanged. The directory is
 thinker-only (`Qwen2_5OmniThinkerForConditionalGeneration`), so transformers and `from_pretrained`
 both load it.
 
@@ -107,6 +109,23 @@ def folded_kernel_shapes(config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def headed_parameter_shapes(config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint shapes of the text decoder's attention weights, whose heads the port keeps as an axis
+    (`opsd_jax.models.text.Qwen2Attention`), by checkpoint name: the projections' `[out, in]` matrices and the
+    biases `[heads * head_dim]`."""
+    text = config.text
+    hidden, q_width = text.hidden_size, text.num_attention_heads * text.head_dim
+    kv_width = text.num_key_value_heads * text.head_dim
+    shapes = {}
+    for layer in range(text.num_hidden_layers):
+        prefix = f"model.layers.{layer}.self_attn."
+        for proj, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
+            shapes[f"{prefix}{proj}.weight"] = (width, hidden)
+            shapes[f"{prefix}{proj}.bias"] = (width,)
+        shapes[f"{prefix}o_proj.weight"] = (hidden, q_width)
+    return shapes
+
+
 def to_checkpoint_layout(
     kind: str, tensor: np.ndarray, name: str, folded_shape: tuple[int, ...] | None = None
 ) -> np.ndarray:
@@ -116,13 +135,30 @@ def to_checkpoint_layout(
       kind: the parameter's last path element (`kernel`, `embedding`, `weight`, `bias`).
       tensor: the parameter, e.g. `[in, out]` or `[k, in, out]` for a kernel.
       name: its checkpoint name (for error messages).
-      folded_shape: the checkpoint shape of a convolution folded into this dense kernel (see
-        `folded_kernel_shapes`), else None.
+      folded_shape: the checkpoint shape of a parameter the port stores in another shape: a convolution
+        folded into this dense kernel (`folded_kernel_shapes`), or an attention weight or bias whose heads it
+        keeps as an axis (`headed_parameter_shapes`); else None.
 
     Returns:
-      a C-contiguous array: kernels with their axes reversed (`[out, in]`, `[out, in, k]`) or unfolded
-      to `folded_shape`; everything else unchanged.
+      a C-contiguous array: kernels with their axes reversed (`[out, in]`, `[out, in, k]`), unfolded to
+      `folded_shape`, or with heads folded back (`[hidden, heads, head_dim]` -> `[heads * head_dim, hidden]`);
+      everything else unchanged.
     """
+    if folded_shape is not None and kind == "bias":
+        if tensor.size != int(np.prod(folded_shape)):
+            raise ExportError(
+                f"tensor {name}: a bias of shape {tuple(tensor.shape)} cannot be the checkpoint's {folded_shape}"
+            )
+        return np.ascontiguousarray(tensor.reshape(folded_shape))
+    if folded_shape is not None and tensor.ndim > len(folded_shape):
+        # Heads kept as an axis: `[*in, *out]` is the transposed matrix `[in, out]` with its axes split.
+        matrix = tuple(reversed(folded_shape))
+        if not weights.is_split_matrix(matrix, tensor.shape):
+            raise ExportError(
+                f"tensor {name}: a kernel of shape {tuple(tensor.shape)} cannot be folded into the checkpoint's "
+                f"{tuple(folded_shape)} the config describes"
+            )
+        return np.ascontiguousarray(tensor.reshape(matrix).T)
     if folded_shape is not None:
         if (
             kind != "kernel"
@@ -323,7 +359,7 @@ def export_thinker(
     source_name = "the config dict" if isinstance(config_source, Mapping) else f"{Path(config_source) / 'config.json'}"
     config = dataclasses.replace(ThinkerConfig.from_hf(hf_config, source=source_name), tie_word_embeddings=tied)
     _check_against_config(params, config)
-    folded = folded_kernel_shapes(config)
+    folded = folded_kernel_shapes(config) | headed_parameter_shapes(config)
 
     def written_dtype(value: Any) -> np.dtype:
         own = np.dtype(value.dtype)

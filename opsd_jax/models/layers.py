@@ -25,32 +25,53 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Arr
 
 
 class Linear(nnx.Module):
-    """`y = x @ kernel + bias`, kernel `[in, out]`, computed in `dtype`."""
+    """`y = x @ kernel + bias` over the trailing axes of `x`, computed in `dtype`.
+
+    `in_features` and `out_features` are each a size or a shape: the kernel is `[*in_shape, *out_shape]` and maps
+    `x [..., *in_shape]` to `[..., *out_shape]` (the bias is `out_shape`). The text decoder's attention
+    projections keep their heads as an axis (`[hidden, heads, head_dim]`, `[heads, head_dim, hidden]`): the
+    matmul then writes its output in whatever layout the attention kernel reads, where a `[..., heads *
+    head_dim]` output would be copied into it (`opsd_jax.models.text.Qwen2Attention`). The checkpoint keeps
+    these weights as matrices; `opsd_jax.models.weights` and `opsd_jax.models.export` reshape them.
+    """
 
     def __init__(
         self,
-        in_features: int,
-        out_features: int,
+        in_features: int | tuple[int, ...],
+        out_features: int | tuple[int, ...],
         *,
         use_bias: bool,
-        axes: tuple[str | None, str | None],
+        axes: tuple[str | None, ...],
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.in_shape = _as_shape(in_features)
+        self.out_shape = _as_shape(out_features)
+        if len(axes) != len(self.in_shape) + len(self.out_shape):
+            raise ValueError(f"Linear: {len(axes)} logical axes for a kernel of shape {self.in_shape + self.out_shape}")
+        self.axes = tuple(axes)  # the kernel's logical axes (also kept here: QLoRA replaces the kernel's Param)
+        self.kernel = nnx.Param(_normal(rngs, self.in_shape + self.out_shape, dtype), logical_axes=self.axes)
+        out_axes = tuple(axes[len(self.in_shape) :])
+        self.bias = nnx.Param(jnp.zeros(self.out_shape, dtype), logical_axes=out_axes) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # flax's promote_dtype (an astype for arrays) is what qwix intercepts to leave a QLoRA-quantized kernel
         # as it is (opsd_jax.models.lora).
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        # In `dtype` even in an adapted layer, whose float32 adapters would make it float32 (qwix adds their delta
-        # inside the matmul): the activations after it stay in the compute dtype, and a zero delta adds nothing.
-        y = jnp.dot(x, kernel).astype(self.dtype)
+        # `lax.dot_general` is also what qwix intercepts to add the adapters (`opsd_jax.models.lora`). In `dtype`
+        # even in an adapted layer, whose float32 adapters would make it float32 (qwix adds their delta inside the
+        # matmul): the activations after it stay in the compute dtype, and a zero delta adds nothing.
+        contracted = len(self.in_shape)
+        dims = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
+        y = jax.lax.dot_general(x, kernel, dims).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def _as_shape(features: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
 
 
 class Embed(nnx.Module):

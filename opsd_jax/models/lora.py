@@ -100,7 +100,8 @@ def apply_lora(
     (its base weights are shared, not copied, except those QLoRA quantizes and those `base_dtype` dtype casts).
 
     `a` starts He-uniform from `seed`, `b` at zero (the adapted model starts equal to the base). Adapters carry
-    `logical_axes` (`a`: the kernel's input axis and an unsharded rank, `b`: rank and the output axis), and with
+    `logical_axes` (`a [in, rank]`: the kernel's (first) input axis and an unsharded rank, `b [rank, out]`: rank and
+    the (first) output axis; qwix flattens a kernel's input and output axes into these matrices), and with
     a `mesh` they are placed by them under `rules`, as the base weights are.
 
     Raises ValueError naming the pattern when it matches no linear layer.
@@ -111,30 +112,37 @@ def apply_lora(
             f"model.lora.target_modules: {config.target_modules!r} matches no linear layer of the model "
             "(paths look like model/layers/0/self_attn/q_proj)"
         )
-    # QLoRA replaces a target's kernel Param with qwix's quantized form, without our metadata: read it first.
-    kernel_axes = {path: layer.kernel.get_metadata()["logical_axes"] for path, layer in targets}
     kernel_dtypes = {path: layer.kernel.get_value().dtype for path, layer in targets}
     quantized = config.base_dtype in QUANTIZED
     # qwix adapts every matmul or convolution it intercepts inside a matching module: name the target linear
-    # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone.
-    targeted = "|".join(re.escape(path) for path, _ in targets)
-    provider = qwix.LoraProvider(
-        module_path=f"{_SCOPE_ROOT}/({targeted})",
-        rank=config.rank,
-        alpha=config.alpha,
-        weight_qtype=config.base_dtype if quantized else None,
-        tile_size=config.quantization_tile if config.base_dtype == "nf4" else None,
-    )
+    # layers themselves, so that a broad pattern (".*") leaves the audio encoder's convolutions alone. One rule per
+    # quantization tiling (`quantization_tiles`), for the layers that share it.
+    tile = config.quantization_tile if config.base_dtype == "nf4" else None
+    by_tiling: dict[Any, list[str]] = {}
+    for path, layer in targets:
+        tiles = quantization_tiles(layer, tile)
+        by_tiling.setdefault(tuple(sorted(tiles.items())) if isinstance(tiles, dict) else tiles, []).append(path)
+    lora_rules = [
+        qwix.LoraRule(
+            module_path=f"{_SCOPE_ROOT}/({'|'.join(re.escape(path) for path in paths)})",
+            rank=config.rank,
+            alpha=config.alpha,
+            weight_qtype=config.base_dtype if quantized else None,
+            tile_size=dict(tiles) if isinstance(tiles, tuple) else tiles,
+        )
+        for tiles, paths in by_tiling.items()
+    ]
+    provider = qwix.LoraProvider(rules=lora_rules)
 
     def create_adapters(scope: _AdapterScope) -> None:
         for _, layer in target_layers(scope.thinker, config.target_modules):
-            layer(jnp.zeros((1, layer.kernel.shape[0]), layer.dtype))
+            layer(jnp.zeros((1, *layer.in_shape), layer.dtype))
 
     scope = qwix.apply_lora_to_model(_AdapterScope(model), provider, create_adapters, rngs=nnx.Rngs(seed))
     adapted = scope.thinker
     scope.thinker = None  # the scope must not keep the weights alive: it only opens qwix's interception
     for path, layer in target_layers(adapted, config.target_modules):
-        in_axis, out_axis = kernel_axes[path]
+        in_axis, out_axis = layer.axes[0], layer.axes[len(layer.in_shape)]
         for adapter in (layer.kernel_lora_a, layer.kernel_lora_b):
             adapter.set_value(adapter.get_value().astype(kernel_dtypes[path]))
         layer.kernel_lora_a.set_metadata("logical_axes", (in_axis, None))
@@ -147,6 +155,27 @@ def apply_lora(
         adapters = nnx.state(adapted, nnx.LoRAParam)
         nnx.update(adapted, jax.device_put(adapters, param_shardings(adapters, mesh, rules)))
     return adapted
+
+
+def quantization_tiles(layer: Linear, tile: int | None) -> int | dict[int, int] | None:
+    """qwix's `tile_size` for `layer`'s kernel quantized with one scale per `tile` input features (nf4), or None.
+
+    qwix tiles the last input (contracting) axis of a kernel and shares each scale over every other input axis. A
+    kernel with several input axes (the text decoder's `o_proj`, `[heads, head_dim, hidden]`) gets the tiles its
+    flattened `[heads * head_dim, hidden]` matrix would: `tile` consecutive entries of one head, or `tile / head_dim`
+    whole heads. Raises ValueError when `tile` is neither a divisor nor a multiple of the last input axis.
+    """
+    if tile is None or len(layer.in_shape) == 1:
+        return tile
+    *outer, inner = layer.in_shape
+    if inner % tile == 0:
+        return {**{axis: 1 for axis in range(len(outer))}, len(outer): tile}
+    if tile % inner == 0 and len(outer) == 1 and outer[0] % (tile // inner) == 0:
+        return {0: tile // inner, 1: inner}
+    raise ValueError(
+        f"model.lora.quantization_tile: {tile} must divide, or be a whole number of, the {inner} features of each "
+        f"head of an adapted layer with input shape {layer.in_shape}"
+    )
 
 
 def _adapted_class(thinker_class: type, scope: _AdapterScope, config: LoraConfig) -> type:
@@ -215,10 +244,10 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
 
 
 def merge_kernel(kernel: Any, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """`kernel + a @ b * scale` (`scale` = alpha / rank), summed in float32, in the kernel's dtype. `kernel [in, out]`
+    """`kernel + a @ b * scale` (`scale` = alpha / rank), summed in float32, in the kernel's dtype. `kernel [*in, *out]`
     as `stored_kernel` gives it: QLoRA's quantized form is dequantized first (into the adapters' dtype)."""
     kernel = dequantize(kernel, a.dtype)
-    delta = a.astype(jnp.float32) @ b.astype(jnp.float32)
+    delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)).reshape(kernel.shape)  # qwix's a, b flatten its axes
     return (kernel.astype(jnp.float32) + delta * scale).astype(kernel.dtype)
 
 
@@ -270,9 +299,7 @@ def merged_thinker(adapted: nnx.Module) -> nnx.Module:
     kernels = merged_kernels(adapted)
     merged = nnx.clone(adapted)
     for path, module in adapted_layers(merged):
-        in_axis = module.kernel_lora_a.get_metadata()["logical_axes"][0]
-        out_axis = module.kernel_lora_b.get_metadata()["logical_axes"][1]
-        module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=(in_axis, out_axis))
+        module.kernel = nnx.Param(kernels[(*path, "kernel")], logical_axes=module.axes)
         del module.kernel_lora_a, module.kernel_lora_b
     merged.__class__ = type(adapted).__mro__[1]
     return merged

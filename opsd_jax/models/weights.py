@@ -4,10 +4,11 @@ The mapping is generic. A Flax parameter at path `model.layers.0.self_attn.q_pro
 checkpoint tensor `model.layers.0.self_attn.q_proj.weight`, because modules mirror the reference's
 attribute names; only the layout differs, and it is decided by the parameter's kind:
 
-* `kernel` <- `weight`: a 2-D weight is transposed (`[out, in]` -> `[in, out]`); a convolution weight
-  `[out, in, k]` becomes `[k, in, out]`; a convolution folded into a dense layer (the vision patch
-  embedding, `[out, c, t, h, w]`) becomes `[c*t*h*w, out]`;
-* `embedding`, `weight`, `bias` <- the same name, unchanged.
+* `kernel` <- `weight`: a 2-D weight is transposed (`[out, in]` -> `[in, out]`), and reshaped where the kernel
+  keeps heads as an axis (the text decoder's attention: `[hidden, heads, head_dim]`, `[heads, head_dim, hidden]`);
+  a convolution weight `[out, in, k]` becomes `[k, in, out]`; a convolution folded into a dense layer (the vision
+  patch embedding, `[out, c, t, h, w]`) becomes `[c*t*h*w, out]`;
+* `embedding`, `weight`, `bias` <- the same name, unchanged but for a bias of such heads (`[heads, head_dim]`).
 
 Checkpoint names are normalised first: the `thinker.` prefix of full Omni checkpoints is stripped,
 transformers 5.x in-memory names (`model.language_model.*`, `model.audio_tower.*`, `model.visual.*`)
@@ -174,18 +175,27 @@ def checkpoint_name(path: Iterable[str | int]) -> str:
 def to_flax_layout(kind: str, tensor: np.ndarray, target_shape: tuple[int, ...], name: str) -> np.ndarray:
     """Rearranges a checkpoint tensor into the layout of a Flax parameter of `kind`."""
     if kind == "kernel":
-        if tensor.ndim == 2 and len(target_shape) == 2:
+        if tensor.ndim == 2 and len(target_shape) >= 2:
             tensor = tensor.T
+            if len(target_shape) > 2 and is_split_matrix(tensor.shape, target_shape):
+                tensor = tensor.reshape(target_shape)  # heads split out of `[in, out]` (row-major: exact)
         elif tensor.ndim > 2 and len(target_shape) == 2:
             tensor = tensor.reshape(tensor.shape[0], -1).T
         elif tensor.ndim == len(target_shape):
             tensor = np.transpose(tensor, tuple(reversed(range(tensor.ndim))))
+    elif kind == "bias" and tensor.ndim == 1 and len(target_shape) > 1 and tensor.size == int(np.prod(target_shape)):
+        tensor = tensor.reshape(target_shape)
     if tuple(tensor.shape) != tuple(target_shape):
         raise CheckpointError(
             f"tensor {name}: checkpoint shape {tuple(tensor.shape)} does not fit the model's parameter "
             f"of shape {tuple(target_shape)} (after converting the {kind} layout)"
         )
     return tensor
+
+
+def is_split_matrix(matrix: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether `shape` is the matrix shape `[rows, cols]` with rows and columns each split into axes."""
+    return any((int(np.prod(shape[:cut])), int(np.prod(shape[cut:]))) == tuple(matrix) for cut in range(1, len(shape)))
 
 
 def load_into(

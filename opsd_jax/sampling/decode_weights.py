@@ -105,7 +105,7 @@ def generation_model(
         if layer is not None:
             a, b = layer.kernel_lora_a.get_value(), layer.kernel_lora_b.get_value()
             kernel = lora.stored_kernel(layer)
-            source, target = (kernel, a, b), _merged_kernel_like(kernel, a, b)
+            source, target = (kernel, a, b), _merged_kernel_like(layer, kernel, a, b)
         elif _is_decoder_weight(path, stored[names], dtype):
             source = target = stored[names]
         else:
@@ -154,14 +154,17 @@ def _merged_structure(
     return nnx.split(nnx.eval_shape(lambda state: lora.merged_thinker(nnx.merge(graphdef, state)), params))
 
 
-def _merged_kernel_like(kernel: Any, a: Any, b: Any) -> jax.ShapeDtypeStruct:
+def _merged_kernel_like(layer: Any, kernel: Any, a: Any, b: Any) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of `lora.merge_kernel(kernel, a, b, ...)`: the stored kernel's, or for a quantized
-    one (QLoRA) the adapters' dtype and the sharding their input and output axes give."""
+    one (QLoRA) the layer's kernel shape, the adapters' dtype and the sharding their input and output axes give
+    (on the kernel's first input and first output axis)."""
     if lora.is_quantized_kernel(kernel):
         sharding = None
         if isinstance(getattr(a, "sharding", None), NamedSharding):
             spec_a = tuple(a.sharding.spec) + (None,) * (2 - len(a.sharding.spec))
             spec_b = tuple(b.sharding.spec) + (None,) * (2 - len(b.sharding.spec))
-            sharding = NamedSharding(a.sharding.mesh, PartitionSpec(spec_a[0], spec_b[1]))
-        return jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype, sharding=sharding)
+            spec = [None] * (len(layer.in_shape) + len(layer.out_shape))
+            spec[0], spec[len(layer.in_shape)] = spec_a[0], spec_b[1]
+            sharding = NamedSharding(a.sharding.mesh, PartitionSpec(*spec))
+        return jax.ShapeDtypeStruct(layer.in_shape + layer.out_shape, a.dtype, sharding=sharding)
     return kernel

@@ -81,26 +81,33 @@ def exported(request, tmp_path_factory):
 
 def test_layout_is_the_inverse_of_to_flax_layout():
     rng = np.random.default_rng(0)
+    # (kind, checkpoint tensor, Flax shape, the shape export is told where the port reshapes: `folded_shape`)
     cases = [
-        ("kernel", rng.standard_normal((6, 4)), None),  # Linear [out, in]
-        ("kernel", rng.standard_normal((5, 3, 3)), None),  # Conv1d [out, in, k]
-        ("kernel", rng.standard_normal((8, 3, 2, 4, 4)), (8, 3, 2, 4, 4)),  # Conv3d folded to a dense kernel
-        ("embedding", rng.standard_normal((10, 4)), None),
-        ("weight", rng.standard_normal(7), None),
-        ("bias", rng.standard_normal(7), None),
+        ("kernel", rng.standard_normal((6, 4)), (4, 6), None),  # Linear [out, in]
+        ("kernel", rng.standard_normal((5, 3, 3)), (3, 3, 5), None),  # Conv1d [out, in, k]
+        ("kernel", rng.standard_normal((8, 3, 2, 4, 4)), (96, 8), (8, 3, 2, 4, 4)),  # Conv3d folded to a dense kernel
+        ("embedding", rng.standard_normal((10, 4)), (10, 4), None),
+        ("weight", rng.standard_normal(7), (7,), None),
+        ("bias", rng.standard_normal(7), (7,), None),
+        # Attention weights with heads as an axis: q_proj [heads * head_dim, hidden] -> [hidden, heads, head_dim],
+        # o_proj [hidden, heads * head_dim] -> [heads, head_dim, hidden], a bias [heads * head_dim] -> [heads, head_dim].
+        ("kernel", rng.standard_normal((12, 8)), (8, 3, 4), (12, 8)),
+        ("kernel", rng.standard_normal((8, 12)), (3, 4, 8), (8, 12)),
+        ("bias", rng.standard_normal(12), (3, 4), (12,)),
     ]
-    for kind, torch_layout, folded in cases:
-        flax_shape = (
-            (int(np.prod(torch_layout.shape[1:])), torch_layout.shape[0])
-            if folded
-            else (tuple(reversed(torch_layout.shape)) if kind == "kernel" else torch_layout.shape)
-        )
+    for kind, torch_layout, flax_shape, folded in cases:
         flax_layout = weights.to_flax_layout(kind, torch_layout, flax_shape, "t")
+        assert flax_layout.shape == flax_shape
         back = export.to_checkpoint_layout(kind, flax_layout, "t", folded)
         assert back.flags.c_contiguous
         np.testing.assert_array_equal(back, torch_layout)
+    # q_proj [heads * head_dim, hidden]: the row-major split of its transpose, hidden first.
+    q = rng.standard_normal((12, 8))
+    np.testing.assert_array_equal(weights.to_flax_layout("kernel", q, (8, 3, 4), "q")[:, 1, 2], q[1 * 4 + 2])
     with pytest.raises(export.ExportError, match=r"tensor visual\.x: a kernel of shape \(10, 8\) cannot be unfolded"):
         export.to_checkpoint_layout("kernel", np.zeros((10, 8)), "visual.x", (8, 3, 2, 4, 4))
+    with pytest.raises(export.ExportError, match=r"tensor q: a kernel of shape \(8, 3, 5\) cannot be folded"):
+        export.to_checkpoint_layout("kernel", np.zeros((8, 3, 5)), "q", (12, 8))
 
 
 def test_bfloat16_tensors_are_written_as_safetensors_bf16_with_torch_rounding(tmp_path):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from flax import nnx
 
 from opsd_jax.config import MeshConfig
@@ -145,6 +146,23 @@ def test_qlora_computes_with_the_quantized_kernels(base, inputs, base_dtype):
     # Quantization moves the logits; the forward is the one of the dequantized kernels plus the adapters.
     assert float(jnp.max(jnp.abs(logits - base.forward(inputs)))) > 1e-3
     np.testing.assert_allclose(logits, lora.merged_thinker(adapted).forward(inputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [8, 32])
+def test_nf4_tiles_a_kernel_with_heads_as_its_flattened_matrix(base, tile):
+    """The decoder's o_proj keeps heads as an input axis ([heads, head_dim, hidden]; the tiny model's head_dim is
+    16): its nf4 scales are those of the checkpoint's [heads * head_dim, hidden] matrix tiled `tile` features at a
+    time, within a head (8) or over whole heads (32), not one scale shared across the heads."""
+    adapted = lora.apply_lora(base, LoraConfig(rank=4, alpha=8.0, base_dtype="nf4", quantization_tile=tile))
+    layer = adapted.model.layers[0].self_attn.o_proj
+    assert layer.in_shape == (4, 16)
+    stored = lora.stored_kernel(layer).array  # qwix's quantized array
+    kernel = np.asarray(qwix.dequantize(stored), np.float32)
+    reference = jnp.asarray(base.model.layers[0].self_attn.o_proj.kernel.get_value()).reshape(64, 64)
+    flat = qwix.quantize(reference, "nf4", channelwise_axes=[1], tiled_axes={0: tile}, scale_dtype=stored.scale.dtype)
+    np.testing.assert_array_equal(kernel.reshape(64, 64), np.asarray(qwix.dequantize(flat), np.float32))
+    with pytest.raises(ValueError, match=r"quantization_tile: 24 must divide, or be a whole number of, the 16"):
+        lora.quantization_tiles(layer, 24)
 
 
 def test_adapters_carry_logical_axes_and_shard_on_the_mesh(tiny_untied):

@@ -75,7 +75,7 @@ def test_the_decode_copy_splits_the_mlp_and_head_over_their_outputs_with_the_sam
     assert specs[f"{layer}['mlp']['gate_proj']['kernel']"] == (None, ("tensor", "fsdp"))
     assert specs[f"{layer}['mlp']['down_proj']['kernel']"] == (("tensor", "fsdp"), None)
     assert specs["['lm_head']['kernel']"] == (None, ("tensor", "fsdp"))
-    assert specs[f"{layer}['self_attn']['q_proj']['kernel']"] == ("fsdp", "tensor")  # attention as trained
+    assert specs[f"{layer}['self_attn']['q_proj']['kernel']"] == ("fsdp", "tensor", None)  # attention as trained
 
     kwargs = dict(max_new_tokens=8, temperature=0, eos_token_id=10**6, pad_token_id=PAD, num_samples=2)
     inputs = {"input_ids": IDS, "attention_mask": MASK}
