@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 0 --decode-tokens 0 --out benchmarks/results/lora_bfloat16.json
 	$(BIN)/python -m benchmarks.lora --dtype bfloat16 --runs 3 --out benchmarks/results/lora_decode_bfloat16.json
 	$(BIN)/python -m benchmarks.collectives --config configs/qwen2_5_omni_7b_v5p64.yaml
+	$(BIN)/python -m benchmarks.cost_model_floor --config configs/qwen2_5_omni_7b_v5p64.yaml
 	configs="$(TPU_CONFIGS)"; \
 	if $(BIN)/python -c "import jax_plugins.xla_cuda12" 2>/dev/null; then configs="$$configs $(GPU_CONFIGS)"; \
 	else echo "GPU configs ($(GPU_CONFIGS)) not compiled: the CUDA plugin is missing, pip install -e '.[cuda]'" >&2; fi; \
