@@ -174,6 +174,7 @@ def test_lora_memory_budget_counts_the_base_in_its_dtype_and_the_adapters():
 def test_lora_budget_counts_the_adapters_apply_lora_makes(tiny_untied):
     """The budget's projection shapes are the adapted thinker's own (the tiny one: its adapters counted)."""
     import dataclasses
+    import math
 
     from flax import nnx
 
@@ -196,8 +197,13 @@ def test_lora_budget_counts_the_adapters_apply_lora_makes(tiny_untied):
     adapted = lora.apply_lora(base, dataclasses.replace(LoraConfig(), rank=3))
     counted = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam)))
     assert counted == layers * 3 * sum(inputs + outputs for inputs, outputs in shapes)
-    kernels = [layer.kernel.get_value().shape for _, layer in lora.adapted_layers(adapted)]
+    # Each kernel as the matrix its adapters flatten it to (attention keeps heads as an axis: `[hidden, heads, head_dim]`).
+    kernels = [(math.prod(layer.in_shape), math.prod(layer.out_shape)) for _, layer in lora.adapted_layers(adapted)]
     assert sorted(kernels) == sorted(shapes * layers)
+    assert all(
+        math.prod(layer.kernel.get_value().shape) == math.prod(m)
+        for (_, layer), m in zip(lora.adapted_layers(adapted), kernels)
+    )
 
 
 def test_tpu_and_gpu_configs_name_their_slice(loaded):
