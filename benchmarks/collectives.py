@@ -28,7 +28,7 @@ from opsd_jax.config import Config, load_config
 from opsd_jax.models.architectures import thinker_config
 from opsd_jax.models.qwen2_5_omni import ThinkerConfig
 from opsd_jax.sharding.mesh import resolve_mesh_shape
-from opsd_jax.sharding.topology import topology_chips, topology_devices
+from opsd_jax.sharding.topology import Chip, topology_chips, topology_devices
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -90,20 +90,42 @@ def row(name: str, report: ProgramReport) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = load_config(args.config, num_devices=None)
+@dataclasses.dataclass(frozen=True)
+class SliceShare:
+    """A TPU config, its slice and what one chip of it takes of a micro-batch."""
+
+    config: Config
+    chip: Chip
+    devices: list
+    mesh: tuple[int, int, int]  # (data, fsdp, tensor)
+    prompts: int  # per micro-batch, on the whole slice
+    prompts_per_chip: int  # a chip's share: the prompts over the batch shards (data x fsdp)
+
+
+def slice_share(path: str, script: str) -> SliceShare:
+    """`path`'s config on its `mesh.topology`; exits naming `script` when it has no topology or when a micro-batch's
+    prompts do not split over the batch shards into a whole number per chip."""
+    config = load_config(path, num_devices=None)
     topology = config.mesh.topology
     if not topology:
-        raise SystemExit(f"benchmarks.collectives: {args.config}: mesh.topology is not set (a TPU config is needed)")
+        raise SystemExit(f"benchmarks.{script}: {path}: mesh.topology is not set (a TPU config is needed)")
     chip, devices = topology_devices(topology)
     data, fsdp, tensor = resolve_mesh_shape(config.mesh, topology_chips(topology))
     prompts = config.train.batch_size // config.train.grad_accum_steps
     if prompts % (data * fsdp):
         raise SystemExit(
-            f"benchmarks.collectives: {args.config}: {prompts} prompts per micro-batch do not split over the "
+            f"benchmarks.{script}: {path}: {prompts} prompts per micro-batch do not split over the "
             f"{data * fsdp} batch shards (data x fsdp): a chip's share is not a whole number of prompts"
         )
+    return SliceShare(config, chip, devices, (data, fsdp, tensor), prompts, prompts // (data * fsdp))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    share = slice_share(args.config, "collectives")
+    config, chip, devices, prompts = share.config, share.chip, share.devices, share.prompts
+    topology = config.mesh.topology
+    data, fsdp, tensor = share.mesh
     thinker = shallower(thinker_config(config.model.checkpoint)[0], args.depth)
     print(
         f"{args.config} at depth {args.depth:g} ({thinker.text.num_hidden_layers} decoder layers), chip {chip.generation}"
@@ -111,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     began = time.perf_counter()
     on_slice = compile_step(one_micro_batch(config, prompts), thinker, chip, devices)
     alone = compile_step(
-        one_micro_batch(config, prompts // (data * fsdp), data=1, fsdp=1, tensor=1), thinker, chip, devices[:1]
+        one_micro_batch(config, share.prompts_per_chip, data=1, fsdp=1, tensor=1), thinker, chip, devices[:1]
     )
     rows = [row(f"{topology} (mesh {data} x {fsdp} x {tensor})", on_slice), row("one chip, its share", alone)]
     added = rows[0]["cost_over_compute"] / rows[1]["cost_over_compute"]

@@ -23,11 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from benchmarks.collectives import slice_share
 from benchmarks.common import format_table, write_results
-from opsd_jax.config import load_config
 from opsd_jax.models.architectures import thinker_config
-from opsd_jax.sharding.mesh import resolve_mesh_shape
-from opsd_jax.sharding.topology import topology_chips, topology_devices
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,22 +74,12 @@ def price(function: Callable, shapes: list[tuple[int, ...]], device: jax.Device)
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = load_config(args.config, num_devices=None)
-    topology = config.mesh.topology
-    if not topology:
-        raise SystemExit(
-            f"benchmarks.cost_model_floor: {args.config}: mesh.topology is not set (a TPU config is needed)"
-        )
-    chip, devices = topology_devices(topology)
-    data, fsdp, tensor = resolve_mesh_shape(config.mesh, topology_chips(topology))
-    prompts = config.train.batch_size // config.train.grad_accum_steps
-    if prompts % (data * fsdp):
-        raise SystemExit(
-            f"benchmarks.cost_model_floor: {args.config}: {prompts} prompts per micro-batch do not split over the "
-            f"{data * fsdp} batch shards (data x fsdp)"
-        )
-    per_chip = prompts // (data * fsdp)
-    tokens = per_chip * (config.data.prompt_length + config.sampling.num_samples * config.sampling.max_new_tokens)
+    share = slice_share(args.config, "cost_model_floor")
+    config, chip, devices = share.config, share.chip, share.devices
+    topology, tensor = config.mesh.topology, share.mesh[2]
+    tokens = share.prompts_per_chip * (
+        config.data.prompt_length + config.sampling.num_samples * config.sampling.max_new_tokens
+    )
     text = thinker_config(config.model.checkpoint)[0].text
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (what tensor parallelism splits)
     operations = layer_operations(
@@ -124,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
         )
     matmuls = [r for r in rows if r["matmul"]]
-    # Each layer runs each projection forward, for its input gradient and for its weight gradient: weighting every
-    # matmul by its FLOPs gives the layer's matmul price over their FLOPs.
+    # The listed matmuls (each projection's forward, and a sample of input and weight gradients), their prices summed
+    # over their FLOPs: a FLOP-weighted ratio that the MLP's matmuls, most of the FLOPs, dominate.
     weighted = sum(r["cost_model_seconds"] for r in matmuls) / sum(r["flops_seconds"] for r in matmuls)
     headers = ["operation", "cost model ms", "FLOPs at peak ms", "bytes at HBM ms", "cost / max(FLOPs, bytes)"]
     table = [

@@ -9,20 +9,9 @@ import json
 from benchmarks import collectives
 from opsd_jax.testing.reference import tiny_thinker_config_dict
 
-CONFIG = """
-model: {{checkpoint: "{checkpoint}", dtype: bfloat16, param_dtype: float32, remat: true}}
-mesh: {{data: 1, fsdp: -1, tensor: 1, topology: "v5e:2x2"}}
-train: {{batch_size: 8, grad_accum_steps: 2, lr: 1.0e-5, total_steps: 10}}
-sampling: {{num_samples: 2, max_new_tokens: 8}}
-teacher: {{mode: frozen}}
-loss: {{divergence: gjsd, beta: 0.5, chunk_size: 4}}
-data: {{prompt_length: 2048, answer_length: 4}}
-"""
 
-
-def test_the_slice_and_one_chip_compile_side_by_side(tiny_untied, tmp_path, capsys):
-    config = tmp_path / "tiny_v5e.yaml"
-    config.write_text(CONFIG.format(checkpoint=tiny_untied[1]))
+def test_the_slice_and_one_chip_compile_side_by_side(tiny_v5e_config, tmp_path, capsys):
+    config = tiny_v5e_config(prompt_length=2048)
     out = tmp_path / "collectives.json"
     collectives.main(["--config", str(config), "--depth", "0.5", "--out", str(out)])
     saved = json.loads(out.read_text())

@@ -7,20 +7,9 @@ import json
 
 from benchmarks import cost_model_floor
 
-CONFIG = """
-model: {{checkpoint: "{checkpoint}", dtype: bfloat16, param_dtype: float32, remat: true}}
-mesh: {{data: 1, fsdp: -1, tensor: 1, topology: "v5e:2x2"}}
-train: {{batch_size: 8, grad_accum_steps: 2, lr: 1.0e-5, total_steps: 10}}
-sampling: {{num_samples: 2, max_new_tokens: 8}}
-teacher: {{mode: frozen}}
-loss: {{divergence: gjsd, beta: 0.5, chunk_size: 4}}
-data: {{prompt_length: 64, answer_length: 4}}
-"""
 
-
-def test_each_operation_of_a_layer_is_priced_against_its_flops_and_bytes(tiny_untied, tmp_path, capsys):
-    config = tmp_path / "tiny_v5e.yaml"
-    config.write_text(CONFIG.format(checkpoint=tiny_untied[1]))
+def test_each_operation_of_a_layer_is_priced_against_its_flops_and_bytes(tiny_v5e_config, tmp_path, capsys):
+    config = tiny_v5e_config(prompt_length=64)
     out = tmp_path / "floor.json"
     cost_model_floor.main(["--config", str(config), "--out", str(out)])
     saved = json.loads(out.read_text())
