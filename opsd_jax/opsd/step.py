@@ -330,7 +330,7 @@ def _micro_batch_loss(
         signal,
         completion_ids=batch.completion,
         sampler_logprobs=batch.sampler_logprobs,
-        top_k_mass=min(config.top_k, head.shape[-1]),
+        top_k_mass=min(config.top_k, head.shape[-1]) if losses.divergence_form(config).uses_top_k else 0,
     )
     loss = settings.teacher.distill_weight * distill
     teacher_token = scores.teacher_token
@@ -354,7 +354,7 @@ def _micro_batch_loss(
         "is_ratio_sum": masked_sum(ratio),
         "is_ratio_max": jnp.max(jnp.where(mask, ratio, 0.0)),
         "is_clipped": masked_sum(clipped.astype(jnp.float32)),
-        "top_k_mass_sum": masked_sum(scores.top_k_mass),
+        **({} if scores.top_k_mass is None else {"top_k_mass_sum": masked_sum(scores.top_k_mass)}),
         "entropy_sum": masked_sum(scores.entropy),
         "tokens": jnp.sum(mask.astype(jnp.float32)),
         "sequences": jnp.float32(mask.shape[0]),
@@ -492,7 +492,7 @@ def summarize(metrics: dict[str, jax.Array], grads: nnx.State) -> dict[str, jax.
         "is_ratio_mean": mean("is_ratio_sum"),
         "is_ratio_max": jnp.max(metrics["is_ratio_max"]),
         "is_clip_fraction": mean("is_clipped"),
-        "top_k_mass": mean("top_k_mass_sum"),
+        **({"top_k_mass": mean("top_k_mass_sum")} if "top_k_mass_sum" in metrics else {}),
         "entropy": mean("entropy_sum"),
         "completion_length": jnp.sum(metrics["tokens"]) / jnp.sum(metrics["sequences"]),
         "grad_norm": optax.tree.norm(grads),

@@ -27,6 +27,9 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     # The encoders' rows (vision patches, audio chunks): spread over the same axes, so that each chip
     # encodes its share of a micro-batch's clips instead of every chip all of them.
     "media": ("data", "fsdp"),
+    # An embedding lookup's rows: over the batch axes that the table's width ("embed") leaves free, so that its
+    # gradient is scattered into each chip's slice of the table (`opsd_jax.models.layers.Embed`).
+    "lookup_batch": "data",
     # Text decoder parameters: FSDP over the model width, tensor parallelism over heads, MLP and vocab.
     "embed": "fsdp",
     "heads": "tensor",

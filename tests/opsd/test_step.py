@@ -117,6 +117,20 @@ def test_a_live_teacher_with_the_students_prompt_gives_zero_loss_and_gradient(mo
     assert max(np.abs(g).max() for g in flat_leaves(grads)) < 1e-6
 
 
+@pytest.mark.parametrize("divergence", ["gjsd", "topk", "topk_rkl", "sampled_rkl"])
+def test_the_top_k_mass_is_logged_with_a_top_k_divergence_alone(model, divergence):
+    """Only a form with a top-K support sorts the vocabulary for the metric; with K the whole vocabulary the
+    student's top-K mass is 1 at every completion token."""
+    batch = make_batch(model)
+    vocab = model.head_kernel().shape[-1]
+    settings, state = settings_for(model, loss=LossConfig(divergence=divergence, top_k=vocab))
+    _, metrics = loss_grad()(state.params, state.teacher_params, batch, S.batch_counts(batch), settings)
+    assert ("top_k_mass_sum" in metrics) == (divergence in ("topk", "topk_rkl"))
+    if "top_k_mass_sum" in metrics:
+        np.testing.assert_allclose(float(metrics["top_k_mass_sum"]), float(metrics["tokens"]), rtol=1e-5)
+    assert ("top_k_mass" in S.summarize(metrics, state.params)) == ("top_k_mass_sum" in metrics)
+
+
 def test_gradient_accumulation_equals_the_full_batch(model):
     """Two micro-batches of one prompt each give the same update as one micro-batch of both."""
     full = make_batch(model, seed=4)
