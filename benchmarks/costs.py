@@ -287,8 +287,9 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
     recomputed layer (34h B per token), float32 attention scores and probabilities of one layer (none with
     `model.attention: splash`, whose kernel keeps a tile's scores on chip), three vocab chunks of float32 logits
     (student, teacher, gradient) and the rollouts' KV cache. With `model.remat_policy: save_dots`, also every
-    layer's matmul outputs (q, k, v, o, gate, up, down in bf16; those split by the tensor axis divided by it) for
-    the tokens the layers run: each prompt once for its rollouts, then every rollout's new tokens.
+    layer's matmul outputs (q, k, v, o, gate, up, down in bf16; those split by the tensor axis divided by it) and
+    its rotated q and k, for the tokens the layers run: each prompt once for its rollouts, then every rollout's new
+    tokens.
     """
     trainable, frozen = model["trainable"], model["encoders"]
     if config.train.train_encoders:
@@ -319,10 +320,11 @@ def memory_budget(config: Any, model: Mapping[str, float], mesh: Mapping[str, in
 
 
 def saved_dot_bytes_per_token(model: Mapping[str, float], tensor: int) -> float:
-    """Bytes per token of one decoder layer's bf16 matmul outputs (`remat_policy: save_dots`) on one device:
-    q, k, v, gate and up split over the tensor axis, o and down whole."""
+    """Bytes per token of what `remat_policy: save_dots` keeps of one decoder layer, in bf16, on one device: the
+    matmuls' outputs (q, k, v, gate and up split over the tensor axis, o and down whole) and the rotated q and k."""
     (q, k, v, o, gate, up, down), _ = decoder_projections(model)
-    return 2 * ((q[1] + k[1] + v[1] + gate[1] + up[1]) / tensor + o[1] + down[1])
+    rotated = q[1] + k[1]  # the rotated queries and keys, kept beside the projections' outputs
+    return 2 * ((q[1] + k[1] + v[1] + gate[1] + up[1] + rotated) / tensor + o[1] + down[1])
 
 
 def mesh_sizes(config: Any, devices: int) -> dict[str, int]:

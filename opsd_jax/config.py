@@ -62,8 +62,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored weights (float32: master weights)
     remat: bool = False  # recompute decoder-layer activations in the backward pass
     # With remat, what each layer keeps for its backward: its input alone ("full"), or also its matmuls' outputs
-    # ("save_dots": q, k, v, o, gate, up and down per token, so the backward recomputes only element-wise work and
-    # attention; for the 7B, 2 x (2 x 3,584 + 2 x 512 + 2 x 18,944 + 3,584) = 99 KB per token and layer).
+    # ("save_dots": q, k, v, o, gate, up and down per token, and the rotated q and k, so the backward recomputes only
+    # element-wise work and attention; for the 7B, 2 x (4 x 3,584 + 3 x 512 + 2 x 18,944) = 108 KB per token
+    # and layer).
     remat_policy: Literal["full", "save_dots"] = "full"
     # Train low-rank adapters on frozen base weights instead of every weight (null: full fine-tuning).
     lora: LoraConfig | None = None

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opsd_jax.models import lora
-from opsd_jax.models.precision import in_compute_dtype
+from opsd_jax.models.precision import TIED_HEAD, in_compute_dtype, param_names
 from opsd_jax.models.qwen2_5_omni import Qwen2_5OmniThinker, ThinkerInputs, input_shardings
 from opsd_jax.models.scoring import token_logprobs
 from opsd_jax.opsd import losses
@@ -262,13 +262,25 @@ def student_and_teacher(
     `teacher_params` may hold part of the parameters (`teacher_copy`: those training changes); the teacher takes
     the others from `params` (under `stop_gradient`: untrained, they still equal the teacher's initial copy)."""
     frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
-    model = _merge(settings, params, frozen)
+    dtype = _merge(settings, params, frozen).dtype
+    model = _merge(settings, _cast_once(params, dtype), frozen)
     if settings.teacher.mode == "live":
         return model, model
     if teacher_params is None:
         teacher_params = lora.without_adapters(params)
     teacher = overlay(jax.lax.stop_gradient(params), jax.lax.stop_gradient(teacher_params))
-    return model, _merge(settings, teacher, frozen)
+    return model, _merge(settings, _cast_once(teacher, dtype), frozen)
+
+
+def _cast_once(params: nnx.State, dtype: Any) -> nnx.State:
+    """`params` with the weights that the decoder's layers cast to the compute `dtype` where they use them cast
+    here, once per micro-batch: the same values and gradients, but a layer rematerialised in the backward
+    re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s).
+
+    LoRA's adapters are left as they are (qwix adds them in float32), and so is the embedding table, whose
+    gradient is a scatter-add over the batch's tokens: kept in float32 it sums in float32."""
+    keep = lambda path: lora.is_adapter(path) or param_names(path) == TIED_HEAD  # noqa: E731
+    return in_compute_dtype(params, dtype, where=lambda path: not keep(path))
 
 
 def _micro_batch_loss(
