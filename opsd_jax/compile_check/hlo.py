@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import re
 
@@ -91,8 +90,9 @@ class Collective:
 @dataclasses.dataclass(frozen=True)
 class HloSummary:
     collectives: list[Collective]
-    # Matmul FLOPs that XLA's cost analysis leaves out because it counts a loop body once: for each loop of
-    # known trip count n, (n - 1) x its body's dots and convolutions (nested loops included).
+    # Matmul FLOPs that XLA's cost analysis leaves out because it counts a loop body once: each computation's dots
+    # and convolutions times its executions per run (trip counts of known loops multiplied, nested ones too) less
+    # the once XLA counts it.
     uncounted_loop_flops: float
     loops: list[tuple[str, int | None]]  # (body computation, known trip count or None)
     loop_hbm_bytes: dict[str, float]  # body computation -> HBM bytes read and written by one iteration
@@ -403,22 +403,17 @@ def summarize(text: str) -> HloSummary:
                     size = max([shape_bytes(*array) for array in i.shapes] + operands, default=0.0)
                 collectives.append(Collective(kind, size, times, in_loop.get(name, False)))
 
-    @functools.cache
-    def body_flops(name: str, depth: int = 0) -> float:
-        """Matmul FLOPs of one execution of computation `name`, its callees included."""
-        if depth > 64:
-            return 0.0
-        own = sum(_matmul_flops(i, shapes) for i in computations.get(name, ()) if i.opcode in ("dot", "convolution"))
-        return own + sum(factor * body_flops(callee, depth + 1) for callee, factor, _ in calls.get(name, ()))
-
-    # Only innermost loops (the loss's vocabulary chunks, attention's query blocks, windowed matmuls): their
-    # bodies hold plain matmuls, which the parse counts exactly; an outer loop (gradient accumulation) is
-    # scaled by compiling its body alone. Counted as XLA counts the rest, each enclosing loop body once.
+    # Every computation's own matmuls (fusions are computations of their own) times the executions XLA's count
+    # leaves out: a loop body runs its trip count times per run of its caller, nested loops multiplying, where XLA
+    # counts each body once. The loss's vocabulary chunks, attention's query blocks, the windowed matmuls XLA makes
+    # of a matmul and its reduce-scatter (inside the chunks), gradient accumulation: all alike.
     uncounted = 0.0
-    for body, count in loops:
-        nested = any(is_loop for _, _, is_loop in _reachable_calls(body, calls))
-        if count and count > 1 and counted.get(body, 0) and not nested:
-            uncounted += counted[body] * (count - 1) * body_flops(body)
+    for name, times in executions.items():
+        extra = times - counted.get(name, 0)
+        if extra > 0:
+            uncounted += extra * sum(
+                _matmul_flops(i, shapes) for i in computations.get(name, ()) if i.opcode in ("dot", "convolution")
+            )
     instructions = {i.name: i for body in computations.values() for i in body}
     hbm = {body: _hbm_bytes(body, computations, instructions) for body, _ in loops}
     return HloSummary(
@@ -533,10 +528,3 @@ def _fusion_hbm_bytes(fusion: _Instruction, operands: list, fused: list[_Instruc
         else:
             total += shape_bytes(*shape)
     return total
-
-
-def _reachable_calls(name: str, calls, depth: int = 0):
-    for edge in calls.get(name, ()):
-        yield edge
-        if depth < 64:
-            yield from _reachable_calls(edge[0], calls, depth + 1)

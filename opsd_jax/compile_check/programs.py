@@ -462,13 +462,12 @@ def check_config(
     )
     step = run(step_report, train(accumulation))
     if accumulation > 1:
-        # The accumulation loop is a `while` whose body (a micro-batch) XLA counts once: k times the
-        # micro-step's FLOPs, or k times the step's own count (the update's few FLOPs counted k times too).
+        # The accumulation loop is a `while` whose body (a micro-batch) XLA counts once: k times the micro-step's
+        # FLOPs, element-wise ones included (the step's own count scales the loop's matmuls alone; it stands where
+        # the micro-step does not compile).
         micro = ProgramReport("train_micro_step", f"update over 1 micro-batch of {prompts} prompts (cost model)")
         if run(micro, train(1)) is not None and step is not None:
             step_report.flops = accumulation * micro.flops
-        elif step is not None:
-            step_report.flops *= accumulation
 
     # Generation runs on a compute-dtype copy of the decoder (LoRA's adapters merged into it when it is made)
     # while the rest of the state (optimizer moments, the teacher's copy, the master weights and adapters the

@@ -344,6 +344,28 @@ def test_hlo_counts_a_batched_matmul_written_as_a_dilated_convolution_by_its_rea
     assert summarize(text).uncounted_loop_flops == 2 * (2 * b * q * k * g * d * s)
 
 
+def test_hlo_scales_a_matmul_in_nested_loops_by_both_trip_counts():
+    """A matmul inside a loop of 3 inside a loop of 2 runs 6 times; XLA's count has it once, so 5 are left out
+    (the loss's chunk loop around XLA's windowed matmul has this shape)."""
+    _, devices = topology_devices(TOPOLOGY)
+    replicated = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
+    m, k, n = 256, 512, 384
+
+    def nested(x, w):
+        def inner(j, total):
+            return total + (x * (j + 1).astype(x.dtype)) @ w
+
+        def outer(i, total):
+            return jax.lax.fori_loop(0, 3, inner, total * (i + 1).astype(total.dtype))
+
+        return jax.lax.fori_loop(0, 2, outer, jnp.zeros((m, n), jnp.float32))
+
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated)  # noqa: E731
+    summary = summarize(jax.jit(nested).lower(spec((m, k)), spec((k, n))).compile().as_text())
+    assert sorted(trips for _, trips in summary.loops) == [2, 3]
+    assert summary.uncounted_loop_flops == 5 * (2 * m * k * n)
+
+
 UNPRICED_AND_PALLAS_HLO = """HloModule m
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
