@@ -263,22 +263,26 @@ def student_and_teacher(
     the others from `params` (under `stop_gradient`: untrained, they still equal the teacher's initial copy)."""
     frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
     dtype = _merge(settings, params, frozen).dtype
-    model = _merge(settings, _cast_once(params, dtype), frozen)
+    model = _merge(settings, _cast_once(settings, params, dtype), frozen)
     if settings.teacher.mode == "live":
         return model, model
     if teacher_params is None:
         teacher_params = lora.without_adapters(params)
     teacher = overlay(jax.lax.stop_gradient(params), jax.lax.stop_gradient(teacher_params))
-    return model, _merge(settings, _cast_once(teacher, dtype), frozen)
+    return model, _merge(settings, _cast_once(settings, teacher, dtype), frozen)
 
 
-def _cast_once(params: nnx.State, dtype: Any) -> nnx.State:
+def _cast_once(settings: StepSettings, params: nnx.State, dtype: Any) -> nnx.State:
     """`params` with the weights that the decoder's layers cast to the compute `dtype` where they use them cast
-    here, once per micro-batch: the same values and gradients, but a layer rematerialised in the backward
-    re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s).
+    here, once per micro-batch, where FSDP shards them: the same values and gradients, but a layer rematerialised
+    in the backward re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s).
+    Under FSDP the copy is a chip's shard (7B on v5p-64: 1.9 GB); unsharded it would be every weight's, alive
+    through the micro-batch (3B on one H100: 6.8 GB), so there the layers cast at use as before.
 
     LoRA's adapters are left as they are (qwix adds them in float32), and so is the embedding table, whose
     gradient is a scatter-add over the batch's tokens: kept in float32 it sums in float32."""
+    if settings.mesh is None or settings.mesh.shape.get("fsdp", 1) == 1:
+        return params
     keep = lambda path: lora.is_adapter(path) or param_names(path) == TIED_HEAD  # noqa: E731
     return in_compute_dtype(params, dtype, where=lambda path: not keep(path))
 

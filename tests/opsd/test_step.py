@@ -293,6 +293,30 @@ def test_sharded_step_on_eight_devices_equals_one_device(tiny_untied, model):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_weights_cast_once_under_fsdp_give_the_gradients_of_casting_at_use(tiny_untied, monkeypatch):
+    """bfloat16 compute over float32 weights sharded over fsdp: the step casts the decoder's weights once per
+    micro-batch, not in each layer at each use; the gradient is the same, and the copy is only made under FSDP."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    model = from_pretrained(tiny_untied[1], dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=mesh)
+    batch = S.place_step_batch(stack(make_batch(model, seed=3)), mesh)
+    micro = jax.tree.map(lambda x: x[0], batch)
+    settings, state = settings_for(model, "ema", mesh=mesh)
+    casts = S._cast_once(settings, state.params, jnp.bfloat16)
+    dtypes = {"/".join(map(str, k)): v.get_value().dtype for k, v in nnx.to_flat_state(casts)}
+    assert dtypes["model/layers/0/mlp/up_proj/kernel"] == jnp.bfloat16
+    assert dtypes["model/embed_tokens/embedding"] == dtypes["lm_head/kernel"] == jnp.float32
+    assert S._cast_once(settings_for(model, "ema")[0], state.params, jnp.bfloat16) is state.params  # no mesh
+
+    def grads():
+        args = (state.params, state.teacher_params, micro, S.batch_counts(batch), settings)
+        return flat_leaves(loss_grad()(*args)[0])
+
+    once = grads()
+    monkeypatch.setattr(S, "_cast_once", lambda settings, params, dtype: params)
+    for a, b in zip(once, grads()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_training_against_a_fixed_different_teacher_halves_the_divergence(model, tmp_path):
     """200 on-policy steps (fresh rollouts each step) against a frozen teacher with other weights."""
     from opsd_jax.testing.reference import build_reference_thinker, save_reference_thinker, tiny_thinker_config_dict
