@@ -276,8 +276,8 @@ def _cast_once(settings: StepSettings, params: nnx.State, dtype: Any) -> nnx.Sta
     """`params` with the weights that the decoder's layers cast to the compute `dtype` where they use them cast
     here, once per micro-batch, where FSDP shards them: the same values and gradients, but a layer rematerialised
     in the backward re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s).
-    Under FSDP the copy is a chip's shard (7B on v5p-64: 1.9 GB); unsharded it would be every weight's, alive
-    through the micro-batch (3B on one H100: 6.8 GB), so there the layers cast at use as before.
+    Under FSDP the copy is a chip's shard (7B on v5p-64: 1.6 GB); unsharded it would be every weight's, alive
+    through the micro-batch (3B on one H100: ~5.5 GB), so there the layers cast at use as before.
 
     LoRA's adapters are left as they are (qwix adds them in float32), and so is the embedding table, whose
     gradient is a scatter-add over the batch's tokens: kept in float32 it sums in float32."""
