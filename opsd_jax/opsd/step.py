@@ -262,27 +262,34 @@ def student_and_teacher(
     `teacher_params` may hold part of the parameters (`teacher_copy`: those training changes); the teacher takes
     the others from `params` (under `stop_gradient`: untrained, they still equal the teacher's initial copy)."""
     frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
-    dtype = _merge(settings, params, frozen).dtype
-    model = _merge(settings, _cast_once(settings, params, dtype), frozen)
+    model = _merge(settings, params, frozen)
+    dtype = model.dtype
+    if _casts_once(settings):
+        nnx.update(model, _decoder_weights_in(params, dtype))
     if settings.teacher.mode == "live":
         return model, model
     if teacher_params is None:
         teacher_params = lora.without_adapters(params)
     teacher = overlay(jax.lax.stop_gradient(params), jax.lax.stop_gradient(teacher_params))
-    return model, _merge(settings, _cast_once(settings, teacher, dtype), frozen)
+    if _casts_once(settings):
+        teacher = _decoder_weights_in(teacher, dtype)
+    return model, _merge(settings, teacher, frozen)
 
 
-def _cast_once(settings: StepSettings, params: nnx.State, dtype: Any) -> nnx.State:
-    """`params` with the weights that the decoder's layers cast to the compute `dtype` where they use them cast
-    here, once per micro-batch, where FSDP shards them: the same values and gradients, but a layer rematerialised
-    in the backward re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s).
-    Under FSDP the copy is a chip's shard (7B on v5p-64: 1.6 GB); unsharded it would be every weight's, alive
-    through the micro-batch (3B on one H100: ~5.5 GB), so there the layers cast at use as before.
+def _casts_once(settings: StepSettings) -> bool:
+    """Whether the decoder's weights are cast to the compute dtype once per micro-batch (`_decoder_weights_in`)
+    rather than by each layer where it uses them: where FSDP shards them. A layer rematerialised in the backward
+    re-ran its casts there (7B on v5p, a quarter of the depth: cost model 0.5212 -> 0.5182 s). Under FSDP the
+    copy is a chip's shard (7B on v5p-64: 1.6 GB); unsharded it would be every weight's, alive through the
+    micro-batch (3B on one H100: ~5.5 GB), so there the layers cast at use as before."""
+    return settings.mesh is not None and settings.mesh.shape.get("fsdp", 1) > 1
 
-    LoRA's adapters are left as they are (qwix adds them in float32), and so is the embedding table, whose
-    gradient is a scatter-add over the batch's tokens: kept in float32 it sums in float32."""
-    if settings.mesh is None or settings.mesh.shape.get("fsdp", 1) == 1:
-        return params
+
+def _decoder_weights_in(params: nnx.State, dtype: Any) -> nnx.State:
+    """`params` with the weights that the decoder's layers cast where they use them cast to `dtype`: the same
+    values and gradients. LoRA's adapters are left as they are (qwix adds them in float32), and so is the
+    embedding table, whose gradient is a scatter-add over the batch's tokens: kept in float32 it sums in
+    float32."""
     keep = lambda path: lora.is_adapter(path) or param_names(path) == TIED_HEAD  # noqa: E731
     return in_compute_dtype(params, dtype, where=lambda path: not keep(path))
 

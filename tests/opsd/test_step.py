@@ -302,18 +302,20 @@ def test_weights_cast_once_under_fsdp_give_the_gradients_of_casting_at_use(tiny_
     batch = S.place_step_batch(stack(make_batch(model, seed=3)), mesh)
     micro = jax.tree.map(lambda x: x[0], batch)
     settings, state = settings_for(model, "ema", mesh=mesh)
-    casts = S._cast_once(settings, state.params, jnp.bfloat16)
+    assert S._casts_once(settings) and not S._casts_once(settings_for(model, "ema")[0])  # under FSDP alone
+    casts = S._decoder_weights_in(state.params, jnp.bfloat16)
     dtypes = {"/".join(map(str, k)): v.get_value().dtype for k, v in nnx.to_flat_state(casts)}
     assert dtypes["model/layers/0/mlp/up_proj/kernel"] == jnp.bfloat16
     assert dtypes["model/embed_tokens/embedding"] == dtypes["lm_head/kernel"] == jnp.float32
-    assert S._cast_once(settings_for(model, "ema")[0], state.params, jnp.bfloat16) is state.params  # no mesh
+    for merged in S.student_and_teacher(settings, state.params, state.teacher_params, None):  # both cast
+        assert merged.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
 
     def grads():
         args = (state.params, state.teacher_params, micro, S.batch_counts(batch), settings)
         return flat_leaves(loss_grad()(*args)[0])
 
     once = grads()
-    monkeypatch.setattr(S, "_cast_once", lambda settings, params, dtype: params)
+    monkeypatch.setattr(S, "_casts_once", lambda settings: False)
     for a, b in zip(once, grads()):
         np.testing.assert_array_equal(a, b)
 
