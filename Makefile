@@ -36,11 +36,12 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 
 # Lint and format first (seconds; the rules are in pyproject.toml), then two workers, one test file each at a time
 # (--dist loadfile keeps module fixtures whole): most of the suite is single-threaded XLA compilation, so the
-# second core halves it.
+# second core halves it. Files go out in collection order, the longest first (tests/conftest.py), not xdist's
+# default of the most tests first, which left the one-test demo file to run alone at the end.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m opsd_jax.demo

@@ -72,3 +72,23 @@ def tiny_checkpoint(tiny_untied, tmp_path_factory):
     shutil.copytree(tiny_untied[1], directory, dirs_exist_ok=True)
     build_tiny_tokenizer(directory)
     return directory
+
+
+# The files that take minutes (cold cache, two workers; most run subprocesses) are handed out first. `make test`
+# gives each worker a whole file at a time in collection order (`--dist loadfile --no-loadscope-reorder`): one
+# started last would keep its worker busy long after the other has finished (the demo's file alone: ~6 minutes).
+LONGEST_FIRST = (
+    "tests/test_shipped_configs.py",
+    "tests/test_demo.py",
+    "tests/test_train.py",
+    "tests/compile_check/test_compile_check.py",
+    "tests/test_notebook.py",
+    "tests/benchmarks/test_step.py",
+    "tests/benchmarks/test_collectives.py",
+    "tests/test_packaging.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FIRST)))  # stable: the rest keep order
